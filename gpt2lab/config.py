@@ -1,0 +1,117 @@
+"""Typed schemas for the config tree, so that a misspelled key or a wrong type fails at composition.
+
+Each schema is derived from the signature of the class its group instantiates (``pl.Trainer``,
+``GPT2DataModule``, ``GPT2Config``, ...): every argument of that class is a key, no other key is, and
+the types OmegaConf can check are checked. The schemas are registered in Hydra's ConfigStore and
+named first in ``conf/train.yaml``'s defaults list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from typing import Any, Optional, Union
+
+import pytorch_lightning as pl
+from hydra.core.config_store import ConfigStore
+
+from gpt2lab.data import GPT2DataModule
+from gpt2lab.model import GPT2Config
+from gpt2lab.tokenizers import TokenizerSpec
+
+PRIMITIVES = (int, float, bool, str)
+
+
+def _checked_type(hint: Any) -> Any:
+    """The annotation OmegaConf can enforce: a primitive, Optional[primitive], else Any."""
+    if hint in PRIMITIVES:
+        return hint
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and args[0] in PRIMITIVES:
+            return Optional[args[0]]  # noqa: UP045 - OmegaConf needs typing.Optional
+    return Any
+
+
+def schema_from_signature(name: str, target: Any, target_path: str, exclude: tuple[str, ...] = (), partial: bool = False) -> type:
+    """A dataclass with ``_target_`` and one field per argument of ``target``."""
+    init = target.__init__ if inspect.isclass(target) else target
+    hints = typing.get_type_hints(init)
+    fields: list[tuple[str, Any, Any]] = [("_target_", str, dataclasses.field(default=target_path))]
+    if partial:
+        fields.append(("_partial_", bool, dataclasses.field(default=True)))
+    for pname, param in inspect.signature(init).parameters.items():
+        if pname in ("self", *exclude) or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        default = None if param.default is inspect.Parameter.empty else param.default
+        hint = _checked_type(hints.get(pname, Any))
+        if default is not None and not isinstance(default, PRIMITIVES):
+            hint, default = Any, None  # non-primitive defaults (objects, lists) are left to the class
+        fields.append((pname, hint, dataclasses.field(default=default)))
+    return dataclasses.make_dataclass(name, fields)
+
+
+ModelSchema = schema_from_signature("ModelSchema", GPT2Config, "gpt2lab.model.GPT2Config")
+DataSchema = schema_from_signature("DataSchema", GPT2DataModule, "gpt2lab.data.GPT2DataModule", exclude=("tokenizer",))
+TokenizerSchema = schema_from_signature("TokenizerSchema", TokenizerSpec, "gpt2lab.tokenizers.TokenizerSpec")
+TrainerSchema = schema_from_signature("TrainerSchema", pl.Trainer, "pytorch_lightning.Trainer")
+
+
+@dataclasses.dataclass
+class OptimizerSchema:
+    _target_: str = "torch.optim.AdamW"
+    lr: float = 3e-4
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # applied to 2-D weights only
+    fused: Optional[bool] = None  # noqa: UP045 - None: fused on CUDA
+
+
+@dataclasses.dataclass
+class SchedulerSchema:
+    _target_: str = "gpt2lab.lit.warmup_cosine"
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    min_lr_ratio: float = 0.1
+
+
+@dataclasses.dataclass
+class PathsSchema:
+    log_dir: str = "outputs"  # where run directories are created
+    output_dir: str = "${hydra:runtime.output_dir}"  # this run's directory
+    cache_dir: str = "~/.cache/gpt2lab"  # tokenizers, token files, Hugging Face downloads
+
+
+@dataclasses.dataclass
+class SampleSchema:
+    prompt: str = "def "
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: Optional[int] = 50  # noqa: UP045
+
+
+@dataclasses.dataclass
+class TrainSchema:
+    model: ModelSchema = dataclasses.field(default_factory=ModelSchema)
+    data: DataSchema = dataclasses.field(default_factory=DataSchema)
+    tokenizer: TokenizerSchema = dataclasses.field(default_factory=TokenizerSchema)
+    trainer: TrainerSchema = dataclasses.field(default_factory=TrainerSchema)
+    optimizer: OptimizerSchema = dataclasses.field(default_factory=OptimizerSchema)
+    scheduler: Optional[SchedulerSchema] = dataclasses.field(default_factory=SchedulerSchema)  # noqa: UP045
+    paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
+    sample: Optional[SampleSchema] = dataclasses.field(default_factory=SampleSchema)  # noqa: UP045
+    callbacks: dict[str, Any] = dataclasses.field(default_factory=dict)
+    logger: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 1234
+    ckpt_path: Optional[str] = None  # noqa: UP045 - a .ckpt file, or "last" for the newest run's last.ckpt
+    optimized_metric: str = "val/loss"
+    compile: bool = False  # torch.compile the model
+    validate_at_start: bool = True  # log the step-0 validation loss before training
+    test: bool = True  # evaluate the best checkpoint on the test split after training
+    task_name: str = "train"
+
+
+def register_schemas() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainSchema)

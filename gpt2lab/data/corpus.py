@@ -1,0 +1,182 @@
+"""Load a text corpus as ``datasets`` splits: the bundled stdlib corpus, local files, or the Hub."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from gpt2lab.data import pystdlib
+from gpt2lab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("pystdlib", "files", "hub")
+FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+VALIDATION_NAMES = ("validation", "valid", "val", "dev")
+
+
+@dataclass
+class Corpus:
+    """Train/validation/test splits, each a ``datasets.Dataset`` with a ``text`` column."""
+
+    splits: dict[str, datasets.Dataset]
+    fingerprint: str
+    description: str
+
+
+def load_corpus(
+    source: str,
+    path: str | None = None,
+    name: str | None = None,
+    config_name: str | None = None,
+    text_column: str = "text",
+    sample_by: str = "paragraph",
+    val_split: float = 0.05,
+    test_split: float = 0.05,
+    split_seed: int = 1234,
+    min_length: int = 0,
+    remove_duplicates: bool = False,
+    num_proc: int | None = None,
+    hf_cache_dir: str | None = None,
+) -> Corpus:
+    """Load, clean and split a corpus; the dataset's own validation/test splits win over the fractions."""
+    if source not in SOURCES:
+        raise ConfigError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
+    for key, value in (("val_split", val_split), ("test_split", test_split)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"data.{key}={value}: expected a fraction in [0, 1)")
+    if val_split <= 0 and source != "hub":
+        raise ConfigError("data.val_split must be > 0: validation loss is what checkpoints are ranked by")
+
+    if source == "pystdlib":
+        names, texts = pystdlib.pystdlib_documents()
+        raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts, "name": names})})
+        description = pystdlib.describe(texts)
+        base_fingerprint = pystdlib.corpus_fingerprint(names, texts)
+    elif source == "files":
+        raw, description = _load_files(path, text_column, sample_by, hf_cache_dir)
+        base_fingerprint = _fingerprint_splits(raw)
+    else:
+        raw, description = _load_hub(name, config_name, hf_cache_dir)
+        base_fingerprint = _fingerprint_splits(raw)
+
+    if text_column not in raw["train"].column_names:
+        raise ConfigError(
+            f"data.text_column={text_column!r} is not a column of the data; its columns are {raw['train'].column_names}"
+        )
+    raw = raw.select_columns([text_column])
+    if text_column != "text":
+        raw = raw.rename_column(text_column, "text")
+    if min_length > 0:
+        raw = raw.filter(lambda b: [len((t or "").strip()) >= min_length for t in b["text"]], batched=True, num_proc=num_proc)
+    else:
+        raw = raw.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True, num_proc=num_proc)
+    if remove_duplicates:
+        raw = datasets.DatasetDict({k: _drop_duplicates(v) for k, v in raw.items()})
+
+    splits = _split(raw, val_split, test_split, split_seed)
+    if len(splits["train"]) == 0:
+        raise ConfigError(f"the corpus is empty after filtering ({description}); check data.path and data.min_length")
+    settings = [base_fingerprint, val_split, test_split, split_seed, min_length, remove_duplicates, text_column]
+    fingerprint = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
+    return Corpus(splits=splits, fingerprint=fingerprint, description=description)
+
+
+def _load_files(path: str | None, text_column: str, sample_by: str, cache_dir: str | None) -> tuple[datasets.DatasetDict, str]:
+    if not path:
+        raise ConfigError("data=files needs data.path=<file, directory or glob of .txt/.jsonl/.json/.csv/.parquet>")
+    expanded = os.path.expanduser(str(path))
+    if os.path.isdir(expanded):
+        files = sorted(f for f in glob.glob(os.path.join(expanded, "**", "*"), recursive=True) if Path(f).suffix in FILE_BUILDERS)
+    else:
+        files = sorted(glob.glob(expanded))
+    if not files:
+        raise ConfigError(f"data.path={path!r}: no such file (looked for {os.path.abspath(expanded)})")
+    suffixes = {Path(f).suffix.lower() for f in files}
+    unknown = suffixes - FILE_BUILDERS.keys()
+    if unknown or len({FILE_BUILDERS[s] for s in suffixes}) != 1:
+        raise ConfigError(
+            f"data.path={path!r}: files must all be one of the kinds {', '.join(FILE_BUILDERS)}, got {', '.join(sorted(suffixes))}"
+        )
+    builder = FILE_BUILDERS[suffixes.pop()]
+    kwargs = {"sample_by": sample_by} if builder == "text" else {}
+    if builder == "text" and sample_by not in ("line", "paragraph", "document"):
+        raise ConfigError(f"data.sample_by={sample_by!r}: expected line, paragraph or document")
+    try:
+        raw = datasets.load_dataset(builder, data_files={"train": files}, cache_dir=cache_dir, **kwargs)
+    except Exception as e:  # datasets wraps parser errors in several types
+        raise ConfigError(f"data.path={path!r}: could not read it as {builder}: {e}") from e
+    if builder != "text" and text_column not in raw["train"].column_names:
+        raise ConfigError(f"data.text_column={text_column!r} is not a column of {path}; its columns are {raw['train'].column_names}")
+    size = sum(os.path.getsize(f) for f in files)
+    return raw, f"{len(files)} {builder} file(s) at {path} ({size / 1e6:.1f} MB)"
+
+
+def _load_hub(name: str | None, config_name: str | None, cache_dir: str | None) -> tuple[datasets.DatasetDict, str]:
+    if not name:
+        raise ConfigError("data=hub needs data.name=<Hugging Face dataset name> (and data.config_name if it has configs)")
+    label = f"{name} ({config_name})" if config_name else name
+    try:
+        raw = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+    except Exception as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        hint = "the Hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if offline else "the Hub may be unreachable"
+        raise ConfigError(
+            f"data.name={name!r}: could not load {label} from the Hugging Face Hub; {hint} ({type(e).__name__}: {e}). "
+            "Offline, use data=pystdlib (bundled) or data=files data.path=<your text files>."
+        ) from e
+    if not isinstance(raw, datasets.DatasetDict) or "train" not in raw:
+        raise ConfigError(f"data.name={name!r}: the dataset has no 'train' split")
+    return raw, f"Hugging Face dataset {label}"
+
+
+def _split(raw: datasets.DatasetDict, val_split: float, test_split: float, seed: int) -> dict[str, datasets.Dataset]:
+    """Use the dataset's own splits where present, else carve deterministic fractions out of train."""
+    train = raw["train"]
+    val = next((raw[k] for k in VALIDATION_NAMES if k in raw), None)
+    test = raw["test"] if "test" in raw else None
+    carve = (0.0 if val is not None else val_split) + (0.0 if test is not None else test_split)
+    if carve > 0:
+        if len(train) < 3:
+            raise ConfigError(
+                f"the corpus has {len(train)} document(s), too few to split off validation/test documents; "
+                "add text, or use data.sample_by=paragraph (or line) so that a text file makes several documents"
+            )
+        parts = train.train_test_split(test_size=carve, seed=seed, shuffle=True)
+        train, held_out = parts["train"], parts["test"]
+        if val is None and test is None:
+            if test_split > 0:
+                halves = held_out.train_test_split(test_size=test_split / carve, seed=seed, shuffle=True)
+                val, test = halves["train"], halves["test"]
+            else:
+                val = held_out
+        elif val is None:
+            val = held_out
+        else:
+            test = held_out
+    splits = {"train": train, "validation": val}
+    if test is not None:
+        splits["test"] = test
+    return splits
+
+
+def _drop_duplicates(ds: datasets.Dataset) -> datasets.Dataset:
+    seen: set[bytes] = set()
+    keep = []
+    for i, text in enumerate(ds["text"]):
+        h = hashlib.blake2b(text.encode(), digest_size=16).digest()
+        if h not in seen:
+            seen.add(h)
+            keep.append(i)
+    return ds.select(keep)
+
+
+def _fingerprint_splits(raw: datasets.DatasetDict) -> str:
+    return hashlib.sha256("".join(f"{k}:{v._fingerprint}" for k, v in sorted(raw.items())).encode()).hexdigest()[:16]

@@ -1,0 +1,234 @@
+"""Token files on disk, fixed-length windows over them, and the LightningDataModule that serves them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from gpt2lab.data.corpus import Corpus, load_corpus
+from gpt2lab.errors import ConfigError
+from gpt2lab.tokenizers import EOS_TOKEN, TokenizerSpec, fingerprint, validate_tokenizer
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "validation", "test")
+
+
+class TokenBlockDataset(Dataset):
+    """Non-overlapping windows of ``block_size + 1`` tokens (inputs plus the shifted targets)."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int) -> None:
+        self.tokens = tokens
+        self.block_size = block_size
+
+    def __len__(self) -> int:
+        return max(len(self.tokens) - 1, 0) // self.block_size
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        start = i * self.block_size
+        return torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
+
+
+class ResumableRandomSampler(Sampler[int]):
+    """A seeded permutation per epoch that can start part-way through, so a resumed run sees the same
+    batches, in the same order, as an uninterrupted one."""
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+        self.start = 0  # samples of the current epoch already consumed (set on resume)
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at each epoch start
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g)[self.start :].tolist()
+        self.start = 0
+        return iter(order)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class GPT2DataModule(pl.LightningDataModule):
+    """Corpus -> tokenizer -> token files (cached, memory-mapped) -> window datasets -> dataloaders."""
+
+    def __init__(
+        self,
+        source: str = "pystdlib",
+        path: str | None = None,
+        name: str | None = None,
+        config_name: str | None = None,
+        text_column: str = "text",
+        sample_by: str = "paragraph",
+        val_split: float = 0.05,
+        test_split: float = 0.05,
+        split_seed: int = 1234,
+        min_length: int = 0,
+        remove_duplicates: bool = False,
+        max_length: int = 1024,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        preprocessing_num_workers: int | None = None,
+        cache_dir: str = "~/.cache/gpt2lab",
+        seed: int = 1234,
+        tokenizer: TokenizerSpec | dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.corpus_args = dict(
+            source=source, path=path, name=name, config_name=config_name, text_column=text_column,
+            sample_by=sample_by, val_split=val_split, test_split=test_split, split_seed=split_seed,
+            min_length=min_length, remove_duplicates=remove_duplicates, num_proc=preprocessing_num_workers,
+        )  # fmt: skip
+        if max_length < 1:
+            raise ConfigError(f"data.max_length={max_length}: expected a positive window length (model.context_length)")
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.preprocessing_num_workers = preprocessing_num_workers
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.seed = seed
+        self.tokenizer_spec = tokenizer if isinstance(tokenizer, TokenizerSpec) else TokenizerSpec(**(tokenizer or {}))
+        self.tokenizer: Tokenizer | None = None
+        self.stats: dict[str, dict[str, int]] = {}
+        self.corpus_description = ""
+        self._token_dir: Path | None = None
+        self.datasets: dict[str, TokenBlockDataset] = {}
+        self._train_sampler: ResumableRandomSampler | None = None
+
+    # -- preparation: runs once per process; every step is cached on disk -------------------------
+    def prepare_data(self) -> None:
+        if self.tokenizer is not None:
+            return
+        corpus = load_corpus(**self.corpus_args, hf_cache_dir=str(self.cache_dir / "hf"))
+        self.corpus_description = corpus.description
+        log.info("Corpus: %s (fingerprint %s)", corpus.description, corpus.fingerprint)
+        train_texts = corpus.splits["train"]
+        tokenizer = self.tokenizer_spec.build(
+            texts=lambda: (row["text"] for row in train_texts),
+            corpus_fingerprint=corpus.fingerprint,
+            cache_dir=self.cache_dir,
+            n_texts=len(train_texts),
+        )
+        validate_tokenizer(tokenizer, train_texts[0]["text"][:2000])
+        key = hashlib.sha256(f"{corpus.fingerprint}:{fingerprint(tokenizer)}".encode()).hexdigest()[:16]
+        self._token_dir = self.cache_dir / "tokens" / key
+        if (self._token_dir / "meta.json").is_file():
+            log.info("Loaded cached token files from %s", self._token_dir)
+        else:
+            self._write_token_files(corpus, tokenizer, self._token_dir)
+        self.stats = json.loads((self._token_dir / "meta.json").read_text())["splits"]
+        self.tokenizer = tokenizer
+        self._log_stats()
+
+    def _write_token_files(self, corpus: Corpus, tokenizer: Tokenizer, out: Path) -> None:
+        eos = tokenizer.token_to_id(EOS_TOKEN)
+        dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.uint32
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        stats = {}
+        for split, ds in corpus.splits.items():
+            log.info("Tokenizing the %s split (%d documents)", split, len(ds))
+            encoded = ds.map(
+                lambda b: {"ids": [e.ids + [eos] for e in tokenizer.encode_batch(b["text"])], "chars": [len(t) for t in b["text"]]},
+                batched=True,
+                batch_size=256,
+                num_proc=self.preprocessing_num_workers,
+                remove_columns=["text"],
+                desc=f"Tokenizing {split}",
+            )
+            n_tokens = 0
+            with open(tmp / f"{split}.bin", "wb") as f:
+                for batch in encoded.iter(batch_size=1024):
+                    arr = np.concatenate([np.asarray(ids, dtype=dtype) for ids in batch["ids"]])
+                    f.write(arr.tobytes())
+                    n_tokens += len(arr)
+            stats[split] = {"documents": len(ds), "characters": int(sum(encoded["chars"])), "tokens": n_tokens}
+        meta = {"dtype": np.dtype(dtype).name, "tokenizer": fingerprint(tokenizer), "splits": stats}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.replace(tmp, out)  # atomic: a half-written cache is never picked up
+        except OSError:  # another process finished first; its files are identical
+            for p in tmp.iterdir():
+                p.unlink()
+            tmp.rmdir()
+
+    def _log_stats(self) -> None:
+        for split, s in self.stats.items():
+            log.info(
+                "%-10s %8d documents %12d characters %11d tokens (%.2f chars/token)",
+                split, s["documents"], s["characters"], s["tokens"], s["characters"] / max(s["tokens"], 1),
+            )  # fmt: skip
+
+    # -- setup: memory-map the token files ---------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.prepare_data()
+        assert self._token_dir is not None
+        dtype = json.loads((self._token_dir / "meta.json").read_text())["dtype"]
+        for split in SPLITS:
+            path = self._token_dir / f"{split}.bin"
+            if not path.is_file():
+                continue
+            tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
+            self.datasets[split] = TokenBlockDataset(tokens, self.max_length)
+        for split in ("train", "validation"):
+            n = len(self.datasets[split].tokens)
+            if len(self.datasets[split]) == 0:
+                raise ConfigError(
+                    f"the {split} split has {n} tokens, too few for one training window of {self.max_length + 1} "
+                    f"(model.context_length + 1): add data, lower model.context_length"
+                    + (", or raise data.val_split" if split == "validation" else "")
+                )
+
+    # -- dataloaders -------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        sampler = ResumableRandomSampler(len(self.datasets["train"]), self.seed)
+        trainer = self.trainer
+        if trainer is not None:
+            # On resume Lightning restores the loop's progress before asking for dataloaders; skip the
+            # batches of this epoch that the checkpointed run had already trained on.
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            sampler.start = min(done * self.batch_size, sampler.num_samples)
+        if len(sampler) < self.batch_size:
+            raise ConfigError(
+                f"the train split makes {len(sampler)} windows of {self.max_length + 1} tokens, fewer than "
+                f"data.batch_size={self.batch_size}: lower data.batch_size or model.context_length, or add data"
+            )
+        self._train_sampler = sampler
+        return self._loader(self.datasets["train"], self.batch_size, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["validation"], self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.datasets or len(self.datasets["test"]) == 0:
+            raise ConfigError("there is no test split with a full window: set data.test_split > 0 or skip testing (test=false)")
+        return self._loader(self.datasets["test"], self.eval_batch_size)
+
+    def _loader(self, ds: TokenBlockDataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )

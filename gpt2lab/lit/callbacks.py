@@ -1,0 +1,79 @@
+"""Callbacks gpt2lab adds to Lightning's own."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_fabric.utilities.throughput import get_available_flops
+from pytorch_lightning.trainer.states import TrainerFn
+
+
+class ThroughputLogger(pl.Callback):
+    """Logs ``perf/tokens_per_sec`` and ``perf/mfu`` every ``log_every_n_steps`` without a per-step host
+    sync (Lightning's ``ThroughputMonitor`` synchronises CUDA after every batch). Validation time is
+    excluded. Totals for the whole run are kept for ``results.json``."""
+
+    def __init__(self) -> None:
+        self.tokens = 0  # trained tokens, all ranks
+        self.seconds = 0.0  # time spent in training batches
+        self._window_tokens = 0
+        self._t0: float | None = None
+        self._peak_flops: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float16 if "16" in str(trainer.precision) else torch.float32
+        self._peak_flops = get_available_flops(trainer.strategy.root_device, dtype)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._window_tokens += (batch.shape[1] - 1) * batch.shape[0] * trainer.world_size
+        if trainer.fit_loop._should_accumulate() or trainer.global_step % trainer.log_every_n_steps:
+            return
+        # Logging the loss already syncs the host on this step, so the clock is honest here.
+        now = time.perf_counter()
+        elapsed = now - (self._t0 or now)
+        self._t0 = now
+        self.tokens += self._window_tokens
+        self.seconds += elapsed
+        if elapsed > 0:
+            tokens_per_sec = self._window_tokens / elapsed
+            pl_module.log("perf/tokens_per_sec", tokens_per_sec)
+            flops = getattr(pl_module.model, "flops_per_token", None)
+            if self._peak_flops and flops is not None:
+                pl_module.log("perf/mfu", tokens_per_sec * flops() / (self._peak_flops * trainer.world_size))
+        self._window_tokens = 0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._t0 is not None and not trainer.sanity_checking:
+            self.seconds += time.perf_counter() - self._t0
+            self.tokens += self._window_tokens
+            self._window_tokens = 0
+            self._t0 = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            self._t0 = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.on_validation_start(trainer, pl_module)
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it into place, so a run killed while
+    saving leaves the previous ``last.ckpt`` intact instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)

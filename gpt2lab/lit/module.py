@@ -1,0 +1,156 @@
+"""The LightningModule: GPT-2 plus its loss, logging, optimizer and schedule.
+
+The checkpoint it writes is self-contained: ``hyper_parameters`` rebuild the model, and the
+``gpt2lab`` entry carries the tokenizer, so ``load_checkpoint(path)`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from typing import Any
+
+import hydra.utils
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tokenizers import Tokenizer
+
+from gpt2lab.model import GPT2Config, GPT2Model
+
+CHECKPOINT_KEY = "gpt2lab"
+CHECKPOINT_FORMAT = 1
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 to the optimizer's lr, then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min((step - warmup_steps) / max(max_steps - warmup_steps, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class GPT2LitModule(pl.LightningModule):
+    """Trains a ``GPT2Model`` on (B, T + 1) token windows."""
+
+    def __init__(
+        self,
+        model: GPT2Config | dict[str, Any],
+        optimizer: DictConfig | dict[str, Any],
+        scheduler: DictConfig | dict[str, Any] | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        config = model if isinstance(model, GPT2Config) else GPT2Config(**model)
+        to_dict = lambda c: OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else c  # noqa: E731
+        self.save_hyperparameters(
+            {"model": dataclasses.asdict(config), "optimizer": to_dict(optimizer), "scheduler": to_dict(scheduler), "compile": compile}
+        )
+        self.model = GPT2Model(config)
+        self.tokenizer: Tokenizer | None = None  # set by the trainer script; saved into checkpoints
+        self._pending_rng: dict[str, Any] | None = None
+        self._eval_losses: list[torch.Tensor] = []
+        if compile:
+            self.model.compile()  # in place: state_dict keys stay those of the plain model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.model(input_ids, labels)
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        _, loss = self(batch[:, :-1], batch[:, 1:])
+        return loss
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        # A tensor, not a float: Lightning reads it back only every log_every_n_steps, so no host sync per step.
+        self.log("train/loss", loss, on_step=True, prog_bar=True)
+        return loss
+
+    # Evaluation: the mean loss over all batches (then over ranks), and perplexity from that mean.
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._eval_losses.append(self._loss(batch).detach())
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._eval_losses.append(self._loss(batch).detach())
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
+        if not self._eval_losses:
+            return
+        loss = self.trainer.strategy.reduce(torch.stack(self._eval_losses).mean(), reduce_op="mean")
+        self._eval_losses.clear()
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        self.log(f"{stage}/ppl", torch.exp(loss))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            self.log("train/grad_norm", norm, on_step=True)
+            self.log("lr", optimizer.param_groups[0]["lr"], on_step=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # Decay only matrices (linear weights, embeddings); biases and LayerNorm gains stay undecayed.
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt_cfg = dict(self.hparams.optimizer)
+        weight_decay = opt_cfg.pop("weight_decay", 0.0)
+        if opt_cfg.get("fused") is None and "fused" in opt_cfg:
+            opt_cfg["fused"] = self.device.type == "cuda"
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer = hydra.utils.instantiate(opt_cfg, _partial_=True, _convert_="all")(groups)
+        if not self.hparams.scheduler:
+            return {"optimizer": optimizer}
+        scheduler = hydra.utils.instantiate(self.hparams.scheduler, _partial_=True)(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints: the tokenizer and the RNG travel with the weights ---------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "tokenizer": self.tokenizer.to_str() if self.tokenizer is not None else None,
+            "rng": _rng_states(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get(CHECKPOINT_KEY, {})
+        if extra.get("tokenizer"):
+            self.tokenizer = Tokenizer.from_str(extra["tokenizer"])
+        self._pending_rng = extra.get("rng")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restore the RNG right before the first resumed step (after dataloaders and sanity checks
+        # have drawn from it), so dropout masks match those of an uninterrupted run.
+        if self._pending_rng is not None:
+            _set_rng_states(self._pending_rng)
+            self._pending_rng = None

@@ -1,0 +1,206 @@
+"""GPT-2, written as one readable page.
+
+Pre-LayerNorm decoder blocks, learned positions, input and output embeddings tied, GPT-2's
+initialisation (including the 1/sqrt(2 * num_layers) scale on the residual projections), and causal
+attention through ``F.scaled_dot_product_attention`` so that flash/memory-efficient kernels are used
+wherever PyTorch has them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gpt2lab.errors import ConfigError
+
+
+@dataclass
+class GPT2Config:
+    """Architecture of a GPT-2 model; the named sizes live in ``conf/model/*.yaml``."""
+
+    vocab_size: int | None = 50257  # None in YAML: follow the tokenizer
+    context_length: int = 1024
+    d_model: int = 768
+    num_heads: int = 12
+    num_layers: int = 12
+    d_ff: int = 3072
+    dropout: float = 0.1  # on the embeddings
+    attention_dropout: float = 0.1  # on the attention probabilities
+    residual_dropout: float = 0.1  # on each block's output before the residual add
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    use_bias: bool = True
+    gradient_checkpointing: bool = False
+    # The embedding table gets this many rows rounded up (50257 -> 50304): matmuls whose sizes are
+    # multiples of 64 are markedly faster on GPUs. The extra logits are sliced off again.
+    pad_vocab_size_multiple: int = 64
+
+    def __post_init__(self) -> None:
+        checks = {
+            "vocab_size": self.vocab_size is None or self.vocab_size > 0,
+            "context_length": self.context_length > 0,
+            "d_model": self.d_model > 0,
+            "num_heads": self.num_heads > 0,
+            "num_layers": self.num_layers > 0,
+            "d_ff": self.d_ff > 0,
+            "pad_vocab_size_multiple": self.pad_vocab_size_multiple > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.num_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}: "
+                f"choose num_heads among the divisors of d_model (e.g. {_divisors_near(self.d_model, self.num_heads)})"
+            )
+        for name in ("dropout", "attention_dropout", "residual_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        if self.vocab_size is None:
+            raise ValueError("model.vocab_size is unset: build the tokenizer first or set model.vocab_size")
+        m = self.pad_vocab_size_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+
+def _divisors_near(n: int, k: int) -> str:
+    divisors = [d for d in range(1, min(n, 64) + 1) if n % d == 0]
+    return ", ".join(str(d) for d in sorted(divisors, key=lambda d: abs(d - k))[:3])
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal self-attention: one fused QKV projection, SDPA, an output projection."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.use_bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.use_bias)
+        self.proj.is_residual_projection = True
+        self.attention_dropout = config.attention_dropout
+        self.residual_dropout = nn.Dropout(config.residual_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(  # (B, nh, T, hs)
+            q, k, v, dropout_p=self.attention_dropout if self.training else 0.0, is_causal=True
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.residual_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP with GPT-2's tanh-approximated GELU."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.d_ff, bias=config.use_bias)
+        self.proj = nn.Linear(config.d_ff, config.d_model, bias=config.use_bias)
+        self.proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.residual_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon, bias=config.use_bias)
+        self.attn = MultiHeadAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon, bias=config.use_bias)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nn.Module):
+    """The language model: ``forward(input_ids, labels=None) -> (logits, loss)``."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.context_length, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon, bias=config.use_bias)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: one matrix reads tokens in and writes them out
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * layers),
+            # since each block adds two of them and the stream's variance would otherwise grow with depth.
+            if getattr(module, "is_residual_projection", False):
+                std = std / math.sqrt(2 * self.config.num_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameter count; tied weights are counted once. ``non_embedding`` leaves out positions."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward): 6N plus the attention scores, 12·L·d·T."""
+        c = self.config
+        return 6 * self.num_parameters(non_embedding=True) + 12 * c.num_layers * c.d_model * c.context_length
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``input_ids`` and ``labels`` are (B, T); labels are the next tokens, -100 is ignored."""
+        T = input_ids.shape[1]
+        if T > self.config.context_length:
+            raise ValueError(f"sequence length {T} exceeds model.context_length={self.config.context_length}")
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(pos))  # (B, T, C)
+        for block in self.blocks:
+            if self.config.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` continuations of (B, T) ``input_ids``; returns (B, T + new)."""
+        for _ in range(max_new_tokens):
+            context = input_ids[:, -self.config.context_length :]
+            logits = self(context)[0][:, -1, :] / max(temperature, 1e-5)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1, None]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_id = torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=generator)
+            input_ids = torch.cat([input_ids, next_id], dim=1)
+        return input_ids

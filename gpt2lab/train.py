@@ -1,0 +1,134 @@
+"""``python train.py``: compose the config, build data, model and Trainer, fit, test, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from gpt2lab.checkpoint import check_resumable, resolve_ckpt_path
+from gpt2lab.config import register_schemas
+from gpt2lab.errors import ConfigError
+from gpt2lab.lit import GPT2LitModule
+from gpt2lab.lit.callbacks import AtomicCheckpointIO, ThroughputLogger
+from gpt2lab.tokenizers import validate_tokenizer
+
+log = logging.getLogger("gpt2lab.train")
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train one model as ``cfg`` describes; return ``cfg.optimized_metric`` for sweepers."""
+    started = time.time()
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir)
+
+    datamodule = instantiate(cfg.data, tokenizer=instantiate(cfg.tokenizer))
+    datamodule.prepare_data()
+    tokenizer = datamodule.tokenizer
+    vocab_size = cfg.model.vocab_size or tokenizer.get_vocab_size()
+    validate_tokenizer(tokenizer, "def f(x):\n    return x\n", model_vocab_size=vocab_size)
+    model_config = instantiate(cfg.model, vocab_size=vocab_size)
+    module = GPT2LitModule(model_config, cfg.optimizer, cfg.scheduler, compile=cfg.compile)
+    module.tokenizer = tokenizer
+    if ckpt_path:
+        check_resumable(ckpt_path, module.hparams.model)
+    log.info("Model: %s parameters (%s)", f"{module.model.num_parameters():,}", model_config)
+
+    callbacks = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c) if _wanted(c, cfg.trainer)]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.trainer.logger is not False else False
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(output_dir / "tokenizer.json"))
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    for lg in trainer.loggers:
+        lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "data_stats": datamodule.stats})
+
+    initial_val_loss = None
+    if cfg.validate_at_start and not ckpt_path:  # the step-0 loss, so a run's progress has a reference
+        initial_val_loss = trainer.validate(module, datamodule=datamodule, verbose=False)[0].get("val/loss")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.test and "test" in datamodule.datasets and len(datamodule.datasets["test"]):
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+    metrics = fit_metrics | {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    if cfg.sample and trainer.is_global_zero:
+        log.info("Sample:\n%s", sample_text(module, tokenizer, **cfg.sample))
+    throughput = next((c for c in callbacks if isinstance(c, ThroughputLogger)), None)
+    results = {
+        "best_checkpoint": best,
+        "best_val_loss": float(trainer.checkpoint_callback.best_model_score) if best else None,
+        "initial_val_loss": initial_val_loss,
+        "metrics": metrics,
+        "global_step": trainer.global_step,
+        "duration_s": round(time.time() - started, 1),
+        "tokens_per_sec": round(throughput.tokens_per_sec, 1) if throughput else None,
+        "parameters": module.model.num_parameters(),
+    }
+    if trainer.is_global_zero:
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        log.info("Results in %s: %s", output_dir, json.dumps({k: v for k, v in results.items() if k != "metrics"}))
+    return metrics.get(cfg.optimized_metric)
+
+
+def _wanted(callback: pl.Callback, trainer_cfg: DictConfig) -> bool:
+    """Honour trainer.enable_progress_bar / enable_checkpointing / enable_model_summary = false, which
+    Lightning otherwise rejects when the matching callback is configured."""
+    switches = {
+        ProgressBar: trainer_cfg.enable_progress_bar,
+        ModelCheckpoint: trainer_cfg.enable_checkpointing,
+        ModelSummary: trainer_cfg.enable_model_summary,
+    }
+    return not any(isinstance(callback, kind) and flag is False for kind, flag in switches.items())
+
+
+@torch.no_grad()
+def sample_text(module: GPT2LitModule, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None) -> str:
+    """A short continuation of ``prompt`` from the trained model, on CPU-sized settings."""
+    module.eval()
+    ids = tokenizer.encode(prompt).ids or [0]
+    x = torch.tensor([ids], device=module.device)
+    out = module.model.generate(x, max_new_tokens, temperature, top_k, generator=torch.Generator(module.device).manual_seed(0))
+    return tokenizer.decode(out[0].tolist())
+
+
+def _config_path() -> str:
+    source_tree = Path(__file__).resolve().parent.parent / "conf"
+    return str(source_tree) if (source_tree / "train.yaml").is_file() else "pkg://gpt2lab.conf"
+
+
+register_schemas()
+
+
+@hydra.main(config_path=_config_path(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Entry point of ``python train.py`` and ``gpt2lab-train``."""
+    try:
+        return train(cfg)
+    except Exception as e:
+        # Hydra's instantiate wraps errors raised by the classes it builds; surface ours plainly.
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        log.error("%s", cause)
+        print(f"\nError: {cause}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+import inspect
+
+import pytest
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf.errors import ConfigCompositionException, ValidationError
+
+from conftest import CONF, REPO, run_cli
+from gpt2lab.config import TrainerSchema
+
+GROUPS = ["model", "data", "tokenizer", "trainer", "optimizer", "scheduler", "callbacks", "logger", "preset", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(compose_cfg, group, option):
+    extra = {"data": ["data.path=x.txt", "data.name=x"], "tokenizer": ["tokenizer.path=t.json"]}.get(group, [])
+    cfg = compose_cfg(f"{group}={option}", *extra, tiny=False)
+    assert cfg.model.d_model > 0 and cfg.trainer._target_ == "pytorch_lightning.Trainer"
+
+
+def test_model_sizes_are_gpt2s(compose_cfg):
+    sizes = {"gpt2": (768, 12, 12), "gpt2-medium": (1024, 16, 24), "gpt2-large": (1280, 20, 36), "gpt2-xl": (1600, 25, 48)}
+    for name, (d, h, n) in sizes.items():
+        m = compose_cfg(f"model={name}", "preset=small", tiny=False).model
+        assert (m.d_model, m.num_heads, m.num_layers, m.d_ff, m.context_length) == (d, h, n, 4 * d, 1024)
+        cfg = instantiate(m, vocab_size=50257)
+        assert cfg.dropout == 0.1 and cfg.layer_norm_epsilon == 1e-5 and cfg.use_bias
+
+
+def test_presets_are_coherent_recipes(compose_cfg):
+    tiny = compose_cfg(tiny=False)
+    assert tiny.model.d_model < 512 and tiny.data.source == "pystdlib" and tiny.trainer.accelerator == "cpu"
+    assert tiny.data.max_length == tiny.model.context_length
+    assert tiny.scheduler.max_steps == tiny.trainer.max_steps
+    small = compose_cfg("preset=small", tiny=False)
+    assert small.model.d_model == 768 and small.trainer.precision == "bf16-mixed"
+    # the command line wins over a preset's choices
+    assert compose_cfg("preset=small", "data=wikitext2", tiny=False).data.config_name == "wikitext-2-raw-v1"
+    assert compose_cfg("preset=small", "model=gpt2-medium", tiny=False).model.d_model == 1024
+
+
+def test_every_lightning_trainer_argument_is_a_trainer_key(compose_cfg):
+    args = {n for n in inspect.signature(pl.Trainer.__init__).parameters if n != "self"}
+    assert args <= set(TrainerSchema.__dataclass_fields__)
+    cfg = compose_cfg("trainer.fast_dev_run=true", "trainer.limit_train_batches=10", "trainer.precision=bf16-mixed")
+    assert cfg.trainer.fast_dev_run is True and cfg.trainer.limit_train_batches == 10
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.num_layer=4", "Key 'num_layer' not in 'ModelSchema'"),
+        ("trainer.max_step=4", "Key 'max_step' not in 'TrainerSchema'"),
+        ("optimizer.learning_rate=1", "Key 'learning_rate' not in 'OptimizerSchema'"),
+        ("model.num_layers=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+    ],
+)
+def test_typos_and_wrong_types_fail_at_composition(compose_cfg, override, message):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as info:
+        compose_cfg(override)
+    text = str(info.value) + str(info.value.__cause__)
+    assert message in text
+
+
+def test_cli_rejects_a_typo_naming_the_key_before_reading_data(tmp_path):
+    result = run_cli("model.num_layer=4", cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "num_layer" in result.stderr and "Did you mean" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_cli_unknown_group_option_lists_the_choices(tmp_path):
+    result = run_cli("model=gpt3", cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "model/gpt3" in result.stderr and "gpt2-tiny" in result.stderr
+
+
+def test_cli_help_and_cfg(tmp_path):
+    help_text = run_cli("--help", cwd=tmp_path, timeout=120).stdout
+    for group in ("model:", "data:", "tokenizer:", "trainer:", "preset:"):
+        assert group in help_text
+    assert "gpt2-xl" in help_text and "wikitext103" in help_text
+    job = run_cli("--cfg", "job", "model.num_layers=3", cwd=tmp_path, timeout=120).stdout
+    assert "num_layers: 3" in job and "_target_: pytorch_lightning.Trainer" in job
+
+
+def test_thin_train_script_and_console_script():
+    assert len((REPO / "train.py").read_text().splitlines()) < 10
+    assert "gpt2lab-train" in (REPO / "pyproject.toml").read_text()

@@ -1,0 +1,125 @@
+import json
+
+import datasets
+import numpy as np
+import pytest
+
+import gpt2lab.data.datamodule as dm_module
+from gpt2lab.data import GPT2DataModule, ResumableRandomSampler, TokenBlockDataset, load_corpus
+from gpt2lab.data.pystdlib import pystdlib_documents
+from gpt2lab.errors import ConfigError
+
+BPE = {"kind": "bpe", "vocab_size": 300, "show_progress": False}
+
+
+def make_dm(tmp_path, **kwargs) -> GPT2DataModule:
+    args = {"source": "files", "max_length": 16, "batch_size": 4, "cache_dir": str(tmp_path / "cache"), "tokenizer": BPE}
+    return GPT2DataModule(**(args | kwargs))
+
+
+def test_pystdlib_corpus_is_deterministic_code_and_prose():
+    names, texts = pystdlib_documents()
+    stdlib = [n for n in names if n.startswith("stdlib/")]
+    assert names == sorted(stdlib) + sorted(n for n in names if n.startswith("pydoc/"))
+    assert any(n.endswith("/os.py") for n in names) and any(n.startswith("pydoc/") for n in names)
+    assert not any("/test/" in n for n in names)
+    a, b = load_corpus("pystdlib"), load_corpus("pystdlib")
+    assert a.fingerprint == b.fingerprint
+    assert a.splits["validation"]["text"] == b.splits["validation"]["text"]
+    assert set(a.splits) == {"train", "validation", "test"}
+    assert "standard library" in a.description
+
+
+def test_splits_are_deterministic_fractions_and_disjoint(corpus_file):
+    a = load_corpus("files", path=str(corpus_file), val_split=0.1, test_split=0.1, remove_duplicates=True)
+    b = load_corpus("files", path=str(corpus_file), val_split=0.1, test_split=0.1, remove_duplicates=True)
+    assert a.splits["validation"]["text"] == b.splits["validation"]["text"]
+    n = sum(len(s) for s in a.splits.values())
+    assert abs(len(a.splits["validation"]) - 0.1 * n) <= 2
+    assert not set(a.splits["train"]["text"]) & set(a.splits["validation"]["text"])
+    c = load_corpus("files", path=str(corpus_file), val_split=0.1, test_split=0.1, remove_duplicates=True, split_seed=7)
+    assert c.splits["validation"]["text"] != a.splits["validation"]["text"]
+    assert c.fingerprint != a.fingerprint
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_structured_files_use_text_column(tmp_path, suffix):
+    import pandas as pd
+
+    frame = pd.DataFrame({"body": [f"document number {i} " * 5 for i in range(30)], "id": range(30)})
+    path = tmp_path / f"data{suffix}"
+    {".jsonl": lambda: frame.to_json(path, orient="records", lines=True), ".csv": lambda: frame.to_csv(path, index=False),
+     ".parquet": lambda: frame.to_parquet(path)}[suffix]()  # fmt: skip
+    corpus = load_corpus("files", path=str(path), text_column="body")
+    assert sum(len(s) for s in corpus.splits.values()) == 30
+    assert corpus.splits["train"][0]["text"].startswith("document number")
+    with pytest.raises(ConfigError, match=r"data.text_column='text' is not a column.*body"):
+        load_corpus("files", path=str(path), text_column="text")
+
+
+def test_preprocessing_min_length_and_duplicates(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("\n\n".join(["short"] * 5 + ["a longer paragraph of text"] * 10 + [f"unique {i} long enough" for i in range(10)]))
+    full = load_corpus("files", path=str(path), val_split=0.1, test_split=0.1)
+    dedup = load_corpus("files", path=str(path), val_split=0.1, test_split=0.1, min_length=10, remove_duplicates=True)
+    assert sum(map(len, full.splits.values())) == 25
+    assert sum(map(len, dedup.splits.values())) == 11
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.path='.*missing.txt': no such file"):
+        load_corpus("files", path=str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("\n\n\n")
+    with pytest.raises(ConfigError, match="corpus has 0 document"):
+        load_corpus("files", path=str(tmp_path / "empty.txt"))
+    with pytest.raises(ConfigError, match="data=files needs data.path"):
+        load_corpus("files")
+
+
+def test_hub_dataset_offline_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read once at import
+    with pytest.raises(ConfigError, match=r"data.name='wikitext'.*Hub is switched off.*data=pystdlib"):
+        load_corpus("hub", name="wikitext", config_name="wikitext-2-raw-v1", hf_cache_dir=str(tmp_path))
+
+
+def test_token_files_are_cached_and_reused(tmp_path, corpus_file, monkeypatch):
+    dm = make_dm(tmp_path, path=str(corpus_file))
+    dm.setup()
+    stats = dm.stats
+    assert stats["train"]["tokens"] == len(dm.datasets["train"].tokens)
+    assert dm.datasets["train"].tokens.dtype == np.uint16
+    eos = dm.tokenizer.token_to_id("<|endoftext|>")
+    assert int((np.asarray(dm.datasets["train"].tokens) == eos).sum()) == stats["train"]["documents"]
+    monkeypatch.setattr(dm_module.GPT2DataModule, "_write_token_files", lambda *a: pytest.fail("tokenized twice"))
+    again = make_dm(tmp_path, path=str(corpus_file))
+    again.setup()
+    assert again.stats == stats
+    meta = json.loads(next((tmp_path / "cache" / "tokens").glob("*/meta.json")).read_text())
+    assert set(meta["splits"]) == {"train", "validation", "test"}
+
+
+def test_windows_are_context_plus_one_and_contiguous():
+    ds = TokenBlockDataset(np.arange(100, dtype=np.uint16), block_size=10)
+    assert len(ds) == 9
+    assert ds[0].tolist() == list(range(11))
+    assert ds[1][0].item() == 10  # the next window starts where the previous inputs ended
+
+
+def test_sampler_resumes_mid_epoch():
+    sampler = ResumableRandomSampler(20, seed=3)
+    full = list(sampler)
+    sampler.start = 8
+    assert list(sampler) == full[8:]
+    assert list(sampler) == full  # the offset applies once
+    sampler.set_epoch(1)
+    assert sorted(sampler) == list(range(20)) and list(sampler) != full
+
+
+def test_split_too_short_for_one_window(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text("\n\n".join(f"paragraph {i} with a few words" for i in range(20)))
+    dm = make_dm(tmp_path, path=str(path), max_length=512)
+    with pytest.raises(ConfigError, match=r"the train split has \d+ tokens, too few for one training window of 513"):
+        dm.setup()

@@ -1,0 +1,123 @@
+import csv
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from conftest import TINY, run_cli
+from gpt2lab.checkpoint import load_checkpoint
+from gpt2lab.errors import ConfigError
+from gpt2lab.train import train
+
+
+def cli_args(corpus_file: Path, cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", *extra]
+
+
+def final_val_loss(run_dir: Path) -> float:
+    rows = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r.get("val/loss")]
+    return float(rows[-1]["val/loss"])
+
+
+def test_short_run_leaves_checkpoints_metrics_and_results(tmp_path, corpus_file, cache_dir):
+    run = tmp_path / "run"
+    result = run_cli(*cli_args(corpus_file, cache_dir, run), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("config.yaml", "tokenizer.json", "metrics.csv", "results.json", "train.log", ".hydra/overrides.yaml"):
+        assert (run / name).is_file(), name
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    results = json.loads((run / "results.json").read_text())
+    assert Path(results["best_checkpoint"]).is_file() and results["global_step"] == 8
+    assert results["metrics"]["val/loss"] < results["initial_val_loss"]
+    assert {"test/loss", "test/ppl", "val/ppl"} <= set(results["metrics"])
+    assert results["tokens_per_sec"] > 0 and results["duration_s"] > 0
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    for column in ("train/loss", "val/loss", "val/ppl", "lr", "train/grad_norm", "perf/tokens_per_sec"):
+        assert column in header
+    assert "Sample:" in (run / "train.log").read_text()
+
+    # The checkpoint alone rebuilds model and tokenizer.
+    model, tokenizer = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    ids = torch.tensor([tokenizer.encode("def main():").ids])
+    assert model(ids)[0].shape == (1, ids.shape[1], tokenizer.get_vocab_size())
+
+
+def test_train_returns_the_optimized_metric(compose_cfg):
+    cfg = compose_cfg("optimized_metric=val/ppl", "sample=null", "test=false")
+    value = train(cfg)
+    results = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    assert value == pytest.approx(results["metrics"]["val/ppl"])
+
+
+def test_fast_dev_run_works(compose_cfg):
+    train(compose_cfg("trainer.fast_dev_run=true"))
+
+
+def test_killed_run_resumes_to_the_same_final_loss(tmp_path, corpus_file, cache_dir):
+    # Short epochs (10 batches) so that the kill lands mid-epoch after an epoch boundary; dropout on,
+    # so that the RNG state has to be restored too.
+    common = [
+        "trainer.max_steps=24", "trainer.limit_train_batches=10", "trainer.val_check_interval=4",
+        "trainer.check_val_every_n_epoch=null", "model.dropout=0.1", "model.residual_dropout=0.1",
+        "model.attention_dropout=0.1", "sample=null", "test=false",
+    ]  # fmt: skip
+    whole, killed, resumed = tmp_path / "whole", tmp_path / "killed", tmp_path / "resumed"
+    assert run_cli(*cli_args(corpus_file, cache_dir, whole, *common), cwd=tmp_path).returncode == 0
+    crash = run_cli(*cli_args(corpus_file, cache_dir, killed, *common, "+callbacks.kill._target_=helpers.KillAtStep", "+callbacks.kill.step=14"), cwd=tmp_path)
+    assert crash.returncode != 0 and not (killed / "results.json").exists()
+    last = killed / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 12
+    result = run_cli(*cli_args(corpus_file, cache_dir, resumed, *common, f"ckpt_path={last}"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((resumed / "results.json").read_text())["global_step"] == 24
+    assert final_val_loss(resumed) == pytest.approx(final_val_loss(whole), abs=1e-5)
+
+
+def test_ckpt_path_last_resumes_the_newest_run(tmp_path, corpus_file, cache_dir):
+    args = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", "sample=null", "test=false"]
+    assert run_cli(*args, "hydra.run.dir=outputs/first", cwd=tmp_path).returncode == 0
+    result = run_cli(*args, "ckpt_path=last", "trainer.max_steps=12", "hydra.run.dir=outputs/second", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "outputs/first/checkpoints/last.ckpt" in result.stderr + result.stdout
+    assert json.loads((tmp_path / "outputs/second/results.json").read_text())["global_step"] == 12
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.num_heads=3"], "model.num_heads=3 does not divide model.d_model=32"),
+        (["model.vocab_size=100"], r"tokenizer vocabulary \(320\) is larger than model.vocab_size \(100\)"),
+        (["data.path=/nonexistent/corpus.txt"], "data.path='/nonexistent/corpus.txt': no such file"),
+        (["model.context_length=100000", "data.val_split=0.01"], "too few for one training window"),
+        (["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt': no such file"),
+        (["ckpt_path=last", "paths.log_dir=/nonexistent"], "ckpt_path=last: no run under /nonexistent"),
+        (["data=hub", "data.name=wikitext"], "could not load wikitext"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(compose_cfg, monkeypatch, overrides, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match=message):
+        train(compose_cfg(*overrides))
+
+
+def test_not_a_checkpoint_and_other_model(compose_cfg, tmp_path):
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="is not a readable checkpoint"):
+        train(compose_cfg(f"ckpt_path={bogus}"))
+    cfg = compose_cfg("sample=null", "test=false")
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"holds a different model \(model.num_layers: checkpoint 2 vs now 3\)"):
+        train(compose_cfg(f"ckpt_path={last}", "model.num_layers=3"))
+    assert torch.load(last, weights_only=False)["global_step"] == 8  # the failed resume left it intact
+
+
+def test_cli_error_is_a_message_not_a_traceback(tmp_path, corpus_file, cache_dir):
+    result = run_cli(*cli_args(corpus_file, cache_dir, tmp_path / "r", "model.num_heads=3"), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Error: model.num_heads=3 does not divide model.d_model=32" in result.stderr
+    assert "Traceback" not in result.stderr
