@@ -19,13 +19,17 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | os.PathLike, exclude
     if not ckpt_path:
         return None
     if ckpt_path == "last":
-        candidates = [p for p in Path(log_dir).glob("**/checkpoints/last.ckpt") if exclude is None or exclude not in p.parents]
+        candidates = [
+            p for p in Path(log_dir).glob("**/checkpoints/last.ckpt") if exclude is None or exclude not in p.parents
+        ]
         if not candidates:
             raise ConfigError(f"ckpt_path=last: no run under {log_dir}/ has a checkpoints/last.ckpt to resume from")
         return str(max(candidates, key=lambda p: p.stat().st_mtime))
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path!r}: no such file (use a .ckpt file under <run>/checkpoints/, or ckpt_path=last)")
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r}: no such file (use a .ckpt file under <run>/checkpoints/, or ckpt_path=last)"
+        )
     return str(path)
 
 
@@ -35,8 +39,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ConfigError(f"ckpt_path={str(path)!r} is not a readable checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "model" not in checkpoint.get("hyper_parameters", {}):
-        raise ConfigError(f"ckpt_path={str(path)!r} is not a gpt2lab checkpoint (no state_dict or model hyper-parameters)")
+    if (
+        not isinstance(checkpoint, dict)
+        or "state_dict" not in checkpoint
+        or "model" not in checkpoint.get("hyper_parameters", {})
+    ):
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} is not a gpt2lab checkpoint (no state_dict or model hyper-parameters)"
+        )
     return checkpoint
 
 
@@ -47,7 +57,9 @@ def check_resumable(path: str | os.PathLike, model: dict[str, Any]) -> None:
     diff = {k: (saved.get(k), v) for k, v in model.items() if k not in ignore and saved.get(k) != v}
     if diff:
         changes = ", ".join(f"model.{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
-        raise ConfigError(f"ckpt_path={str(path)!r} holds a different model ({changes}); resume with the run's own config")
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} holds a different model ({changes}); resume with the run's own config"
+        )
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT2Model, Tokenizer | None]:

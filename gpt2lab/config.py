@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import types
 import typing
 from typing import Any, Optional, Union
@@ -23,6 +24,17 @@ from gpt2lab.tokenizers import TokenizerSpec
 
 PRIMITIVES = (int, float, bool, str)
 
+# Hydra 1.4 instantiates only ``_target_``s its caller trusts. gpt2lab's configs point into these
+# packages; your own classes (a callback of yours, say) are added with GPT2LAB_TRUSTED_TARGETS="mypkg.*".
+TRUSTED_TARGETS = (
+    "gpt2lab.*",
+    "pytorch_lightning.*",
+    "lightning.*",
+    "lightning_fabric.*",
+    "torch.optim.*",
+    *(t.strip() for t in os.environ.get("GPT2LAB_TRUSTED_TARGETS", "").split(",") if t.strip()),
+)
+
 
 def _checked_type(hint: Any) -> Any:
     """The annotation OmegaConf can enforce: a primitive, Optional[primitive], else Any."""
@@ -35,7 +47,9 @@ def _checked_type(hint: Any) -> Any:
     return Any
 
 
-def schema_from_signature(name: str, target: Any, target_path: str, exclude: tuple[str, ...] = (), partial: bool = False) -> type:
+def schema_from_signature(
+    name: str, target: Any, target_path: str, exclude: tuple[str, ...] = (), partial: bool = False
+) -> type:
     """A dataclass with ``_target_`` and one field per argument of ``target``."""
     init = target.__init__ if inspect.isclass(target) else target
     hints = typing.get_type_hints(init)

@@ -12,12 +12,13 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
-from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
+from hydra.errors import InstantiationException
+from hydra.utils import execution_whitelist, instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 
 from gpt2lab.checkpoint import check_resumable, resolve_ckpt_path
-from gpt2lab.config import register_schemas
+from gpt2lab.config import TRUSTED_TARGETS, register_schemas
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, ThroughputLogger
@@ -28,10 +29,19 @@ log = logging.getLogger("gpt2lab.train")
 
 def train(cfg: DictConfig) -> float | None:
     """Train one model as ``cfg`` describes; return ``cfg.optimized_metric`` for sweepers."""
+    with execution_whitelist(TRUSTED_TARGETS):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> float | None:
     started = time.time()
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir)
+
+    callbacks = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c) if _wanted(c, cfg.trainer)]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.trainer.logger is not False else False
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
 
     datamodule = instantiate(cfg.data, tokenizer=instantiate(cfg.tokenizer))
     datamodule.prepare_data()
@@ -44,10 +54,6 @@ def train(cfg: DictConfig) -> float | None:
     if ckpt_path:
         check_resumable(ckpt_path, module.hparams.model)
     log.info("Model: %s parameters (%s)", f"{module.model.num_parameters():,}", model_config)
-
-    callbacks = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c) if _wanted(c, cfg.trainer)]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.trainer.logger is not False else False
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
 
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(output_dir / "tokenizer.json"))
@@ -62,7 +68,7 @@ def train(cfg: DictConfig) -> float | None:
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.test and "test" in datamodule.datasets and len(datamodule.datasets["test"]):
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
     metrics = fit_metrics | {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     if cfg.sample and trainer.is_global_zero:
@@ -96,12 +102,16 @@ def _wanted(callback: pl.Callback, trainer_cfg: DictConfig) -> bool:
 
 
 @torch.no_grad()
-def sample_text(module: GPT2LitModule, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None) -> str:
+def sample_text(
+    module: GPT2LitModule, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None
+) -> str:
     """A short continuation of ``prompt`` from the trained model, on CPU-sized settings."""
     module.eval()
     ids = tokenizer.encode(prompt).ids or [0]
     x = torch.tensor([ids], device=module.device)
-    out = module.model.generate(x, max_new_tokens, temperature, top_k, generator=torch.Generator(module.device).manual_seed(0))
+    out = module.model.generate(
+        x, max_new_tokens, temperature, top_k, generator=torch.Generator(module.device).manual_seed(0)
+    )
     return tokenizer.decode(out[0].tolist())
 
 
@@ -113,21 +123,30 @@ def _config_path() -> str:
 register_schemas()
 
 
-@hydra.main(config_path=_config_path(), config_name="train")
+@hydra.main(config_path=_config_path(), config_name="train", execution_whitelist=TRUSTED_TARGETS)
 def main(cfg: DictConfig) -> float | None:
     """Entry point of ``python train.py`` and ``gpt2lab-train``."""
     try:
         return train(cfg)
     except Exception as e:
-        # Hydra's instantiate wraps errors raised by the classes it builds; surface ours plainly.
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, ConfigError):
-            cause = cause.__cause__
-        if cause is None:
+        message = _user_error(e)
+        if message is None:
             raise
-        log.error("%s", cause)
-        print(f"\nError: {cause}", file=sys.stderr)
+        log.error("%s", message)
+        print(f"\nError: {message}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _user_error(e: BaseException) -> str | None:
+    """The message for an error caused by the user's input, or None for a bug (which keeps its traceback)."""
+    cause: BaseException | None = e
+    while cause is not None:  # Hydra's instantiate wraps errors raised by the classes it builds
+        if isinstance(cause, ConfigError):
+            return str(cause)
+        cause = cause.__cause__
+    if isinstance(e, InstantiationException) and "execution whitelist" in str(e):
+        return f"{e}\nTo use your own classes as _target_, trust their package: GPT2LAB_TRUSTED_TARGETS='mypkg.*'"
+    return None
 
 
 if __name__ == "__main__":

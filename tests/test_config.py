@@ -2,13 +2,25 @@ import inspect
 
 import pytest
 import pytorch_lightning as pl
-from hydra.utils import instantiate
-from omegaconf.errors import ConfigCompositionException, ValidationError
-
 from conftest import CONF, REPO, run_cli
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf.errors import ValidationError
+
 from gpt2lab.config import TrainerSchema
 
-GROUPS = ["model", "data", "tokenizer", "trainer", "optimizer", "scheduler", "callbacks", "logger", "preset", "experiment"]
+GROUPS = [
+    "model",
+    "data",
+    "tokenizer",
+    "trainer",
+    "optimizer",
+    "scheduler",
+    "callbacks",
+    "logger",
+    "preset",
+    "experiment",
+]
 
 
 def options(group: str) -> list[str]:
@@ -23,7 +35,12 @@ def test_every_option_composes(compose_cfg, group, option):
 
 
 def test_model_sizes_are_gpt2s(compose_cfg):
-    sizes = {"gpt2": (768, 12, 12), "gpt2-medium": (1024, 16, 24), "gpt2-large": (1280, 20, 36), "gpt2-xl": (1600, 25, 48)}
+    sizes = {
+        "gpt2": (768, 12, 12),
+        "gpt2-medium": (1024, 16, 24),
+        "gpt2-large": (1280, 20, 36),
+        "gpt2-xl": (1600, 25, 48),
+    }
     for name, (d, h, n) in sizes.items():
         m = compose_cfg(f"model={name}", "preset=small", tiny=False).model
         assert (m.d_model, m.num_heads, m.num_layers, m.d_ff, m.context_length) == (d, h, n, 4 * d, 1024)

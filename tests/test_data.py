@@ -13,7 +13,13 @@ BPE = {"kind": "bpe", "vocab_size": 300, "show_progress": False}
 
 
 def make_dm(tmp_path, **kwargs) -> GPT2DataModule:
-    args = {"source": "files", "max_length": 16, "batch_size": 4, "cache_dir": str(tmp_path / "cache"), "tokenizer": BPE}
+    args = {
+        "source": "files",
+        "max_length": 16,
+        "batch_size": 4,
+        "cache_dir": str(tmp_path / "cache"),
+        "tokenizer": BPE,
+    }
     return GPT2DataModule(**(args | kwargs))
 
 
@@ -59,7 +65,11 @@ def test_structured_files_use_text_column(tmp_path, suffix):
 
 def test_preprocessing_min_length_and_duplicates(tmp_path):
     path = tmp_path / "d.txt"
-    path.write_text("\n\n".join(["short"] * 5 + ["a longer paragraph of text"] * 10 + [f"unique {i} long enough" for i in range(10)]))
+    path.write_text(
+        "\n\n".join(
+            ["short"] * 5 + ["a longer paragraph of text"] * 10 + [f"unique {i} long enough" for i in range(10)]
+        )
+    )
     full = load_corpus("files", path=str(path), val_split=0.1, test_split=0.1)
     dedup = load_corpus("files", path=str(path), val_split=0.1, test_split=0.1, min_length=10, remove_duplicates=True)
     assert sum(map(len, full.splits.values())) == 25

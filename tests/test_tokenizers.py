@@ -63,7 +63,9 @@ def test_pretrained_offline_names_the_offline_choice(monkeypatch):
         TokenizerSpec(kind="pretrained", name="gpt2").build(lambda: iter(()), "x", "/tmp")
 
 
-@pytest.mark.parametrize(("vocab_size", "kind"), [(50257, "pretrained"), (8000, "bpe"), (100_000, "bpe"), (300, "char"), (200_000, "char")])
+@pytest.mark.parametrize(
+    ("vocab_size", "kind"), [(50257, "pretrained"), (8000, "bpe"), (100_000, "bpe"), (300, "char"), (200_000, "char")]
+)
 def test_auto_rules(vocab_size, kind):
     assert TokenizerSpec(kind="auto", vocab_size=vocab_size).resolve_kind() == kind
 
@@ -71,7 +73,9 @@ def test_auto_rules(vocab_size, kind):
 def test_auto_falls_back_to_bpe_when_the_hub_is_unreachable(tmp_path, monkeypatch):
     monkeypatch.setattr(build.Tokenizer, "from_pretrained", lambda name: (_ for _ in ()).throw(Exception("offline")))
     trained = []
-    monkeypatch.setattr(build, "train_bpe", lambda texts, vocab_size, *a: trained.append(vocab_size) or build_char(texts, 64))
+    monkeypatch.setattr(
+        build, "train_bpe", lambda texts, vocab_size, *a: trained.append(vocab_size) or build_char(texts, 64)
+    )
     TokenizerSpec(kind="auto", vocab_size=50257).build(lambda: iter(TEXTS), "x", tmp_path)
     assert trained == [50257]
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-
 from conftest import TINY, run_cli
+
 from gpt2lab.checkpoint import load_checkpoint
 from gpt2lab.errors import ConfigError
 from gpt2lab.train import train
@@ -65,7 +65,17 @@ def test_killed_run_resumes_to_the_same_final_loss(tmp_path, corpus_file, cache_
     ]  # fmt: skip
     whole, killed, resumed = tmp_path / "whole", tmp_path / "killed", tmp_path / "resumed"
     assert run_cli(*cli_args(corpus_file, cache_dir, whole, *common), cwd=tmp_path).returncode == 0
-    crash = run_cli(*cli_args(corpus_file, cache_dir, killed, *common, "+callbacks.kill._target_=helpers.KillAtStep", "+callbacks.kill.step=14"), cwd=tmp_path)
+    crash = run_cli(
+        *cli_args(
+            corpus_file,
+            cache_dir,
+            killed,
+            *common,
+            "+callbacks.kill._target_=helpers.KillAtStep",
+            "+callbacks.kill.step=14",
+        ),
+        cwd=tmp_path,
+    )
     assert crash.returncode != 0 and not (killed / "results.json").exists()
     last = killed / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 12

@@ -18,7 +18,14 @@ from gpt2lab.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SOURCES = ("pystdlib", "files", "hub")
-FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FILE_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
 
 
@@ -75,7 +82,9 @@ def load_corpus(
     if text_column != "text":
         raw = raw.rename_column(text_column, "text")
     if min_length > 0:
-        raw = raw.filter(lambda b: [len((t or "").strip()) >= min_length for t in b["text"]], batched=True, num_proc=num_proc)
+        raw = raw.filter(
+            lambda b: [len((t or "").strip()) >= min_length for t in b["text"]], batched=True, num_proc=num_proc
+        )
     else:
         raw = raw.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True, num_proc=num_proc)
     if remove_duplicates:
@@ -89,12 +98,16 @@ def load_corpus(
     return Corpus(splits=splits, fingerprint=fingerprint, description=description)
 
 
-def _load_files(path: str | None, text_column: str, sample_by: str, cache_dir: str | None) -> tuple[datasets.DatasetDict, str]:
+def _load_files(
+    path: str | None, text_column: str, sample_by: str, cache_dir: str | None
+) -> tuple[datasets.DatasetDict, str]:
     if not path:
         raise ConfigError("data=files needs data.path=<file, directory or glob of .txt/.jsonl/.json/.csv/.parquet>")
     expanded = os.path.expanduser(str(path))
     if os.path.isdir(expanded):
-        files = sorted(f for f in glob.glob(os.path.join(expanded, "**", "*"), recursive=True) if Path(f).suffix in FILE_BUILDERS)
+        files = sorted(
+            f for f in glob.glob(os.path.join(expanded, "**", "*"), recursive=True) if Path(f).suffix in FILE_BUILDERS
+        )
     else:
         files = sorted(glob.glob(expanded))
     if not files:
@@ -114,20 +127,28 @@ def _load_files(path: str | None, text_column: str, sample_by: str, cache_dir: s
     except Exception as e:  # datasets wraps parser errors in several types
         raise ConfigError(f"data.path={path!r}: could not read it as {builder}: {e}") from e
     if builder != "text" and text_column not in raw["train"].column_names:
-        raise ConfigError(f"data.text_column={text_column!r} is not a column of {path}; its columns are {raw['train'].column_names}")
+        raise ConfigError(
+            f"data.text_column={text_column!r} is not a column of {path}; its columns are {raw['train'].column_names}"
+        )
     size = sum(os.path.getsize(f) for f in files)
     return raw, f"{len(files)} {builder} file(s) at {path} ({size / 1e6:.1f} MB)"
 
 
 def _load_hub(name: str | None, config_name: str | None, cache_dir: str | None) -> tuple[datasets.DatasetDict, str]:
     if not name:
-        raise ConfigError("data=hub needs data.name=<Hugging Face dataset name> (and data.config_name if it has configs)")
+        raise ConfigError(
+            "data=hub needs data.name=<Hugging Face dataset name> (and data.config_name if it has configs)"
+        )
     label = f"{name} ({config_name})" if config_name else name
     try:
         raw = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
     except Exception as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-        hint = "the Hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if offline else "the Hub may be unreachable"
+        hint = (
+            "the Hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+            if offline
+            else "the Hub may be unreachable"
+        )
         raise ConfigError(
             f"data.name={name!r}: could not load {label} from the Hugging Face Hub; {hint} ({type(e).__name__}: {e}). "
             "Offline, use data=pystdlib (bundled) or data=files data.path=<your text files>."
@@ -141,7 +162,7 @@ def _split(raw: datasets.DatasetDict, val_split: float, test_split: float, seed:
     """Use the dataset's own splits where present, else carve deterministic fractions out of train."""
     train = raw["train"]
     val = next((raw[k] for k in VALIDATION_NAMES if k in raw), None)
-    test = raw["test"] if "test" in raw else None
+    test = raw.get("test")
     carve = (0.0 if val is not None else val_split) + (0.0 if test is not None else test_split)
     if carve > 0:
         if len(train) < 3:

@@ -146,7 +146,10 @@ class GPT2DataModule(pl.LightningDataModule):
         for split, ds in corpus.splits.items():
             log.info("Tokenizing the %s split (%d documents)", split, len(ds))
             encoded = ds.map(
-                lambda b: {"ids": [e.ids + [eos] for e in tokenizer.encode_batch(b["text"])], "chars": [len(t) for t in b["text"]]},
+                lambda b: {
+                    "ids": [e.ids + [eos] for e in tokenizer.encode_batch(b["text"])],
+                    "chars": [len(t) for t in b["text"]],
+                },
                 batched=True,
                 batch_size=256,
                 num_proc=self.preprocessing_num_workers,
@@ -220,7 +223,9 @@ class GPT2DataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         if "test" not in self.datasets or len(self.datasets["test"]) == 0:
-            raise ConfigError("there is no test split with a full window: set data.test_split > 0 or skip testing (test=false)")
+            raise ConfigError(
+                "there is no test split with a full window: set data.test_split > 0 or skip testing (test=false)"
+            )
         return self._loader(self.datasets["test"], self.eval_batch_size)
 
     def _loader(self, ds: TokenBlockDataset, batch_size: int, **kwargs: Any) -> DataLoader:

@@ -47,7 +47,7 @@ def describe(texts: list[str]) -> str:
 
 def corpus_fingerprint(names: list[str], texts: list[str]) -> str:
     h = hashlib.sha256()
-    for name, text in zip(names, texts):
+    for name, text in zip(names, texts, strict=True):
         h.update(name.encode())
         h.update(hashlib.sha256(text.encode()).digest())
     return h.hexdigest()[:16]

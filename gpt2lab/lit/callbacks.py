@@ -27,11 +27,19 @@ class ThroughputLogger(pl.Callback):
         self._peak_flops: float | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float16 if "16" in str(trainer.precision) else torch.float32
+        dtype = (
+            torch.bfloat16
+            if "bf16" in str(trainer.precision)
+            else torch.float16
+            if "16" in str(trainer.precision)
+            else torch.float32
+        )
         self._peak_flops = get_available_flops(trainer.strategy.root_device, dtype)
         self._t0 = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._window_tokens += (batch.shape[1] - 1) * batch.shape[0] * trainer.world_size
         if trainer.fit_loop._should_accumulate() or trainer.global_step % trainer.log_every_n_steps:
             return

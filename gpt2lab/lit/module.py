@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
+from gpt2lab.config import TRUSTED_TARGETS
 from gpt2lab.model import GPT2Config, GPT2Model
 
 CHECKPOINT_KEY = "gpt2lab"
@@ -39,7 +40,13 @@ def warmup_cosine(
 
 
 def _rng_states() -> dict[str, Any]:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # Plain lists and tensors only, so that checkpoints load with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -47,7 +54,8 @@ def _rng_states() -> dict[str, Any]:
 
 def _set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -67,7 +75,12 @@ class GPT2LitModule(pl.LightningModule):
         config = model if isinstance(model, GPT2Config) else GPT2Config(**model)
         to_dict = lambda c: OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else c  # noqa: E731
         self.save_hyperparameters(
-            {"model": dataclasses.asdict(config), "optimizer": to_dict(optimizer), "scheduler": to_dict(scheduler), "compile": compile}
+            {
+                "model": dataclasses.asdict(config),
+                "optimizer": to_dict(optimizer),
+                "scheduler": to_dict(scheduler),
+                "compile": compile,
+            }
         )
         self.model = GPT2Model(config)
         self.tokenizer: Tokenizer | None = None  # set by the trainer script; saved into checkpoints
@@ -76,7 +89,9 @@ class GPT2LitModule(pl.LightningModule):
         if compile:
             self.model.compile()  # in place: state_dict keys stay those of the plain model
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.model(input_ids, labels)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
@@ -128,10 +143,14 @@ class GPT2LitModule(pl.LightningModule):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        optimizer = hydra.utils.instantiate(opt_cfg, _partial_=True, _convert_="all")(groups)
+        optimizer = hydra.utils.instantiate(
+            opt_cfg, _partial_=True, _convert_="all", _execution_whitelist_=TRUSTED_TARGETS
+        )(groups)
         if not self.hparams.scheduler:
             return {"optimizer": optimizer}
-        scheduler = hydra.utils.instantiate(self.hparams.scheduler, _partial_=True)(optimizer)
+        scheduler = hydra.utils.instantiate(
+            self.hparams.scheduler, _partial_=True, _execution_whitelist_=TRUSTED_TARGETS
+        )(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints: the tokenizer and the RNG travel with the weights ---------------------------

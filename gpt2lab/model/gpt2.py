@@ -170,7 +170,7 @@ class GPT2Model(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``input_ids`` and ``labels`` are (B, T); labels are the next tokens, -100 is ignored."""
         T = input_ids.shape[1]
-        if T > self.config.context_length:
+        if self.config.context_length < T:
             raise ValueError(f"sequence length {T} exceeds model.context_length={self.config.context_length}")
         pos = torch.arange(T, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))  # (B, T, C)

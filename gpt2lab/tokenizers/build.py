@@ -105,7 +105,9 @@ def validate_tokenizer(tokenizer: Tokenizer, sample: str, model_vocab_size: int 
     """Check what training relies on: an end-of-text token, ids in range, and a lossless round trip."""
     vocab = tokenizer.get_vocab_size()
     if tokenizer.token_to_id(EOS_TOKEN) is None:
-        raise ConfigError(f"the tokenizer has no {EOS_TOKEN!r} token, which separates documents; add it as a special token")
+        raise ConfigError(
+            f"the tokenizer has no {EOS_TOKEN!r} token, which separates documents; add it as a special token"
+        )
     if model_vocab_size is not None and vocab > model_vocab_size:
         raise ConfigError(
             f"tokenizer vocabulary ({vocab}) is larger than model.vocab_size ({model_vocab_size}): "
@@ -145,16 +147,25 @@ class TokenizerSpec:
         return "bpe" if BPE_RANGE[0] <= self.vocab_size <= BPE_RANGE[1] else "char"
 
     def settings_key(self, kind: str, corpus_fingerprint: str) -> str:
-        settings = {"kind": kind, "vocab_size": self.vocab_size, "min_frequency": self.min_frequency, "corpus": corpus_fingerprint}
+        settings = {
+            "kind": kind,
+            "vocab_size": self.vocab_size,
+            "min_frequency": self.min_frequency,
+            "corpus": corpus_fingerprint,
+        }
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
-    def build(self, texts: TextSource, corpus_fingerprint: str, cache_dir: str | os.PathLike, n_texts: int | None = None) -> Tokenizer:
+    def build(
+        self, texts: TextSource, corpus_fingerprint: str, cache_dir: str | os.PathLike, n_texts: int | None = None
+    ) -> Tokenizer:
         """Load or train the tokenizer. Trained ones are cached in ``cache_dir/tokenizers/<hash>``."""
         kind = self.resolve_kind()
         if kind == "pretrained":
             name = self.name or KNOWN_PRETRAINED.get(self.vocab_size)
             if not name:
-                raise ConfigError("tokenizer=pretrained needs tokenizer.name (a Hub name such as gpt2, or a tokenizer.json)")
+                raise ConfigError(
+                    "tokenizer=pretrained needs tokenizer.name (a Hub name such as gpt2, or a tokenizer.json)"
+                )
             try:
                 return load_pretrained(name)
             except ConfigError as e:
@@ -166,7 +177,12 @@ class TokenizerSpec:
             if not self.path:
                 raise ConfigError("tokenizer=file needs tokenizer.path=/path/to/tokenizer.json")
             return load_file(self.path)
-        cached = Path(cache_dir).expanduser() / "tokenizers" / f"{kind}-{self.settings_key(kind, corpus_fingerprint)}" / "tokenizer.json"
+        cached = (
+            Path(cache_dir).expanduser()
+            / "tokenizers"
+            / f"{kind}-{self.settings_key(kind, corpus_fingerprint)}"
+            / "tokenizer.json"
+        )
         if cached.is_file():
             log.info("Loaded cached %s tokenizer from %s", kind, cached)
             return Tokenizer.from_file(str(cached))
