@@ -100,7 +100,7 @@ class PathsSchema:
 
 @dataclasses.dataclass
 class SampleSchema:
-    prompt: str = "def "
+    prompt: str = "def"
     max_new_tokens: int = 64
     temperature: float = 0.8
     top_k: Optional[int] = 50  # noqa: UP045

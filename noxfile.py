@@ -1,0 +1,27 @@
+"""Developer sessions: ``nox -s tests`` (the CI suite), ``nox -s slow``, ``nox -s lint``.
+
+Sessions reuse the current interpreter's environment (``python=False``): PyTorch is large, and the
+project is installed once with ``pip install -e ".[dev]"`` (after ``pip install torch==2.13.0`` on CPU).
+"""
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+
+
+@nox.session(python=False)
+def tests(session: nox.Session) -> None:
+    """The default suite: unit tests and short CPU training runs (a few minutes)."""
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=False)
+def slow(session: nox.Session) -> None:
+    """Long end-to-end runs (the default preset's full training), marked ``slow``."""
+    session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session(python=False)
+def lint(session: nox.Session) -> None:
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
