@@ -128,4 +128,4 @@ class TrainSchema:
 
 
 def register_schemas() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainSchema)
+    ConfigStore.instance().store(name="train_schema", node=TrainSchema, replace=True)

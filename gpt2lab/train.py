@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ from gpt2lab.lit.callbacks import AtomicCheckpointIO, ThroughputLogger
 from gpt2lab.tokenizers import validate_tokenizer
 
 log = logging.getLogger("gpt2lab.train")
+# The CSV logger writes into the Hydra run directory, which always holds the log and .hydra/ already;
+# Lightning's warning that "previous log files will be deleted" does not apply (only metrics.csv is written).
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 def train(cfg: DictConfig) -> float | None:

@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf.errors import ValidationError
 
-from gpt2lab.config import TrainerSchema
+from gpt2lab.config import TRUSTED_TARGETS, TrainerSchema
 
 GROUPS = [
     "model",
@@ -44,7 +44,7 @@ def test_model_sizes_are_gpt2s(compose_cfg):
     for name, (d, h, n) in sizes.items():
         m = compose_cfg(f"model={name}", "preset=small", tiny=False).model
         assert (m.d_model, m.num_heads, m.num_layers, m.d_ff, m.context_length) == (d, h, n, 4 * d, 1024)
-        cfg = instantiate(m, vocab_size=50257)
+        cfg = instantiate(m, vocab_size=50257, _execution_whitelist_=TRUSTED_TARGETS)
         assert cfg.dropout == 0.1 and cfg.layer_norm_epsilon == 1e-5 and cfg.use_bias
 
 

@@ -110,7 +110,6 @@ class GPT2DataModule(pl.LightningDataModule):
         self.corpus_description = ""
         self._token_dir: Path | None = None
         self.datasets: dict[str, TokenBlockDataset] = {}
-        self._train_sampler: ResumableRandomSampler | None = None
 
     # -- preparation: runs once per process; every step is cached on disk -------------------------
     def prepare_data(self) -> None:
@@ -215,7 +214,6 @@ class GPT2DataModule(pl.LightningDataModule):
                 f"the train split makes {len(sampler)} windows of {self.max_length + 1} tokens, fewer than "
                 f"data.batch_size={self.batch_size}: lower data.batch_size or model.context_length, or add data"
             )
-        self._train_sampler = sampler
         return self._loader(self.datasets["train"], self.batch_size, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:

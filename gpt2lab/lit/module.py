@@ -138,7 +138,8 @@ class GPT2LitModule(pl.LightningModule):
         opt_cfg = dict(self.hparams.optimizer)
         weight_decay = opt_cfg.pop("weight_decay", 0.0)
         if opt_cfg.get("fused") is None and "fused" in opt_cfg:
-            opt_cfg["fused"] = self.device.type == "cuda"
+            # The fused CUDA kernel is the fast path; fp16's GradScaler needs the unfused one.
+            opt_cfg["fused"] = self.device.type == "cuda" and not self._uses_grad_scaler()
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -152,6 +153,29 @@ class GPT2LitModule(pl.LightningModule):
             self.hparams.scheduler, _partial_=True, _execution_whitelist_=TRUSTED_TARGETS
         )(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _uses_grad_scaler(self) -> bool:
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for fused optimizers, for fear of a GradScaler
+        # that has not unscaled the gradients yet. With bf16 there is no scaler, so clip directly.
+        if (
+            gradient_clip_val
+            and getattr(optimizer, "_step_supports_amp_scaling", False)
+            and not self._uses_grad_scaler()
+        ):
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- checkpoints: the tokenizer and the RNG travel with the weights ---------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
