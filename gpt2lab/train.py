@@ -29,6 +29,9 @@ log = logging.getLogger("gpt2lab.train")
 # The CSV logger writes into the Hydra run directory, which always holds the log and .hydra/ already;
 # Lightning's warning that "previous log files will be deleted" does not apply (only metrics.csv is written).
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+# Mid-epoch resume is exact: GPT2DataModule.train_dataloader starts the sampler after the batches the
+# checkpointed run had consumed (tests/test_train.py checks the final loss), so this warning is moot.
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def train(cfg: DictConfig) -> float | None:
