@@ -13,7 +13,9 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import execution_whitelist, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
@@ -139,6 +141,8 @@ def main(cfg: DictConfig) -> float | None:
         message = _user_error(e)
         if message is None:
             raise
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise ConfigError(message) from None  # the sweeper records it against this job and goes on
         log.error("%s", message)
         print(f"\nError: {message}", file=sys.stderr)
         raise SystemExit(1) from None
