@@ -36,7 +36,7 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | os.PathLike, exclude
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint onto the CPU, or fail with a message that says what is wrong with the file."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
     except Exception as e:
         raise ConfigError(f"ckpt_path={str(path)!r} is not a readable checkpoint ({type(e).__name__}: {e})") from e
     if (

@@ -32,6 +32,7 @@ TRUSTED_TARGETS = (
     "lightning.*",
     "lightning_fabric.*",
     "torch.optim.*",
+    "optuna.*",
     *(t.strip() for t in os.environ.get("GPT2LAB_TRUSTED_TARGETS", "").split(",") if t.strip()),
 )
 
@@ -125,6 +126,7 @@ class TrainSchema:
     validate_at_start: bool = True  # log the step-0 validation loss before training
     test: bool = True  # evaluate the best checkpoint on the test split after training
     task_name: str = "train"
+    optuna_trial: Optional[int] = None  # noqa: UP045 - set by the Optuna sweeper for each trial
 
 
 def register_schemas() -> None:

@@ -43,9 +43,9 @@ class SweepSummary(Callback):
         error = job_return._return_value if failed else None  # the exception the job raised
         objective = None if failed else job_return._return_value
         row = {
-            "job": config.hydra.job.num,
+            "job": job_dir.name,  # the job number, or trial_<n> in an Optuna sweep
             "overrides": " ".join(job_return.overrides or []),
-            "status": results.get("status") or ("failed" if failed else "completed"),
+            "status": "completed" if not failed else "pruned" if type(error).__name__ == "TrialPruned" else "failed",
             "objective": objective if isinstance(objective, int | float) else None,
             "best_val_loss": results.get("best_val_loss"),
             "duration_s": round(time.time() - self._started, 1),
@@ -63,7 +63,7 @@ class SweepSummary(Callback):
 
 def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = [json.loads(p.read_text()) for p in sweep_dir.glob("*/job_summary.json")]
-    return sorted(rows, key=lambda r: int(r["job"]))
+    return sorted(rows, key=lambda r: (len(str(r["job"])), str(r["job"])))  # 2 before 10
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -49,6 +49,10 @@ def _train(cfg: DictConfig) -> float | None:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir)
 
     callbacks = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c) if _wanted(c, cfg.trainer)]
+    if cfg.optuna_trial is not None:
+        from gpt2lab.hpo import OptunaPruning  # Optuna is imported only for sweeps
+
+        callbacks.append(OptunaPruning(cfg.optuna_trial, monitor=cfg.optimized_metric))
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.trainer.logger is not False else False
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
 

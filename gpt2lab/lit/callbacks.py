@@ -41,7 +41,7 @@ class ThroughputLogger(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._window_tokens += (batch.shape[1] - 1) * batch.shape[0] * trainer.world_size
-        if trainer.fit_loop._should_accumulate() or trainer.global_step % trainer.log_every_n_steps:
+        if trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
             return
         # Logging the loss already syncs the host on this step, so the clock is honest here.
         now = time.perf_counter()

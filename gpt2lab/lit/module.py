@@ -126,7 +126,7 @@ class GPT2LitModule(pl.LightningModule):
         self.log(f"{stage}/ppl", torch.exp(loss))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
+        if self.trainer._logger_connector.should_update_logs:  # the steps Lightning writes to the logger
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             self.log("train/grad_norm", norm, on_step=True)

@@ -1,0 +1,254 @@
+"""Optuna sweeps: the stock Hydra sweeper, plus what a research team needs from it.
+
+``OptunaSweeper`` subclasses ``hydra-optuna-sweeper``'s implementation and keeps its search-space
+parsing and trial configuration; its ``sweep`` loop adds
+- an SQLite storage in the sweep directory by default, so a study survives its process and several
+  workers can share it (any SQLAlchemy URL works through ``hydra.sweeper.storage``);
+- the trial number handed to each job (``optuna_trial``), so that ``OptunaPruning`` can report validation
+  losses and stop a trial the pruner gives up on; such trials are recorded as PRUNED, not FAIL;
+- failures recorded as FAIL with their error while the study goes on, and ``max_failure_rate``
+  measured over the whole sweep;
+- ``optimization_results.yaml`` and PNG plots (history, parameter importances) in the sweep directory.
+
+``python -m gpt2lab.hpo export-best`` turns the best trial into an ``experiment/`` config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytorch_lightning as pl
+from filelock import FileLock
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobStatus
+from hydra.utils import instantiate
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+from omegaconf import DictConfig, OmegaConf
+
+from gpt2lab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+PRUNERS = ("none", "median", "hyperband")
+
+
+def make_pruner(pruner: str, n_startup_trials: int = 5, n_warmup_steps: int = 0) -> optuna.pruners.BasePruner:
+    if pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps)
+    if pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if pruner == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"hydra.sweeper.pruner={pruner!r}: expected one of {', '.join(PRUNERS)}")
+
+
+def default_storage(sweep_dir: str | Path) -> str:
+    return f"sqlite:///{Path(sweep_dir).resolve() / 'optuna.db'}"
+
+
+class OptunaSweeper(OptunaSweeperImpl):
+    """``hydra/sweeper=gpt2lab_optuna``: see the module docstring."""
+
+    def __init__(
+        self,
+        sampler: Any,
+        direction: Any = "minimize",
+        storage: str | None = None,
+        study_name: str | None = None,
+        n_trials: int = 20,
+        n_jobs: int = 1,
+        timeout: float | None = None,
+        max_failure_rate: float = 0.5,
+        pruner: str = "none",
+        n_startup_trials: int = 5,
+        n_warmup_steps: int = 0,
+        params: DictConfig | None = None,
+        custom_search_space: str | None = None,
+    ) -> None:
+        sampler = instantiate(
+            sampler, _execution_whitelist_=("optuna.samplers.*", "hydra_plugins.hydra_optuna_sweeper.*")
+        )
+        super().__init__(
+            sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate, custom_search_space, params
+        )
+        self.timeout = timeout
+        self.pruner = make_pruner(pruner, n_startup_trials, n_warmup_steps)
+
+    def sweep(self, arguments: list[str]) -> None:
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        storage = self.storage or default_storage(sweep_dir)
+        self._process_searchspace_config()
+        space, fixed_params, fixed_overrides = create_params_from_overrides(
+            [*self._parse_sweeper_params_config(), *arguments]
+        )
+        for name in fixed_params:
+            space.pop(name, None)
+        if isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler:
+            grid = {name: self._to_grid_sampler_choices(d) for name, d in space.items()}
+            self.sampler = self.sampler(grid)
+            self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
+
+        # Workers started together would race to create the SQLite schema; a file lock orders them.
+        with FileLock(str(sweep_dir / ".optuna.lock")):
+            study = optuna.create_study(
+                study_name=self.study_name, storage=storage, sampler=self.sampler, pruner=self.pruner,
+                directions=self._get_directions(), load_if_exists=True,
+            )  # fmt: skip
+        log.info("Study %s in %s: %d trials so far", study.study_name, storage, len(study.trials))
+        deadline = time.time() + self.timeout if self.timeout else math.inf
+        done = failed = 0
+        while done < self.n_trials and time.time() < deadline:
+            trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials - done))]
+            overrides = self._configure_trials(trials, space, fixed_params, fixed_overrides)
+            overrides = [(*o, f"optuna_trial={t.number}") for o, t in zip(overrides, trials, strict=True)]
+            returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            self.job_idx += len(returns)
+            for trial, ret in zip(trials, returns, strict=True):
+                trial.set_user_attr("overrides", list(ret.overrides or []))
+                trial.set_user_attr("run_dir", str(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else "")
+                value = ret._return_value
+                if ret.status == JobStatus.COMPLETED and isinstance(value, int | float) and math.isfinite(value):
+                    study.tell(trial, values=[float(value)])
+                elif isinstance(value, optuna.TrialPruned):
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                else:
+                    error = (
+                        value if ret.status != JobStatus.COMPLETED else f"objective {value!r} is not a finite number"
+                    )
+                    trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    log.warning("Trial %d failed: %s", trial.number, error)
+                    failed += 1
+            done += len(returns)
+            if failed / done > self.max_failure_rate and done >= min(self.n_trials, 4):
+                raise RuntimeError(
+                    f"{failed} of {done} trials failed (hydra.sweeper.max_failure_rate={self.max_failure_rate}); "
+                    f"stopping the sweep. Each failed job's log is under {sweep_dir}."
+                )
+        save_results(study, sweep_dir)
+
+
+def save_results(study: optuna.Study, sweep_dir: Path) -> None:
+    """``optimization_results.yaml`` with the best trial, and PNG plots of the study."""
+    states = [t.state.name for t in study.trials]
+    counts = {s: states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    results: dict[str, Any] = {"name": "optuna", "study_name": study.study_name, "trials": counts}
+    if completed:
+        best = study.best_trial
+        results |= {"best_value": best.value, "best_params": best.params, "best_trial": best.number,
+                    "best_run_dir": best.user_attrs.get("run_dir")}  # fmt: skip
+        log.info("Best value %s with %s (trial %d, %s)", best.value, best.params, best.number, results["best_run_dir"])
+    log.info("Trials: %s", counts)
+    OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
+    if len(completed) < 2:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ov
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    for name, plot in (
+        ("optimization_history", ov.plot_optimization_history),
+        ("param_importances", ov.plot_param_importances),
+    ):
+        try:
+            plot(study).figure.savefig(sweep_dir / f"{name}.png", dpi=100, bbox_inches="tight")
+        except (ValueError, RuntimeError) as e:  # e.g. importances need two or more varied parameters
+            log.warning("No %s plot: %s", name, e)
+        plt.close("all")
+
+
+class OptunaPruning(pl.Callback):
+    """Reports ``monitor`` to the job's Optuna trial at each validation and stops the trial when the
+    sweeper's pruner says so. Added by the trainer script when the sweeper set ``optuna_trial``."""
+
+    def __init__(self, trial_number: int, monitor: str = "val/loss") -> None:
+        sweeper = HydraConfig.get().sweeper
+        storage = sweeper.get("storage") or default_storage(HydraConfig.get().sweep.dir)
+        pruner = make_pruner(
+            sweeper.get("pruner", "none"), sweeper.get("n_startup_trials", 5), sweeper.get("n_warmup_steps", 0)
+        )
+        study = optuna.load_study(study_name=sweeper.study_name, storage=storage, pruner=pruner)
+        self.trial = optuna.trial.Trial(study, study.trials[trial_number]._trial_id)
+        self.monitor = monitor
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self.monitor not in trainer.callback_metrics:
+            return
+        step = trainer.global_step
+        self.trial.report(float(trainer.callback_metrics[self.monitor]), step)
+        if self.trial.should_prune():
+            self.trial.set_user_attr("pruned_at_step", step)
+            raise optuna.TrialPruned(
+                f"pruned at step {step} with {self.monitor}={float(trainer.callback_metrics[self.monitor]):.4f}"
+            )
+
+
+def export_best(storage: str, study_name: str, name: str, out_dir: Path) -> Path:
+    """Write the best trial's overrides as ``<out_dir>/experiment/<name>.yaml``."""
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    try:
+        best = study.best_trial
+    except ValueError as e:
+        raise ConfigError(f"study {study_name!r} in {storage} has no completed trial to export") from e
+    conf_dir = Path(__file__).resolve().parent.parent / "conf"
+    groups, values = [], []
+    for override in best.user_attrs.get("overrides", []):
+        key, _, value = override.partition("=")
+        if key.startswith(("hydra.", "hparams_search", "optuna_trial", "+hydra", "experiment")):
+            continue
+        is_group = "." not in key and (conf_dir / key.lstrip("+~")).is_dir()
+        (groups if is_group else values).append((key.lstrip("+"), value))
+    lines = [
+        "# @package _global_",
+        f"# Best trial {best.number} of Optuna study {study_name!r} ({storage}): {study.directions[0].name.lower()} value {best.value}",
+    ]
+    if groups:
+        lines += ["defaults:"] + [f"  - override /{k}: {v}" for k, v in groups]
+    body = OmegaConf.to_yaml(OmegaConf.from_dotlist([f"{k}={v}" for k, v in values])) if values else ""
+    path = out_dir / "experiment" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n\n" + body)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gpt2lab.hpo", description="Optuna study utilities")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export-best", help="write the best trial as conf/experiment/<name>.yaml")
+    export.add_argument(
+        "--storage", required=True, help="the study's storage URL, e.g. sqlite:///outputs/optuna/gpt2lab/optuna.db"
+    )
+    export.add_argument("--study-name", default="gpt2lab")
+    export.add_argument("--name", required=True, help="experiment name: python train.py experiment=<name>")
+    export.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "conf"), help="config directory")
+    args = parser.parse_args(argv)
+    try:
+        path = export_best(args.storage, args.study_name, args.name, Path(args.out))
+    except (ConfigError, KeyError) as e:
+        parser.exit(1, f"Error: {e}\n")
+    print(
+        f"Wrote {path}; reproduce it with: python train.py experiment={args.name}"
+        + (
+            ""
+            if Path(args.out).resolve() == (Path(__file__).resolve().parent.parent / "conf")
+            else f" --config-dir {args.out}"
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
