@@ -34,6 +34,10 @@ warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists 
 # Mid-epoch resume is exact: GPT2DataModule.train_dataloader starts the sampler after the batches the
 # checkpointed run had consumed (tests/test_train.py checks the final loss), so this warning is moot.
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+warnings.filterwarnings(
+    "ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated"
+)  # Lightning vs torch>=2.10
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "💡 Tip" not in r.getMessage())  # ads
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -54,7 +58,8 @@ def _train(cfg: DictConfig) -> float | None:
 
         callbacks.append(OptunaPruning(cfg.optuna_trial, monitor=cfg.optimized_metric))
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.trainer.logger is not False else False
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+    trainer = _make_trainer(cfg, callbacks, loggers)
+    instantiate(cfg.model)  # architecture checks (heads divide width, ...) before any data is read
 
     datamodule = instantiate(cfg.data, tokenizer=instantiate(cfg.tokenizer))
     datamodule.prepare_data()
@@ -103,6 +108,17 @@ def _train(cfg: DictConfig) -> float | None:
     return metrics.get(cfg.optimized_metric)
 
 
+def _make_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: Any) -> pl.Trainer:
+    try:
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+    except Exception as e:  # Lightning rejects bad accelerator/precision/strategy values here
+        cause = e.__cause__ or e
+        hint = ""
+        if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            hint = " This machine has no GPU: add trainer=cpu (or trainer.accelerator=cpu trainer.precision=32-true)."
+        raise ConfigError(f"trainer: {type(cause).__name__}: {cause}{hint}") from e
+
+
 def _wanted(callback: pl.Callback, trainer_cfg: DictConfig) -> bool:
     """Honour trainer.enable_progress_bar / enable_checkpointing / enable_model_summary = false, which
     Lightning otherwise rejects when the matching callback is configured."""
@@ -111,6 +127,8 @@ def _wanted(callback: pl.Callback, trainer_cfg: DictConfig) -> bool:
         ModelCheckpoint: trainer_cfg.enable_checkpointing,
         ModelSummary: trainer_cfg.enable_model_summary,
     }
+    if isinstance(callback, ModelCheckpoint) and trainer_cfg.fast_dev_run:
+        return False  # a debug run leaves no checkpoint that ckpt_path=last could pick up
     return not any(isinstance(callback, kind) and flag is False for kind, flag in switches.items())
 
 

@@ -55,6 +55,7 @@ def test_presets_are_coherent_recipes(compose_cfg):
     assert tiny.scheduler.max_steps == tiny.trainer.max_steps
     small = compose_cfg("preset=small", tiny=False)
     assert small.model.d_model == 768 and small.trainer.precision == "bf16-mixed"
+    assert small.compile is True  # a preset's top-level values win over train.yaml's
     # the command line wins over a preset's choices
     assert compose_cfg("preset=small", "data=wikitext2", tiny=False).data.config_name == "wikitext-2-raw-v1"
     assert compose_cfg("preset=small", "model=gpt2-medium", tiny=False).model.d_model == 1024

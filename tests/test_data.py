@@ -79,9 +79,15 @@ def test_preprocessing_min_length_and_duplicates(tmp_path):
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(ConfigError, match=r"data.path='.*missing.txt': no such file"):
         load_corpus("files", path=str(tmp_path / "missing.txt"))
-    (tmp_path / "empty.txt").write_text("\n\n\n")
+    (tmp_path / "blank.txt").write_text("\n\n  \n")
     with pytest.raises(ConfigError, match="corpus has 0 document"):
+        load_corpus("files", path=str(tmp_path / "blank.txt"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ConfigError, match=r"data.path='.*empty.txt': the file is empty"):
         load_corpus("files", path=str(tmp_path / "empty.txt"))
+    (tmp_path / "nothing_here").mkdir()
+    with pytest.raises(ConfigError, match="the directory holds no .txt"):
+        load_corpus("files", path=str(tmp_path / "nothing_here"))
     with pytest.raises(ConfigError, match="data=files needs data.path"):
         load_corpus("files")
 

@@ -37,6 +37,12 @@ def test_short_run_leaves_checkpoints_metrics_and_results(tmp_path, corpus_file,
     for column in ("train/loss", "val/loss", "val/ppl", "lr", "train/grad_norm", "perf/tokens_per_sec"):
         assert column in header
     assert "Sample:" in (run / "train.log").read_text()
+    # lr is logged on the steps Lightning writes, with that step's value (warmup: 3e-3 * (step + 1) / 51).
+    lr_rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r["lr"]]
+    assert [int(r["step"]) for r in lr_rows] == [1, 3, 5, 7]
+    for r in lr_rows:
+        assert float(r["lr"]) == pytest.approx(3e-3 * (int(r["step"]) + 1) / 51, rel=1e-5)
+        assert float(r["train/grad_norm"]) > 0
 
     # The checkpoint alone rebuilds model and tokenizer.
     model, tokenizer = load_checkpoint(run / "checkpoints" / "last.ckpt")
@@ -104,6 +110,12 @@ def test_ckpt_path_last_resumes_the_newest_run(tmp_path, corpus_file, cache_dir)
         (["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt': no such file"),
         (["ckpt_path=last", "paths.log_dir=/nonexistent"], "ckpt_path=last: no run under /nonexistent"),
         (["data=hub", "data.name=wikitext"], "could not load wikitext"),
+        (["trainer.accelerator=gpu"], "No supported gpu backend found! This machine has no GPU: add trainer=cpu"),
+        (["trainer.precision=banana"], "trainer: ValueError: Precision 'banana' is invalid"),
+        (
+            ["tokenizer=pretrained", "tokenizer.name=/missing/tokenizer.json"],
+            "tokenizer.name='/missing/tokenizer.json': no such file",
+        ),
     ],
 )
 def test_bad_input_gets_a_clear_error(compose_cfg, monkeypatch, overrides, message):

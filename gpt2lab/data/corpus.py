@@ -108,10 +108,18 @@ def _load_files(
         files = sorted(
             f for f in glob.glob(os.path.join(expanded, "**", "*"), recursive=True) if Path(f).suffix in FILE_BUILDERS
         )
+        if not files:
+            raise ConfigError(f"data.path={path!r}: the directory holds no {', '.join(FILE_BUILDERS)} files")
     else:
         files = sorted(glob.glob(expanded))
     if not files:
         raise ConfigError(f"data.path={path!r}: no such file (looked for {os.path.abspath(expanded)})")
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise ConfigError(
+            f"data.path={path!r}: the file is empty"
+            if len(files) == 1
+            else f"data.path={path!r}: all {len(files)} files are empty"
+        )
     suffixes = {Path(f).suffix.lower() for f in files}
     unknown = suffixes - FILE_BUILDERS.keys()
     if unknown or len({FILE_BUILDERS[s] for s in suffixes}) != 1:
@@ -167,8 +175,9 @@ def _split(raw: datasets.DatasetDict, val_split: float, test_split: float, seed:
     if carve > 0:
         if len(train) < 3:
             raise ConfigError(
-                f"the corpus has {len(train)} document(s), too few to split off validation/test documents; "
-                "add text, or use data.sample_by=paragraph (or line) so that a text file makes several documents"
+                f"the corpus has {len(train)} document(s) after cleaning, too few to split off validation/test "
+                "documents: add text (text files make one document per blank-line-separated paragraph, or per "
+                "line with data.sample_by=line)"
             )
         parts = train.train_test_split(test_size=carve, seed=seed, shuffle=True)
         train, held_out = parts["train"], parts["test"]

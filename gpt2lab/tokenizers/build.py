@@ -77,7 +77,7 @@ def build_char(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 def load_pretrained(name: str) -> Tokenizer:
     """A tokenizer by Hub name (``gpt2``) or a local ``tokenizer.json`` path."""
     if Path(name).suffix == ".json" or Path(name).is_file():
-        return load_file(name)
+        return load_file(name, key="tokenizer.name")
     try:
         return Tokenizer.from_pretrained(name)
     except Exception as e:  # the tokenizers library raises plain Exception for network and lookup errors
@@ -88,17 +88,17 @@ def load_pretrained(name: str) -> Tokenizer:
         ) from e
 
 
-def load_file(path: str | os.PathLike) -> Tokenizer:
+def load_file(path: str | os.PathLike, key: str = "tokenizer.path") -> Tokenizer:
     """A ``tokenizer.json`` written by the ``tokenizers`` library (or by ``save_pretrained``)."""
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / "tokenizer.json"
     if not p.is_file():
-        raise ConfigError(f"tokenizer.path={str(path)!r}: no such file; expected a tokenizer.json")
+        raise ConfigError(f"{key}={str(path)!r}: no such file; expected a tokenizer.json")
     try:
         return Tokenizer.from_file(str(p))
     except Exception as e:
-        raise ConfigError(f"tokenizer.path={str(path)!r} is not a valid tokenizer.json: {e}") from e
+        raise ConfigError(f"{key}={str(path)!r} is not a valid tokenizer.json: {e}") from e
 
 
 def validate_tokenizer(tokenizer: Tokenizer, sample: str, model_vocab_size: int | None = None) -> None:
