@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import math
 import time
@@ -115,6 +116,9 @@ class OptunaSweeper(OptunaSweeperImpl):
             for trial, ret in zip(trials, returns, strict=True):
                 trial.set_user_attr("overrides", list(ret.overrides or []))
                 trial.set_user_attr("run_dir", str(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else "")
+                results = Path(ret.hydra_cfg.hydra.runtime.output_dir) / "results.json" if ret.hydra_cfg else None
+                if results is not None and results.is_file():
+                    trial.set_user_attr("steps", json.loads(results.read_text())["global_step"])
                 value = ret._return_value
                 if ret.status == JobStatus.COMPLETED and isinstance(value, int | float) and math.isfinite(value):
                     study.tell(trial, values=[float(value)])
@@ -225,6 +229,23 @@ def export_best(storage: str, study_name: str, name: str, out_dir: Path) -> Path
     return path
 
 
+def report(storage: str, study_name: str) -> str:
+    """Trial states and training steps of a study: what pruning saved, in steps."""
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    lines, total = [], 0
+    for t in study.trials:
+        steps = t.user_attrs.get("steps", t.user_attrs.get("pruned_at_step", 0))
+        total += steps
+        lines.append(f"trial {t.number:3d}  {t.state.name:8s}  steps {steps:6d}  value {t.value}")
+    states = [t.state.name for t in study.trials]
+    lines.append(
+        f"{len(states)} trials: "
+        + ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
+        + f"; {total} training steps"
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gpt2lab.hpo", description="Optuna study utilities")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,8 +256,14 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--study-name", default="gpt2lab")
     export.add_argument("--name", required=True, help="experiment name: python train.py experiment=<name>")
     export.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "conf"), help="config directory")
+    rep = sub.add_parser("report", help="trial states and training steps of a study")
+    rep.add_argument("--storage", required=True)
+    rep.add_argument("--study-name", default="gpt2lab")
     args = parser.parse_args(argv)
     try:
+        if args.command == "report":
+            print(report(args.storage, args.study_name))
+            return
         path = export_best(args.storage, args.study_name, args.name, Path(args.out))
     except (ConfigError, KeyError) as e:
         parser.exit(1, f"Error: {e}\n")

@@ -137,3 +137,42 @@ def test_a_sweep_failing_everywhere_stops(tmp_path, corpus_file, cache_dir):
     assert result.returncode != 0
     assert "4 of 4 trials failed (hydra.sweeper.max_failure_rate=0.5)" in result.stderr
     assert len(_study(sweep / "optuna.db").trials) == 4
+
+
+def test_joblib_launcher_runs_trials_in_parallel_processes(tmp_path, corpus_file, cache_dir):
+    sweep = tmp_path / "study"
+    parallel = [
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+    ]
+    result = run_cli(*_sweep_args(corpus_file, cache_dir, sweep, *parallel), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = _study(sweep / "optuna.db").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert all((sweep / f"trial_{t.number}" / "checkpoints" / "last.ckpt").is_file() for t in trials)
+
+
+def test_slurm_launcher_config_composes():
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+
+    from gpt2lab.config import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(
+            "train",
+            overrides=[
+                "hparams_search=optuna",
+                "hydra/launcher=submitit_slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.gpus_per_node=1",
+                "trainer=gpu",
+                "trainer.num_nodes=1",
+            ],  # fmt: skip
+            return_hydra_config=True,
+        )
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.sweeper.pruner == "median"
