@@ -17,7 +17,8 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def slow(session: nox.Session) -> None:
-    """Long end-to-end runs (the default preset's full training), marked ``slow``."""
+    """Long end-to-end runs, marked ``slow``: the default preset's full training, Optuna studies
+    (resume, shared workers, pruning, joblib, PostgreSQL)."""
     session.run("pytest", "-m", "slow", *session.posargs)
 
 

@@ -57,6 +57,7 @@ def _sweep_args(corpus_file, cache_dir, sweep_dir, *extra):
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_optuna_study_resumes_and_exports_a_reproducible_best_trial(tmp_path, corpus_file, cache_dir):
     sweep = tmp_path / "study"
     first = run_cli(*_sweep_args(corpus_file, cache_dir, sweep, "hydra.sweeper.n_trials=4"), cwd=tmp_path)
@@ -89,6 +90,7 @@ def test_optuna_study_resumes_and_exports_a_reproducible_best_trial(tmp_path, co
     assert reproduced == pytest.approx(study.best_value, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path, corpus_file, cache_dir):
     sweep = tmp_path / "study"
     args = _sweep_args(corpus_file, cache_dir, sweep, "hydra.sweeper.n_trials=3")
@@ -103,6 +105,7 @@ def test_two_workers_share_one_study(tmp_path, corpus_file, cache_dir):
     assert len({t.user_attrs["run_dir"] for t in trials}) == 6
 
 
+@pytest.mark.slow
 def test_pruned_trials_are_pruned_and_failures_are_recorded(tmp_path, corpus_file, cache_dir):
     sweep = tmp_path / "study"
     prune = ["hydra.sweeper.pruner=median", "hydra.sweeper.n_startup_trials=1", "hydra.sweeper.n_warmup_steps=0",
@@ -139,6 +142,7 @@ def test_a_sweep_failing_everywhere_stops(tmp_path, corpus_file, cache_dir):
     assert len(_study(sweep / "optuna.db").trials) == 4
 
 
+@pytest.mark.slow
 def test_joblib_launcher_runs_trials_in_parallel_processes(tmp_path, corpus_file, cache_dir):
     sweep = tmp_path / "study"
     parallel = [
