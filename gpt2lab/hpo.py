@@ -121,15 +121,15 @@ class OptunaSweeper(OptunaSweeperImpl):
                     trial.set_user_attr("steps", json.loads(results.read_text())["global_step"])
                 value = ret._return_value
                 if ret.status == JobStatus.COMPLETED and isinstance(value, int | float) and math.isfinite(value):
-                    study.tell(trial, values=[float(value)])
+                    _tell(study, trial, values=[float(value)])
                 elif isinstance(value, optuna.TrialPruned):
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
                 else:
                     error = (
                         value if ret.status != JobStatus.COMPLETED else f"objective {value!r} is not a finite number"
                     )
                     trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    _tell(study, trial, state=optuna.trial.TrialState.FAIL)
                     log.warning("Trial %d failed: %s", trial.number, error)
                     failed += 1
             done += len(returns)
@@ -139,6 +139,14 @@ class OptunaSweeper(OptunaSweeperImpl):
                     f"stopping the sweep. Each failed job's log is under {sweep_dir}."
                 )
         save_results(study, sweep_dir)
+
+
+def _tell(study: optuna.Study, trial: optuna.trial.Trial, **kwargs: Any) -> None:
+    try:
+        study.tell(trial, **kwargs)
+    except RuntimeError as e:  # GridSampler calls study.stop() once the grid is done, which Optuna
+        if "Study.stop" not in str(e):  # only allows inside an objective; the trial is recorded anyway
+            raise
 
 
 def save_results(study: optuna.Study, sweep_dir: Path) -> None:

@@ -180,3 +180,49 @@ def test_slurm_launcher_config_composes():
         )
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.sweeper.pruner == "median"
+
+
+GRID = """# @package _global_
+defaults:
+  - override /hydra/sweeper: gpt2lab_optuna
+  - override /hydra/sweeper/sampler: grid
+test: false
+hydra:
+  sweep:
+    subdir: trial_${optuna_trial}
+  sweeper:
+    params:
+      optimizer.lr: choice(1e-3, 3e-3)
+      scheduler.warmup_steps: choice(10, 20)
+"""
+
+
+@pytest.mark.slow
+def test_grid_sampler_covers_the_grid_once(tmp_path, corpus_file, cache_dir):
+    sweep = tmp_path / "study"
+    args = _sweep_args(corpus_file, cache_dir, sweep, "hydra.sweeper.n_trials=10")
+    (tmp_path / "conf" / "hparams_search" / "grid.yaml").write_text(GRID)
+    result = run_cli(*[("hparams_search=grid" if a == "hparams_search=lr_only" else a) for a in args], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = _study(sweep / "optuna.db").trials
+    params = sorted((t.params["optimizer.lr"], t.params["scheduler.warmup_steps"]) for t in trials)
+    assert params == [(1e-3, 10), (1e-3, 20), (3e-3, 10), (3e-3, 20)]  # n_trials=10 capped at the grid's 4
+
+
+@pytest.mark.parametrize(
+    ("sampler", "target"),
+    [("tpe", "TPESampler"), ("random", "RandomSampler"), ("cmaes", "CmaEsSampler"), ("grid", "GridSampler")],
+)
+def test_samplers_are_selectable(sampler, target):
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+
+    from gpt2lab.config import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(
+            "train", overrides=["hparams_search=optuna", f"hydra/sweeper/sampler={sampler}"], return_hydra_config=True
+        )
+    assert cfg.hydra.sweeper.sampler._target_.endswith(target)
+    assert "seed" in cfg.hydra.sweeper.sampler
