@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -58,7 +59,7 @@ def _train(cfg: DictConfig) -> float | None:
 
         callbacks.append(OptunaPruning(cfg.optuna_trial, monitor=cfg.optimized_metric))
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.trainer.logger is not False else False
-    trainer = _make_trainer(cfg, callbacks, loggers)
+    trainer = _make_trainer(cfg, callbacks, loggers, **_parallel_job_share())
     instantiate(cfg.model)  # architecture checks (heads divide width, ...) before any data is read
 
     datamodule = instantiate(cfg.data, tokenizer=instantiate(cfg.tokenizer))
@@ -108,9 +109,29 @@ def _train(cfg: DictConfig) -> float | None:
     return metrics.get(cfg.optimized_metric)
 
 
-def _make_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: Any) -> pl.Trainer:
+def _parallel_job_share() -> dict[str, Any]:
+    """When a parallel launcher (joblib) runs several jobs on this machine at once, give each its share:
+    one GPU each (by job number) if there are GPUs, else an equal share of the CPU threads."""
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    n_jobs = hydra_cfg.launcher.get("n_jobs", 1) if hydra_cfg and hydra_cfg.mode == RunMode.MULTIRUN else 1
+    if not n_jobs or n_jobs == 1:
+        return {}
+    n_jobs = n_jobs if n_jobs > 0 else os.cpu_count() or 1  # joblib's -1: as many as cores
+    if torch.cuda.is_available():
+        device = int(hydra_cfg.job.num) % torch.cuda.device_count()
+        log.info("Parallel job %s of %d: GPU %d", hydra_cfg.job.num, n_jobs, device)
+        return {"devices": [device]}
+    threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    torch.set_num_threads(threads)
+    log.info("Parallel job %s of %d: %d CPU thread(s)", hydra_cfg.job.num, n_jobs, threads)
+    return {}
+
+
+def _make_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: Any, **overrides: Any) -> pl.Trainer:
     try:
-        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+        return instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()], **overrides
+        )
     except Exception as e:  # Lightning rejects bad accelerator/precision/strategy values here
         cause = e.__cause__ or e
         hint = ""

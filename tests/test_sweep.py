@@ -156,6 +156,10 @@ def test_joblib_launcher_runs_trials_in_parallel_processes(tmp_path, corpus_file
     trials = _study(sweep / "optuna.db").trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     assert all((sweep / f"trial_{t.number}" / "checkpoints" / "last.ckpt").is_file() for t in trials)
+    threads = max(1, (os.cpu_count() or 1) // 2)  # two jobs at once share the cores
+    assert all(
+        f"of 2: {threads} CPU thread(s)" in (sweep / f"trial_{t.number}" / "train.log").read_text() for t in trials
+    )
 
 
 def test_slurm_launcher_config_composes():
