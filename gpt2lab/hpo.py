@@ -114,21 +114,22 @@ class OptunaSweeper(OptunaSweeperImpl):
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
             for trial, ret in zip(trials, returns, strict=True):
+                run_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else None
                 trial.set_user_attr("overrides", list(ret.overrides or []))
-                trial.set_user_attr("run_dir", str(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else "")
-                results = Path(ret.hydra_cfg.hydra.runtime.output_dir) / "results.json" if ret.hydra_cfg else None
-                if results is not None and results.is_file():
-                    trial.set_user_attr("steps", json.loads(results.read_text())["global_step"])
+                trial.set_user_attr("run_dir", str(run_dir or ""))
+                if run_dir is not None and (run_dir / "results.json").is_file():
+                    trial.set_user_attr("steps", json.loads((run_dir / "results.json").read_text())["global_step"])
                 value = ret._return_value
                 if ret.status == JobStatus.COMPLETED and isinstance(value, int | float) and math.isfinite(value):
                     _tell(study, trial, values=[float(value)])
                 elif isinstance(value, optuna.TrialPruned):
                     _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
                 else:
-                    error = (
-                        value if ret.status != JobStatus.COMPLETED else f"objective {value!r} is not a finite number"
-                    )
-                    trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
+                    if ret.status == JobStatus.COMPLETED:
+                        error = f"the objective ({self.config.optimized_metric}) is {value!r}, not a finite number"
+                    else:
+                        error = f"{type(value).__name__}: {value}"
+                    trial.set_user_attr("error", error[:1000])
                     _tell(study, trial, state=optuna.trial.TrialState.FAIL)
                     log.warning("Trial %d failed: %s", trial.number, error)
                     failed += 1
