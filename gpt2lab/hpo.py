@@ -186,28 +186,36 @@ def save_results(study: optuna.Study, sweep_dir: Path) -> None:
 
 class OptunaPruning(pl.Callback):
     """Reports ``monitor`` to the job's Optuna trial at each validation and stops the trial when the
-    sweeper's pruner says so. Added by the trainer script when the sweeper set ``optuna_trial``."""
+    sweeper's pruner says so. Added by the trainer script when the sweeper set ``optuna_trial``. Under
+    DDP only rank 0 talks to the study; its decision is broadcast so that every rank stops together."""
 
     def __init__(self, trial_number: int, monitor: str = "val/loss") -> None:
-        sweeper = HydraConfig.get().sweeper
-        storage = sweeper.get("storage") or default_storage(HydraConfig.get().sweep.dir)
-        pruner = make_pruner(
-            sweeper.get("pruner", "none"), sweeper.get("n_startup_trials", 5), sweeper.get("n_warmup_steps", 0)
-        )
-        study = optuna.load_study(study_name=sweeper.study_name, storage=storage, pruner=pruner)
-        self.trial = optuna.trial.Trial(study, study.trials[trial_number]._trial_id)
+        self.trial_number = trial_number
         self.monitor = monitor
+        self.trial: optuna.trial.Trial | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero and self.trial is None:
+            sweeper = HydraConfig.get().sweeper
+            storage = sweeper.get("storage") or default_storage(HydraConfig.get().sweep.dir)
+            pruner = make_pruner(
+                sweeper.get("pruner", "none"), sweeper.get("n_startup_trials", 5), sweeper.get("n_warmup_steps", 0)
+            )
+            study = optuna.load_study(study_name=sweeper.study_name, storage=storage, pruner=pruner)
+            self.trial = optuna.trial.Trial(study, study.trials[self.trial_number]._trial_id)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or self.monitor not in trainer.callback_metrics:
             return
-        step = trainer.global_step
-        self.trial.report(float(trainer.callback_metrics[self.monitor]), step)
-        if self.trial.should_prune():
-            self.trial.set_user_attr("pruned_at_step", step)
-            raise optuna.TrialPruned(
-                f"pruned at step {step} with {self.monitor}={float(trainer.callback_metrics[self.monitor]):.4f}"
-            )
+        step, value = trainer.global_step, float(trainer.callback_metrics[self.monitor])
+        prune = False
+        if self.trial is not None:
+            self.trial.report(value, step)
+            prune = self.trial.should_prune()
+            if prune:
+                self.trial.set_user_attr("pruned_at_step", step)
+        if trainer.strategy.broadcast(prune, src=0):
+            raise optuna.TrialPruned(f"pruned at step {step} with {self.monitor}={value:.4f}")
 
 
 def export_best(storage: str, study_name: str, name: str, out_dir: Path) -> Path:

@@ -26,9 +26,11 @@ from gpt2lab.config import TRUSTED_TARGETS, register_schemas
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, ThroughputLogger
+from gpt2lab.lit.ddp import use_job_command_for_ddp
 from gpt2lab.tokenizers import validate_tokenizer
 
 log = logging.getLogger("gpt2lab.train")
+DDP_LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 # The CSV logger writes into the Hydra run directory, which always holds the log and .hydra/ already;
 # Lightning's warning that "previous log files will be deleted" does not apply (only metrics.csv is written).
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
@@ -43,12 +45,26 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "
 
 def train(cfg: DictConfig) -> float | None:
     """Train one model as ``cfg`` describes; return ``cfg.optimized_metric`` for sweepers."""
+    launch_env = {k: os.environ.get(k) for k in DDP_LAUNCH_VARS}
     with execution_whitelist(TRUSTED_TARGETS):
-        return _train(cfg)
+        try:
+            return _train(cfg)
+        finally:
+            # A DDP job leaves its process group and, in the launching process, the variables Lightning
+            # set to start its ranks (LOCAL_RANK=0 among them, which would make the next job of a multirun
+            # wait for ranks nobody starts). Undo both so that each job launches afresh.
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            for key, value in launch_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _train(cfg: DictConfig) -> float | None:
     started = time.time()
+    use_job_command_for_ddp()
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir)
@@ -74,9 +90,10 @@ def _train(cfg: DictConfig) -> float | None:
         check_resumable(ckpt_path, module.hparams.model)
     log.info("Model: %s parameters (%s)", f"{module.model.num_parameters():,}", model_config)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(output_dir / "tokenizer.json"))
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(output_dir / "tokenizer.json"))
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     for lg in trainer.loggers:
         lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "data_stats": datamodule.stats})
 

@@ -122,8 +122,9 @@ class GPT2LitModule(pl.LightningModule):
             return
         loss = self.trainer.strategy.reduce(torch.stack(self._eval_losses).mean(), reduce_op="mean")
         self._eval_losses.clear()
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
-        self.log(f"{stage}/ppl", torch.exp(loss))
+        # Already the mean over ranks; sync_dist=True only tells Lightning so (the values agree).
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}/ppl", torch.exp(loss), sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.trainer._logger_connector.should_update_logs:  # the steps Lightning writes to the logger
