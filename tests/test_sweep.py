@@ -33,17 +33,23 @@ def _study(storage_path):
     return optuna.load_study(study_name="t", storage=f"sqlite:///{storage_path}")
 
 
-SEARCH_SPACE = """# @package _global_
+def search_space(params: dict[str, str], sampler: str = "tpe") -> str:
+    """An hparams_search config: gpt2lab's Optuna sweeper over ``params``, one directory per trial."""
+    lines = "".join(f"      {k}: {v}\n" for k, v in params.items())
+    return f"""# @package _global_
 defaults:
   - override /hydra/sweeper: gpt2lab_optuna
+  - override /hydra/sweeper/sampler: {sampler}
 test: false
 hydra:
   sweep:
-    subdir: trial_${optuna_trial}
+    subdir: trial_${{optuna_trial}}
   sweeper:
     params:
-      optimizer.lr: tag(log, interval(1e-4, 1e-2))
-"""
+{lines}"""
+
+
+SEARCH_SPACE = search_space({"optimizer.lr": "tag(log, interval(1e-4, 1e-2))"})
 
 
 def _sweep_args(corpus_file, cache_dir, sweep_dir, *extra):
@@ -186,19 +192,7 @@ def test_slurm_launcher_config_composes():
     assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.sweeper.pruner == "median"
 
 
-GRID = """# @package _global_
-defaults:
-  - override /hydra/sweeper: gpt2lab_optuna
-  - override /hydra/sweeper/sampler: grid
-test: false
-hydra:
-  sweep:
-    subdir: trial_${optuna_trial}
-  sweeper:
-    params:
-      optimizer.lr: choice(1e-3, 3e-3)
-      scheduler.warmup_steps: choice(10, 20)
-"""
+GRID = search_space({"optimizer.lr": "choice(1e-3, 3e-3)", "scheduler.warmup_steps": "choice(10, 20)"}, "grid")
 
 
 @pytest.mark.slow
