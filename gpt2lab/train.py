@@ -27,7 +27,7 @@ from gpt2lab.errors import ConfigError
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, ThroughputLogger
 from gpt2lab.lit.ddp import use_job_command_for_ddp
-from gpt2lab.tokenizers import validate_tokenizer
+from gpt2lab.tokenizers import check_model_vocab
 
 log = logging.getLogger("gpt2lab.train")
 DDP_LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -82,7 +82,7 @@ def _train(cfg: DictConfig) -> float | None:
     datamodule.prepare_data()
     tokenizer = datamodule.tokenizer
     vocab_size = cfg.model.vocab_size or tokenizer.get_vocab_size()
-    validate_tokenizer(tokenizer, "def f(x):\n    return x\n", model_vocab_size=vocab_size)
+    check_model_vocab(tokenizer, vocab_size)  # the datamodule has validated the tokenizer itself
     model_config = instantiate(cfg.model, vocab_size=vocab_size)
     module = GPT2LitModule(model_config, cfg.optimizer, cfg.scheduler, compile=cfg.compile)
     module.tokenizer = tokenizer

@@ -101,6 +101,16 @@ def load_file(path: str | os.PathLike, key: str = "tokenizer.path") -> Tokenizer
         raise ConfigError(f"{key}={str(path)!r} is not a valid tokenizer.json: {e}") from e
 
 
+def check_model_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    """The model must have a row for every id the tokenizer can produce (more rows are fine)."""
+    vocab = tokenizer.get_vocab_size()
+    if vocab > model_vocab_size:
+        raise ConfigError(
+            f"tokenizer vocabulary ({vocab}) is larger than model.vocab_size ({model_vocab_size}): "
+            f"set model.vocab_size={vocab} (or null to follow the tokenizer), or tokenizer.vocab_size<={model_vocab_size}"
+        )
+
+
 def validate_tokenizer(tokenizer: Tokenizer, sample: str, model_vocab_size: int | None = None) -> None:
     """Check what training relies on: an end-of-text token, ids in range, and a lossless round trip."""
     vocab = tokenizer.get_vocab_size()
@@ -108,11 +118,8 @@ def validate_tokenizer(tokenizer: Tokenizer, sample: str, model_vocab_size: int 
         raise ConfigError(
             f"the tokenizer has no {EOS_TOKEN!r} token, which separates documents; add it as a special token"
         )
-    if model_vocab_size is not None and vocab > model_vocab_size:
-        raise ConfigError(
-            f"tokenizer vocabulary ({vocab}) is larger than model.vocab_size ({model_vocab_size}): "
-            f"set model.vocab_size={vocab} (or null to follow the tokenizer), or tokenizer.vocab_size<={model_vocab_size}"
-        )
+    if model_vocab_size is not None:
+        check_model_vocab(tokenizer, model_vocab_size)
     ids = tokenizer.encode(sample).ids
     if ids and max(ids) >= vocab:
         raise ConfigError(f"the tokenizer produced id {max(ids)} outside its vocabulary of {vocab}")
