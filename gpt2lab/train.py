@@ -66,6 +66,12 @@ def _train(cfg: DictConfig) -> float | None:
     started = time.time()
     use_job_command_for_ddp()
     pl.seed_everything(cfg.seed, workers=True)
+    if cfg.float32_matmul_precision not in ("highest", "high", "medium"):
+        raise ConfigError(
+            f"float32_matmul_precision={cfg.float32_matmul_precision!r}: expected highest, high or medium"
+        )
+    if torch.cuda.is_available():  # CPU runs keep exact fp32 matmuls
+        torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir)
 
@@ -98,13 +104,16 @@ def _train(cfg: DictConfig) -> float | None:
         lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "data_stats": datamodule.stats})
 
     initial_val_loss = None
-    if cfg.validate_at_start and not ckpt_path:  # the step-0 loss, so a run's progress has a reference
-        initial_val_loss = trainer.validate(module, datamodule=datamodule, verbose=False)[0].get("val/loss")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if cfg.test and "test" in datamodule.datasets and len(datamodule.datasets["test"]):
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+    try:
+        if cfg.validate_at_start and not ckpt_path:  # the step-0 loss, so a run's progress has a reference
+            initial_val_loss = trainer.validate(module, datamodule=datamodule, verbose=False)[0].get("val/loss")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if cfg.test and "test" in datamodule.datasets and len(datamodule.datasets["test"]):
+            trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+    except torch.cuda.OutOfMemoryError as e:
+        raise ConfigError(out_of_memory_message(cfg, trainer)) from e
     metrics = fit_metrics | {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     if cfg.sample and trainer.is_global_zero:
@@ -124,6 +133,28 @@ def _train(cfg: DictConfig) -> float | None:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         log.info("Results in %s: %s", output_dir, json.dumps({k: v for k, v in results.items() if k != "metrics"}))
     return metrics.get(cfg.optimized_metric)
+
+
+def out_of_memory_message(cfg: DictConfig, trainer: pl.Trainer) -> str:
+    """What to turn when a run does not fit: the knobs, with this run's values."""
+    batch, accumulate = cfg.data.batch_size, cfg.trainer.accumulate_grad_batches
+    knobs = [
+        f"data.batch_size={max(batch // 2, 1)} trainer.accumulate_grad_batches={accumulate * 2} "
+        f"(half the micro-batch, same tokens per optimizer step; now {batch} x {accumulate})",
+    ]
+    if not cfg.model.gradient_checkpointing:
+        knobs.append("model.gradient_checkpointing=true (recompute activations in backward: less memory, ~25% slower)")
+    if "bf16" not in str(cfg.trainer.precision) and "16" not in str(cfg.trainer.precision):
+        knobs.append("trainer.precision=bf16-mixed (half-size activations)")
+    if "FSDP" not in type(trainer.strategy).__name__:
+        knobs.append("trainer=fsdp (shard weights, gradients and optimizer state over the GPUs)")
+    knobs.append("a smaller model.context_length or model size")
+    where = trainer.strategy.root_device
+    listed = "".join(f"\n  - {k}" for k in knobs)
+    return (
+        f"out of GPU memory on {where} (see `python -m gpt2lab.bench --memory` for what fits). "
+        f"Checkpoints already written are intact. Try, in this order:{listed}"
+    )
 
 
 def _parallel_job_share() -> dict[str, Any]:

@@ -112,6 +112,7 @@ def test_ckpt_path_last_resumes_the_newest_run(tmp_path, corpus_file, cache_dir)
         (["data=hub", "data.name=wikitext"], "could not load wikitext"),
         (["trainer.accelerator=gpu"], "No supported gpu backend found! This machine has no GPU: add trainer=cpu"),
         (["trainer.precision=banana"], "trainer: ValueError: Precision 'banana' is invalid"),
+        (["float32_matmul_precision=low"], "float32_matmul_precision='low': expected highest, high or medium"),
         (
             ["tokenizer=pretrained", "tokenizer.name=/missing/tokenizer.json"],
             "tokenizer.name='/missing/tokenizer.json': no such file",
@@ -143,3 +144,21 @@ def test_cli_error_is_a_message_not_a_traceback(tmp_path, corpus_file, cache_dir
     assert result.returncode == 1
     assert "Error: model.num_heads=3 does not divide model.d_model=32" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_out_of_memory_names_the_knobs_and_keeps_checkpoints(tmp_path, corpus_file, cache_dir):
+    oom = ["+callbacks.oom._target_=helpers.OutOfMemoryAtStep", "+callbacks.oom.step=6", "trainer.val_check_interval=2"]
+    run = tmp_path / "r"
+    result = run_cli(*cli_args(corpus_file, cache_dir, run, "data.batch_size=8", *oom), cwd=tmp_path)
+    assert result.returncode == 1
+    error = result.stderr[result.stderr.index("Error: out of GPU memory") :]
+    for knob in (
+        "data.batch_size=4 trainer.accumulate_grad_batches=2",
+        "model.gradient_checkpointing=true",
+        "trainer.precision=bf16-mixed",
+        "trainer=fsdp",
+    ):
+        assert knob in error
+    assert "Traceback" not in result.stderr
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4  # the last validation before the failure (step 6) wrote a whole checkpoint
