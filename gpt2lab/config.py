@@ -123,6 +123,7 @@ class TrainSchema:
     ckpt_path: Optional[str] = None  # noqa: UP045 - a .ckpt file, or "last" for the newest run's last.ckpt
     optimized_metric: str = "val/loss"
     compile: bool = False  # torch.compile the model
+    compile_mode: Optional[str] = None  # noqa: UP045 - torch.compile's mode: max-autotune, reduce-overhead, ...
     float32_matmul_precision: str = "high"  # torch.set_float32_matmul_precision: high lets fp32 matmuls use TF32
     validate_at_start: bool = True  # log the step-0 validation loss before training
     test: bool = True  # evaluate the best checkpoint on the test split after training

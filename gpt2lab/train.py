@@ -90,7 +90,9 @@ def _train(cfg: DictConfig) -> float | None:
     vocab_size = cfg.model.vocab_size or tokenizer.get_vocab_size()
     check_model_vocab(tokenizer, vocab_size)  # the datamodule has validated the tokenizer itself
     model_config = instantiate(cfg.model, vocab_size=vocab_size)
-    module = GPT2LitModule(model_config, cfg.optimizer, cfg.scheduler, compile=cfg.compile)
+    module = GPT2LitModule(
+        model_config, cfg.optimizer, cfg.scheduler, compile=cfg.compile, compile_mode=cfg.compile_mode
+    )
     module.tokenizer = tokenizer
     if ckpt_path:
         check_resumable(ckpt_path, module.hparams.model)

@@ -112,6 +112,7 @@ def test_ckpt_path_last_resumes_the_newest_run(tmp_path, corpus_file, cache_dir)
         (["data=hub", "data.name=wikitext"], "could not load wikitext"),
         (["trainer.accelerator=gpu"], "No supported gpu backend found! This machine has no GPU: add trainer=cpu"),
         (["trainer.precision=banana"], "trainer: ValueError: Precision 'banana' is invalid"),
+        (["compile=true", "compile_mode=fastest"], "compile_mode='fastest': Unrecognized mode=fastest"),
         (["float32_matmul_precision=low"], "float32_matmul_precision='low': expected highest, high or medium"),
         (
             ["tokenizer=pretrained", "tokenizer.name=/missing/tokenizer.json"],

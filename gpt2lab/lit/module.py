@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
 from gpt2lab.config import TRUSTED_TARGETS
+from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT2Config, GPT2Model
 
 CHECKPOINT_KEY = "gpt2lab"
@@ -70,6 +71,7 @@ class GPT2LitModule(pl.LightningModule):
         optimizer: DictConfig | dict[str, Any],
         scheduler: DictConfig | dict[str, Any] | None = None,
         compile: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__()
         config = model if isinstance(model, GPT2Config) else GPT2Config(**model)
@@ -80,6 +82,7 @@ class GPT2LitModule(pl.LightningModule):
                 "optimizer": to_dict(optimizer),
                 "scheduler": to_dict(scheduler),
                 "compile": compile,
+                "compile_mode": compile_mode,
             }
         )
         self.model = GPT2Model(config)
@@ -87,7 +90,12 @@ class GPT2LitModule(pl.LightningModule):
         self._pending_rng: dict[str, Any] | None = None
         self._eval_losses: list[torch.Tensor] = []
         if compile:
-            self.model.compile()  # in place: state_dict keys stay those of the plain model
+            # In place, before any strategy wraps the module (DDP, FSDP): state_dict keys stay those of the
+            # plain model, and DDP/FSDP see the compiled forward as one call.
+            try:
+                self.model.compile(mode=compile_mode)
+            except RuntimeError as e:  # torch checks the mode here
+                raise ConfigError(f"compile_mode={compile_mode!r}: {e}") from None
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None = None

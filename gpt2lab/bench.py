@@ -1,0 +1,331 @@
+"""``python -m gpt2lab.bench``: training-step speed and memory, measured through the real training path.
+
+Every measurement is a short ``gpt2lab.train.train(cfg)`` run (Lightning Trainer, callbacks, logger,
+memory-mapped data) with validation, checkpoints and the test switched off. ``StepTimer`` marks the start
+of each optimizer step with a CUDA event, so the timed steps have no host sync of their own.
+``--reference`` runs the plain-PyTorch baseline script in the same invocation, on the same GPU, before
+gpt2lab's runs, and prints its numbers beside them. ``--memory`` finds, per model size, the largest
+micro-batch that fits with and without gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir, initialize_config_module
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from gpt2lab.config import register_schemas
+from gpt2lab.errors import ConfigError
+from gpt2lab.lit.callbacks import peak_flops, precision_dtype
+
+DEFAULT_OVERRIDES = ["preset=small"]
+MEMORY_MODELS = ["gpt2", "gpt2-medium", "gpt2-large"]
+
+
+class StepTimer(pl.Callback):
+    """Times optimizer steps with CUDA events recorded at the start of each one and writes the median,
+    tokens/s, MFU, peak memory and compile time to ``out`` (rank 0) when training ends."""
+
+    def __init__(self, out: str, warmup: int = 10) -> None:
+        self.out = Path(out)
+        self.warmup = warmup
+        self._marks: list[Any] = []
+        self._batch_shape: tuple[int, int] = (0, 0)
+        self._started = 0.0
+        self._first_step_s: float | None = None
+
+    def _mark(self) -> Any:
+        if torch.cuda.is_available():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    @staticmethod
+    def _seconds(a: Any, b: Any) -> float:
+        return a.elapsed_time(b) / 1e3 if isinstance(a, torch.cuda.Event) else b - a
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._started = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if idx % trainer.accumulate_grad_batches == 0:  # the first micro-batch of an optimizer step
+            self._marks.append(self._mark())
+        self._batch_shape = (batch.shape[0], batch.shape[1] - 1)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._first_step_s is None and not trainer.fit_loop._should_accumulate():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # once, after the first step: compilation and warm-up end here
+            self._first_step_s = time.perf_counter() - self._started
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        steps = [self._seconds(a, b) for a, b in zip(self._marks, self._marks[1:], strict=False)][self.warmup :]
+        if not trainer.is_global_zero or not steps:
+            return
+        step_s = statistics.median(steps)
+        micro_batch, seq_len = self._batch_shape
+        tokens_per_step = micro_batch * seq_len * trainer.accumulate_grad_batches * trainer.world_size
+        model = pl_module.model
+        device = trainer.strategy.root_device
+        peak = peak_flops(device, precision_dtype(trainer.precision))
+        tokens_per_sec = tokens_per_step / step_s
+        result = {
+            "micro_batch": micro_batch,
+            "accumulate": trainer.accumulate_grad_batches,
+            "world_size": trainer.world_size,
+            "seq_len": seq_len,
+            "parameters": model.num_parameters(),
+            "flops_per_token": model.flops_per_token(),
+            "steps_timed": len(steps),
+            "step_ms": round(step_s * 1e3, 2),
+            "tokens_per_sec": round(tokens_per_sec),
+            "mfu": round(tokens_per_sec * model.flops_per_token() / (peak * trainer.world_size), 4) if peak else None,
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+            "compile_s": round((self._first_step_s or 0.0) - step_s, 1),
+            "peak_flops": peak,
+        }
+        self.out.write_text(json.dumps(result))
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The training config for ``overrides``, composed as ``train.py`` would."""
+    from gpt2lab.train import _config_path
+
+    register_schemas()
+    path = _config_path()
+    init = (
+        initialize_config_module("gpt2lab.conf", version_base=None)
+        if path.startswith("pkg://")
+        else initialize_config_dir(path, version_base=None)
+    )
+    with init:
+        return compose("train", overrides=overrides)
+
+
+def measure(overrides: list[str], micro_batch: int, steps: int, warmup: int, accumulate: int) -> dict[str, Any]:
+    """One short training run through ``gpt2lab.train.train``; the StepTimer's figures."""
+    from gpt2lab.train import train
+
+    workdir = Path(tempfile.mkdtemp(prefix="gpt2lab-bench-"))
+    try:
+        cfg = compose_config(
+            [
+                *overrides,
+                f"data.batch_size={micro_batch}",
+                f"trainer.accumulate_grad_batches={accumulate}",
+                f"trainer.max_steps={warmup + steps + 1}",
+                "trainer.limit_val_batches=0",
+                "trainer.num_sanity_val_steps=0",
+                "trainer.enable_checkpointing=false",
+                "validate_at_start=false",
+                "test=false",
+                "sample=null",
+                f"paths.output_dir={workdir}",
+                "+callbacks.step_timer._target_=gpt2lab.bench.StepTimer",
+                f"+callbacks.step_timer.out={workdir / 'bench.json'}",
+                f"+callbacks.step_timer.warmup={warmup}",
+            ]
+        )
+        train(cfg)
+        out = workdir / "bench.json"
+        return json.loads(out.read_text()) if out.is_file() else {}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            return True
+        e = e.__cause__
+    return False
+
+
+def largest_micro_batch(overrides: list[str], capacity_gb: float) -> dict[str, Any]:
+    """Peak memory at micro-batch 1 and 2 gives the static memory (weights, gradients, AdamW state) and the
+    activation memory per sequence; their line predicts the largest micro-batch, which a run then confirms
+    (stepping down 10% at a time on out-of-memory)."""
+
+    def peak(b: int) -> float | None:
+        try:
+            return measure(overrides, b, steps=1, warmup=1, accumulate=1)["peak_mem_gb"]
+        except ConfigError as e:
+            if _is_out_of_memory(e):
+                return None
+            raise
+
+    p1, p2 = peak(1), peak(2)
+    if p1 is None or p2 is None:
+        return {"largest_micro_batch": 0 if p1 is None else 1}
+    per_sequence = max(p2 - p1, 1e-3)
+    static = p1 - per_sequence
+    guess = max(int((capacity_gb * 0.97 - static) / per_sequence), 2)
+    while guess > 2 and peak(guess) is None:
+        guess = int(guess * 0.9)
+    return {
+        "largest_micro_batch": guess,
+        "static_gb": round(static, 2),
+        "activation_gb_per_sequence": round(per_sequence, 3),
+    }
+
+
+def run_reference(script: Path, variant: str, micro_batch: int, steps: int) -> dict[str, Any]:
+    """One variant of the reference script (``nano``, ``nano_compile``, ``hf``, ``hf_compile``), in a
+    subprocess on the same GPU; its JSON line."""
+    env = {**os.environ, "B": str(micro_batch), "STEPS": str(steps)}
+    proc = subprocess.run([sys.executable, str(script), variant], env=env, capture_output=True, text=True, check=False)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"name"')]
+    if proc.returncode or not rows:
+        return {"name": variant, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    return rows[0]
+
+
+def environment() -> str:
+    import pytorch_lightning
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "CPU"
+    cuda = f", CUDA {torch.version.cuda}" if torch.cuda.is_available() else ""
+    return (
+        f"{device} x{max(torch.cuda.device_count(), 1)}; torch {torch.__version__}{cuda}, "
+        f"Lightning {pytorch_lightning.__version__}, Python {platform.python_version()}"
+    )
+
+
+def _row(name: str, r: dict[str, Any], baseline: float | None = None) -> str:
+    if "error" in r:
+        return f"| {name} | | failed: {r['error']} | | | | | |"
+    tok = r.get("tokens_per_sec") or r.get("tok_s")
+    mfu = r.get("mfu") if "mfu" in r else r.get("mfu_989")
+    ratio = f"{tok / baseline:.2f}x" if baseline else ""
+    params = r.get("params_M") or round(r.get("parameters", 0) / 1e6, 1)
+    return (
+        f"| {name} | {r.get('micro_batch') or r.get('B')} | {params}M | {tok:,} | "
+        f"{'' if mfu is None else f'{mfu:.1%}'} | {r['step_ms']} | {r.get('peak_mem_gb') or ''} | "
+        f"{r.get('compile_s', r.get('warmup_s', ''))} | {ratio} |"
+    )
+
+
+HEADER = (
+    "| run | micro-batch | params | tokens/s | MFU | step ms (median) | peak GB | compile+warm-up s | vs reference |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt2lab.bench",
+        description="Training-step throughput (and memory) of a gpt2lab config, through the real training path.",
+    )
+    parser.add_argument("overrides", nargs="*", help="config overrides, as for train.py (default: preset=small)")
+    parser.add_argument("-b", "--micro-batch", type=int, nargs="+", help="micro-batch sizes (default: data.batch_size)")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--reference", type=Path, help="the plain-PyTorch baseline script (reference_step.py)")
+    parser.add_argument("--reference-variants", nargs="+", default=["nano_compile"], metavar="VARIANT")
+    parser.add_argument("--memory", action="store_true", help="largest micro-batch per model size, +/- checkpointing")
+    parser.add_argument("--models", nargs="+", default=MEMORY_MODELS, help="model sizes for --memory")
+    parser.add_argument("--json", type=Path, help="also write all results to this file")
+    args = parser.parse_args(argv)
+    overrides = args.overrides or DEFAULT_OVERRIDES
+    is_rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+    try:
+        cfg = compose_config(overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
+    micro_batches = args.micro_batch or [cfg.data.batch_size]
+    if args.reference and not args.reference.is_file():
+        print(f"Error: --reference {args.reference}: no such file (the baseline is reference_step.py)", file=sys.stderr)
+        return 2
+    several_devices = str(cfg.trainer.devices) not in ("1", "[0]") or cfg.trainer.num_nodes > 1
+    if several_devices and (len(micro_batches) > 1 or args.memory):
+        print(
+            "Error: with several devices, measure one --micro-batch per invocation (each run relaunches its "
+            "ranks); --memory is single-device",
+            file=sys.stderr,
+        )
+        return 2
+
+    results: dict[str, Any] = {"environment": environment(), "overrides": overrides, "runs": [], "reference": []}
+    if is_rank_zero:
+        print(f"# {results['environment']}\n# overrides: {' '.join(overrides)}", flush=True)
+    try:
+        for mb in micro_batches:
+            if args.reference and is_rank_zero:
+                for variant in args.reference_variants:
+                    results["reference"].append(run_reference(args.reference, variant, mb, args.steps))
+            results["runs"].append(measure(overrides, mb, args.steps, args.warmup, args.accumulate))
+        if args.memory:
+            capacity = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
+            memory = results["memory"] = []
+            for model in args.models:
+                for checkpointing in (False, True):
+                    row = largest_micro_batch(
+                        [
+                            *overrides,
+                            f"model={model}",
+                            f"model.gradient_checkpointing={checkpointing}",
+                            "compile=false",
+                        ],
+                        capacity,
+                    )
+                    memory.append({"model": model, "gradient_checkpointing": checkpointing, **row})
+                    print(json.dumps(memory[-1]), flush=True)
+    except ConfigError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    if not is_rank_zero:
+        return 0
+
+    print(HEADER)
+    refs = {(r.get("name"), r.get("B")): r for r in results["reference"]}
+    for mb, run in zip(micro_batches, results["runs"], strict=True):
+        for variant in args.reference_variants if args.reference else []:
+            ref = refs.get((variant, mb), {"error": "no result", "name": variant})
+            print(_row(f"reference {variant}", ref))
+        base = refs.get((args.reference_variants[0], mb), {}).get("tok_s") if args.reference else None
+        if run:
+            print(_row(f"gpt2lab x{run['world_size']}", run, base))
+    if results.get("memory"):
+        print("\n| model | gradient checkpointing | largest micro-batch | static GB | activations GB/sequence |")
+        print("|---|---|---|---|---|")
+        for m in results["memory"]:
+            print(
+                f"| {m['model']} | {m['gradient_checkpointing']} | {m['largest_micro_batch']} | "
+                f"{m.get('static_gb', '')} | {m.get('activation_gb_per_sequence', '')} |"
+            )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
