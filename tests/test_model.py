@@ -16,11 +16,25 @@ def tiny(**overrides) -> GPT2Model:
 def test_shapes_and_initial_loss_near_uniform():
     model = tiny().eval()
     x, y = torch.randint(0, 101, (2, 3, 16))
-    logits, loss = model(x, y)
+    logits, loss = model(x, y, return_logits=True)
     assert logits.shape == (3, 16, 101)  # padded vocabulary rows are sliced off
     assert model.wte.weight.shape[0] == 128
     assert abs(loss.item() - math.log(101)) < 0.1
     assert model(x)[1] is None
+    assert model(x, y)[0] is None  # training asks for the loss alone
+
+
+def test_loss_over_padded_vocabulary_equals_loss_over_the_real_one():
+    model = tiny().eval()
+    x, y = torch.randint(0, 101, (2, 3, 16))
+    y[0, :4] = -100  # ignored positions stay ignored
+    loss = model(x, y)[1]
+    loss.backward()
+    logits = model(x)[0]
+    assert logits.shape[-1] == 101
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert model.wte.weight.grad[101:].abs().max().item() == 0  # padding rows get no gradient from the loss
 
 
 def test_gpt2_small_has_gpt2s_parameter_count():

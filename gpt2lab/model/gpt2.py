@@ -166,9 +166,13 @@ class GPT2Model(nn.Module):
         return 6 * self.num_parameters(non_embedding=True) + 12 * c.num_layers * c.d_model * c.context_length
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``input_ids`` and ``labels`` are (B, T); labels are the next tokens, -100 is ignored."""
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, return_logits: bool | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``input_ids`` and ``labels`` are (B, T); labels are the next tokens, -100 is ignored.
+
+        Returns ``(logits, loss)``. With labels, logits are returned only if ``return_logits=True``:
+        training needs the loss alone, and a (B, T, V) output would be kept alive for the caller.
+        """
         T = input_ids.shape[1]
         if self.config.context_length < T:
             raise ValueError(f"sequence length {T} exceeds model.context_length={self.config.context_length}")
@@ -179,11 +183,19 @@ class GPT2Model(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]  # (B, T, V)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return logits, loss
+        logits = self.lm_head(self.ln_f(x))  # (B, T, padded V)
+        vocab_size = self.config.vocab_size
+        if labels is None:
+            return logits[..., :vocab_size], None
+        # The loss runs over the padded logits with the padding columns at -inf, which is exactly the loss of
+        # the sliced logits, but without the sliced copy and its zero-filled gradient (~5% of a GPT-2 small
+        # training step on an H200).
+        scores = logits.float()
+        if scores.size(-1) != vocab_size:
+            padding = torch.arange(scores.size(-1), device=scores.device) >= vocab_size
+            scores = scores.masked_fill(padding, float("-inf"))
+        loss = F.cross_entropy(scores.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return (logits[..., :vocab_size] if return_logits else None), loss
 
     @torch.no_grad()
     def generate(
