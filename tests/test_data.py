@@ -1,8 +1,10 @@
 import json
+from unittest.mock import Mock
 
 import datasets
 import numpy as np
 import pytest
+import torch
 
 import gpt2lab.data.datamodule as dm_module
 from gpt2lab.data import GPT2DataModule, ResumableRandomSampler, TokenBlockDataset, load_corpus
@@ -123,14 +125,47 @@ def test_windows_are_context_plus_one_and_contiguous():
     assert ds[1][0].item() == 10  # the next window starts where the previous inputs ended
 
 
+def seeded_permutation(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def test_sampler_resumes_mid_epoch():
-    sampler = ResumableRandomSampler(20, seed=3)
+    sampler = ResumableRandomSampler(range(20), seed=3)
     full = list(sampler)
+    assert full == seeded_permutation(20, 3)  # one replica: the plain permutation, as before DDP support
     sampler.start = 8
     assert list(sampler) == full[8:]
+    assert len(sampler) == 20  # the full epoch, also while resuming: Lightning counts the epoch's batches by it
     assert list(sampler) == full  # the offset applies once
     sampler.set_epoch(1)
-    assert sorted(sampler) == list(range(20)) and list(sampler) != full
+    assert list(sampler) == seeded_permutation(20, 4) and list(sampler) != full
+
+
+def test_sampler_ranks_split_one_permutation():
+    ranks = [ResumableRandomSampler(range(21), seed=3, num_replicas=2, rank=r) for r in (0, 1)]
+    first, second = (list(s) for s in ranks)
+    assert len(first) == len(second) == len(ranks[0]) == 10
+    assert not set(first) & set(second)
+    perm = seeded_permutation(21, 3)
+    assert [i for pair in zip(first, second, strict=True) for i in pair] == perm[:20]  # the odd last one is dropped
+    for sampler, order in zip(ranks, (first, second), strict=True):
+        sampler.start = 4  # samples of this rank's share already consumed
+        assert list(sampler) == order[4:]
+        assert len(sampler) == 10
+        sampler.set_epoch(1)
+        assert list(sampler) != order
+
+
+def test_train_split_too_small_for_one_batch_per_rank(tmp_path, corpus_file):
+    dm = make_dm(tmp_path, path=str(corpus_file), max_length=128)
+    dm.setup()
+    share = len(dm.datasets["train"]) // 2
+    dm.batch_size = share + 1
+    dm.train_dataloader()  # one process: all the windows, enough for a batch
+    progress = {"fit_loop.epoch_loop.batch_progress.current.completed": 0}
+    dm.trainer = Mock(distributed_sampler_kwargs={"num_replicas": 2, "rank": 1}, **progress)  # rank 1 of 2
+    with pytest.raises(ConfigError, match=rf"\({share} for each of 2 ranks\), fewer than data.batch_size={share + 1}"):
+        dm.train_dataloader()
 
 
 def test_split_too_short_for_one_window(tmp_path):

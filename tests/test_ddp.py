@@ -4,7 +4,9 @@ import csv
 import json
 
 import pytest
+import torch
 from conftest import TINY, run_cli
+from test_train import final_val_loss
 
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "sample=null"]
 
@@ -38,3 +40,29 @@ def test_ddp_jobs_inside_a_multirun(tmp_path, corpus_file, cache_dir):
     for job in ("0", "1"):
         assert (sweep / job / "train_ddp_rank_1.log").is_file() and (sweep / job / "results.json").is_file()
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+@pytest.mark.slow
+def test_ddp_run_stopped_mid_epoch_resumes_to_the_same_final_loss(tmp_path, corpus_file, cache_dir):
+    """Each rank resumes at its own place in its own share of the epoch's permutation."""
+    # 128-token contexts: the train split makes 977 windows, 488 per rank, 10 batches of 48 per rank and
+    # epoch. The stop at step 12 (validation, which saves last.ckpt) is 2 batches into the second epoch.
+    # Dropout on, so that the RNG state has to be restored too; one LR schedule for all three runs.
+    common = [
+        "model.context_length=128", "data.batch_size=48", "scheduler.max_steps=24", "model.dropout=0.1",
+        "model.residual_dropout=0.1", "model.attention_dropout=0.1", "test=false",
+    ]  # fmt: skip
+    runs = {name: tmp_path / name for name in ("whole", "stopped", "resumed")}
+
+    def fit(name: str, *extra: str) -> None:
+        result = run_cli(*_args(corpus_file, cache_dir, f"hydra.run.dir={runs[name]}", *common, *extra), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    fit("whole", "trainer.max_steps=24")
+    fit("stopped", "trainer.max_steps=12")
+    last = torch.load(runs["stopped"] / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (last["global_step"], last["epoch"]) == (12, 1)
+    assert last["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 2
+    fit("resumed", "trainer.max_steps=24", f"ckpt_path={runs['stopped'] / 'checkpoints' / 'last.ckpt'}")
+    assert json.loads((runs["resumed"] / "results.json").read_text())["global_step"] == 24
+    assert final_val_loss(runs["resumed"]) == pytest.approx(final_val_loss(runs["whole"]), abs=1e-5)

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from gpt2lab.data.corpus import Corpus, load_corpus
 from gpt2lab.errors import ConfigError
@@ -39,27 +39,26 @@ class TokenBlockDataset(Dataset):
         return torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
 
 
-class ResumableRandomSampler(Sampler[int]):
-    """A seeded permutation per epoch that can start part-way through, so a resumed run sees the same
-    batches, in the same order, as an uninterrupted one."""
+class ResumableRandomSampler(DistributedSampler):
+    """This rank's share of a seeded permutation per epoch, able to start part-way through, so that a
+    resumed run sees the same batches, in the same order, as an uninterrupted one.
 
-    def __init__(self, num_samples: int, seed: int) -> None:
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
-        self.start = 0  # samples of the current epoch already consumed (set on resume)
+    Each epoch is ``torch.randperm`` seeded by ``seed + epoch`` (Lightning calls ``set_epoch``), less
+    the tail that does not split evenly, and rank ``r`` takes every ``num_replicas``-th index from
+    ``r``: ``DistributedSampler(shuffle=True, drop_last=True)``. With one replica that is the whole
+    permutation. It is a ``DistributedSampler`` so that Lightning uses it as is under DDP; any other
+    sampler gets wrapped in ``DistributedSamplerWrapper``, which splits the sampler's own order across
+    ranks and so cannot start mid-epoch. ``len()`` stays the full epoch, so that Lightning's count of
+    the epoch's batches is the same in a resumed run as in the run it resumes."""
 
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at each epoch start
-        self.epoch = epoch
+    def __init__(self, dataset: Sized, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0  # samples of this rank's current epoch already consumed (set on resume)
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_samples, generator=g)[self.start :].tolist()
+        order = list(super().__iter__())[self.start :]
         self.start = 0
         return iter(order)
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 class GPT2DataModule(pl.LightningDataModule):
@@ -202,17 +201,23 @@ class GPT2DataModule(pl.LightningDataModule):
 
     # -- dataloaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        sampler = ResumableRandomSampler(len(self.datasets["train"]), self.seed)
         trainer = self.trainer
+        # Under DDP each rank samples its own share; these are the arguments Lightning would have given
+        # the DistributedSampler it puts in place of any other sampler.
+        ranks = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {"num_replicas": 1, "rank": 0}
+        sampler = ResumableRandomSampler(self.datasets["train"], self.seed, **ranks)
         if trainer is not None:
             # On resume Lightning restores the loop's progress before asking for dataloaders; skip the
-            # batches of this epoch that the checkpointed run had already trained on.
+            # batches of this epoch that the checkpointed run had already trained on (on every rank,
+            # the same number of batches of data.batch_size from its own share).
             done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-            sampler.start = min(done * self.batch_size, sampler.num_samples)
+            sampler.start = min(done * self.batch_size, len(sampler))
         if len(sampler) < self.batch_size:
+            share = f" ({len(sampler)} for each of {sampler.num_replicas} ranks)" if sampler.num_replicas > 1 else ""
             raise ConfigError(
-                f"the train split makes {len(sampler)} windows of {self.max_length + 1} tokens, fewer than "
-                f"data.batch_size={self.batch_size}: lower data.batch_size or model.context_length, or add data"
+                f"the train split makes {len(self.datasets['train'])} windows of {self.max_length + 1} tokens{share}, "
+                f"fewer than data.batch_size={self.batch_size}: lower data.batch_size or model.context_length, "
+                "or add data"
             )
         return self._loader(self.datasets["train"], self.batch_size, sampler=sampler, drop_last=True)
 
