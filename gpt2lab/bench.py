@@ -226,7 +226,7 @@ def _row(name: str, r: dict[str, Any], baseline: float | None = None) -> str:
     params = r.get("params_M") or round(r.get("parameters", 0) / 1e6, 1)
     return (
         f"| {name} | {r.get('micro_batch') or r.get('B')} | {params}M | {tok:,} | "
-        f"{'' if mfu is None else f'{mfu:.1%}'} | {r['step_ms']} | {r.get('peak_mem_gb') or ''} | "
+        f"{'' if mfu is None else f'{mfu:.1%}'} | {r['step_ms']} | {r.get('peak_mem_gb') or r.get('peak_mem_GB') or ''} | "
         f"{r.get('compile_s', r.get('warmup_s', ''))} | {ratio} |"
     )
 
