@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true", help="largest micro-batch per model size, +/- checkpointing")
     parser.add_argument("--models", nargs="+", default=MEMORY_MODELS, help="model sizes for --memory")
     parser.add_argument("--json", type=Path, help="also write all results to this file")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     overrides = args.overrides or DEFAULT_OVERRIDES
     is_rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                         capacity,
                     )
                     memory.append({"model": model, "gradient_checkpointing": checkpointing, **row})
-                    print(json.dumps(memory[-1]), flush=True)
+                    print(f"\n{json.dumps(memory[-1])}", flush=True)
     except ConfigError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1

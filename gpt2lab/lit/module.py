@@ -16,6 +16,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.strategies import FSDPStrategy
 from tokenizers import Tokenizer
 
 from gpt2lab.config import TRUSTED_TARGETS
@@ -89,13 +90,22 @@ class GPT2LitModule(pl.LightningModule):
         self.tokenizer: Tokenizer | None = None  # set by the trainer script; saved into checkpoints
         self._pending_rng: dict[str, Any] | None = None
         self._eval_losses: list[torch.Tensor] = []
-        if compile:
-            # In place, before any strategy wraps the module (DDP, FSDP): state_dict keys stay those of the
-            # plain model, and DDP/FSDP see the compiled forward as one call.
-            try:
-                self.model.compile(mode=compile_mode)
-            except RuntimeError as e:  # torch checks the mode here
-                raise ConfigError(f"compile_mode={compile_mode!r}: {e}") from None
+        self._compiled = False
+
+    def configure_model(self) -> None:
+        """Compile the model in place, before the strategy wraps it, so state_dict keys stay those of the
+        plain model. Under DDP the whole model is one compiled call inside the wrapper; under FSDP each
+        decoder block, the unit FSDP gathers, is compiled, as PyTorch advises for its wrapper modules."""
+        if not self.hparams.compile or self._compiled:
+            return
+        mode = self.hparams.get("compile_mode")
+        sharded = isinstance(self.trainer.strategy, FSDPStrategy) if self._trainer is not None else False
+        try:
+            for module in self.model.blocks if sharded else [self.model]:
+                module.compile(mode=mode)
+        except RuntimeError as e:  # torch checks the mode here
+            raise ConfigError(f"compile_mode={mode!r}: {e}") from None
+        self._compiled = True
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
@@ -114,10 +124,12 @@ class GPT2LitModule(pl.LightningModule):
 
     # Evaluation: the mean loss over all batches (then over ranks), and perplexity from that mean.
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self._eval_losses.append(self._loss(batch).detach())
+        # A copy: with compile_mode=reduce-overhead the output lives in a CUDA graph's buffer, which the
+        # next batch overwrites.
+        self._eval_losses.append(self._loss(batch).detach().clone())
 
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self._eval_losses.append(self._loss(batch).detach())
+        self._eval_losses.append(self._loss(batch).detach().clone())
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")

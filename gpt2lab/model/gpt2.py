@@ -141,6 +141,9 @@ class GPT2Model(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one matrix reads tokens in and writes them out
         self.apply(self._init_weights)
+        # Counted now: once FSDP shards the parameters, each rank holds only its share of them.
+        self._num_parameters = sum(p.numel() for p in self.parameters())
+        self._num_position_parameters = self.wpe.weight.numel()
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -157,8 +160,7 @@ class GPT2Model(nn.Module):
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameter count; tied weights are counted once. ``non_embedding`` leaves out positions."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return self._num_parameters - (self._num_position_parameters if non_embedding else 0)
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward): 6N plus the attention scores, 12·L·d·T."""
