@@ -116,11 +116,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
     register_schemas()
     path = _config_path()
-    init = (
-        initialize_config_module("gpt2lab.conf", version_base=None)
-        if path.startswith("pkg://")
-        else initialize_config_dir(path, version_base=None)
-    )
+    init = initialize_config_module("gpt2lab.conf") if path.startswith("pkg://") else initialize_config_dir(path)
     with init:
         return compose("train", overrides=overrides)
 

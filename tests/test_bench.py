@@ -1,0 +1,74 @@
+"""``python -m gpt2lab.bench`` on CPU: the figures it reports, the reference beside them, and bad input."""
+
+import json
+import sys
+
+import pytest
+from conftest import TINY
+from hydra.core.global_hydra import GlobalHydra
+
+from gpt2lab.bench import main
+
+
+@pytest.fixture
+def bench_args(corpus_file, cache_dir):
+    GlobalHydra.instance().clear()
+    yield [*TINY, "trainer=cpu", f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}"]
+    GlobalHydra.instance().clear()
+
+
+def test_bench_reports_each_micro_batch(bench_args, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main([*bench_args, "-b", "4", "8", "--steps", "3", "--warmup", "1", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["micro_batch"] for r in runs] == [4, 8]
+    for r in runs:
+        assert r["seq_len"] == 32 and r["accumulate"] == 1 and r["world_size"] == 1 and r["steps_timed"] == 3
+        assert r["tokens_per_sec"] == pytest.approx(r["micro_batch"] * 32 / (r["step_ms"] / 1e3), rel=0.01)
+        assert r["parameters"] > 0 and r["flops_per_token"] > 6 * r["parameters"] * 0.9
+    table = capsys.readouterr().out
+    assert "| gpt2lab x1 | 4 |" in table and "| gpt2lab x1 | 8 |" in table
+
+
+def test_bench_counts_accumulated_micro_batches_in_a_step(bench_args, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main([*bench_args, "-b", "4", "--accumulate", "2", "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["accumulate"] == 2
+    assert run["tokens_per_sec"] == pytest.approx(2 * 4 * 32 / (run["step_ms"] / 1e3), rel=0.01)
+
+
+def test_bench_prints_the_reference_beside_gpt2lab(bench_args, tmp_path, capsys):
+    # A stand-in for reference_step.py: same command line (B and STEPS in the environment), same JSON line.
+    fake = tmp_path / "reference_step.py"
+    fake.write_text(
+        "import json, os, sys\n"
+        "print(json.dumps(dict(matmul_bf16_tflops=1.0)))\n"
+        "print(json.dumps(dict(name=sys.argv[1], B=int(os.environ['B']), params_M=1.0, step_ms=10.0,\n"
+        "                      tok_s=10, mfu_989=0.5, warmup_s=1.0, peak_mem_GB=1.0)))\n"
+    )
+    assert main([*bench_args, "-b", "4", "--steps", "2", "--warmup", "1", "--reference", str(fake)]) == 0
+    table = capsys.readouterr().out
+    assert "| reference nano_compile | 4 | 1.0M | 10 | 50.0% | 10.0 |" in table
+    gpt2lab_row = next(line for line in table.splitlines() if line.startswith("| gpt2lab"))
+    assert gpt2lab_row.rstrip(" |").endswith("x")  # the ratio to the reference's tokens/s
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["modle.d_model=8"], "modle"),
+        (["--reference", "/nonexistent/reference_step.py"], "--reference /nonexistent/reference_step.py: no such file"),
+        (["trainer.devices=2", "-b", "4", "8"], "with several devices, measure one --micro-batch per invocation"),
+    ],
+)
+def test_bench_bad_input_gets_a_clear_error(bench_args, capsys, args, message):
+    assert main([*bench_args, *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_runs_as_a_module(bench_args):
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "gpt2lab.bench", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--micro-batch" in result.stdout and "--memory" in result.stdout
