@@ -187,6 +187,8 @@ def _make_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: Any, *
         hint = ""
         if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             hint = " This machine has no GPU: add trainer=cpu (or trainer.accelerator=cpu trainer.precision=32-true)."
+        elif "fsdp" in str(cause).lower() and cfg.trainer.accelerator not in ("gpu", "cuda", "auto"):
+            hint = " FSDP shards over CUDA GPUs only; on CPUs use trainer=ddp trainer.accelerator=cpu."
         raise ConfigError(f"trainer: {type(cause).__name__}: {cause}{hint}") from e
 
 

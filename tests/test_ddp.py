@@ -8,7 +8,7 @@ import torch
 from conftest import TINY, run_cli
 from test_train import final_val_loss
 
-DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "sample=null"]
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2", "sample=null"]
 
 
 def _args(corpus_file, cache_dir, *extra):

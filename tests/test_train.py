@@ -113,6 +113,10 @@ def test_ckpt_path_last_resumes_the_newest_run(tmp_path, corpus_file, cache_dir)
         (["trainer.accelerator=gpu"], "No supported gpu backend found! This machine has no GPU: add trainer=cpu"),
         (["trainer.precision=banana"], "trainer: ValueError: Precision 'banana' is invalid"),
         (["compile=true", "compile_mode=fastest"], "compile_mode='fastest': Unrecognized mode=fastest"),
+        (
+            ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true"],
+            "FSDP shards over CUDA GPUs only; on CPUs use trainer=ddp trainer.accelerator=cpu",
+        ),
         (["float32_matmul_precision=low"], "float32_matmul_precision='low': expected highest, high or medium"),
         (
             ["tokenizer=pretrained", "tokenizer.name=/missing/tokenizer.json"],
