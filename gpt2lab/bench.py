@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference and not args.reference.is_file():
         print(f"Error: --reference {args.reference}: no such file (the baseline is reference_step.py)", file=sys.stderr)
         return 2
+    if args.memory and not torch.cuda.is_available():
+        print("Error: --memory measures GPU memory; this machine has no CUDA GPU", file=sys.stderr)
+        return 2
     several_devices = str(cfg.trainer.devices) not in ("1", "[0]") or cfg.trainer.num_nodes > 1
     if several_devices and (len(micro_batches) > 1 or args.memory):
         print(

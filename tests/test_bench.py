@@ -60,6 +60,7 @@ def test_bench_prints_the_reference_beside_gpt2lab(bench_args, tmp_path, capsys)
         (["modle.d_model=8"], "modle"),
         (["--reference", "/nonexistent/reference_step.py"], "--reference /nonexistent/reference_step.py: no such file"),
         (["trainer.devices=2", "-b", "4", "8"], "with several devices, measure one --micro-batch per invocation"),
+        (["--memory"], "--memory measures GPU memory; this machine has no CUDA GPU"),
     ],
 )
 def test_bench_bad_input_gets_a_clear_error(bench_args, capsys, args, message):
