@@ -104,7 +104,7 @@ class StepTimer(pl.Callback):
             "tokens_per_sec": round(tokens_per_sec),
             "mfu": round(tokens_per_sec * model.flops_per_token() / (peak * trainer.world_size), 4) if peak else None,
             "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-            "compile_s": round((self._first_step_s or 0.0) - step_s, 1),
+            "compile_s": round(max((self._first_step_s or 0.0) - step_s, 0.0), 1),
             "peak_flops": peak,
         }
         self.out.write_text(json.dumps(result))
@@ -198,7 +198,8 @@ def run_reference(script: Path, variant: str, micro_batch: int, steps: int) -> d
     proc = subprocess.run([sys.executable, str(script), variant], env=env, capture_output=True, text=True, check=False)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"name"')]
     if proc.returncode or not rows:
-        return {"name": variant, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"name": variant, "B": micro_batch, "error": lines[-1] if lines else f"exit status {proc.returncode}"}
     return rows[0]
 
 
@@ -215,7 +216,7 @@ def environment() -> str:
 
 def _row(name: str, r: dict[str, Any], baseline: float | None = None) -> str:
     if "error" in r:
-        return f"| {name} | | failed: {r['error']} | | | | | |"
+        return f"| {name} | {r.get('B', '')} | | failed: {r['error']} | | | | | |"
     tok = r.get("tokens_per_sec") or r.get("tok_s")
     mfu = r.get("mfu") if "mfu" in r else r.get("mfu_989")
     ratio = f"{tok / baseline:.2f}x" if baseline else ""
@@ -248,18 +249,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true", help="largest micro-batch per model size, +/- checkpointing")
     parser.add_argument("--models", nargs="+", default=MEMORY_MODELS, help="model sizes for --memory")
     parser.add_argument("--json", type=Path, help="also write all results to this file")
-    args = parser.parse_intermixed_args(argv)
-    overrides = args.overrides or DEFAULT_OVERRIDES
+    argv = sys.argv[1:] if argv is None else argv
+    # Overrides (key=value) may stand anywhere, even right after -b's numbers.
+    words = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_intermixed_args([a for a in argv if a not in words])
+    overrides = words + args.overrides or DEFAULT_OVERRIDES
+    for name in ("micro_batch", "steps", "warmup", "accumulate"):
+        values = getattr(args, name)
+        if values is not None and min(values if isinstance(values, list) else [values]) < (name != "warmup"):
+            print(f"Error: --{name.replace('_', '-')} must be at least {int(name != 'warmup')}", file=sys.stderr)
+            return 2
+    if args.json and not args.json.parent.is_dir():
+        print(f"Error: --json {args.json}: the directory {args.json.parent} does not exist", file=sys.stderr)
+        return 2
     is_rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
     try:
         cfg = compose_config(overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        print(f"Error: {e}", file=sys.stderr)
+        cause = f"\n{e.__cause__}" if e.__cause__ else ""
+        print(f"Error: {e}{cause}", file=sys.stderr)
         return 2
     micro_batches = args.micro_batch or [cfg.data.batch_size]
     if args.reference and not args.reference.is_file():
-        print(f"Error: --reference {args.reference}: no such file (the baseline is reference_step.py)", file=sys.stderr)
+        print(
+            f"Error: --reference {args.reference}: no such file (the baseline script is reference_step.py; "
+            "gpt2lab's developers keep it in ../shared/gpu/ beside the repository)",
+            file=sys.stderr,
+        )
         return 2
     if args.memory and not torch.cuda.is_available():
         print("Error: --memory measures GPU memory; this machine has no CUDA GPU", file=sys.stderr)

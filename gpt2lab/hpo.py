@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -135,10 +136,14 @@ class OptunaSweeper(OptunaSweeperImpl):
                     failed += 1
             done += len(returns)
             if failed / done > self.max_failure_rate and done >= min(self.n_trials, 4):
-                raise RuntimeError(
-                    f"{failed} of {done} trials failed (hydra.sweeper.max_failure_rate={self.max_failure_rate}); "
-                    f"stopping the sweep. Each failed job's log is under {sweep_dir}."
+                first = next(t.user_attrs.get("error") for t in study.trials if t.user_attrs.get("error"))
+                save_results(study, sweep_dir)
+                print(
+                    f"\nError: {failed} of {done} trials failed (hydra.sweeper.max_failure_rate={self.max_failure_rate}); "
+                    f"stopping the sweep. The first failure: {first}\nEach failed job's log is under {sweep_dir}.",
+                    file=sys.stderr,
                 )
+                raise SystemExit(1)
         save_results(study, sweep_dir)
 
 

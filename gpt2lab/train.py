@@ -26,7 +26,7 @@ from gpt2lab.config import TRUSTED_TARGETS, register_schemas
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, ThroughputLogger
-from gpt2lab.lit.ddp import use_job_command_for_ddp
+from gpt2lab.lit.ddp import external_rank, use_job_command_for_ddp
 from gpt2lab.tokenizers import check_model_vocab
 
 log = logging.getLogger("gpt2lab.train")
@@ -72,6 +72,10 @@ def _train(cfg: DictConfig) -> float | None:
         )
     if torch.cuda.is_available():  # CPU runs keep exact fp32 matmuls
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    modes = ("default", *torch._inductor.list_mode_options())
+    if cfg.compile_mode is not None and cfg.compile_mode not in modes:
+        raise ConfigError(f"compile_mode={cfg.compile_mode!r}: expected one of {', '.join(modes)} (or null)")
+    check_launch(cfg.trainer)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir)
 
@@ -137,13 +141,36 @@ def _train(cfg: DictConfig) -> float | None:
     return metrics.get(cfg.optimized_metric)
 
 
+def check_launch(trainer_cfg: DictConfig) -> None:
+    """Several machines need their ranks started by torchrun or srun, one per GPU; catch a mismatch before
+    anything is written (Lightning would wait forever for ranks, or fail deep inside the first fit)."""
+    launched = external_rank()
+    devices, nodes = trainer_cfg.devices, trainer_cfg.num_nodes
+    if launched is None:
+        if nodes > 1 and "NODE_RANK" not in os.environ:
+            raise ConfigError(
+                f"trainer.num_nodes={nodes}: start this command on every machine with torchrun or srun "
+                '(README, "Several machines"); on one machine use trainer.num_nodes=1'
+            )
+        return
+    world_size = launched[1]
+    if isinstance(devices, int) and devices * nodes != world_size:
+        raise ConfigError(
+            f"trainer.num_nodes={nodes} x trainer.devices={devices} = {devices * nodes} ranks, but the launcher "
+            f"started {world_size} processes: set trainer.devices to the processes per machine (torchrun "
+            "--nproc-per-node, srun --ntasks-per-node) and trainer.num_nodes to the machines"
+        )
+
+
 def out_of_memory_message(cfg: DictConfig, trainer: pl.Trainer) -> str:
     """What to turn when a run does not fit: the knobs, with this run's values."""
     batch, accumulate = cfg.data.batch_size, cfg.trainer.accumulate_grad_batches
-    knobs = [
-        f"data.batch_size={max(batch // 2, 1)} trainer.accumulate_grad_batches={accumulate * 2} "
-        f"(half the micro-batch, same tokens per optimizer step; now {batch} x {accumulate})",
-    ]
+    knobs = []
+    if batch > 1:
+        knobs.append(
+            f"data.batch_size={batch // 2} trainer.accumulate_grad_batches={accumulate * 2} "
+            f"(half the micro-batch, same tokens per optimizer step; now {batch} x {accumulate})"
+        )
     if not cfg.model.gradient_checkpointing:
         knobs.append("model.gradient_checkpointing=true (recompute activations in backward: less memory, ~25% slower)")
     if "bf16" not in str(cfg.trainer.precision) and "16" not in str(cfg.trainer.precision):
@@ -188,7 +215,7 @@ def _make_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: Any, *
         if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             hint = " This machine has no GPU: add trainer=cpu (or trainer.accelerator=cpu trainer.precision=32-true)."
         elif "fsdp" in str(cause).lower() and cfg.trainer.accelerator not in ("gpu", "cuda", "auto"):
-            hint = " FSDP shards over CUDA GPUs only; on CPUs use trainer=ddp trainer.accelerator=cpu."
+            hint = " FSDP shards over CUDA GPUs only; on CPUs use trainer=ddp trainer.accelerator=cpu trainer.precision=32-true."
         raise ConfigError(f"trainer: {type(cause).__name__}: {cause}{hint}") from e
 
 

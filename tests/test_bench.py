@@ -32,7 +32,8 @@ def test_bench_reports_each_micro_batch(bench_args, tmp_path, capsys):
 
 def test_bench_counts_accumulated_micro_batches_in_a_step(bench_args, tmp_path):
     out = tmp_path / "bench.json"
-    assert main([*bench_args, "-b", "4", "--accumulate", "2", "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
+    # Overrides may follow -b's numbers directly.
+    assert main(["-b", "4", *bench_args, "--accumulate", "2", "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
     (run,) = json.loads(out.read_text())["runs"]
     assert run["accumulate"] == 2
     assert run["tokens_per_sec"] == pytest.approx(2 * 4 * 32 / (run["step_ms"] / 1e3), rel=0.01)
@@ -57,7 +58,9 @@ def test_bench_prints_the_reference_beside_gpt2lab(bench_args, tmp_path, capsys)
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["modle.d_model=8"], "modle"),
+        (["modle.d_model=8"], "Did you mean: 'model'?"),
+        (["-b", "0"], "--micro-batch must be at least 1"),
+        (["--json", "/nonexistent/dir/bench.json"], "the directory /nonexistent/dir does not exist"),
         (["--reference", "/nonexistent/reference_step.py"], "--reference /nonexistent/reference_step.py: no such file"),
         (["trainer.devices=2", "-b", "4", "8"], "with several devices, measure one --micro-batch per invocation"),
         (["--memory"], "--memory measures GPU memory; this machine has no CUDA GPU"),

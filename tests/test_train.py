@@ -112,11 +112,14 @@ def test_ckpt_path_last_resumes_the_newest_run(tmp_path, corpus_file, cache_dir)
         (["data=hub", "data.name=wikitext"], "could not load wikitext"),
         (["trainer.accelerator=gpu"], "No supported gpu backend found! This machine has no GPU: add trainer=cpu"),
         (["trainer.precision=banana"], "trainer: ValueError: Precision 'banana' is invalid"),
-        (["compile=true", "compile_mode=fastest"], "compile_mode='fastest': Unrecognized mode=fastest"),
+        (["compile=true", "compile_mode=fastest"], "compile_mode='fastest': expected one of default, "),
         (
             ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true"],
             "FSDP shards over CUDA GPUs only; on CPUs use trainer=ddp trainer.accelerator=cpu",
         ),
+        (["compile_mode=fastest"], "compile_mode='fastest': expected one of default, "),
+        (["data.batch_size=0"], "data.batch_size=0: expected a positive number"),
+        (["trainer.num_nodes=2"], "trainer.num_nodes=2: start this command on every machine with torchrun or srun"),
         (["float32_matmul_precision=low"], "float32_matmul_precision='low': expected highest, high or medium"),
         (
             ["tokenizer=pretrained", "tokenizer.name=/missing/tokenizer.json"],
@@ -167,3 +170,23 @@ def test_out_of_memory_names_the_knobs_and_keeps_checkpoints(tmp_path, corpus_fi
     assert "Traceback" not in result.stderr
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 4  # the last validation before the failure (step 6) wrote a whole checkpoint
+
+
+def test_launcher_process_count_must_match_devices_times_nodes(compose_cfg, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # as torchrun sets it, for 4 processes
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(
+        ConfigError, match=r"trainer.num_nodes=1 x trainer.devices=2 = 2 ranks, but the launcher started 4"
+    ):
+        train(compose_cfg("trainer.devices=2", "trainer.accelerator=cpu"))
+
+
+def test_out_of_memory_at_micro_batch_one_does_not_suggest_halving_it(compose_cfg):
+    from types import SimpleNamespace
+
+    from gpt2lab.train import out_of_memory_message
+
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device="cuda:0"))
+    message = out_of_memory_message(compose_cfg("data.batch_size=1"), trainer)
+    assert "data.batch_size=" not in message and "model.gradient_checkpointing=true" in message

@@ -93,6 +93,8 @@ class GPT2DataModule(pl.LightningDataModule):
             sample_by=sample_by, val_split=val_split, test_split=test_split, split_seed=split_seed,
             min_length=min_length, remove_duplicates=remove_duplicates, num_proc=preprocessing_num_workers,
         )  # fmt: skip
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size}: expected a positive number of windows per batch")
         if max_length < 1:
             raise ConfigError(f"data.max_length={max_length}: expected a positive window length (model.context_length)")
         self.max_length = max_length
