@@ -76,3 +76,25 @@ def test_bench_runs_as_a_module(bench_args):
 
     result = subprocess.run([sys.executable, "-m", "gpt2lab.bench", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--micro-batch" in result.stdout and "--memory" in result.stdout
+
+
+def test_memory_search_fits_a_line_and_steps_down_on_out_of_memory(monkeypatch):
+    """Static 2 GB + 0.5 GB per sequence on a 10 GB device: the line predicts 15, which runs out of
+    memory here (as fragmentation can make it), so the search steps down 10% and confirms 13."""
+    import torch
+
+    from gpt2lab import bench
+    from gpt2lab.errors import ConfigError
+
+    tried = []
+
+    def fake_measure(overrides, micro_batch, steps, warmup, accumulate):
+        tried.append(micro_batch)
+        if micro_batch > 13:
+            raise ConfigError("out of GPU memory") from torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return {"peak_mem_gb": 2.0 + 0.5 * micro_batch}
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    row = bench.largest_micro_batch([], capacity_gb=10.0)
+    assert row == {"largest_micro_batch": 13, "static_gb": 2.0, "activation_gb_per_sequence": 0.5}
+    assert tried == [1, 2, 15, 13]
