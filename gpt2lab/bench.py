@@ -254,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     words = [a for a in argv if "=" in a and not a.startswith("-")]
     args = parser.parse_intermixed_args([a for a in argv if a not in words])
     overrides = words + args.overrides or DEFAULT_OVERRIDES
-    for name in ("micro_batch", "steps", "warmup", "accumulate"):
-        values = getattr(args, name)
-        if values is not None and min(values if isinstance(values, list) else [values]) < (name != "warmup"):
-            print(f"Error: --{name.replace('_', '-')} must be at least {int(name != 'warmup')}", file=sys.stderr)
+    for name, least in {"micro_batch": 1, "steps": 1, "warmup": 0, "accumulate": 1}.items():
+        value = getattr(args, name)
+        if value is not None and min(value if isinstance(value, list) else [value]) < least:
+            print(f"Error: --{name.replace('_', '-')} must be at least {least}", file=sys.stderr)
             return 2
     if args.json and not args.json.parent.is_dir():
         print(f"Error: --json {args.json}: the directory {args.json.parent} does not exist", file=sys.stderr)
