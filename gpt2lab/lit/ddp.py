@@ -23,6 +23,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 # Command-line flags that select the config rather than override it; kept for the ranks.
@@ -66,10 +67,10 @@ def use_job_command_for_ddp() -> None:
 def external_rank() -> tuple[int, int] | None:
     """``(global rank, world size)`` when ``torchrun`` or ``srun`` started this process (then Lightning's
     ``TorchElasticEnvironment`` or ``SLURMEnvironment`` applies and it starts no processes), else None."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun, as torch.distributed.is_torchelastic_launched()
+    if TorchElasticEnvironment.detect():
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
-        return int(os.environ.get("SLURM_PROCID", 0)), int(os.environ["SLURM_NTASKS"])  # as SLURMEnvironment
+    if SLURMEnvironment.detect():
+        return int(os.environ.get("SLURM_PROCID", 0)), int(os.environ["SLURM_NTASKS"])
     return None
 
 

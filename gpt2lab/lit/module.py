@@ -20,7 +20,6 @@ from pytorch_lightning.strategies import FSDPStrategy
 from tokenizers import Tokenizer
 
 from gpt2lab.config import TRUSTED_TARGETS
-from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT2Config, GPT2Model
 
 CHECKPOINT_KEY = "gpt2lab"
@@ -100,11 +99,8 @@ class GPT2LitModule(pl.LightningModule):
             return
         mode = self.hparams.get("compile_mode")
         sharded = isinstance(self.trainer.strategy, FSDPStrategy) if self._trainer is not None else False
-        try:
-            for module in self.model.blocks if sharded else [self.model]:
-                module.compile(mode=mode)
-        except RuntimeError as e:  # torch checks the mode here
-            raise ConfigError(f"compile_mode={mode!r}: {e}") from None
+        for module in self.model.blocks if sharded else [self.model]:
+            module.compile(mode=mode)  # train.py has checked the mode
         self._compiled = True
 
     def forward(
