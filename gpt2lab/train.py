@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -75,6 +76,7 @@ def _train(cfg: DictConfig) -> float | None:
     modes = ("default", *torch._inductor.list_mode_options())
     if cfg.compile_mode is not None and cfg.compile_mode not in modes:
         raise ConfigError(f"compile_mode={cfg.compile_mode!r}: expected one of {', '.join(modes)} (or null)")
+    check_compile_options(cfg.compile_options)
     check_launch(cfg.trainer)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir)
@@ -95,7 +97,12 @@ def _train(cfg: DictConfig) -> float | None:
     check_model_vocab(tokenizer, vocab_size)  # the datamodule has validated the tokenizer itself
     model_config = instantiate(cfg.model, vocab_size=vocab_size)
     module = GPT2LitModule(
-        model_config, cfg.optimizer, cfg.scheduler, compile=cfg.compile, compile_mode=cfg.compile_mode
+        model_config,
+        cfg.optimizer,
+        cfg.scheduler,
+        compile=cfg.compile,
+        compile_mode=cfg.compile_mode,
+        compile_options=cfg.compile_options,
     )
     module.tokenizer = tokenizer
     if ckpt_path:
@@ -139,6 +146,19 @@ def _train(cfg: DictConfig) -> float | None:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         log.info("Results in %s: %s", output_dir, json.dumps({k: v for k, v in results.items() if k != "metrics"}))
     return metrics.get(cfg.optimized_metric)
+
+
+def check_compile_options(options: DictConfig) -> None:
+    """Each ``compile_options`` key must be a TorchInductor option, so a typo fails here rather than after
+    the data has been prepared."""
+    known = set(torch._inductor.list_options())
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"compile_options.{key}: not a TorchInductor option (torch._inductor.list_options() has them).{hint}"
+            )
 
 
 def check_launch(trainer_cfg: DictConfig) -> None:

@@ -35,6 +35,15 @@ def test_loss_over_padded_vocabulary_equals_loss_over_the_real_one():
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
     assert model.wte.weight.grad[101:].abs().max().item() == 0  # padding rows get no gradient from the loss
+    assert "logit_bias" not in model.state_dict()  # the -inf mask is rebuilt, never saved
+
+
+def test_padding_mask_survives_bf16_autocast():
+    model = tiny().eval()
+    x, y = torch.randint(0, 101, (2, 3, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, y)[1]
+    assert loss.item() == pytest.approx(model(x, y)[1].item(), abs=0.02)
 
 
 def test_gpt2_small_has_gpt2s_parameter_count():

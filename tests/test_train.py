@@ -6,6 +6,7 @@ import datasets
 import pytest
 import torch
 from conftest import TINY, run_cli
+from hydra.utils import instantiate
 
 from gpt2lab.checkpoint import load_checkpoint
 from gpt2lab.errors import ConfigError
@@ -118,6 +119,10 @@ def test_ckpt_path_last_resumes_the_newest_run(tmp_path, corpus_file, cache_dir)
             "FSDP shards over CUDA GPUs only; on CPUs use trainer=ddp trainer.accelerator=cpu",
         ),
         (["compile_mode=fastest"], "compile_mode='fastest': expected one of default, "),
+        (
+            ["+compile_options.coordinate_descent_tunin=true"],
+            "compile_options.coordinate_descent_tunin: not a TorchInductor option .* Did you mean coordinate_descent_tuning",
+        ),
         (["data.batch_size=0"], "data.batch_size=0: expected a positive number"),
         (["trainer.num_nodes=2"], "trainer.num_nodes=2: start this command on every machine with torchrun or srun"),
         (["float32_matmul_precision=low"], "float32_matmul_precision='low': expected highest, high or medium"),
@@ -190,3 +195,23 @@ def test_out_of_memory_at_micro_batch_one_does_not_suggest_halving_it(compose_cf
     trainer = SimpleNamespace(strategy=SimpleNamespace(root_device="cuda:0"))
     message = out_of_memory_message(compose_cfg("data.batch_size=1"), trainer)
     assert "data.batch_size=" not in message and "model.gradient_checkpointing=true" in message
+
+
+def test_compile_mode_and_options_reach_torch_compile(compose_cfg, monkeypatch):
+    from gpt2lab.lit import GPT2LitModule
+
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append((type(self).__name__, kwargs)))
+    cfg = compose_cfg("compile=true", "compile_mode=reduce-overhead", "+compile_options.coordinate_descent_tuning=true")
+    module = GPT2LitModule(
+        instantiate(cfg.model, vocab_size=64),
+        cfg.optimizer,
+        compile=True,
+        compile_mode=cfg.compile_mode,
+        compile_options=cfg.compile_options,
+    )
+    module.configure_model()
+    module.configure_model()  # Lightning may call it again (e.g. for the test after fit): compiled once
+    # The mode's own options (CUDA graphs for reduce-overhead), then the explicit ones on top.
+    assert seen == [("GPT2Model", {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}})]
+    assert module.hparams.compile_options == {"coordinate_descent_tuning": True}  # saved in checkpoints

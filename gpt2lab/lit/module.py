@@ -72,6 +72,7 @@ class GPT2LitModule(pl.LightningModule):
         scheduler: DictConfig | dict[str, Any] | None = None,
         compile: bool = False,
         compile_mode: str | None = None,
+        compile_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         config = model if isinstance(model, GPT2Config) else GPT2Config(**model)
@@ -83,6 +84,7 @@ class GPT2LitModule(pl.LightningModule):
                 "scheduler": to_dict(scheduler),
                 "compile": compile,
                 "compile_mode": compile_mode,
+                "compile_options": to_dict(compile_options) or {},
             }
         )
         self.model = GPT2Model(config)
@@ -97,10 +99,13 @@ class GPT2LitModule(pl.LightningModule):
         decoder block, the unit FSDP gathers, is compiled, as PyTorch advises for its wrapper modules."""
         if not self.hparams.compile or self._compiled:
             return
+        # A mode is a named set of TorchInductor options; the explicit options go on top of it (torch.compile
+        # itself takes one or the other). train.py has checked both.
         mode = self.hparams.get("compile_mode")
+        options = {**torch._inductor.list_mode_options(mode), **self.hparams.get("compile_options", {})}
         sharded = isinstance(self.trainer.strategy, FSDPStrategy) if self._trainer is not None else False
         for module in self.model.blocks if sharded else [self.model]:
-            module.compile(mode=mode)  # train.py has checked the mode
+            module.compile(options=options)
         self._compiled = True
 
     def forward(
