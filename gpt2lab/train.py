@@ -76,8 +76,9 @@ def _train(cfg: DictConfig) -> float | None:
     modes = ("default", *torch._inductor.list_mode_options())
     if cfg.compile_mode is not None and cfg.compile_mode not in modes:
         raise ConfigError(f"compile_mode={cfg.compile_mode!r}: expected one of {', '.join(modes)} (or null)")
-    check_compile_options(cfg.compile_options)
+    check_compile_options(cfg)
     check_launch(cfg.trainer)
+    check_fsdp_world(cfg.trainer)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir)
 
@@ -148,17 +149,52 @@ def _train(cfg: DictConfig) -> float | None:
     return metrics.get(cfg.optimized_metric)
 
 
-def check_compile_options(options: DictConfig) -> None:
+def check_compile_options(cfg: DictConfig) -> None:
     """Each ``compile_options`` key must be a TorchInductor option, so a typo fails here rather than after
-    the data has been prepared."""
+    the data has been prepared; and CUDA graphs cannot accumulate gradients."""
     known = set(torch._inductor.list_options())
-    for key in options:
+    for key in cfg.compile_options:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(
                 f"compile_options.{key}: not a TorchInductor option (torch._inductor.list_options() has them).{hint}"
             )
+    options = {**torch._inductor.list_mode_options(cfg.compile_mode or "default"), **cfg.compile_options}
+    accumulate = cfg.trainer.get("accumulate_grad_batches") or 1
+    if cfg.compile and options.get("triton.cudagraphs") and accumulate > 1:
+        raise ConfigError(
+            f"compile_mode={cfg.compile_mode} replays CUDA graphs, whose output buffers hold the gradients and are "
+            f"overwritten by the next micro-batch, so it cannot accumulate them (trainer.accumulate_grad_batches="
+            f"{accumulate}): set trainer.accumulate_grad_batches=1 (raise data.batch_size instead), or use "
+            "compile_mode=max-autotune-no-cudagraphs or the default mode"
+        )
+
+
+def _device_count(devices: Any) -> int:
+    """How many devices Lightning's ``devices`` value asks for: auto/-1 (all), a count, "0,1" or [0, 1]."""
+    if devices in ("auto", -1, "-1"):
+        return max(torch.cuda.device_count(), 1)
+    if isinstance(devices, str):
+        return len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
+    return devices if isinstance(devices, int) else len(devices)
+
+
+def check_fsdp_world(trainer_cfg: DictConfig) -> None:
+    """FSDP on a single process falls back to NO_SHARD, where torch's FSDP drops the parameters from the
+    state dict after an evaluation pass: the first checkpoint would fail, after the training before it."""
+    strategy = trainer_cfg.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    if trainer_cfg.get("accelerator") == "cpu":
+        return  # Lightning refuses FSDP on CPUs; train() adds the hint
+    launched = external_rank()
+    world_size = launched[1] if launched else _device_count(trainer_cfg.devices) * trainer_cfg.num_nodes
+    if "fsdp" in target.lower() and world_size == 1:
+        raise ConfigError(
+            "trainer=fsdp with one process: FSDP shards over several GPUs, and with one it cannot save "
+            "checkpoints. Use trainer.devices=2 or more, or trainer=gpu on one GPU (with "
+            "model.gradient_checkpointing=true and a smaller data.batch_size if memory is short)"
+        )
 
 
 def check_launch(trainer_cfg: DictConfig) -> None:

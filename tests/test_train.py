@@ -119,6 +119,11 @@ def test_ckpt_path_last_resumes_the_newest_run(tmp_path, corpus_file, cache_dir)
             "FSDP shards over CUDA GPUs only; on CPUs use trainer=ddp trainer.accelerator=cpu",
         ),
         (["compile_mode=fastest"], "compile_mode='fastest': expected one of default, "),
+        (["trainer=fsdp", "trainer.devices=1"], "trainer=fsdp with one process: FSDP shards over several GPUs"),
+        (
+            ["compile=true", "compile_mode=reduce-overhead", "trainer.accumulate_grad_batches=2"],
+            r"compile_mode=reduce-overhead replays CUDA graphs, .* cannot accumulate them \(trainer.accumulate_grad_batches=2\)",
+        ),
         (
             ["+compile_options.coordinate_descent_tunin=true"],
             "compile_options.coordinate_descent_tunin: not a TorchInductor option .* Did you mean coordinate_descent_tuning",
@@ -210,6 +215,9 @@ def test_compile_mode_and_options_reach_torch_compile(compose_cfg, monkeypatch):
         compile_mode=cfg.compile_mode,
         compile_options=cfg.compile_options,
     )
+    plain = GPT2LitModule(instantiate(cfg.model, vocab_size=64), cfg.optimizer, compile=True)
+    plain.configure_model()
+    assert seen.pop() == ("GPT2Model", {"options": {}})  # no mode, no options: torch.compile's defaults
     module.configure_model()
     module.configure_model()  # Lightning may call it again (e.g. for the test after fit): compiled once
     # The mode's own options (CUDA graphs for reduce-overhead), then the explicit ones on top.

@@ -102,7 +102,7 @@ class GPT2LitModule(pl.LightningModule):
         # A mode is a named set of TorchInductor options; the explicit options go on top of it (torch.compile
         # itself takes one or the other). train.py has checked both.
         mode = self.hparams.get("compile_mode")
-        options = {**torch._inductor.list_mode_options(mode), **self.hparams.get("compile_options", {})}
+        options = {**torch._inductor.list_mode_options(mode or "default"), **self.hparams.get("compile_options", {})}
         sharded = isinstance(self.trainer.strategy, FSDPStrategy) if self._trainer is not None else False
         for module in self.model.blocks if sharded else [self.model]:
             module.compile(options=options)
