@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import logging
@@ -21,13 +22,15 @@ from hydra.types import RunMode
 from hydra.utils import execution_whitelist, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
+from pytorch_lightning.strategies import FSDPStrategy
 
-from gpt2lab.checkpoint import check_resumable, resolve_ckpt_path
+from gpt2lab.checkpoint import check_resumable, load_checkpoint, resolve_ckpt_path
 from gpt2lab.config import TRUSTED_TARGETS, register_schemas
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, ThroughputLogger
 from gpt2lab.lit.ddp import external_rank, use_job_command_for_ddp
+from gpt2lab.model import GPT2Model
 from gpt2lab.tokenizers import check_model_vocab
 
 log = logging.getLogger("gpt2lab.train")
@@ -117,21 +120,36 @@ def _train(cfg: DictConfig) -> float | None:
     for lg in trainer.loggers:
         lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "data_stats": datamodule.stats})
 
+    # FSDP wraps a module's decoder blocks in place, and a later stage that finds them wrapped leaves the rest of
+    # the model sharded: under FSDP each stage gets its own copy of the unwrapped module.
+    sharded = isinstance(trainer.strategy, FSDPStrategy)
+    unwrapped = copy.deepcopy(module) if sharded else module
     initial_val_loss = None
     try:
         if cfg.validate_at_start and not ckpt_path:  # the step-0 loss, so a run's progress has a reference
-            initial_val_loss = trainer.validate(module, datamodule=datamodule, verbose=False)[0].get("val/loss")
+            initial_val_loss = trainer.validate(
+                copy.deepcopy(unwrapped) if sharded else module, datamodule=datamodule, verbose=False
+            )[0].get("val/loss")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if cfg.test and "test" in datamodule.datasets and len(datamodule.datasets["test"]):
-            trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+            if not sharded:
+                trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+            elif best:
+                trainer.test(unwrapped, datamodule=datamodule, ckpt_path=best)
+            else:
+                log.warning("test skipped: under FSDP the test reads the best checkpoint, and none was saved")
     except torch.cuda.OutOfMemoryError as e:
         raise ConfigError(out_of_memory_message(cfg, trainer)) from e
     metrics = fit_metrics | {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     if cfg.sample and trainer.is_global_zero:
-        log.info("Sample:\n%s", sample_text(module, tokenizer, **cfg.sample))
+        if not sharded:
+            log.info("Sample:\n%s", sample_text(module.model, tokenizer, **cfg.sample))
+        elif best:  # the sharded weights are whole only in the checkpoint
+            model = load_checkpoint(best, device=trainer.strategy.root_device)[0]
+            log.info("Sample (best checkpoint):\n%s", sample_text(model, tokenizer, **cfg.sample))
     throughput = next((c for c in callbacks if isinstance(c, ThroughputLogger)), None)
     results = {
         "best_checkpoint": best,
@@ -290,15 +308,13 @@ def _wanted(callback: pl.Callback, trainer_cfg: DictConfig) -> bool:
 
 @torch.no_grad()
 def sample_text(
-    module: GPT2LitModule, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None
+    model: GPT2Model, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None
 ) -> str:
     """A short continuation of ``prompt`` from the trained model, on CPU-sized settings."""
-    module.eval()
-    ids = tokenizer.encode(prompt).ids or [0]
-    x = torch.tensor([ids], device=module.device)
-    out = module.model.generate(
-        x, max_new_tokens, temperature, top_k, generator=torch.Generator(module.device).manual_seed(0)
-    )
+    model.eval()
+    device = model.wte.weight.device
+    x = torch.tensor([tokenizer.encode(prompt).ids or [0]], device=device)
+    out = model.generate(x, max_new_tokens, temperature, top_k, generator=torch.Generator(device).manual_seed(0))
     return tokenizer.decode(out[0].tolist())
 
 
