@@ -4,6 +4,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import TINY, run_cli
 from hydra.utils import instantiate
@@ -223,3 +224,39 @@ def test_compile_mode_and_options_reach_torch_compile(compose_cfg, monkeypatch):
     # The mode's own options (CUDA graphs for reduce-overhead), then the explicit ones on top.
     assert seen == [("GPT2Model", {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}})]
     assert module.hparams.compile_options == {"coordinate_descent_tuning": True}  # saved in checkpoints
+
+
+def test_sharded_runs_give_each_stage_its_own_module(compose_cfg, monkeypatch, caplog):
+    # FSDP needs CUDA, so the stage handling it gets is exercised here on the CPU strategy: the step-0
+    # validation and the test must not see the module that fit() trained, and the sample comes from the
+    # best checkpoint file.
+    from pytorch_lightning.strategies import SingleDeviceStrategy
+
+    import gpt2lab.train as train_module
+
+    monkeypatch.setattr(train_module, "FSDPStrategy", SingleDeviceStrategy)
+    seen = []
+    real_validate, real_test = pl.Trainer.validate, pl.Trainer.test
+    monkeypatch.setattr(
+        pl.Trainer, "validate", lambda self, m, **kw: seen.append(("validate", m)) or real_validate(self, m, **kw)
+    )
+    monkeypatch.setattr(
+        pl.Trainer, "test", lambda self, m, **kw: seen.append(("test", m, kw["ckpt_path"])) or real_test(self, m, **kw)
+    )
+    real_fit = pl.Trainer.fit
+    monkeypatch.setattr(pl.Trainer, "fit", lambda self, m, **kw: seen.append(("fit", m)) or real_fit(self, m, **kw))
+    cfg = compose_cfg()
+    with caplog.at_level("INFO", logger="gpt2lab.train"):
+        train(cfg)
+    (_, validated), (_, fitted), (_, tested, ckpt) = seen
+    assert len({id(validated), id(fitted), id(tested)}) == 3
+    assert Path(ckpt).name.startswith("step000008")  # the best checkpoint, loaded into the fresh module
+    results = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    assert results["initial_val_loss"] > results["best_val_loss"]
+    assert "test/loss" in results["metrics"]
+    assert "Sample (best checkpoint):" in caplog.text
+
+    seen.clear()
+    train(compose_cfg("trainer.enable_checkpointing=false"))
+    assert [s[0] for s in seen] == ["validate", "fit"]
+    assert "test skipped: under FSDP the test reads the best checkpoint, and none was saved" in caplog.text
