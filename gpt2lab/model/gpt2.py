@@ -37,7 +37,8 @@ class GPT2Config:
     use_bias: bool = True
     gradient_checkpointing: bool = False
     # The embedding table gets this many rows rounded up (50257 -> 50304): matmuls whose sizes are
-    # multiples of 64 are markedly faster on GPUs. Returned logits are sliced back; the training loss gives the extra columns -inf.
+    # multiples of 64 are markedly faster on GPUs. Returned logits are sliced back; the training loss
+    # gives the extra columns -inf.
     pad_vocab_size_multiple: int = 64
 
     def __post_init__(self) -> None:
