@@ -203,8 +203,8 @@ def check_fsdp_world(trainer_cfg: DictConfig) -> None:
     state dict after an evaluation pass: the first checkpoint would fail, after the training before it."""
     strategy = trainer_cfg.get("strategy")
     target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
-    if trainer_cfg.get("accelerator") == "cpu":
-        return  # Lightning refuses FSDP on CPUs; train() adds the hint
+    if trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available():
+        return  # Lightning refuses FSDP without GPUs; train() adds the hint
     launched = external_rank()
     world_size = launched[1] if launched else _device_count(trainer_cfg.devices) * trainer_cfg.num_nodes
     if "fsdp" in target.lower() and world_size == 1:

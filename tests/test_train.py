@@ -120,7 +120,6 @@ def test_ckpt_path_last_resumes_the_newest_run(tmp_path, corpus_file, cache_dir)
             "FSDP shards over CUDA GPUs only; on CPUs use trainer=ddp trainer.accelerator=cpu",
         ),
         (["compile_mode=fastest"], "compile_mode='fastest': expected one of default, "),
-        (["trainer=fsdp", "trainer.devices=1"], "trainer=fsdp with one process: FSDP shards over several GPUs"),
         (
             ["compile=true", "compile_mode=reduce-overhead", "trainer.accumulate_grad_batches=2"],
             r"compile_mode=reduce-overhead replays CUDA graphs, .* cannot accumulate them \(trainer.accumulate_grad_batches=2\)",
@@ -260,3 +259,13 @@ def test_sharded_runs_give_each_stage_its_own_module(compose_cfg, monkeypatch, c
     train(compose_cfg("trainer.enable_checkpointing=false"))
     assert [s[0] for s in seen] == ["validate", "fit"]
     assert "test skipped: under FSDP the test reads the best checkpoint, and none was saved" in caplog.text
+
+
+@pytest.mark.parametrize("devices", ["1", "auto", "'0,'"])
+def test_fsdp_on_one_gpu_is_refused_before_anything_runs(compose_cfg, monkeypatch, devices):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = compose_cfg("trainer=fsdp", f"trainer.devices={devices}")
+    with pytest.raises(ConfigError, match="trainer=fsdp with one process: FSDP shards over several GPUs"):
+        train(cfg)
+    assert not Path(cfg.paths.output_dir).exists()
