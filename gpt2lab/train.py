@@ -20,7 +20,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import execution_whitelist, instantiate
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from pytorch_lightning.strategies import FSDPStrategy
 
@@ -189,15 +191,6 @@ def check_compile_options(cfg: DictConfig) -> None:
         )
 
 
-def _device_count(devices: Any) -> int:
-    """How many devices Lightning's ``devices`` value asks for: auto/-1 (all), a count, "0,1" or [0, 1]."""
-    if devices in ("auto", -1, "-1"):
-        return max(torch.cuda.device_count(), 1)
-    if isinstance(devices, str):
-        return len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
-    return devices if isinstance(devices, int) else len(devices)
-
-
 def check_fsdp_world(trainer_cfg: DictConfig) -> None:
     """FSDP on a single process falls back to NO_SHARD, where torch's FSDP drops the parameters from the
     state dict after an evaluation pass: the first checkpoint would fail, after the training before it."""
@@ -205,9 +198,15 @@ def check_fsdp_world(trainer_cfg: DictConfig) -> None:
     target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
     if trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available():
         return  # Lightning refuses FSDP without GPUs; train() adds the hint
+    if "fsdp" not in target.lower():
+        return
     launched = external_rank()
-    world_size = launched[1] if launched else _device_count(trainer_cfg.devices) * trainer_cfg.num_nodes
-    if "fsdp" in target.lower() and world_size == 1:
+    try:  # Lightning's own reading of `devices`; a value it rejects gets its error when the Trainer is built
+        devices = CUDAAccelerator.parse_devices(-1 if trainer_cfg.devices == "auto" else trainer_cfg.devices)
+    except MisconfigurationException:
+        return
+    world_size = launched[1] if launched else len(devices or []) * trainer_cfg.num_nodes
+    if world_size == 1:
         raise ConfigError(
             "trainer=fsdp with one process: FSDP shards over several GPUs, and with one it cannot save "
             "checkpoints. Use trainer.devices=2 or more, or trainer=gpu on one GPU (with "
