@@ -196,10 +196,8 @@ def check_fsdp_world(trainer_cfg: DictConfig) -> None:
     state dict after an evaluation pass: the first checkpoint would fail, after the training before it."""
     strategy = trainer_cfg.get("strategy")
     target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
-    if trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available():
-        return  # Lightning refuses FSDP without GPUs; train() adds the hint
-    if "fsdp" not in target.lower():
-        return
+    if "fsdp" not in target.lower() or trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available():
+        return  # without GPUs Lightning refuses FSDP itself, and train() adds the hint
     launched = external_rank()
     try:  # Lightning's own reading of `devices`; a value it rejects gets its error when the Trainer is built
         devices = CUDAAccelerator.parse_devices(-1 if trainer_cfg.devices == "auto" else trainer_cfg.devices)
