@@ -180,6 +180,8 @@ def check_compile_options(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"compile_options.{key}: not a TorchInductor option (torch._inductor.list_options() has them).{hint}"
             )
+    if not cfg.compile and (cfg.compile_mode or cfg.compile_options):
+        log.warning("compile_mode and compile_options take effect with compile=true only; this run is not compiled")
     options = {**torch._inductor.list_mode_options(cfg.compile_mode or "default"), **cfg.compile_options}
     accumulate = cfg.trainer.get("accumulate_grad_batches") or 1
     if cfg.compile and options.get("triton.cudagraphs") and accumulate > 1:

@@ -269,3 +269,9 @@ def test_fsdp_on_one_gpu_is_refused_before_anything_runs(compose_cfg, monkeypatc
     with pytest.raises(ConfigError, match="trainer=fsdp with one process: FSDP shards over several GPUs"):
         train(cfg)
     assert not Path(cfg.paths.output_dir).exists()
+
+
+def test_compile_settings_without_compile_are_flagged(compose_cfg, caplog):
+    with caplog.at_level("WARNING", logger="gpt2lab.train"):
+        train(compose_cfg("+compile_options.coordinate_descent_tuning=true", "sample=null", "test=false"))
+    assert "take effect with compile=true only" in caplog.text
