@@ -4,7 +4,8 @@ Every measurement is a short ``gpt2lab.train.train(cfg)`` run (Lightning Trainer
 memory-mapped data) with validation, checkpoints and the test switched off. ``StepTimer`` marks the start
 of each optimizer step with a CUDA event, so the timed steps have no host sync of their own.
 ``--reference`` runs the plain-PyTorch baseline script in the same invocation, on the same GPU, before
-gpt2lab's runs, and prints its numbers beside them. ``--memory`` finds, per model size, the largest
+gpt2lab's runs, and prints its numbers beside them; its variant ``gpt2lab-model`` is gpt2lab's model in the
+reference's own loop, which tells the model's cost from the Lightning path's. ``--memory`` finds, per model size, the largest
 micro-batch that fits with and without gradient checkpointing.
 """
 
@@ -37,6 +38,7 @@ from gpt2lab.lit.callbacks import peak_flops, precision_dtype
 
 DEFAULT_OVERRIDES = ["preset=small"]
 MEMORY_MODELS = ["gpt2", "gpt2-medium", "gpt2-large"]
+REFERENCE_LOOP_VARIANT = "gpt2lab-model"  # gpt2lab's model in the reference script's own loop
 
 
 class StepTimer(pl.Callback):
@@ -191,11 +193,18 @@ def largest_micro_batch(overrides: list[str], capacity_gb: float) -> dict[str, A
     }
 
 
-def run_reference(script: Path, variant: str, micro_batch: int, steps: int) -> dict[str, Any]:
+def run_reference(
+    script: Path, variant: str, micro_batch: int, steps: int, overrides: list[str] | None = None
+) -> dict[str, Any]:
     """One variant of the reference script (``nano``, ``nano_compile``, ``hf``, ``hf_compile``), in a
-    subprocess on the same GPU; its JSON line."""
+    subprocess on the same GPU; its JSON line. ``gpt2lab-model`` is gpt2lab's model (from ``overrides``) in
+    the script's own loop (``gpt2lab.reference_loop``)."""
     env = {**os.environ, "B": str(micro_batch), "STEPS": str(steps)}
-    proc = subprocess.run([sys.executable, str(script), variant], env=env, capture_output=True, text=True, check=False)
+    if variant == REFERENCE_LOOP_VARIANT:
+        command = [sys.executable, "-m", "gpt2lab.reference_loop", str(script), *(overrides or [])]
+    else:
+        command = [sys.executable, str(script), variant]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"name"')]
     if proc.returncode or not rows:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
@@ -245,7 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--reference", type=Path, help="the plain-PyTorch baseline script (reference_step.py)")
-    parser.add_argument("--reference-variants", nargs="+", default=["nano_compile"], metavar="VARIANT")
+    parser.add_argument(
+        "--reference-variants",
+        nargs="+",
+        default=["nano_compile"],
+        metavar="VARIANT",
+        help="the reference script's variants (nano, nano_compile, hf, hf_compile), the first one the baseline of "
+        f"the ratio; {REFERENCE_LOOP_VARIANT}: gpt2lab's model in the reference's own loop",
+    )
     parser.add_argument("--memory", action="store_true", help="largest micro-batch per model size, +/- checkpointing")
     parser.add_argument("--models", nargs="+", default=MEMORY_MODELS, help="model sizes for --memory")
     parser.add_argument("--json", type=Path, help="also write all results to this file")
@@ -297,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         for mb in micro_batches:
             if args.reference and is_rank_zero:
                 for variant in args.reference_variants:
-                    results["reference"].append(run_reference(args.reference, variant, mb, args.steps))
+                    results["reference"].append(run_reference(args.reference, variant, mb, args.steps, overrides))
             results["runs"].append(measure(overrides, mb, args.steps, args.warmup, args.accumulate))
         if args.memory:
             capacity = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0

@@ -32,6 +32,7 @@ from gpt2lab.errors import ConfigError
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, ThroughputLogger
 from gpt2lab.lit.ddp import external_rank, use_job_command_for_ddp
+from gpt2lab.lit.module import inductor_options
 from gpt2lab.model import GPT2Model
 from gpt2lab.tokenizers import check_model_vocab
 
@@ -182,7 +183,7 @@ def check_compile_options(cfg: DictConfig) -> None:
             )
     if not cfg.compile and (cfg.compile_mode or cfg.compile_options):
         log.warning("compile_mode and compile_options take effect with compile=true only; this run is not compiled")
-    options = {**torch._inductor.list_mode_options(cfg.compile_mode or "default"), **cfg.compile_options}
+    options = inductor_options(cfg.compile_mode, cfg.compile_options)
     accumulate = cfg.trainer.get("accumulate_grad_batches") or 1
     if cfg.compile and options.get("triton.cudagraphs") and accumulate > 1:
         raise ConfigError(

@@ -1,6 +1,7 @@
 """``python -m gpt2lab.bench`` on CPU: the figures it reports, the reference beside them, and bad input."""
 
 import json
+import math
 import sys
 
 import pytest
@@ -98,3 +99,41 @@ def test_memory_search_fits_a_line_and_steps_down_on_out_of_memory(monkeypatch):
     row = bench.largest_micro_batch([], capacity_gb=10.0)
     assert row == {"largest_micro_batch": 13, "static_gb": 2.0, "activation_gb_per_sequence": 0.5}
     assert tried == [1, 2, 15, 13]
+
+
+def test_gpt2lab_model_runs_in_the_reference_loop(bench_args, tmp_path, capsys):
+    # A stand-in reference with the real script's interface: a module-level device and bench(name, model,
+    # loss_fn, n_params) that times loss_fn on random tokens below 50257 and prints one JSON line.
+    fake = tmp_path / "reference_step.py"
+    fake.write_text(
+        "import json, os, sys, torch\n"
+        "dev = 'cpu'\n"
+        "def bench(name, model, loss_fn, n_params):\n"
+        "    x = torch.randint(0, 50257, (int(os.environ['B']), 8))\n"
+        "    loss = loss_fn(x, x)\n"
+        "    loss.backward()\n"
+        "    print(json.dumps(dict(name=name, B=x.shape[0], params_M=n_params / 1e6, step_ms=1.0, tok_s=8,\n"
+        "                          mfu_989=0.1, warmup_s=0.0, peak_mem_GB=0.0, loss=loss.item())))\n"
+        "if __name__ == '__main__':\n"
+        "    print(json.dumps(dict(name=sys.argv[1], B=int(os.environ['B']), params_M=1.0, step_ms=10.0,\n"
+        "                          tok_s=10, mfu_989=0.5, warmup_s=1.0, peak_mem_GB=1.0)))\n"
+    )
+    out = tmp_path / "bench.json"
+    args = [*bench_args, "model.vocab_size=50257", "-b", "2", "--steps", "2", "--warmup", "1", "--json", str(out)]
+    assert main([*args, "--reference", str(fake), "--reference-variants", "nano_compile", "gpt2lab-model"]) == 0
+    nano, ours = json.loads(out.read_text())["reference"]
+    assert nano["name"] == "nano_compile" and ours["name"] == "gpt2lab-model" and ours["B"] == 2
+    assert ours["loss"] == pytest.approx(math.log(50257), abs=0.5)  # the model the overrides describe, untrained
+    assert "| reference gpt2lab-model | 2 |" in capsys.readouterr().out
+
+
+def test_reference_loop_refuses_a_vocabulary_below_the_references(tmp_path, corpus_file, cache_dir):
+    import subprocess
+
+    fake = tmp_path / "reference_step.py"
+    fake.write_text("dev = 'cpu'\n")
+    args = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", "model.vocab_size=320"]
+    result = subprocess.run(
+        [sys.executable, "-m", "gpt2lab.reference_loop", str(fake), *args], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "model.vocab_size=320: the reference's tokens need 50257" in result.stderr

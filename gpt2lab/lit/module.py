@@ -40,6 +40,12 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def inductor_options(mode: str | None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """TorchInductor options for torch.compile: a mode is a named set of them, and explicit ``options`` go on top
+    (torch.compile itself takes a mode or options, not both)."""
+    return {**torch._inductor.list_mode_options(mode or "default"), **(options or {})}
+
+
 def _rng_states() -> dict[str, Any]:
     # Plain lists and tensors only, so that checkpoints load with torch.load(weights_only=True).
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -99,10 +105,7 @@ class GPT2LitModule(pl.LightningModule):
         decoder block, the unit FSDP gathers, is compiled, as PyTorch advises for its wrapper modules."""
         if not self.hparams.compile or self._compiled:
             return
-        # A mode is a named set of TorchInductor options; the explicit options go on top of it (torch.compile
-        # itself takes one or the other). train.py has checked both.
-        mode = self.hparams.get("compile_mode")
-        options = {**torch._inductor.list_mode_options(mode or "default"), **self.hparams.get("compile_options", {})}
+        options = inductor_options(self.hparams.get("compile_mode"), self.hparams.get("compile_options"))  # checked
         sharded = isinstance(self.trainer.strategy, FSDPStrategy) if self._trainer is not None else False
         for module in self.model.blocks if sharded else [self.model]:
             module.compile(options=options)
