@@ -4,9 +4,9 @@ Every measurement is a short ``gpt2lab.train.train(cfg)`` run (Lightning Trainer
 memory-mapped data) with validation, checkpoints and the test switched off. ``StepTimer`` marks the start
 of each optimizer step with a CUDA event, so the timed steps have no host sync of their own.
 ``--reference`` runs the plain-PyTorch baseline script in the same invocation, on the same GPU, before
-gpt2lab's runs, and prints its numbers beside them; its variant ``gpt2lab-model`` is gpt2lab's model in the
-reference's own loop, which tells the model's cost from the Lightning path's. ``--memory`` finds, per model size, the largest
-micro-batch that fits with and without gradient checkpointing.
+gpt2lab's runs, and prints its numbers beside them; its variant ``gpt2lab-model`` is gpt2lab's model in
+the reference's own loop, which tells the model's cost from the Lightning path's. ``--memory`` finds, per
+model size, the largest micro-batch that fits with and without gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -121,6 +121,15 @@ def compose_config(overrides: list[str]) -> DictConfig:
     init = initialize_config_module("gpt2lab.conf") if path.startswith("pkg://") else initialize_config_dir(path)
     with init:
         return compose("train", overrides=overrides)
+
+
+CONFIG_ERRORS = (HydraException, OmegaConfBaseException)
+
+
+def config_error_text(e: BaseException) -> str:
+    """A composition error as one message; the cause carries Hydra's "Did you mean" for a misspelt key."""
+    cause = f"\n{e.__cause__}" if e.__cause__ else ""
+    return f"Error: {e}{cause}"
 
 
 def measure(overrides: list[str], micro_batch: int, steps: int, warmup: int, accumulate: int) -> dict[str, Any]:
@@ -282,9 +291,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = compose_config(overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        cause = f"\n{e.__cause__}" if e.__cause__ else ""
-        print(f"Error: {e}{cause}", file=sys.stderr)
+    except CONFIG_ERRORS as e:
+        print(config_error_text(e), file=sys.stderr)
         return 2
     micro_batches = args.micro_batch or [cfg.data.batch_size]
     if args.reference and not args.reference.is_file():

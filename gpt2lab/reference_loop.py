@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from gpt2lab.bench import REFERENCE_LOOP_VARIANT, compose_config
+from gpt2lab.bench import CONFIG_ERRORS, REFERENCE_LOOP_VARIANT, compose_config, config_error_text
 from gpt2lab.lit.module import inductor_options
 from gpt2lab.model import GPT2Model
 
@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = importlib.util.spec_from_file_location("reference_step", argv[0])
     reference = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reference)
-    cfg = compose_config(argv[1:])
+    try:
+        cfg = compose_config(argv[1:])
+    except CONFIG_ERRORS as e:
+        print(config_error_text(e), file=sys.stderr)
+        return 2
     config = instantiate(cfg.model, vocab_size=cfg.model.vocab_size or REFERENCE_VOCAB)
     if config.vocab_size < REFERENCE_VOCAB:
         print(f"model.vocab_size={config.vocab_size}: the reference's tokens need {REFERENCE_VOCAB}", file=sys.stderr)

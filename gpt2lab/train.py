@@ -79,9 +79,6 @@ def _train(cfg: DictConfig) -> float | None:
         )
     if torch.cuda.is_available():  # CPU runs keep exact fp32 matmuls
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
-    modes = ("default", *torch._inductor.list_mode_options())
-    if cfg.compile_mode is not None and cfg.compile_mode not in modes:
-        raise ConfigError(f"compile_mode={cfg.compile_mode!r}: expected one of {', '.join(modes)} (or null)")
     check_compile_options(cfg)
     check_launch(cfg.trainer)
     check_fsdp_world(cfg.trainer)
@@ -171,8 +168,12 @@ def _train(cfg: DictConfig) -> float | None:
 
 
 def check_compile_options(cfg: DictConfig) -> None:
-    """Each ``compile_options`` key must be a TorchInductor option, so a typo fails here rather than after
-    the data has been prepared; and CUDA graphs cannot accumulate gradients."""
+    """``compile_mode`` must be one of torch.compile's modes and each ``compile_options`` key a TorchInductor
+    option, so a typo fails here rather than after the data has been prepared; and CUDA graphs cannot
+    accumulate gradients."""
+    modes = ("default", *torch._inductor.list_mode_options())
+    if cfg.compile_mode is not None and cfg.compile_mode not in modes:
+        raise ConfigError(f"compile_mode={cfg.compile_mode!r}: expected one of {', '.join(modes)} (or null)")
     known = set(torch._inductor.list_options())
     for key in cfg.compile_options:
         if key not in known:
@@ -247,9 +248,9 @@ def out_of_memory_message(cfg: DictConfig, trainer: pl.Trainer) -> str:
         )
     if not cfg.model.gradient_checkpointing:
         knobs.append("model.gradient_checkpointing=true (recompute activations in backward: less memory, ~25% slower)")
-    if "bf16" not in str(cfg.trainer.precision) and "16" not in str(cfg.trainer.precision):
+    if "16" not in str(cfg.trainer.precision):  # neither bf16 nor fp16
         knobs.append("trainer.precision=bf16-mixed (half-size activations)")
-    if "FSDP" not in type(trainer.strategy).__name__:
+    if not isinstance(trainer.strategy, FSDPStrategy):
         knobs.append("trainer=fsdp (shard weights, gradients and optimizer state over the GPUs)")
     knobs.append("a smaller model.context_length or model size")
     where = trainer.strategy.root_device
