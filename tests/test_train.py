@@ -1,6 +1,7 @@
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -11,6 +12,8 @@ from hydra.utils import instantiate
 
 from gpt2lab.checkpoint import load_checkpoint
 from gpt2lab.errors import ConfigError
+from gpt2lab.lit.callbacks import ProgressBar
+from gpt2lab.lit.module import GPT2LitModule
 from gpt2lab.train import train
 
 
@@ -275,3 +278,43 @@ def test_compile_settings_without_compile_are_flagged(compose_cfg, caplog):
     with caplog.at_level("WARNING", logger="gpt2lab.train"):
         train(compose_cfg("+compile_options.coordinate_descent_tuning=true", "sample=null", "test=false"))
     assert "take effect with compile=true only" in caplog.text
+
+
+def test_training_reads_values_back_only_on_logging_steps(compose_cfg, monkeypatch):
+    """No host sync per step: a tensor is read back to Python (``.item()``, which waits for the GPU) only on
+    the steps that write logs or redraw the progress bar, not after every batch."""
+    current = {"batch": None}
+    read_at: set[int] = set()
+    real_item, real_start = torch.Tensor.item, GPT2LitModule.on_train_batch_start
+
+    def item(self):
+        if current["batch"] is not None:
+            read_at.add(current["batch"])
+        return real_item(self)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        current["batch"] = batch_idx
+        return real_start(self, batch, batch_idx)
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    monkeypatch.setattr(GPT2LitModule, "on_train_batch_start", on_train_batch_start)
+    cfg = compose_cfg(
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=12",
+        "trainer.log_every_n_steps=4",
+        "trainer.enable_progress_bar=true",
+        "callbacks.progress_bar.refresh_rate=4",
+        "optimizer.fused=true",  # as on GPUs; the CPU's unfused AdamW reads its (CPU) step counter every step
+        "sample=null",
+        "test=false",
+    )
+    train(cfg)
+    assert read_at and read_at <= {3, 7, 11}  # batch indices from 0: the 4th, 8th and 12th steps
+
+
+def test_progress_bar_shows_the_logged_training_loss():
+    bar = ProgressBar(refresh_rate=10, metrics=["train/loss", "train/grad_norm"])
+    trainer = SimpleNamespace(
+        loggers=[], progress_bar_metrics={"val/loss": 2.5}, callback_metrics={"train/loss": torch.tensor(1.25)}
+    )
+    assert bar.get_metrics(trainer, None) == {"val/loss": 2.5, "train/loss": 1.25}  # grad_norm not logged yet

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.throughput import get_available_flops
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.trainer.states import TrainerFn
 
 # Dense bf16/fp16 tensor-core peaks (datasheets, without the 2:4 sparsity doubling). Lightning's own table
@@ -87,6 +88,28 @@ class ThroughputLogger(pl.Callback):
     @property
     def tokens_per_sec(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, showing training metrics without a host sync per step.
+
+    A value logged with ``self.log(..., prog_bar=True)`` is turned into a Python number after every batch,
+    whether or not the bar redraws then (Lightning issue #21232). That waits for the GPU once per step,
+    which cost about 3% of a GPT-2 small step on an H200. So the training step logs its metrics without
+    ``prog_bar``, and this bar reads ``metrics`` only when it redraws, every ``refresh_rate`` batches.
+    """
+
+    def __init__(self, refresh_rate: int = 1, leave: bool = False, metrics: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=leave)
+        self.metrics = list(metrics)
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        for key in self.metrics:
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                items[key] = value.item() if isinstance(value, torch.Tensor) else value
+        return items
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -123,7 +123,8 @@ class GPT2LitModule(pl.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         # A tensor, not a float: Lightning reads it back only every log_every_n_steps, so no host sync per step.
-        self.log("train/loss", loss, on_step=True, prog_bar=True)
+        # Not prog_bar=True, which would read it back after every batch; gpt2lab's ProgressBar shows it.
+        self.log("train/loss", loss, on_step=True)
         return loss
 
     # Evaluation: the mean loss over all batches (then over ranks), and perplexity from that mean.
