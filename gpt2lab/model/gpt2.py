@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gpt2lab.errors import ConfigError
+from gpt2lab.model import cross_entropy
 
 
 @dataclass
@@ -36,6 +37,9 @@ class GPT2Config:
     initializer_range: float = 0.02
     use_bias: bool = True
     gradient_checkpointing: bool = False
+    # On CUDA with Triton: the output layer and the loss as one op that never keeps the logits, only their
+    # gradient (gpt2lab/model/cross_entropy.py). The same loss; false gives the plain path.
+    fused_loss: bool = True
     # The embedding table gets this many rows rounded up (50257 -> 50304): matmuls whose sizes are
     # multiples of 64 are markedly faster on GPUs. Returned logits are sliced back; the training loss
     # gives the extra columns -inf.
@@ -199,6 +203,8 @@ class GPT2Model(nn.Module):
         vocab_size = self.config.vocab_size
         if labels is None:
             return self.lm_head(x)[..., :vocab_size], None
+        if self.config.fused_loss and not return_logits and cross_entropy.available(x.device):
+            return None, cross_entropy.linear_cross_entropy(x, self.lm_head.weight, self.logit_bias, labels)
         logits = F.linear(x, self.lm_head.weight, self.logit_bias)  # (B, T, padded V), padding at -inf
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return (logits[..., :vocab_size] if return_logits else None), loss
