@@ -114,8 +114,12 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(h, weight, bias).float(), labels, ignore_index=-100)`` over (..., C) inputs
     and (...) labels, in the autocast dtype when autocast is on (as ``F.linear`` would run)."""
+    if bias is not None and bias.requires_grad:
+        raise ValueError("linear_cross_entropy: the bias is a constant (the padding mask) and gets no gradient")
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
     weight = weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
-    loss, _ = _linear_cross_entropy(h.reshape(-1, h.shape[-1]).to(dtype), weight, bias, labels.reshape(-1))
+    # The kernel reads labels and rows at unit stride.
+    h, labels = h.reshape(-1, h.shape[-1]).to(dtype).contiguous(), labels.reshape(-1).contiguous()
+    loss, _ = _linear_cross_entropy(h, weight, bias, labels)
     return loss
