@@ -126,6 +126,8 @@ class TrainSchema:
     compile_mode: Optional[str] = None  # noqa: UP045 - torch.compile's mode: max-autotune, reduce-overhead, ...
     # TorchInductor options, on top of the mode's own (e.g. coordinate_descent_tuning)
     compile_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Under DDP: split the compiled graph at the gradient buckets to overlap their all-reduce (torch's default)
+    compile_optimize_ddp: bool = False
     float32_matmul_precision: str = "high"  # torch.set_float32_matmul_precision: high lets fp32 matmuls use TF32
     validate_at_start: bool = True  # log the step-0 validation loss before training
     test: bool = True  # evaluate the best checkpoint on the test split after training

@@ -107,6 +107,7 @@ def _train(cfg: DictConfig) -> float | None:
         compile=cfg.compile,
         compile_mode=cfg.compile_mode,
         compile_options=cfg.compile_options,
+        compile_optimize_ddp=cfg.compile_optimize_ddp,
     )
     module.tokenizer = tokenizer
     if ckpt_path:

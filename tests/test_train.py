@@ -318,3 +318,16 @@ def test_progress_bar_shows_the_logged_training_loss():
         loggers=[], progress_bar_metrics={"val/loss": 2.5}, callback_metrics={"train/loss": torch.tensor(1.25)}
     )
     assert bar.get_metrics(trainer, None) == {"val/loss": 2.5, "train/loss": 1.25}  # grad_norm not logged yet
+
+
+@pytest.mark.parametrize("optimize_ddp", [False, True])
+def test_compile_optimize_ddp_sets_dynamo_under_ddp(compose_cfg, monkeypatch, optimize_ddp):
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: None)
+    cfg = compose_cfg("compile=true", f"compile_optimize_ddp={optimize_ddp}")
+    module = GPT2LitModule(
+        instantiate(cfg.model, vocab_size=64), cfg.optimizer, compile=True, compile_optimize_ddp=optimize_ddp
+    )
+    module._trainer = SimpleNamespace(strategy=pl.strategies.DDPStrategy())
+    with torch._dynamo.config.patch(optimize_ddp=not optimize_ddp):  # restored afterwards
+        module.configure_model()
+        assert torch._dynamo.config.optimize_ddp is optimize_ddp
