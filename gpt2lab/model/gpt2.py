@@ -206,7 +206,7 @@ class GPT2Model(nn.Module):
         if self.config.fused_loss and not return_logits and cross_entropy.available(x.device):
             return None, cross_entropy.linear_cross_entropy(x, self.lm_head.weight, self.logit_bias, labels)
         logits = F.linear(x, self.lm_head.weight, self.logit_bias)  # (B, T, padded V), padding at -inf
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=cross_entropy.IGNORE_INDEX)
         return (logits[..., :vocab_size] if return_logits else None), loss
 
     @torch.no_grad()
