@@ -109,3 +109,28 @@ def test_generate_extends_the_prompt():
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=20, top_k=5)
     assert out.shape == (1, 23)
     assert out[0, :3].tolist() == [1, 2, 3]
+
+
+def test_builds_on_the_meta_device_and_materialises_with_init_weights():
+    # Deferred initialisation, as under FSDP: no memory is allocated until the parameters are materialised.
+    config = GPT2Config(vocab_size=101, context_length=16, d_model=32, num_heads=4, num_layers=2, d_ff=64)
+    with torch.device("meta"):
+        model = GPT2Model(config)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    built = tiny()
+    assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in built.named_parameters()}
+    assert model.num_parameters() == built.num_parameters()
+
+    model.to_empty(device="cpu")  # uninitialised memory, and the output layer no longer shares the embedding
+    for m in (model, built):
+        torch.manual_seed(0)
+        m.init_weights()
+    assert model.lm_head.weight is model.wte.weight
+    # Every tensor is set by init_weights, none left as to_empty's memory: the same as a CPU-built model's.
+    for (name, a), b in zip(model.state_dict().items(), built.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(model.logit_bias, built.logit_bias)
+    x, y = torch.randint(0, 101, (2, 3, 16))
+    loss = model.eval()(x, y)[1]
+    assert abs(loss.item() - math.log(101)) < 0.1  # GPT-2's init: near-uniform predictions over the real vocabulary
+    assert model(x)[0].shape == (3, 16, 101)

@@ -147,17 +147,24 @@ class GPT2Model(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied: one matrix reads tokens in and writes them out
         # Added to the training logits inside the output matmul (cuBLAS adds a bias in its epilogue): -inf on
         # the padding columns takes them out of the softmax, so the loss is exactly that of the sliced logits,
-        # without the sliced copy and its zero-filled gradient (~5% of a GPT-2 small step on an H200).
-        padding = torch.arange(config.padded_vocab_size) >= config.vocab_size
-        self.register_buffer(
-            "logit_bias",
-            torch.zeros(padding.shape).masked_fill(padding, float("-inf")) if padding.any() else None,
-            persistent=False,
-        )
-        self.apply(self._init_weights)
+        # without the sliced copy and its zero-filled gradient (~5% of a GPT-2 small step on an H200). Decided
+        # from the config, never from a tensor's values, so that the model can be built on the meta device.
+        padded = config.padded_vocab_size > config.vocab_size
+        self.register_buffer("logit_bias", torch.empty(config.padded_vocab_size) if padded else None, persistent=False)
+        self.init_weights()
         # Counted now: once FSDP shards the parameters, each rank holds only its share of them.
         self._num_parameters = sum(p.numel() for p in self.parameters())
         self._num_position_parameters = self.wpe.weight.numel()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2's initialisation and the padding columns' -inf. For deferred initialisation (the model built
+        under ``torch.device("meta")``), call it after ``to_empty(device=...)``, which leaves every tensor
+        uninitialised and gives the output layer its own copy of the embedding: this ties them again."""
+        self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        if self.logit_bias is not None:
+            self.logit_bias.fill_(float("-inf"))[: self.config.vocab_size] = 0.0
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -171,6 +178,8 @@ class GPT2Model(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            module.reset_parameters()
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameter count; tied weights are counted once. ``non_embedding`` leaves out positions."""
