@@ -32,7 +32,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from gpt2lab.config import register_schemas
+from gpt2lab.config import config_path, register_schemas
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit.callbacks import peak_flops, precision_dtype
 
@@ -114,10 +114,8 @@ class StepTimer(pl.Callback):
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The training config for ``overrides``, composed as ``train.py`` would."""
-    from gpt2lab.train import _config_path
-
     register_schemas()
-    path = _config_path()
+    path = config_path()
     init = initialize_config_module("gpt2lab.conf") if path.startswith("pkg://") else initialize_config_dir(path)
     with init:
         return compose("train", overrides=overrides)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -13,30 +14,69 @@ from gpt2lab.errors import ConfigError
 from gpt2lab.lit.module import CHECKPOINT_KEY
 from gpt2lab.model import GPT2Config, GPT2Model
 
+log = logging.getLogger(__name__)
 
-def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | os.PathLike, exclude: Path | None = None) -> str | None:
-    """``None``, an existing file, or ``last``: the newest ``last.ckpt`` of the runs under ``log_dir``."""
+
+def resolve_ckpt_path(
+    ckpt_path: str | None,
+    log_dir: str | os.PathLike,
+    exclude: Path | None = None,
+    model: dict[str, Any] | None = None,
+) -> str | None:
+    """The checkpoint ``ckpt_path`` names: ``None``, a ``.ckpt`` file, a run directory (its
+    ``checkpoints/last.ckpt``), or ``last``: the newest ``last.ckpt`` under ``log_dir``. Given the ``model``
+    about to be trained, ``last`` skips checkpoints of another architecture (saying so), and any other
+    checkpoint of another architecture is refused, naming the keys that differ."""
     if not ckpt_path:
         return None
-    if ckpt_path == "last":
-        candidates = [
-            p for p in Path(log_dir).glob("**/checkpoints/last.ckpt") if exclude is None or exclude not in p.parents
-        ]
-        if not candidates:
-            raise ConfigError(f"ckpt_path=last: no run under {log_dir}/ has a checkpoints/last.ckpt to resume from")
-        return str(max(candidates, key=lambda p: p.stat().st_mtime))
+    if ckpt_path != "last":
+        path = _checkpoint_file(ckpt_path)
+        if model is not None:
+            check_resumable(path, model)
+        return str(path)
+    candidates = sorted(
+        (p for p in Path(log_dir).glob("**/checkpoints/last.ckpt") if exclude is None or exclude not in p.parents),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    if not candidates:
+        raise ConfigError(f"ckpt_path=last: no run under {log_dir}/ has a checkpoints/last.ckpt to resume from")
+    if model is None:
+        return str(candidates[0])
+    for path in candidates:
+        diff = model_diff(read_checkpoint(path)["hyper_parameters"]["model"], model)
+        if not diff:
+            return str(path)
+        log.info("ckpt_path=last: skipping %s, a different model (%s)", path, diff)
+    raise ConfigError(
+        f"ckpt_path=last: none of the {len(candidates)} last.ckpt files under {log_dir}/ holds this model "
+        "(see the lines above for how each differs): pass the run's own settings, or ckpt_path=<a .ckpt file>"
+    )
+
+
+def _checkpoint_file(ckpt_path: str) -> Path:
     path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        last = path / "last.ckpt" if path.name == "checkpoints" else path / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise ConfigError(
+                f"ckpt_path={ckpt_path!r} is a directory without {last.relative_to(path)}: name a run directory "
+                "that saved checkpoints, or a .ckpt file under <run>/checkpoints/"
+            )
+        return last
     if not path.is_file():
         raise ConfigError(
-            f"ckpt_path={ckpt_path!r}: no such file (use a .ckpt file under <run>/checkpoints/, or ckpt_path=last)"
+            f"ckpt_path={ckpt_path!r}: no such file (use a .ckpt file under <run>/checkpoints/, a run directory, "
+            "or ckpt_path=last)"
         )
-    return str(path)
+    return path
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint onto the CPU, or fail with a message that says what is wrong with the file."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
+        # weights_only: never runs code from the file; mmap: reading the hyper-parameters does not read the weights
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ConfigError(f"ckpt_path={str(path)!r} is not a readable checkpoint ({type(e).__name__}: {e})") from e
     if (
@@ -50,16 +90,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checkpoint
 
 
+def model_diff(saved: dict[str, Any], model: dict[str, Any]) -> str:
+    """The architecture keys on which a checkpoint's model and ``model`` differ, as text; empty if none."""
+    ignore = {"gradient_checkpointing", "dropout", "attention_dropout", "residual_dropout", "fused_loss"}
+    diff = {k: (saved.get(k), v) for k, v in model.items() if k not in ignore and saved.get(k) != v}
+    return ", ".join(f"model.{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
+
+
 def check_resumable(path: str | os.PathLike, model: dict[str, Any]) -> None:
     """Resuming needs the same architecture; name the keys that differ instead of a shape error."""
-    saved = read_checkpoint(path)["hyper_parameters"]["model"]
-    ignore = {"gradient_checkpointing", "dropout", "attention_dropout", "residual_dropout"}
-    diff = {k: (saved.get(k), v) for k, v in model.items() if k not in ignore and saved.get(k) != v}
+    diff = model_diff(read_checkpoint(path)["hyper_parameters"]["model"], model)
     if diff:
-        changes = ", ".join(f"model.{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
-        raise ConfigError(
-            f"ckpt_path={str(path)!r} holds a different model ({changes}); resume with the run's own config"
-        )
+        raise ConfigError(f"ckpt_path={str(path)!r} holds a different model ({diff}); resume with the run's own config")
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT2Model, Tokenizer | None]:

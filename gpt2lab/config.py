@@ -9,10 +9,12 @@ named first in ``conf/train.yaml``'s defaults list.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import inspect
 import os
 import types
 import typing
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
@@ -86,7 +88,8 @@ class OptimizerSchema:
 
 @dataclasses.dataclass
 class SchedulerSchema:
-    _target_: str = "gpt2lab.lit.warmup_cosine"
+    # Set by the scheduler group; without one (scheduler=null, ~scheduler) the learning rate is constant.
+    _target_: Optional[str] = None  # noqa: UP045
     warmup_steps: int = 100
     max_steps: int = 1000
     min_lr_ratio: float = 0.1
@@ -114,7 +117,7 @@ class TrainSchema:
     tokenizer: TokenizerSchema = dataclasses.field(default_factory=TokenizerSchema)
     trainer: TrainerSchema = dataclasses.field(default_factory=TrainerSchema)
     optimizer: OptimizerSchema = dataclasses.field(default_factory=OptimizerSchema)
-    scheduler: Optional[SchedulerSchema] = dataclasses.field(default_factory=SchedulerSchema)  # noqa: UP045
+    scheduler: Optional[SchedulerSchema] = None  # noqa: UP045 - None: a constant learning rate
     paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
     sample: Optional[SampleSchema] = dataclasses.field(default_factory=SampleSchema)  # noqa: UP045
     callbacks: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -133,6 +136,26 @@ class TrainSchema:
     test: bool = True  # evaluate the best checkpoint on the test split after training
     task_name: str = "train"
     optuna_trial: Optional[int] = None  # noqa: UP045 - set by the Optuna sweeper for each trial
+
+
+def config_path() -> str:
+    """Where the config tree is: ``conf/`` of a source checkout, else the copy installed as ``gpt2lab.conf``."""
+    source_tree = Path(__file__).resolve().parent.parent / "conf"
+    return str(source_tree) if (source_tree / "train.yaml").is_file() else "pkg://gpt2lab.conf"
+
+
+def config_groups() -> set[str]:
+    """The names of the config groups (``model``, ``scheduler``, ...): the directories of the config tree."""
+    path = config_path()
+    root = importlib.resources.files("gpt2lab.conf") if path.startswith("pkg://") else Path(path)
+    return {entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("_")}
+
+
+def null_group_overrides(args: list[str]) -> list[str]:
+    """``group=null`` read as ``~group`` (drop the group's default): Hydra only knows the latter, and stops
+    with a traceback on the former, which is what users of Hydra-based tools type."""
+    groups = config_groups()
+    return [f"~{a.partition('=')[0]}" if a.endswith("=null") and a.partition("=")[0] in groups else a for a in args]
 
 
 def register_schemas() -> None:

@@ -26,13 +26,13 @@ from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from pytorch_lightning.strategies import FSDPStrategy
 
-from gpt2lab.checkpoint import check_resumable, load_checkpoint, resolve_ckpt_path
-from gpt2lab.config import TRUSTED_TARGETS, register_schemas
+from gpt2lab.checkpoint import load_checkpoint, resolve_ckpt_path
+from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, ThroughputLogger
 from gpt2lab.lit.ddp import external_rank, use_job_command_for_ddp
-from gpt2lab.lit.module import inductor_options
+from gpt2lab.lit.module import check_optimization, inductor_options
 from gpt2lab.model import GPT2Model
 from gpt2lab.tokenizers import check_model_vocab
 
@@ -47,6 +47,9 @@ warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint th
 warnings.filterwarnings(
     "ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated"
 )  # Lightning vs torch>=2.10
+# A resumed run writes into its own new run directory by design (the checkpoint's run stays as it was), so
+# ModelCheckpoint's "dirpath has changed ... won't be reloaded" is expected, not a problem to report.
+warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "💡 Tip" not in r.getMessage())  # ads
 
 
@@ -82,8 +85,12 @@ def _train(cfg: DictConfig) -> float | None:
     check_compile_options(cfg)
     check_launch(cfg.trainer)
     check_fsdp_world(cfg.trainer)
+    if cfg.scheduler is not None and not cfg.scheduler.get("_target_"):  # scheduler=null: no scheduler group
+        cfg.scheduler = None
+        log.info("Learning rate: constant optimizer.lr=%s (no scheduler)", cfg.optimizer.lr)
+    check_optimization(cfg.optimizer, cfg.scheduler, cfg.trainer.max_steps)
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir)
+    resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir)  # a missing checkpoint fails here
 
     callbacks = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c) if _wanted(c, cfg.trainer)]
     if cfg.optuna_trial is not None:
@@ -110,8 +117,11 @@ def _train(cfg: DictConfig) -> float | None:
         compile_optimize_ddp=cfg.compile_optimize_ddp,
     )
     module.tokenizer = tokenizer
+    # Now that the model is known, `last` can pass over checkpoints of other models
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir, model=module.hparams.model)
     if ckpt_path:
-        check_resumable(ckpt_path, module.hparams.model)
+        log.info("Resuming from %s", ckpt_path)
+        cfg.ckpt_path = ckpt_path  # config.yaml records the file, not `last`
     log.info("Model: %s parameters (%s)", f"{module.model.num_parameters():,}", model_config)
 
     if trainer.is_global_zero:
@@ -144,6 +154,8 @@ def _train(cfg: DictConfig) -> float | None:
     except torch.cuda.OutOfMemoryError as e:
         raise ConfigError(out_of_memory_message(cfg, trainer)) from e
     metrics = fit_metrics | {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.optimized_metric not in metrics:
+        log.warning("No %s at the end of training: %s", cfg.optimized_metric, _why_no_metric(cfg, trainer))
 
     if cfg.sample and trainer.is_global_zero:
         if not sharded:
@@ -155,6 +167,7 @@ def _train(cfg: DictConfig) -> float | None:
     results = {
         "best_checkpoint": best,
         "best_val_loss": float(trainer.checkpoint_callback.best_model_score) if best else None,
+        "resumed_from": ckpt_path,
         "initial_val_loss": initial_val_loss,
         "metrics": metrics,
         "global_step": trainer.global_step,
@@ -280,7 +293,20 @@ def _parallel_job_share() -> dict[str, Any]:
     return {}
 
 
+def _why_no_metric(cfg: DictConfig, trainer: pl.Trainer) -> str:
+    if not trainer.enable_validation:
+        return "validation is off (trainer.limit_val_batches=0 or fast_dev_run); set trainer.limit_val_batches > 0"
+    if trainer.global_step == 0:
+        return "no training step was taken (check trainer.max_steps, max_epochs and max_time)"
+    return f"the run logged no metric of that name (optimized_metric={cfg.optimized_metric}; see metrics.csv)"
+
+
 def _make_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: Any, **overrides: Any) -> pl.Trainer:
+    interval = cfg.trainer.val_check_interval
+    if isinstance(interval, float) and interval <= 1.0 and cfg.trainer.check_val_every_n_epoch is None:
+        # Lightning reads a float as a fraction of an epoch (0.5: twice per epoch), but only when counting
+        # epochs; gpt2lab's default counts steps across epochs, which Lightning then refuses for a float.
+        overrides["check_val_every_n_epoch"] = 1
     try:
         return instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()], **overrides
@@ -320,17 +346,17 @@ def sample_text(
     return tokenizer.decode(out[0].tolist())
 
 
-def _config_path() -> str:
-    source_tree = Path(__file__).resolve().parent.parent / "conf"
-    return str(source_tree) if (source_tree / "train.yaml").is_file() else "pkg://gpt2lab.conf"
-
-
 register_schemas()
 
 
-@hydra.main(config_path=_config_path(), config_name="train", execution_whitelist=TRUSTED_TARGETS)
-def main(cfg: DictConfig) -> float | None:
+def main() -> float | None:
     """Entry point of ``python train.py`` and ``gpt2lab-train``."""
+    sys.argv = null_group_overrides(sys.argv)
+    return _main()
+
+
+@hydra.main(config_path=config_path(), config_name="train", execution_whitelist=TRUSTED_TARGETS)
+def _main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
     except Exception as e:

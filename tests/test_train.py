@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -137,6 +138,15 @@ def test_ckpt_path_last_resumes_the_newest_run(tmp_path, corpus_file, cache_dir)
         (
             ["tokenizer=pretrained", "tokenizer.name=/missing/tokenizer.json"],
             "tokenizer.name='/missing/tokenizer.json': no such file",
+        ),
+        (["optimizer.lr=-1"], "optimizer.lr=-1.0: expected a positive learning rate"),
+        (["optimizer.betas=[0.9,1.5]"], r"optimizer.betas=\[0.9, 1.5\]: expected two numbers in \[0, 1\)"),
+        (["optimizer.eps=-1e-8"], "optimizer.eps=-1e-08: expected a small non-negative number"),
+        (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1: expected a non-negative decay"),
+        (["scheduler.warmup_steps=-5"], "scheduler.warmup_steps=-5: expected 0 or more steps"),
+        (
+            ["scheduler.min_lr_ratio=1.5"],
+            r"scheduler.min_lr_ratio=1.5: expected a fraction of optimizer.lr in \[0, 1\]",
         ),
     ],
 )
@@ -331,3 +341,98 @@ def test_compile_optimize_ddp_sets_dynamo_under_ddp(compose_cfg, monkeypatch, op
     with torch._dynamo.config.patch(optimize_ddp=not optimize_ddp):  # restored afterwards
         module.configure_model()
         assert torch._dynamo.config.optimize_ddp is optimize_ddp
+
+
+def test_optimizer_values_are_checked_before_any_data_is_read(compose_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="optimizer.lr=-1.0"):
+        train(compose_cfg("optimizer.lr=-1", f"paths.cache_dir={tmp_path / 'fresh'}"))
+    assert not (tmp_path / "fresh").exists()  # no tokenizer trained, no token files written
+
+
+@pytest.mark.parametrize(
+    "length",
+    [
+        ["trainer.max_steps=6", "trainer.val_check_interval=250"],  # fewer steps than the interval
+        ["trainer.max_steps=6", "trainer.val_check_interval=4"],  # last step off the interval's grid
+        ["trainer.max_steps=-1", "trainer.max_epochs=1", "trainer.limit_train_batches=6"],  # an epoch, counted
+    ],
+)
+def test_training_ends_with_a_validation_of_its_last_step(compose_cfg, length):
+    cfg = compose_cfg(*length, "sample=null", "test=false")
+    value = train(cfg)
+    results = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    assert results["global_step"] == 6
+    assert Path(results["best_checkpoint"]).name.startswith("step000006")  # the end of training is a candidate
+    assert value == pytest.approx(results["metrics"]["val/loss"])
+    assert value < results["initial_val_loss"]
+
+
+def test_fractional_val_check_interval_is_a_fraction_of_an_epoch(compose_cfg):
+    # Lightning's documented meaning: 0.5 validates twice per epoch.
+    cfg = compose_cfg(
+        "trainer.max_epochs=1", "trainer.limit_train_batches=10", "trainer.val_check_interval=0.5",
+        "trainer.max_steps=-1", "sample=null", "test=false", "scheduler.warmup_steps=2",
+    )  # fmt: skip
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    steps = [int(r["step"]) for r in csv.DictReader((run / "metrics.csv").open()) if r.get("val/loss")]
+    assert steps == [0, 4, 9]  # step 0 (before training), then after batches 5 and 10
+    lr = [float(r["lr"]) for r in csv.DictReader((run / "metrics.csv").open()) if r.get("lr")]
+    # max_steps=-1: the schedule spans the epoch's 10 steps, so the last logged lr is well into the decay
+    assert lr[-1] < 0.5 * max(lr)
+
+
+def test_a_diverging_run_stops_with_an_error_and_no_nan_checkpoint(tmp_path, corpus_file, cache_dir):
+    run = tmp_path / "r"
+    args = ["optimizer.lr=3e3", "trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.log_every_n_steps=4"]
+    result = run_cli(*cli_args(corpus_file, cache_dir, run, *args), cwd=tmp_path)
+    assert result.returncode == 1
+    error = result.stderr[result.stderr.index("Error: training diverged") :]
+    step = int(re.search(r"NaN or infinite by step (\d+) \(learning rate [\d.e+-]+ then", error).group(1))
+    assert step < 10  # at the first logging step that saw it, not at the end of the run
+    assert "optimizer.lr=3000.0" in error and "Lower optimizer.lr" in error
+    assert "Traceback" not in result.stderr
+    assert not [p for p in (run / "checkpoints").glob("*.ckpt") if "nan" in p.name]
+
+
+def test_scheduler_null_trains_at_a_constant_learning_rate(tmp_path, corpus_file, cache_dir):
+    for n, removal in enumerate(["scheduler=null", "~scheduler"]):
+        run = tmp_path / f"r{n}"
+        result = run_cli(*cli_args(corpus_file, cache_dir, run, removal, "sample=null", "test=false"), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        lrs = [float(r["lr"]) for r in csv.DictReader((run / "metrics.csv").open()) if r.get("lr")]
+        assert lrs == [pytest.approx(3e-3)] * 4  # the tiny preset's optimizer.lr at each logged step, unscheduled
+        assert "scheduler: null" in (run / "config.yaml").read_text()
+
+
+def test_resume_from_a_run_directory_and_from_last_skipping_other_models(tmp_path, corpus_file, cache_dir):
+    args = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", "sample=null", "test=false"]
+    assert run_cli(*args, "hydra.run.dir=outputs/first", cwd=tmp_path).returncode == 0
+    assert run_cli(*args, "model.d_model=64", "hydra.run.dir=outputs/other", cwd=tmp_path).returncode == 0
+
+    # `last` passes over the newer run of another width, says so, and records the file it took.
+    result = run_cli(*args, "ckpt_path=last", "trainer.max_steps=12", "hydra.run.dir=outputs/last", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert (
+        "skipping outputs/other/checkpoints/last.ckpt, a different model (model.d_model: checkpoint 64 vs now 32)"
+        in output
+    )
+    resumed = json.loads((tmp_path / "outputs/last/results.json").read_text())["resumed_from"]
+    assert resumed.endswith("checkpoints/last.ckpt") and "other" not in resumed
+    assert f"ckpt_path: {resumed}" in (tmp_path / "outputs/last/config.yaml").read_text()
+    assert f"Resuming from {resumed}" in output
+    assert "dirpath has changed" not in output
+
+    # A run directory stands for its checkpoints/last.ckpt.
+    result = run_cli(
+        *args, "ckpt_path=outputs/first", "trainer.max_steps=10", "hydra.run.dir=outputs/dir", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "outputs/dir/results.json").read_text())
+    assert results["resumed_from"] == "outputs/first/checkpoints/last.ckpt" and results["global_step"] == 10
+
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    result = run_cli(*args, f"ckpt_path={empty}", "hydra.run.dir=outputs/x", cwd=tmp_path)
+    assert result.returncode == 1 and "is a directory without checkpoints/last.ckpt" in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.throughput import get_available_flops
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.trainer.states import TrainerFn
+
+log = logging.getLogger(__name__)
 
 # Dense bf16/fp16 tensor-core peaks (datasheets, without the 2:4 sparsity doubling). Lightning's own table
 # lists the H200 at its sparse figure and does not match the plain "NVIDIA H200" device name.
@@ -38,9 +41,15 @@ def precision_dtype(precision: str) -> torch.dtype:
 class ThroughputLogger(pl.Callback):
     """Logs ``perf/tokens_per_sec`` and ``perf/mfu`` every ``log_every_n_steps`` without a per-step host
     sync (Lightning's ``ThroughputMonitor`` synchronises CUDA after every batch). Validation time is
-    excluded. Totals for the whole run are kept for ``results.json``."""
+    excluded. Totals for the whole run are kept for ``results.json``.
 
-    def __init__(self) -> None:
+    After ``estimate_after`` optimizer steps past the first (which carries compilation and warm-up) it logs
+    how long the rest of the training will take on this device, so a run of hours says so in its first
+    minute."""
+
+    def __init__(self, estimate_after: int = 5) -> None:
+        self.estimate_after = estimate_after
+        self._estimate_start: tuple[int, float] | None = None  # (optimizer step, time) the estimate counts from
         self.tokens = 0  # trained tokens, all ranks
         self.seconds = 0.0  # time spent in training batches
         self._window_tokens = 0
@@ -55,6 +64,8 @@ class ThroughputLogger(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._window_tokens += (batch.shape[1] - 1) * batch.shape[0] * trainer.world_size
+        if self.estimate_after and not trainer.fit_loop._should_accumulate():
+            self._estimate(trainer, batch)
         if trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
             return
         # Logging the loss already syncs the host on this step, so the clock is honest here.
@@ -71,7 +82,38 @@ class ThroughputLogger(pl.Callback):
                 pl_module.log("perf/mfu", tokens_per_sec * flops() / (self._peak_flops * trainer.world_size))
         self._window_tokens = 0
 
+    def _estimate(self, trainer: pl.Trainer, batch: torch.Tensor) -> None:
+        """Two host syncs in the whole run: where the estimate's window starts and where it ends."""
+        if self._estimate_start is None:
+            _synchronize(trainer.strategy.root_device)
+            self._estimate_start = (trainer.global_step, time.perf_counter())
+            return
+        start_step, start = self._estimate_start
+        steps = trainer.global_step - start_step
+        if steps != self.estimate_after:
+            return
+        _synchronize(trainer.strategy.root_device)
+        per_step = (time.perf_counter() - start) / steps
+        total = trainer.max_steps if trainer.max_steps not in (None, -1) else trainer.estimated_stepping_batches
+        seconds = per_step * max(total - trainer.global_step, 0)
+        tokens = (batch.shape[1] - 1) * batch.shape[0] * trainer.world_size * trainer.accumulate_grad_batches
+        message = (
+            f"Estimated training time: {format_duration(seconds)} for the remaining "
+            f"{max(total - trainer.global_step, 0):,} steps at {per_step:.3g} s/step "
+            f"({tokens / per_step:,.0f} tokens/s on {trainer.strategy.root_device.type}), validation not included"
+        )
+        if trainer.is_global_zero:
+            log.info(message)
+            if seconds > 3600 and trainer.strategy.root_device.type == "cpu":
+                log.warning(
+                    "This run will take hours on the CPU: a GPU (trainer=gpu), a smaller model (preset=tiny) or "
+                    "fewer steps (trainer.max_steps) will finish sooner; trainer.max_time caps it"
+                )
+        self.estimate_after = 0  # done
+
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.estimate_after and not trainer.sanity_checking:
+            self._estimate_start = None  # the window should time training steps only: start it again
         if self._t0 is not None and not trainer.sanity_checking:
             self.seconds += time.perf_counter() - self._t0
             self.tokens += self._window_tokens
@@ -88,6 +130,21 @@ class ThroughputLogger(pl.Callback):
     @property
     def tokens_per_sec(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def format_duration(seconds: float) -> str:
+    """``3 min 05 s``, ``2 h 10 min``: how long, at a glance."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class ProgressBar(TQDMProgressBar):

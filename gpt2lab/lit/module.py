@@ -7,6 +7,7 @@ The checkpoint it writes is self-contained: ``hyper_parameters`` rebuild the mod
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 from typing import Any
@@ -15,13 +16,16 @@ import hydra.utils
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
+from pytorch_lightning.trainer.states import TrainerFn
 from tokenizers import Tokenizer
 
 from gpt2lab.config import TRUSTED_TARGETS
+from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT2Config, GPT2Model
 
+log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "gpt2lab"
 CHECKPOINT_FORMAT = 1
 
@@ -38,6 +42,47 @@ def warmup_cosine(
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_optimization(optimizer: DictConfig, scheduler: DictConfig | None, max_steps: int) -> None:
+    """Optimizer and schedule values, checked before any data is read, naming the key: torch.optim would
+    refuse them only after data preparation and the first validation, with a bare traceback."""
+    for key, ok, expected in (
+        ("lr", lambda v: v > 0, "a positive learning rate, e.g. 3e-4"),
+        ("eps", lambda v: v >= 0, "a small non-negative number, e.g. 1e-8"),
+        ("weight_decay", lambda v: v >= 0, "a non-negative decay, e.g. 0.1"),
+        ("betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. [0.9, 0.95]"),
+    ):
+        value = optimizer.get(key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"optimizer.{key}={_plain(value)}: expected {expected}")
+    try:  # whatever else this optimizer checks in its constructor
+        build = hydra.utils.instantiate(
+            optimizer, _partial_=True, _convert_="all", _execution_whitelist_=TRUSTED_TARGETS
+        )
+        build([torch.zeros(1, requires_grad=True)])
+    except Exception as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"optimizer ({optimizer.get('_target_')}): {type(cause).__name__}: {cause}") from e
+    if not scheduler or not scheduler.get("_target_"):
+        return
+    warmup, min_lr_ratio = scheduler.get("warmup_steps"), scheduler.get("min_lr_ratio")
+    if warmup is not None and warmup < 0:
+        raise ConfigError(f"scheduler.warmup_steps={warmup}: expected 0 or more steps")
+    if min_lr_ratio is not None and not 0 <= min_lr_ratio <= 1:
+        raise ConfigError(
+            f"scheduler.min_lr_ratio={min_lr_ratio}: expected a fraction of optimizer.lr in [0, 1] (1: no decay)"
+        )
+    if warmup and max_steps > 0 and warmup >= max_steps:
+        log.warning(
+            "scheduler.warmup_steps=%d >= trainer.max_steps=%d: the learning rate never reaches optimizer.lr=%s; "
+            "lower scheduler.warmup_steps for a run this short",
+            warmup, max_steps, optimizer.get("lr"),
+        )  # fmt: skip
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, list | tuple | ListConfig) else value
 
 
 def inductor_options(mode: str | None, options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -100,6 +145,7 @@ class GPT2LitModule(pl.LightningModule):
         self._pending_rng: dict[str, Any] | None = None
         self._eval_losses: list[torch.Tensor] = []
         self._compiled = False
+        self._all_finite: torch.Tensor | None = None  # stays on the device: read only on logging steps
 
     def configure_model(self) -> None:
         """Compile the model in place, before the strategy wraps it, so state_dict keys stay those of the
@@ -129,6 +175,8 @@ class GPT2LitModule(pl.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
+        finite = torch.isfinite(loss.detach())  # a device op: checked on the logging steps, not each step
+        self._all_finite = finite if self._all_finite is None else self._all_finite & finite
         # A tensor, not a float: Lightning reads it back only every log_every_n_steps, so no host sync per step.
         # Not prog_bar=True, which would read it back after every batch; gpt2lab's ProgressBar shows it.
         self.log("train/loss", loss, on_step=True)
@@ -154,6 +202,9 @@ class GPT2LitModule(pl.LightningModule):
             return
         loss = self.trainer.strategy.reduce(torch.stack(self._eval_losses).mean(), reduce_op="mean")
         self._eval_losses.clear()
+        if stage == "val" and self.trainer.state.fn == TrainerFn.FITTING and not torch.isfinite(loss):
+            # Raised before ModelCheckpoint sees the value, so a NaN never becomes a (best) checkpoint.
+            self._diverged(f"the validation loss is {loss.item()}")
         # Already the mean over ranks; sync_dist=True only tells Lightning so (the values agree).
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}/ppl", torch.exp(loss), sync_dist=True)
@@ -164,6 +215,46 @@ class GPT2LitModule(pl.LightningModule):
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             self.log("train/grad_norm", norm, on_step=True)
             self.log("lr", optimizer.param_groups[0]["lr"], on_step=True)
+            # Logging reads these values back anyway: checking them here adds no host sync of its own.
+            if not bool(torch.isfinite(norm)) or not self._losses_finite():
+                what = "the training loss" if not self._losses_finite() else "the gradient norm"
+                self._diverged(f"{what} became NaN or infinite")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Lightning validates on the val_check_interval grid only, so a run whose last step is off that grid
+        # (max_steps below the interval, or not a multiple of it) would end without a final validation loss,
+        # best checkpoint or objective. should_stop is Lightning's documented way to have it validate now.
+        if self._is_last_step() and self.trainer.enable_validation:
+            self.trainer.should_stop = True
+
+    def on_train_end(self) -> None:
+        if not self._losses_finite():  # a non-finite loss after the last logging step
+            self._diverged("the training loss became NaN or infinite")
+
+    def _is_last_step(self) -> bool:
+        trainer = self.trainer
+        if trainer.fit_loop._should_accumulate():
+            return False
+        if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+            return True
+        max_epochs = trainer.max_epochs
+        last_epoch = max_epochs not in (None, -1) and trainer.current_epoch + 1 >= max_epochs
+        return last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+
+    def _losses_finite(self) -> bool:
+        return self._all_finite is None or bool(self._all_finite)
+
+    def _diverged(self, what: str) -> None:
+        """Stop a run whose numbers are no longer numbers, saying where and how to go on."""
+        checkpoint = self.trainer.checkpoint_callback
+        last_good = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else ""
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else float("nan")
+        raise ConfigError(
+            f"training diverged: {what} by step {self.trainer.global_step} (learning rate {lr:.3g} then, "
+            f"optimizer.lr={self.hparams.optimizer.get('lr')}). "
+            + (f"The last good checkpoint is {last_good}. " if last_good else "No checkpoint was saved before it. ")
+            + "Lower optimizer.lr, raise scheduler.warmup_steps, or keep trainer.gradient_clip_val set"
+        )
 
     def configure_optimizers(self) -> dict[str, Any]:
         # Decay only matrices (linear weights, embeddings); biases and LayerNorm gains stay undecayed.
@@ -180,11 +271,15 @@ class GPT2LitModule(pl.LightningModule):
         optimizer = hydra.utils.instantiate(
             opt_cfg, _partial_=True, _convert_="all", _execution_whitelist_=TRUSTED_TARGETS
         )(groups)
-        if not self.hparams.scheduler:
-            return {"optimizer": optimizer}
-        scheduler = hydra.utils.instantiate(
-            self.hparams.scheduler, _partial_=True, _execution_whitelist_=TRUSTED_TARGETS
-        )(optimizer)
+        if not self.hparams.scheduler or not self.hparams.scheduler.get("_target_"):
+            return {"optimizer": optimizer}  # a constant learning rate
+        scheduler_cfg = dict(self.hparams.scheduler)
+        if "max_steps" in scheduler_cfg and (scheduler_cfg["max_steps"] is None or scheduler_cfg["max_steps"] < 0):
+            # Runs whose length is set in epochs (trainer.max_steps=-1): decay over the steps Lightning will take.
+            scheduler_cfg["max_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = hydra.utils.instantiate(scheduler_cfg, _partial_=True, _execution_whitelist_=TRUSTED_TARGETS)(
+            optimizer
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _uses_grad_scaler(self) -> bool:
