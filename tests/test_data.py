@@ -1,8 +1,11 @@
 import json
+import logging
+from pathlib import Path
 from unittest.mock import Mock
 
 import datasets
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -50,19 +53,98 @@ def test_splits_are_deterministic_fractions_and_disjoint(corpus_file):
     assert c.fingerprint != a.fingerprint
 
 
+def write_frame(frame: pd.DataFrame, path: Path) -> Path:
+    """Write ``frame`` as the kind of file ``path``'s suffix names."""
+    {".jsonl": lambda: frame.to_json(path, orient="records", lines=True), ".csv": lambda: frame.to_csv(path, index=False),
+     ".parquet": lambda: frame.to_parquet(path)}[path.suffix]()  # fmt: skip
+    return path
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
 def test_structured_files_use_text_column(tmp_path, suffix):
-    import pandas as pd
-
     frame = pd.DataFrame({"body": [f"document number {i} " * 5 for i in range(30)], "id": range(30)})
-    path = tmp_path / f"data{suffix}"
-    {".jsonl": lambda: frame.to_json(path, orient="records", lines=True), ".csv": lambda: frame.to_csv(path, index=False),
-     ".parquet": lambda: frame.to_parquet(path)}[suffix]()  # fmt: skip
+    path = write_frame(frame, tmp_path / f"data{suffix}")
     corpus = load_corpus("files", path=str(path), text_column="body")
     assert sum(len(s) for s in corpus.splits.values()) == 30
     assert corpus.splits["train"][0]["text"].startswith("document number")
     with pytest.raises(ConfigError, match=r"data.text_column='text' is not a column.*body"):
         load_corpus("files", path=str(path), text_column="text")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_numbers_in_the_text_column_are_read_as_text_with_a_warning(tmp_path, suffix, caplog):
+    path = write_frame(pd.DataFrame({"body": range(1000, 1030)}), tmp_path / f"numbers{suffix}")
+    with caplog.at_level(logging.WARNING, logger="gpt2lab.data.corpus"):
+        corpus = load_corpus("files", path=str(path), text_column="body")
+    texts = [t for split in corpus.splits.values() for t in split["text"]]
+    assert sorted(texts) == [str(i) for i in range(1000, 1030)]
+    assert "data.text_column='body' holds int64 values" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "kind"), [("tags", ["a", "b"], "lists"), ("meta", {"author": "me"}, "records")]
+)
+def test_a_text_column_of_lists_or_records_is_refused(tmp_path, column, value, kind):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps({"body": f"document {i}", column: value}) for i in range(10)))
+    with pytest.raises(
+        ConfigError, match=rf"data.text_column='{column}' holds {kind}.*not text.*the columns of text are \['body'\]"
+    ):
+        load_corpus("files", path=str(path), text_column=column)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.path=my.txt"],
+            "data.path='my.txt' is read by data=files only, and data.source is 'pystdlib': add data=files",
+        ),
+        (
+            ["data.name=wikitext"],
+            "data.name='wikitext' is read by data=hub only, and data.source is 'pystdlib': add data=hub",
+        ),
+        (
+            ["data=files", "data.path=my.txt", "data.name=wikitext"],
+            "data.name='wikitext' is read by data=hub only.*'files'",
+        ),
+        (["data=files", "data.path=my.txt", "data.config_name=x"], "data.config_name='x' is read by data=hub only"),
+        (
+            ["data=wikitext2", "data.path=my.txt"],
+            "data.path='my.txt' is read by data=files only, and data.source is 'hub'",
+        ),
+    ],
+)
+def test_a_data_key_the_source_does_not_read_is_an_error(compose_cfg, overrides, message):
+    data = compose_cfg(*overrides, tiny=False).data
+    with pytest.raises(ConfigError, match=message):
+        load_corpus(data.source, path=data.path, name=data.name, config_name=data.config_name)
+
+
+def test_named_hub_datasets_pass_the_key_check(compose_cfg, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: the check comes before the Hub
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read once at import
+    for option in ("wikitext2", "wikitext103"):
+        data = compose_cfg(f"data={option}", tiny=False).data
+        with pytest.raises(ConfigError, match="could not load wikitext"):
+            load_corpus(data.source, path=data.path, name=data.name, config_name=data.config_name)
+
+
+def test_files_of_no_readable_kind_are_named(tmp_path):
+    program = tmp_path / "ls"
+    program.write_bytes(b"\x7fELF\x02\x01\x01")
+    with pytest.raises(
+        ConfigError,
+        match=r"data.path='.*ls': .*/ls has no extension; data=files reads \.txt, \.text, \.jsonl.*\.parquet",
+    ):
+        load_corpus("files", path=str(program))
+    (tmp_path / "notes.md").write_text("# notes")
+    with pytest.raises(ConfigError, match=r"notes.md has the extension \.md, which data=files does not read"):
+        load_corpus("files", path=str(tmp_path / "notes.md"))
+    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "b.csv").write_text("text\nrow")
+    with pytest.raises(ConfigError, match=r"mix kinds \(csv: .*b.csv; text: .*a.txt\): .*one kind at a time"):
+        load_corpus("files", path=str(tmp_path / "[ab].*"))
 
 
 def test_preprocessing_min_length_and_duplicates(tmp_path):
@@ -174,3 +256,34 @@ def test_split_too_short_for_one_window(tmp_path):
     dm = make_dm(tmp_path, path=str(path), max_length=512)
     with pytest.raises(ConfigError, match=r"the train split has \d+ tokens, too few for one training window of 513"):
         dm.setup()
+
+
+def test_a_tokenizer_that_leaves_text_unknown_warns_also_from_the_cache(tmp_path, corpus_file, monkeypatch, caplog):
+    def setup_and_log() -> str:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gpt2lab.data.datamodule"):
+            make_dm(tmp_path, path=str(corpus_file), tokenizer={"kind": "char", "vocab_size": 5}).setup()
+        return caplog.text
+
+    logged = setup_and_log()
+    meta_file = next((tmp_path / "cache" / "tokens").glob("*/meta.json"))
+    meta = json.loads(meta_file.read_text())
+    validation = meta["splits"]["validation"]
+    assert validation["unknown"] / validation["tokens"] > 0.5  # two characters known, all others unknown
+    warning = f"{100 * validation['unknown'] / validation['tokens']:.1f}% of the validation tokens are <|unk|>"
+    assert warning in logged and "raise tokenizer.vocab_size (now 5) or use tokenizer=bpe" in logged
+
+    monkeypatch.setattr(dm_module.GPT2DataModule, "_write_token_files", lambda *a: pytest.fail("tokenized twice"))
+    assert warning in setup_and_log()  # from the cache
+    for split in meta["splits"].values():  # token files cached before meta.json kept the count
+        del split["unknown"]
+    meta_file.write_text(json.dumps(meta))
+    assert warning in setup_and_log()
+
+
+def test_a_tokenizer_that_knows_the_text_does_not_warn(tmp_path, corpus_file, caplog):
+    with caplog.at_level(logging.WARNING, logger="gpt2lab.data.datamodule"):
+        dm = make_dm(tmp_path, path=str(corpus_file), tokenizer={"kind": "char", "vocab_size": 512})
+        dm.setup()
+    assert dm.stats["validation"]["unknown"] < 0.01 * dm.stats["validation"]["tokens"]
+    assert "<|unk|>" not in caplog.text

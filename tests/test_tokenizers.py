@@ -58,6 +58,7 @@ def test_pretrained_offline_names_the_offline_choice(monkeypatch):
     def offline(name):
         raise Exception("Could not connect to huggingface.co")
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no probe of the Hub either
     monkeypatch.setattr(build.Tokenizer, "from_pretrained", offline)
     with pytest.raises(ConfigError, match=r"tokenizer.name='gpt2'.*tokenizer=bpe"):
         TokenizerSpec(kind="pretrained", name="gpt2").build(lambda: iter(()), "x", "/tmp")
@@ -71,6 +72,7 @@ def test_auto_rules(vocab_size, kind):
 
 
 def test_auto_falls_back_to_bpe_when_the_hub_is_unreachable(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no probe of the Hub either
     monkeypatch.setattr(build.Tokenizer, "from_pretrained", lambda name: (_ for _ in ()).throw(Exception("offline")))
     trained = []
     monkeypatch.setattr(

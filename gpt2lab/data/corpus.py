@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 
+from gpt2lab import hub
 from gpt2lab.data import pystdlib
 from gpt2lab.errors import ConfigError
 
@@ -27,6 +28,7 @@ FILE_BUILDERS = {
     ".parquet": "parquet",
 }
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
+SOURCE_KEYS = {"path": "files", "name": "hub", "config_name": "hub"}  # data.<key> -> the one source that reads it
 
 
 @dataclass
@@ -56,6 +58,12 @@ def load_corpus(
     """Load, clean and split a corpus; the dataset's own validation/test splits win over the fractions."""
     if source not in SOURCES:
         raise ConfigError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
+    for key, value in (("path", path), ("name", name), ("config_name", config_name)):
+        if value is not None and SOURCE_KEYS[key] != source:
+            raise ConfigError(
+                f"data.{key}={value!r} is read by data={SOURCE_KEYS[key]} only, and data.source is {source!r}: "
+                f"add data={SOURCE_KEYS[key]}"
+            )
     for key, value in (("val_split", val_split), ("test_split", test_split)):
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"data.{key}={value}: expected a fraction in [0, 1)")
@@ -78,7 +86,7 @@ def load_corpus(
         raise ConfigError(
             f"data.text_column={text_column!r} is not a column of the data; its columns are {raw['train'].column_names}"
         )
-    raw = raw.select_columns([text_column])
+    raw = _as_text(raw, text_column).select_columns([text_column])
     if text_column != "text":
         raw = raw.rename_column(text_column, "text")
     if min_length > 0:
@@ -96,6 +104,26 @@ def load_corpus(
     settings = [base_fingerprint, val_split, test_split, split_seed, min_length, remove_duplicates, text_column]
     fingerprint = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
     return Corpus(splits=splits, fingerprint=fingerprint, description=description)
+
+
+def _as_text(raw: datasets.DatasetDict, column: str) -> datasets.DatasetDict:
+    """The text column as strings: numbers and other scalars are converted (with a warning), lists and records refused."""
+    features = raw["train"].features
+    feature = features[column]
+    if _is_text(feature):
+        return raw
+    if not isinstance(feature, datasets.Value):
+        kind = {dict: "records", datasets.List: "lists"}.get(type(feature), f"{type(feature).__name__} values")
+        raise ConfigError(
+            f"data.text_column={column!r} holds {kind} ({feature}), not text: set data.text_column to a column "
+            f"of text; the columns of text are {[name for name, f in features.items() if _is_text(f)]}"
+        )
+    log.warning("data.text_column=%r holds %s values, not text: converting them to text", column, feature.dtype)
+    return raw.cast_column(column, datasets.Value("string"))
+
+
+def _is_text(feature: datasets.features.features.FeatureType) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
 def _load_files(
@@ -120,13 +148,26 @@ def _load_files(
             if len(files) == 1
             else f"data.path={path!r}: all {len(files)} files are empty"
         )
-    suffixes = {Path(f).suffix.lower() for f in files}
-    unknown = suffixes - FILE_BUILDERS.keys()
-    if unknown or len({FILE_BUILDERS[s] for s in suffixes}) != 1:
-        raise ConfigError(
-            f"data.path={path!r}: files must all be one of the kinds {', '.join(FILE_BUILDERS)}, got {', '.join(sorted(suffixes))}"
+    unreadable = [f for f in files if Path(f).suffix.lower() not in FILE_BUILDERS]
+    if unreadable:
+        named = "; ".join(
+            f"{f} has the extension {Path(f).suffix}, which data=files does not read"
+            if Path(f).suffix
+            else f"{f} has no extension"
+            for f in unreadable[:3]
         )
-    builder = FILE_BUILDERS[suffixes.pop()]
+        more = f" (and {len(unreadable) - 3} more files)" if len(unreadable) > 3 else ""
+        raise ConfigError(f"data.path={path!r}: {named}{more}; data=files reads {', '.join(FILE_BUILDERS)}")
+    kinds: dict[str, list[str]] = {}
+    for f in files:
+        kinds.setdefault(FILE_BUILDERS[Path(f).suffix.lower()], []).append(f)
+    if len(kinds) > 1:
+        mix = "; ".join(f"{kind}: {paths[0]}" for kind, paths in sorted(kinds.items()))
+        raise ConfigError(
+            f"data.path={path!r}: the files mix kinds ({mix}): data=files reads one kind at a time, "
+            "so point data.path at files of one kind"
+        )
+    builder = next(iter(kinds))
     kwargs = {"sample_by": sample_by} if builder == "text" else {}
     if builder == "text" and sample_by not in ("line", "paragraph", "document"):
         raise ConfigError(f"data.sample_by={sample_by!r}: expected line, paragraph or document")
@@ -148,19 +189,17 @@ def _load_hub(name: str | None, config_name: str | None, cache_dir: str | None) 
             "data=hub needs data.name=<Hugging Face dataset name> (and data.config_name if it has configs)"
         )
     label = f"{name} ({config_name})" if config_name else name
+    offline = hub.go_offline_if_unreachable()
     try:
         raw = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
     except Exception as e:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-        hint = (
-            "the Hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
-            if offline
-            else "the Hub may be unreachable"
-        )
-        raise ConfigError(
-            f"data.name={name!r}: could not load {label} from the Hugging Face Hub; {hint} ({type(e).__name__}: {e}). "
-            "Offline, use data=pystdlib (bundled) or data=files data.path=<your text files>."
-        ) from e
+        failed = f"data.name={name!r}: could not load {label} from the Hugging Face Hub"
+        if offline:
+            raise ConfigError(
+                f"{failed}; {offline} ({type(e).__name__}: {e}). "
+                "Offline, use data=pystdlib (bundled) or data=files data.path=<your text files>."
+            ) from e
+        raise ConfigError(f"{failed} ({type(e).__name__}: {e}): check data.name and data.config_name") from e
     if not isinstance(raw, datasets.DatasetDict) or "train" not in raw:
         raise ConfigError(f"data.name={name!r}: the dataset has no 'train' split")
     return raw, f"Hugging Face dataset {label}"

@@ -19,9 +19,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from gpt2lab.data.corpus import Corpus, load_corpus
 from gpt2lab.errors import ConfigError
 from gpt2lab.tokenizers import EOS_TOKEN, TokenizerSpec, fingerprint, validate_tokenizer
+from gpt2lab.tokenizers.build import unknown_token_id
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
+MAX_UNKNOWN = 0.01  # fraction of the validation tokens that may be unknown before a run warns
 
 
 class TokenBlockDataset(Dataset):
@@ -136,9 +138,11 @@ class GPT2DataModule(pl.LightningDataModule):
         self.stats = json.loads((self._token_dir / "meta.json").read_text())["splits"]
         self.tokenizer = tokenizer
         self._log_stats()
+        self._warn_unknown()
 
     def _write_token_files(self, corpus: Corpus, tokenizer: Tokenizer, out: Path) -> None:
         eos = tokenizer.token_to_id(EOS_TOKEN)
+        unk = unknown_token_id(tokenizer)
         dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.uint32
         tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
@@ -156,13 +160,19 @@ class GPT2DataModule(pl.LightningDataModule):
                 remove_columns=["text"],
                 desc=f"Tokenizing {split}",
             )
-            n_tokens = 0
+            n_tokens = n_unknown = 0
             with open(tmp / f"{split}.bin", "wb") as f:
                 for batch in encoded.iter(batch_size=1024):
                     arr = np.concatenate([np.asarray(ids, dtype=dtype) for ids in batch["ids"]])
                     f.write(arr.tobytes())
                     n_tokens += len(arr)
-            stats[split] = {"documents": len(ds), "characters": int(sum(encoded["chars"])), "tokens": n_tokens}
+                    n_unknown += 0 if unk is None else int(np.count_nonzero(arr == unk))
+            stats[split] = {
+                "documents": len(ds),
+                "characters": int(sum(encoded["chars"])),
+                "tokens": n_tokens,
+                "unknown": n_unknown,
+            }
         meta = {"dtype": np.dtype(dtype).name, "tokenizer": fingerprint(tokenizer), "splits": stats}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
@@ -171,6 +181,26 @@ class GPT2DataModule(pl.LightningDataModule):
             for p in tmp.iterdir():
                 p.unlink()
             tmp.rmdir()
+
+    def _warn_unknown(self) -> None:
+        """Warn when the tokenizer maps more than MAX_UNKNOWN of the validation text to its unknown token."""
+        assert self.tokenizer is not None and self._token_dir is not None
+        unk = unknown_token_id(self.tokenizer)
+        validation = self.stats["validation"]
+        if unk is None or not validation["tokens"]:
+            return
+        unknown = validation.get("unknown")
+        if unknown is None:  # token files cached before the count was kept in meta.json
+            meta = json.loads((self._token_dir / "meta.json").read_text())
+            tokens = np.memmap(self._token_dir / "validation.bin", dtype=meta["dtype"], mode="r")
+            unknown = int(np.count_nonzero(tokens == unk))
+        rate = unknown / validation["tokens"]
+        if rate > MAX_UNKNOWN:
+            log.warning(
+                "%.1f%% of the validation tokens are %s, text the tokenizer has no token for: "
+                "raise tokenizer.vocab_size (now %d) or use tokenizer=bpe, which has a token for every byte",
+                100 * rate, self.tokenizer.id_to_token(unk), self.tokenizer_spec.vocab_size,
+            )  # fmt: skip
 
     def _log_stats(self) -> None:
         for split, s in self.stats.items():

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from gpt2lab import hub
 from gpt2lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,13 @@ def load_pretrained(name: str) -> Tokenizer:
     """A tokenizer by Hub name (``gpt2``) or a local ``tokenizer.json`` path."""
     if Path(name).suffix == ".json" or Path(name).is_file():
         return load_file(name, key="tokenizer.name")
+    offline = hub.go_offline_if_unreachable()
     try:
         return Tokenizer.from_pretrained(name)
     except Exception as e:  # the tokenizers library raises plain Exception for network and lookup errors
+        why = f"; {offline}" if offline else ""
         raise ConfigError(
-            f"tokenizer.name={name!r}: could not load it from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"tokenizer.name={name!r}: could not load it from the Hugging Face Hub{why} ({type(e).__name__}: {e}). "
             "If this machine is offline, use tokenizer=bpe (trained locally on your corpus) or "
             "tokenizer=file tokenizer.path=/path/to/tokenizer.json."
         ) from e
@@ -99,6 +102,11 @@ def load_file(path: str | os.PathLike, key: str = "tokenizer.path") -> Tokenizer
         return Tokenizer.from_file(str(p))
     except Exception as e:
         raise ConfigError(f"{key}={str(path)!r} is not a valid tokenizer.json: {e}") from e
+
+
+def unknown_token_id(tokenizer: Tokenizer) -> int | None:
+    """The id that stands for text outside the vocabulary, or None when there is none (byte-level BPE)."""
+    return tokenizer.token_to_id(getattr(tokenizer.model, "unk_token", None) or UNK_TOKEN)
 
 
 def check_model_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
