@@ -4,10 +4,13 @@
 parsing and trial configuration; its ``sweep`` loop adds
 - an SQLite storage in the sweep directory by default, so a study survives its process and several
   workers can share it (any SQLAlchemy URL works through ``hydra.sweeper.storage``);
+- a continued study, or a worker joining one, proposes new points: the sampler's seed is offset by the trials
+  already in the study, so a seeded sampler does not start its sequence again (a fresh study stays reproducible);
 - the trial number handed to each job (``optuna_trial``), so that ``OptunaPruning`` can report validation
   losses and stop a trial the pruner gives up on; such trials are recorded as PRUNED, not FAIL;
-- failures recorded as FAIL with their error while the study goes on, and ``max_failure_rate``
-  measured over the whole sweep;
+- failures recorded as FAIL with their error while the study goes on (a job that returns no finite objective
+  fails too; ``gpt2lab.sweep.job_outcome`` decides, for the study and the sweep's summary table alike), and
+  ``max_failure_rate`` measured over the whole sweep;
 - ``optimization_results.yaml`` and PNG plots (history, parameter importances) in the sweep directory.
 
 ``python -m gpt2lab.hpo export-best`` turns the best trial into an ``experiment/`` config.
@@ -30,12 +33,12 @@ import optuna
 import pytorch_lightning as pl
 from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobStatus
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2lab.errors import ConfigError
+from gpt2lab.sweep import job_outcome
 
 log = logging.getLogger(__name__)
 PRUNERS = ("none", "median", "hyperband")
@@ -74,12 +77,11 @@ class OptunaSweeper(OptunaSweeperImpl):
         params: DictConfig | None = None,
         custom_search_space: str | None = None,
     ) -> None:
-        sampler = instantiate(
-            sampler, _execution_whitelist_=("optuna.samplers.*", "hydra_plugins.hydra_optuna_sweeper.*")
-        )
         super().__init__(
-            sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate, custom_search_space, params
-        )
+            _instantiate_sampler(sampler), direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
+            custom_search_space, params,
+        )  # fmt: skip
+        self.sampler_config = sampler  # instantiated again, with another seed, to continue a study
         self.timeout = timeout
         self.pruner = make_pruner(pruner, n_startup_trials, n_warmup_steps)
 
@@ -94,22 +96,27 @@ class OptunaSweeper(OptunaSweeperImpl):
         )
         for name in fixed_params:
             space.pop(name, None)
+        grid = None
         if isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler:
             grid = {name: self._to_grid_sampler_choices(d) for name, d in space.items()}
-            self.sampler = self.sampler(grid)
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
 
-        # Workers started together would race to create the SQLite schema; a file lock orders them.
+        deadline = time.time() + self.timeout if self.timeout else math.inf
+        # Workers started together would race to create the SQLite schema, and would count the same trials and
+        # so draw the same points; a file lock orders them, and each asks its first trials before the next one
+        # counts. The lock lives in the sweep directory: workers on machines that do not share it must not start
+        # at the same moment with the same seed.
         with FileLock(str(sweep_dir / ".optuna.lock")):
             study = optuna.create_study(
-                study_name=self.study_name, storage=storage, sampler=self.sampler, pruner=self.pruner,
+                study_name=self.study_name, storage=storage, sampler=self._sampler(grid), pruner=self.pruner,
                 directions=self._get_directions(), load_if_exists=True,
             )  # fmt: skip
-        log.info("Study %s in %s: %d trials so far", study.study_name, storage, len(study.trials))
-        deadline = time.time() + self.timeout if self.timeout else math.inf
+            log.info("Study %s in %s: %d trials so far", study.study_name, storage, len(study.trials))
+            if study.trials:
+                study.sampler = self._sampler(grid, seed_offset=len(study.trials))
+            trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials))]
         done = failed = 0
-        while done < self.n_trials and time.time() < deadline:
-            trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials - done))]
+        while trials:
             overrides = self._configure_trials(trials, space, fixed_params, fixed_overrides)
             overrides = [(*o, f"optuna_trial={t.number}") for o, t in zip(overrides, trials, strict=True)]
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
@@ -120,19 +127,15 @@ class OptunaSweeper(OptunaSweeperImpl):
                 trial.set_user_attr("run_dir", str(run_dir or ""))
                 if run_dir is not None and (run_dir / "results.json").is_file():
                     trial.set_user_attr("steps", json.loads((run_dir / "results.json").read_text())["global_step"])
-                value = ret._return_value
-                if ret.status == JobStatus.COMPLETED and isinstance(value, int | float) and math.isfinite(value):
-                    _tell(study, trial, values=[float(value)])
-                elif isinstance(value, optuna.TrialPruned):
+                outcome = job_outcome(ret, self.config.optimized_metric)
+                if outcome.status == "completed":
+                    _tell(study, trial, values=[outcome.objective])
+                elif outcome.status == "pruned":
                     _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
                 else:
-                    if ret.status == JobStatus.COMPLETED:
-                        error = f"the objective ({self.config.optimized_metric}) is {value!r}, not a finite number"
-                    else:
-                        error = f"{type(value).__name__}: {value}"
-                    trial.set_user_attr("error", error[:1000])
+                    trial.set_user_attr("error", outcome.error[:1000])
                     _tell(study, trial, state=optuna.trial.TrialState.FAIL)
-                    log.warning("Trial %d failed: %s", trial.number, error)
+                    log.warning("Trial %d failed: %s", trial.number, outcome.error)
                     failed += 1
             done += len(returns)
             if failed / done > self.max_failure_rate and done >= min(self.n_trials, 4):
@@ -144,7 +147,24 @@ class OptunaSweeper(OptunaSweeperImpl):
                     file=sys.stderr,
                 )
                 raise SystemExit(1)
+            left = self.n_trials - done if time.time() < deadline else 0
+            trials = [study.ask() for _ in range(min(self.n_jobs, left))]
         save_results(study, sweep_dir)
+
+    def _sampler(self, grid: dict[str, list[Any]] | None, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+        """The configured sampler, its seed (if it has one) plus ``seed_offset``: a study continued with the seed
+        it was started with would draw the points it has already tried. Not the grid sampler's: its seed shuffles
+        the grid, and trial n takes the n-th point, so the whole study must walk one order."""
+        config = self.sampler_config
+        if seed_offset and grid is None and config.get("seed") is not None:
+            config = OmegaConf.merge(config, {"seed": config["seed"] + seed_offset})
+        sampler = _instantiate_sampler(config)
+        return sampler(grid) if grid is not None else sampler
+
+
+def _instantiate_sampler(config: Any) -> Any:
+    """A sampler from ``hydra/sweeper/sampler``; the grid sampler comes as a partial, waiting for its grid."""
+    return instantiate(config, _execution_whitelist_=("optuna.samplers.*", "hydra_plugins.hydra_optuna_sweeper.*"))
 
 
 def _tell(study: optuna.Study, trial: optuna.trial.Trial, **kwargs: Any) -> None:

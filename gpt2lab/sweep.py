@@ -3,7 +3,8 @@
 ``SweepSummary`` is a Hydra callback (``conf/hydra/default.yaml``). After each job it writes the job's
 row to ``<job>/job_summary.json`` and rebuilds ``summary.csv`` and ``summary.md`` in the sweep directory
 from all rows, so the table is there even when a job fails or the sweep is interrupted; at the end of the
-multirun it prints the table.
+multirun it prints the table. ``job_outcome`` decides each job's status for this table and, in an Optuna
+sweep, the trial's state (``gpt2lab/hpo.py``), so the two always agree.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,27 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 COLUMNS = ("job", "overrides", "status", "objective", "best_val_loss", "duration_s", "error")
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    status: str  # completed | failed | pruned
+    objective: float | None  # set when completed
+    error: str  # why the job failed or was pruned; empty when completed
+
+
+def job_outcome(job_return: JobReturn, metric: str) -> JobOutcome:
+    """What became of a job: completed with a finite objective (``metric``'s value, which the job returned),
+    pruned by Optuna, or failed, with the error it raised or the objective it returned instead of a number (None
+    when the run never measured ``metric``, NaN when training diverged)."""
+    value = job_return._return_value
+    if job_return.status == JobStatus.COMPLETED:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return JobOutcome("completed", float(value), "")
+        return JobOutcome("failed", None, f"the objective ({metric}) is {value!r}, not a finite number")
+    # Optuna's TrialPruned, known by name: this module is loaded by every multirun and does not import optuna.
+    status = "pruned" if type(value).__name__ == "TrialPruned" else "failed"
+    return JobOutcome(status, None, f"{type(value).__name__}: {value}")
 
 
 class SweepSummary(Callback):
@@ -39,17 +63,15 @@ class SweepSummary(Callback):
         job_dir = Path(config.hydra.runtime.output_dir)
         results_file = job_dir / "results.json"
         results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-        failed = job_return.status != JobStatus.COMPLETED
-        error = job_return._return_value if failed else None  # the exception the job raised
-        objective = None if failed else job_return._return_value
+        outcome = job_outcome(job_return, config.optimized_metric)
         row = {
             "job": job_dir.name,  # the job number, or trial_<n> in an Optuna sweep
             "overrides": " ".join(job_return.overrides or []),
-            "status": "completed" if not failed else "pruned" if type(error).__name__ == "TrialPruned" else "failed",
-            "objective": objective if isinstance(objective, int | float) else None,
+            "status": outcome.status,
+            "objective": outcome.objective,
             "best_val_loss": results.get("best_val_loss"),
             "duration_s": round(time.time() - self._started, 1),
-            "error": f"{type(error).__name__}: {error}".splitlines()[0][:300] if error is not None else "",
+            "error": outcome.error.splitlines()[0][:300] if outcome.error else "",
         }
         _write_atomic(job_dir / "job_summary.json", json.dumps(row, indent=2))
         write_summary(Path(config.hydra.sweep.dir))

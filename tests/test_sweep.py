@@ -3,9 +3,19 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import optuna
 import pytest
 from conftest import REPO, TINY, run_cli
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from gpt2lab.hpo import OptunaSweeper
+from gpt2lab.sweep import SweepSummary
 
 
 def test_grid_multirun_writes_a_summary_and_survives_a_failing_job(tmp_path, corpus_file, cache_dir):
@@ -34,7 +44,8 @@ def _study(storage_path):
 
 
 def search_space(params: dict[str, str], sampler: str = "tpe") -> str:
-    """An hparams_search config: gpt2lab's Optuna sweeper over ``params``, one directory per trial."""
+    """An hparams_search config: gpt2lab's Optuna sweeper over ``params``, one directory per trial, the sampler
+    seeded as in ``hparams_search=optuna``."""
     lines = "".join(f"      {k}: {v}\n" for k, v in params.items())
     return f"""# @package _global_
 defaults:
@@ -45,6 +56,8 @@ hydra:
   sweep:
     subdir: trial_${{optuna_trial}}
   sweeper:
+    sampler:
+      seed: ${{seed}}
     params:
 {lines}"""
 
@@ -80,6 +93,7 @@ def test_optuna_study_resumes_and_exports_a_reproducible_best_trial(tmp_path, co
     assert again.returncode == 0, again.stderr[-3000:]
     study = _study(sweep / "optuna.db")
     assert [t.number for t in study.trials] == list(range(6))  # kept the 4, counted on
+    assert len({t.params["optimizer.lr"] for t in study.trials}) == 6  # and proposed new points, not the seed's again
     assert all((sweep / f"trial_{n}" / "results.json").is_file() for n in range(6))
 
     export = subprocess.run(
@@ -109,6 +123,7 @@ def test_two_workers_share_one_study(tmp_path, corpus_file, cache_dir):
     assert sorted(t.number for t in trials) == list(range(6))
     assert [t.state.name for t in trials] == ["COMPLETE"] * 6
     assert len({t.user_attrs["run_dir"] for t in trials}) == 6
+    assert len({t.params["optimizer.lr"] for t in trials}) == 6  # the two workers did not draw the same points
 
 
 @pytest.mark.slow
@@ -212,6 +227,16 @@ def test_grid_sampler_covers_the_grid_once(tmp_path, corpus_file, cache_dir):
     [("tpe", "TPESampler"), ("random", "RandomSampler"), ("cmaes", "CmaEsSampler"), ("grid", "GridSampler")],
 )
 def test_samplers_are_selectable(sampler, target):
+    config = sampler_config(sampler)
+    assert config._target_.endswith(target)
+    assert "seed" in config
+
+
+# The Optuna sweeper's bookkeeping, driven in-process by stand-in jobs that return a value instead of training.
+
+
+def sampler_config(name: str) -> DictConfig:
+    """``hydra/sweeper/sampler=<name>`` of ``hparams_search=optuna``, resolved as Hydra hands it to the sweeper."""
     from conftest import CONF
     from hydra import compose, initialize_config_dir
 
@@ -220,7 +245,111 @@ def test_samplers_are_selectable(sampler, target):
     register_schemas()
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose(
-            "train", overrides=["hparams_search=optuna", f"hydra/sweeper/sampler={sampler}"], return_hydra_config=True
+            "train", overrides=["hparams_search=optuna", f"hydra/sweeper/sampler={name}"], return_hydra_config=True
         )
-    assert cfg.hydra.sweeper.sampler._target_.endswith(target)
-    assert "seed" in cfg.hydra.sweeper.sampler
+    return OmegaConf.create(OmegaConf.to_container(cfg.hydra.sweeper.sampler, resolve=True))
+
+
+class StandInLauncher:
+    """Launches each job as a call of ``job(params)``, a value or an exception, and shows the result to the summary
+    callback as Hydra's ``run_job`` would."""
+
+    def __init__(self, sweep_dir: Path, job: Callable[[dict[str, str]], Any]) -> None:
+        self.sweep_dir, self.job = sweep_dir, job
+
+    def launch(self, job_overrides: list[tuple[str, ...]], initial_job_idx: int) -> list[JobReturn]:
+        returns = []
+        for overrides in job_overrides:
+            params = dict(o.split("=", 1) for o in overrides)
+            run_dir = self.sweep_dir / f"trial_{params['optuna_trial']}"
+            run_dir.mkdir(parents=True)
+            hydra = {
+                "mode": RunMode.MULTIRUN,
+                "sweep": {"dir": str(self.sweep_dir)},
+                "runtime": {"output_dir": str(run_dir)},
+            }
+            cfg = OmegaConf.create({"optimized_metric": "val/loss", "hydra": hydra})
+            try:
+                ret = JobReturn(list(overrides), cfg, cfg, status=JobStatus.COMPLETED, _return_value=self.job(params))
+            except Exception as e:
+                ret = JobReturn(list(overrides), cfg, cfg, status=JobStatus.FAILED, _return_value=e)
+            SweepSummary().on_job_end(cfg, ret)
+            returns.append(ret)
+        return returns
+
+
+def stand_in_sweep(
+    sweep_dir: Path, sampler: DictConfig, params: dict[str, str], job: Callable, n_trials: int = 2, **kwargs: Any
+) -> None:
+    """One invocation of ``python train.py -m`` with gpt2lab's Optuna sweeper on study ``t`` in ``sweep_dir``."""
+    sweeper = OptunaSweeper(sampler, study_name="t", n_trials=n_trials, params=OmegaConf.create(params), **kwargs)
+    sweeper.config = OmegaConf.create({"optimized_metric": "val/loss", "hydra": {"sweep": {"dir": str(sweep_dir)}}})
+    sweeper.launcher = StandInLauncher(sweep_dir, job)
+    sweeper.sweep([])
+
+
+XY = {"x": "interval(0, 1)", "y": "interval(0, 1)"}
+
+
+def objective(params: dict[str, str]) -> float:
+    return float(params["x"]) + float(params["y"])
+
+
+def proposed(sweep_dir: Path) -> list[tuple[str, ...]]:
+    return [tuple(str(v) for v in t.params.values()) for t in _study(sweep_dir / "optuna.db").trials]
+
+
+@pytest.mark.parametrize(
+    ("sampler", "params"),
+    [("tpe", XY), ("random", XY), ("grid", {"x": "choice(1, 2, 3)", "y": "choice(1, 2)"})],
+)
+def test_a_continued_study_proposes_new_points_and_a_seeded_study_is_reproducible(tmp_path, sampler, params):
+    config = sampler_config(sampler)
+    assert config.seed == 1234
+    for study in ("a", "b"):  # the same command twice on each of two studies
+        for _ in range(2):
+            stand_in_sweep(tmp_path / study, config, params, objective)
+    points = proposed(tmp_path / "a")
+    assert len(points) == 4 and len(set(points)) == 4  # the second invocation did not start the sequence again
+    assert proposed(tmp_path / "b") == points  # the same seed and the same history: the same points
+
+
+def test_a_worker_joining_a_running_study_proposes_other_points(tmp_path):
+    sweep, config = tmp_path / "study", sampler_config("tpe")
+    joined = []
+
+    def first_workers_job(params):
+        if not joined:  # while the first worker's first trial runs, a second worker starts on the study
+            joined.append(True)
+            stand_in_sweep(sweep, config, XY, objective, n_trials=1)
+        return objective(params)
+
+    stand_in_sweep(sweep, config, XY, first_workers_job, n_trials=2)
+    points = proposed(sweep)
+    assert len(points) == 3 and len(set(points)) == 3
+
+
+def test_the_summary_and_the_study_agree_on_each_jobs_outcome(tmp_path):
+    sweep = tmp_path / "study"
+    outcomes = iter([0.5, None, float("nan"), float("inf"), optuna.TrialPruned("pruned at step 4"), ValueError("boom")])
+
+    def job(params):
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    stand_in_sweep(sweep, sampler_config("random"), XY, job, n_trials=6, max_failure_rate=1.0)
+    trials = _study(sweep / "optuna.db").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL", "FAIL", "PRUNED", "FAIL"]
+    rows = {r["job"]: r for r in csv.DictReader((sweep / "summary.csv").open())}
+    status = {"COMPLETE": "completed", "FAIL": "failed", "PRUNED": "pruned"}
+    for t in trials:
+        row = rows[f"trial_{t.number}"]
+        assert row["status"] == status[t.state.name], row
+        assert row["objective"] == ("" if t.value is None else str(t.value)), row
+        if t.state.name == "FAIL":
+            assert row["error"] == t.user_attrs["error"]
+    assert rows["trial_2"]["error"] == "the objective (val/loss) is nan, not a finite number"
+    assert rows["trial_4"]["error"] == "TrialPruned: pruned at step 4"
+    assert rows["trial_5"]["error"] == "ValueError: boom"
