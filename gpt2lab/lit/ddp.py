@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -87,7 +87,7 @@ class ExternalRanks(Callback):
         rank, world_size = launched
         run_dir = OmegaConf.to_container(config.hydra.run, resolve=False)["dir"]
         if "${now:" in run_dir:
-            _refuse(
+            refuse(
                 f"hydra.run.dir={run_dir} resolves separately on each of the {world_size} ranks that torchrun/srun "
                 "started, giving each its own directory. Name one directory for the whole run: "
                 "hydra.run.dir=outputs/<name>"
@@ -100,7 +100,7 @@ class ExternalRanks(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         launched = external_rank()
         if launched is not None and launched[1] > 1:
-            _refuse(
+            refuse(
                 f"a multirun (-m) under torchrun/srun would run the whole sweep on each of the {launched[1]} ranks. "
                 "Start the sweep from one process; hydra/launcher=submitit_slurm starts each job's ranks"
             )
@@ -123,8 +123,8 @@ class ExternalRanks(Callback):
                 root.addHandler(rank_log)
 
 
-def _refuse(message: str) -> None:
-    """Stop before anything is written. Hydra turns an exception raised by a callback into a warning, so
-    exit as ``train.py`` does on bad input."""
+def refuse(message: str) -> NoReturn:
+    """Stop a Hydra callback on bad input, before anything is written. Hydra turns an exception raised by a
+    callback into a warning, so exit as ``train.py`` does on bad input: one ``Error:`` line, no traceback."""
     print(f"\nError: {message}", file=sys.stderr)
     raise SystemExit(1)
