@@ -31,7 +31,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gpt2lab.lit.ddp import external_rank, refuse
+from gpt2lab.errors import refuse
+from gpt2lab.lit.ddp import external_rank
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".run.lock"

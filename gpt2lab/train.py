@@ -28,6 +28,7 @@ from pytorch_lightning.strategies import FSDPStrategy
 
 from gpt2lab.checkpoint import load_checkpoint, resolve_ckpt_path
 from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
+from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, ThroughputLogger
@@ -98,7 +99,10 @@ def _train(cfg: DictConfig) -> float | None:
 
         callbacks.append(OptunaPruning(cfg.optuna_trial, monitor=cfg.optimized_metric))
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.trainer.logger is not False else False
-    trainer = _make_trainer(cfg, callbacks, loggers, **_parallel_job_share())
+    share = _parallel_job_share()
+    trainer = _make_trainer(cfg, callbacks, loggers, **share)
+    if trainer.strategy.root_device.type == "cpu" and trainer.world_size == 1:
+        use_free_cores()  # a busy machine: fewer threads than cores (DDP ranks get their share from Lightning)
     instantiate(cfg.model)  # architecture checks (heads divide width, ...) before any data is read
 
     datamodule = instantiate(cfg.data, tokenizer=instantiate(cfg.tokenizer))

@@ -115,7 +115,7 @@ def test_ckpt_path_last_resumes_the_newest_run(tmp_path, corpus_file, cache_dir)
         (["model.context_length=100000", "data.val_split=0.01"], "too few for one training window"),
         (["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt': no such file"),
         (["ckpt_path=last", "paths.log_dir=/nonexistent"], "ckpt_path=last: no run under /nonexistent"),
-        (["data=hub", "data.name=wikitext"], "could not load wikitext"),
+        (["data=hub", "data.name=wikitext", "data.path=null"], "could not load wikitext"),
         (["trainer.accelerator=gpu"], "No supported gpu backend found! This machine has no GPU: add trainer=cpu"),
         (["trainer.precision=banana"], "trainer: ValueError: Precision 'banana' is invalid"),
         (["compile=true", "compile_mode=fastest"], "compile_mode='fastest': expected one of default, "),

@@ -18,13 +18,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from gpt2lab.errors import refuse
 
 # Command-line flags that select the config rather than override it; kept for the ranks.
 CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
@@ -121,10 +123,3 @@ class ExternalRanks(Callback):
                 root.removeHandler(handler)
                 handler.close()
                 root.addHandler(rank_log)
-
-
-def refuse(message: str) -> NoReturn:
-    """Stop a Hydra callback on bad input, before anything is written. Hydra turns an exception raised by a
-    callback into a warning, so exit as ``train.py`` does on bad input: one ``Error:`` line, no traceback."""
-    print(f"\nError: {message}", file=sys.stderr)
-    raise SystemExit(1)
