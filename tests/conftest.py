@@ -43,6 +43,18 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def rank_zero():
+    """Building a Trainer as rank r of a launcher's job (tests/test_multinode.py) sets Lightning's process-wide
+    rank to r, after which loggers of later in-process runs would write nothing: put rank 0 back."""
+    yield
+    import lightning_fabric.utilities.rank_zero as fabric_rank_zero
+    import pytorch_lightning.utilities.rank_zero as pl_rank_zero
+
+    for module in (fabric_rank_zero, pl_rank_zero):
+        module.rank_zero_only.rank = 0
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 200 KB of real text (stdlib modules and pydoc topics), one paragraph per blank-line block."""

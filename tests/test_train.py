@@ -42,12 +42,16 @@ def test_short_run_leaves_checkpoints_metrics_and_results(tmp_path, corpus_file,
     header = (run / "metrics.csv").read_text().splitlines()[0]
     for column in ("train/loss", "val/loss", "val/ppl", "lr", "train/grad_norm", "perf/tokens_per_sec"):
         assert column in header
-    assert "Sample:" in (run / "train.log").read_text()
-    # lr is logged on the steps Lightning writes, with that step's value (warmup: 3e-3 * (step + 1) / 51).
+    log = (run / "train.log").read_text()
+    assert "Sample:" in log
+    # Said at the start: where the run goes, and (5 steps past the first) how long the rest will take here.
+    assert log.index(f"Run directory: {run}") < log.index("Estimated training time: ")
+    assert re.search(r"Estimated training time: \d+ s for the remaining 2 steps at [\d.]+ s/step", log)
+    # lr is logged on the steps Lightning writes, with that step's value (warmup: 4e-3 * (step + 1) / 51).
     lr_rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r["lr"]]
     assert [int(r["step"]) for r in lr_rows] == [1, 3, 5, 7]
     for r in lr_rows:
-        assert float(r["lr"]) == pytest.approx(3e-3 * (int(r["step"]) + 1) / 51, rel=1e-5)
+        assert float(r["lr"]) == pytest.approx(4e-3 * (int(r["step"]) + 1) / 51, rel=1e-5)
         assert float(r["train/grad_norm"]) > 0
 
     # The checkpoint alone rebuilds model and tokenizer.
@@ -401,7 +405,7 @@ def test_scheduler_null_trains_at_a_constant_learning_rate(tmp_path, corpus_file
         result = run_cli(*cli_args(corpus_file, cache_dir, run, removal, "sample=null", "test=false"), cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         lrs = [float(r["lr"]) for r in csv.DictReader((run / "metrics.csv").open()) if r.get("lr")]
-        assert lrs == [pytest.approx(3e-3)] * 4  # the tiny preset's optimizer.lr at each logged step, unscheduled
+        assert lrs == [pytest.approx(4e-3)] * 4  # the tiny preset's optimizer.lr at each logged step, unscheduled
         assert "scheduler: null" in (run / "config.yaml").read_text()
 
 

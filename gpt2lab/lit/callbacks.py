@@ -50,6 +50,7 @@ class ThroughputLogger(pl.Callback):
     def __init__(self, estimate_after: int = 5) -> None:
         self.estimate_after = estimate_after
         self._estimate_start: tuple[int, float] | None = None  # (optimizer step, time) the estimate counts from
+        self._validation_start = 0.0
         self.tokens = 0  # trained tokens, all ranks
         self.seconds = 0.0  # time spent in training batches
         self._window_tokens = 0
@@ -112,8 +113,7 @@ class ThroughputLogger(pl.Callback):
         self.estimate_after = 0  # done
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.estimate_after and not trainer.sanity_checking:
-            self._estimate_start = None  # the window should time training steps only: start it again
+        self._validation_start = time.perf_counter()
         if self._t0 is not None and not trainer.sanity_checking:
             self.seconds += time.perf_counter() - self._t0
             self.tokens += self._window_tokens
@@ -123,6 +123,9 @@ class ThroughputLogger(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
             self._t0 = time.perf_counter()
+            if self._estimate_start is not None:  # the estimate times training steps only
+                step, start = self._estimate_start
+                self._estimate_start = (step, start + self._t0 - self._validation_start)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.on_validation_start(trainer, pl_module)
