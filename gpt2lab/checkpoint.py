@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -72,20 +73,55 @@ def _checkpoint_file(ckpt_path: str) -> Path:
     return path
 
 
+def find_checkpoint(ckpt: str | None, log_dir: str | os.PathLike) -> Path:
+    """The checkpoint a trained model is used from (evaluation, generation): a ``.ckpt`` file; a run
+    directory, for its best checkpoint; ``last`` or ``best``, the last or best checkpoint of the newest run
+    under ``log_dir``."""
+    if not ckpt:
+        raise ConfigError("ckpt=... is required: a .ckpt file, a run directory, or last / best (the newest run's)")
+    if ckpt in ("last", "best"):
+        lasts = sorted(Path(log_dir).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not lasts:
+            raise ConfigError(f"ckpt={ckpt}: no run under {log_dir}/ has saved checkpoints (paths.log_dir={log_dir})")
+        return lasts[-1] if ckpt == "last" else best_checkpoint(lasts[-1].parent.parent)
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        return best_checkpoint(path.parent if path.name == "checkpoints" else path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt={ckpt!r}: no such file or directory (a .ckpt file, a run directory, last or best)")
+    return path
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """A run's best checkpoint by its monitored metric, as its ModelCheckpoint recorded it; else its last."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError(f"ckpt={str(run_dir)!r}: the directory has no checkpoints/last.ckpt; is it a run directory?")
+    states = read_checkpoint(last).get("callbacks", {})
+    for key, state in states.items():
+        best = Path(state.get("best_model_path") or "") if key.startswith("ModelCheckpoint") else None
+        if best and best.name:
+            moved = run_dir / "checkpoints" / best.name  # the run directory may have been moved or copied
+            return best if best.is_file() else moved if moved.is_file() else last
+    return last
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint onto the CPU, or fail with a message that says what is wrong with the file."""
+    if not zipfile.is_zipfile(path):  # what torch.save writes
+        raise ConfigError(f"{str(path)!r} is not a checkpoint: not a file written by torch.save (a .ckpt of a run)")
     try:
         # weights_only: never runs code from the file; mmap: reading the hyper-parameters does not read the weights
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise ConfigError(f"ckpt_path={str(path)!r} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise ConfigError(f"{str(path)!r} is not a readable checkpoint ({type(e).__name__}: {e})") from e
     if (
         not isinstance(checkpoint, dict)
         or "state_dict" not in checkpoint
         or "model" not in checkpoint.get("hyper_parameters", {})
     ):
         raise ConfigError(
-            f"ckpt_path={str(path)!r} is not a gpt2lab checkpoint (no state_dict or model hyper-parameters)"
+            f"{str(path)!r} is not a gpt2lab checkpoint (no state_dict or model hyper-parameters)"
         )
     return checkpoint
 

@@ -138,6 +138,27 @@ class TrainSchema:
     optuna_trial: Optional[int] = None  # noqa: UP045 - set by the Optuna sweeper for each trial
 
 
+@dataclasses.dataclass
+class EvalSchema:
+    stride: Optional[int] = None  # noqa: UP045 - null: non-overlapping windows; N: a window every N tokens
+    compressors: bool = True  # gzip -9, bz2 -9 and xz -9e on the same bytes, beside the model
+
+
+@dataclasses.dataclass
+class EvaluateSchema:
+    ckpt: Optional[str] = None  # noqa: UP045 - a .ckpt file, a run directory (its best), last or best
+    split: str = "test"  # train, validation or test
+    data: Optional[DataSchema] = None  # noqa: UP045 - null: the data of the checkpoint's own run
+    tokenizer: Optional[TokenizerSchema] = None  # noqa: UP045 - ignored: the checkpoint's tokenizer is used
+    trainer: TrainerSchema = dataclasses.field(default_factory=TrainerSchema)
+    paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
+    eval: EvalSchema = dataclasses.field(default_factory=EvalSchema)
+    callbacks: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 1234
+    optimized_metric: str = "bits_per_byte"  # what a multirun of evaluations returns per job
+    task_name: str = "evaluate"
+
+
 def config_path() -> str:
     """Where the config tree is: ``conf/`` of a source checkout, else the copy installed as ``gpt2lab.conf``."""
     source_tree = Path(__file__).resolve().parent.parent / "conf"
@@ -160,3 +181,4 @@ def null_group_overrides(args: list[str]) -> list[str]:
 
 def register_schemas() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainSchema, replace=True)
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateSchema, replace=True)

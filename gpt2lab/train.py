@@ -17,7 +17,6 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import execution_whitelist, instantiate
 from lightning_fabric.utilities.exceptions import MisconfigurationException
@@ -29,11 +28,12 @@ from pytorch_lightning.strategies import FSDPStrategy
 from gpt2lab.checkpoint import load_checkpoint, resolve_ckpt_path
 from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
 from gpt2lab.cpu_threads import use_free_cores
-from gpt2lab.errors import ConfigError
+from gpt2lab.errors import ConfigError, report_errors
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, ThroughputLogger
 from gpt2lab.lit.ddp import external_rank, use_job_command_for_ddp
 from gpt2lab.lit.module import check_optimization, inductor_options
+from gpt2lab.lit.trainer import make_trainer
 from gpt2lab.model import GPT2Model
 from gpt2lab.tokenizers import check_model_vocab
 
@@ -100,7 +100,7 @@ def _train(cfg: DictConfig) -> float | None:
         callbacks.append(OptunaPruning(cfg.optuna_trial, monitor=cfg.optimized_metric))
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.trainer.logger is not False else False
     share = _parallel_job_share()
-    trainer = _make_trainer(cfg, callbacks, loggers, **share)
+    trainer = make_trainer(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()], **share)
     if trainer.strategy.root_device.type == "cpu" and trainer.world_size == 1:
         use_free_cores()  # a busy machine: fewer threads than cores (DDP ranks get their share from Lightning)
     instantiate(cfg.model)  # architecture checks (heads divide width, ...) before any data is read
@@ -305,26 +305,6 @@ def _why_no_metric(cfg: DictConfig, trainer: pl.Trainer) -> str:
     return f"the run logged no metric of that name (optimized_metric={cfg.optimized_metric}; see metrics.csv)"
 
 
-def _make_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: Any, **overrides: Any) -> pl.Trainer:
-    interval = cfg.trainer.val_check_interval
-    if isinstance(interval, float) and interval <= 1.0 and cfg.trainer.check_val_every_n_epoch is None:
-        # Lightning reads a float as a fraction of an epoch (0.5: twice per epoch), but only when counting
-        # epochs; gpt2lab's default counts steps across epochs, which Lightning then refuses for a float.
-        overrides["check_val_every_n_epoch"] = 1
-    try:
-        return instantiate(
-            cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()], **overrides
-        )
-    except Exception as e:  # Lightning rejects bad accelerator/precision/strategy values here
-        cause = e.__cause__ or e
-        hint = ""
-        if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-            hint = " This machine has no GPU: add trainer=cpu (or trainer.accelerator=cpu trainer.precision=32-true)."
-        elif "fsdp" in str(cause).lower() and cfg.trainer.accelerator not in ("gpu", "cuda", "auto"):
-            hint = " FSDP shards over CUDA GPUs only; on CPUs use trainer=ddp trainer.accelerator=cpu trainer.precision=32-true."
-        raise ConfigError(f"trainer: {type(cause).__name__}: {cause}{hint}") from e
-
-
 def _wanted(callback: pl.Callback, trainer_cfg: DictConfig) -> bool:
     """Honour trainer.enable_progress_bar / enable_checkpointing / enable_model_summary = false, which
     Lightning otherwise rejects when the matching callback is configured."""
@@ -360,30 +340,9 @@ def main() -> float | None:
 
 
 @hydra.main(config_path=config_path(), config_name="train", execution_whitelist=TRUSTED_TARGETS)
+@report_errors
 def _main(cfg: DictConfig) -> float | None:
-    try:
-        return train(cfg)
-    except Exception as e:
-        message = _user_error(e)
-        if message is None:
-            raise
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise ConfigError(message) from None  # the sweeper records it against this job and goes on
-        log.error("%s", message)
-        print(f"\nError: {message}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def _user_error(e: BaseException) -> str | None:
-    """The message for an error caused by the user's input, or None for a bug (which keeps its traceback)."""
-    cause: BaseException | None = e
-    while cause is not None:  # Hydra's instantiate wraps errors raised by the classes it builds
-        if isinstance(cause, ConfigError):
-            return str(cause)
-        cause = cause.__cause__
-    if isinstance(e, InstantiationException) and "execution whitelist" in str(e):
-        return f"{e}\nTo use your own classes as _target_, trust their package: GPT2LAB_TRUSTED_TARGETS='mypkg.*'"
-    return None
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def test_bad_input_gets_a_clear_error(compose_cfg, monkeypatch, overrides, messa
 def test_not_a_checkpoint_and_other_model(compose_cfg, tmp_path):
     bogus = tmp_path / "bogus.ckpt"
     bogus.write_text("not a checkpoint")
-    with pytest.raises(ConfigError, match="is not a readable checkpoint"):
+    with pytest.raises(ConfigError, match="bogus.ckpt. is not a checkpoint: not a file written by torch.save"):
         train(compose_cfg(f"ckpt_path={bogus}"))
     cfg = compose_cfg("sample=null", "test=false")
     train(cfg)

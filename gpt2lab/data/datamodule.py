@@ -41,6 +41,29 @@ class TokenBlockDataset(Dataset):
         return torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
 
 
+class SlidingWindowDataset(Dataset):
+    """Windows of ``block_size + 1`` tokens every ``stride`` tokens, for evaluation: each token is predicted
+    with up to a full context. Item ``i`` is ``(window, first_scored)``: the window's labels before
+    ``first_scored`` were scored by the window before it and serve as context only. With ``stride ==
+    block_size`` these are ``TokenBlockDataset``'s windows, every label scored."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, stride: int) -> None:
+        if not 1 <= stride <= block_size:
+            raise ConfigError(f"eval.stride={stride}: expected 1 to the context length ({block_size}), or null")
+        self.tokens = tokens
+        self.block_size = block_size
+        self.stride = stride
+
+    def __len__(self) -> int:
+        n = len(self.tokens) - 1 - self.block_size  # where the last full window may start
+        return n // self.stride + 1 if n >= 0 else 0
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        start = i * self.stride
+        window = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
+        return window, 0 if i == 0 else self.block_size - self.stride
+
+
 class ResumableRandomSampler(DistributedSampler):
     """This rank's share of a seeded permutation per epoch, able to start part-way through, so that a
     resumed run sees the same batches, in the same order, as an uninterrupted one.
@@ -263,7 +286,21 @@ class GPT2DataModule(pl.LightningDataModule):
             )
         return self._loader(self.datasets["test"], self.eval_batch_size)
 
-    def _loader(self, ds: TokenBlockDataset, batch_size: int, **kwargs: Any) -> DataLoader:
+    def eval_dataloader(self, split: str, stride: int | None = None) -> DataLoader:
+        """The windows of ``split`` for evaluation: non-overlapping, or one every ``stride`` tokens."""
+        split = "validation" if split in ("val", "valid") else split
+        if split not in self.datasets:
+            raise ConfigError(f"split={split!r}: the data has no such split; it has {', '.join(self.datasets)}")
+        blocks = self.datasets[split]
+        dataset = blocks if stride is None else SlidingWindowDataset(blocks.tokens, self.max_length, stride)
+        if len(dataset) == 0:
+            raise ConfigError(
+                f"the {split} split has {len(blocks.tokens)} tokens, too few for one window of {self.max_length + 1} "
+                "(the model's context + 1): evaluate on more text"
+            )
+        return self._loader(dataset, self.eval_batch_size)
+
+    def _loader(self, ds: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=batch_size,

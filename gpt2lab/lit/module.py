@@ -24,6 +24,8 @@ from tokenizers import Tokenizer
 from gpt2lab.config import TRUSTED_TARGETS
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT2Config, GPT2Model
+from gpt2lab.model.cross_entropy import IGNORE_INDEX
+from gpt2lab.tokenizers import token_byte_lengths
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "gpt2lab"
@@ -143,7 +145,9 @@ class GPT2LitModule(pl.LightningModule):
         self.model = GPT2Model(config)
         self.tokenizer: Tokenizer | None = None  # set by the trainer script; saved into checkpoints
         self._pending_rng: dict[str, Any] | None = None
-        self._eval_losses: list[torch.Tensor] = []
+        self._eval_sums: list[torch.Tensor] = []  # per batch: (nats, tokens, bytes)
+        self._bytes_per_token: torch.Tensor | None = None
+        self.eval_totals: dict[str, float] = {}  # of the last evaluation: nats, tokens, bytes
         self._compiled = False
         self._all_finite: torch.Tensor | None = None  # stays on the device: read only on logging steps
 
@@ -182,14 +186,35 @@ class GPT2LitModule(pl.LightningModule):
         self.log("train/loss", loss, on_step=True)
         return loss
 
-    # Evaluation: the mean loss over all batches (then over ranks), and perplexity from that mean.
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        # A copy: with compile_mode=reduce-overhead the output lives in a CUDA graph's buffer, which the
-        # next batch overwrites.
-        self._eval_losses.append(self._loss(batch).detach().clone())
+    # Evaluation: sums over all batches (then over ranks) of the loss in nats, the predicted tokens and the
+    # bytes of text they stand for; loss = nats / tokens, perplexity = exp(loss), and bits per byte =
+    # nats / (bytes * ln 2), which does not depend on the tokenizer, so runs with different vocabularies compare.
+    def validation_step(self, batch: torch.Tensor | list[torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
 
-    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self._eval_losses.append(self._loss(batch).detach().clone())
+    def test_step(self, batch: torch.Tensor | list[torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def _eval_step(self, batch: torch.Tensor | list[torch.Tensor]) -> None:
+        if isinstance(batch, list | tuple):  # (windows, first scored label) from a strided evaluation
+            windows, first_scored = batch
+            inputs, labels = windows[:, :-1], windows[:, 1:].clone()
+            positions = torch.arange(labels.shape[1], device=labels.device)
+            labels[positions < first_scored[:, None]] = IGNORE_INDEX  # context only: predicted by earlier windows
+        else:
+            inputs, labels = batch[:, :-1], batch[:, 1:]
+        _, loss = self(inputs, labels)
+        scored = labels != IGNORE_INDEX
+        tokens = scored.sum()
+        n_bytes = self._token_bytes(labels.device)[labels[scored]].sum() if self.tokenizer is not None else tokens * 0
+        # A copy: with compile_mode=reduce-overhead the loss lives in a CUDA graph's buffer, which the next batch
+        # overwrites.
+        self._eval_sums.append(torch.stack([loss.detach().float() * tokens, tokens.float(), n_bytes.float()]).clone())
+
+    def _token_bytes(self, device: torch.device) -> torch.Tensor:
+        if self._bytes_per_token is None or self._bytes_per_token.device != device:
+            self._bytes_per_token = torch.tensor(token_byte_lengths(self.tokenizer), device=device)
+        return self._bytes_per_token
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -198,16 +223,21 @@ class GPT2LitModule(pl.LightningModule):
         self._log_eval("test")
 
     def _log_eval(self, stage: str) -> None:
-        if not self._eval_losses:
+        if not self._eval_sums:
             return
-        loss = self.trainer.strategy.reduce(torch.stack(self._eval_losses).mean(), reduce_op="mean")
-        self._eval_losses.clear()
+        sums = self.trainer.strategy.reduce(torch.stack(self._eval_sums).sum(0), reduce_op="sum")
+        self._eval_sums.clear()
+        nats, tokens, n_bytes = sums
+        loss = nats / tokens
         if stage == "val" and self.trainer.state.fn == TrainerFn.FITTING and not torch.isfinite(loss):
             # Raised before ModelCheckpoint sees the value, so a NaN never becomes a (best) checkpoint.
             self._diverged(f"the validation loss is {loss.item()}")
-        # Already the mean over ranks; sync_dist=True only tells Lightning so (the values agree).
+        # Already the totals over ranks; sync_dist=True only tells Lightning so (the values agree).
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}/ppl", torch.exp(loss), sync_dist=True)
+        if self.tokenizer is not None:
+            self.log(f"{stage}/bpb", nats / (n_bytes * math.log(2)), sync_dist=True)
+        self.eval_totals = {"nats": float(nats), "tokens": int(tokens), "bytes": int(n_bytes)}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.trainer._logger_connector.should_update_logs:  # the steps Lightning writes to the logger

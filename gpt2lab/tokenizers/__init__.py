@@ -10,6 +10,7 @@ from gpt2lab.tokenizers.build import (
     fingerprint,
     load_file,
     load_pretrained,
+    token_byte_lengths,
     train_bpe,
     validate_tokenizer,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "fingerprint",
     "load_file",
     "load_pretrained",
+    "token_byte_lengths",
     "train_bpe",
     "validate_tokenizer",
 ]

@@ -109,6 +109,25 @@ def unknown_token_id(tokenizer: Tokenizer) -> int | None:
     return tokenizer.token_to_id(getattr(tokenizer.model, "unk_token", None) or UNK_TOKEN)
 
 
+def token_byte_lengths(tokenizer: Tokenizer) -> list[int]:
+    """The UTF-8 bytes each token id stands for, the denominator of bits per byte; special tokens count 0.
+
+    A byte-level BPE token is written in an alphabet of one character per byte, so its length is its byte
+    count, also for a token that holds part of a multi-byte character (which decodes to nothing whole).
+    """
+    special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+    lengths = []
+    for i in range(tokenizer.get_vocab_size()):
+        if i in special:
+            lengths.append(0)
+        elif byte_level:
+            lengths.append(len(tokenizer.id_to_token(i)))
+        else:
+            lengths.append(len(tokenizer.decode([i]).encode("utf-8")))
+    return lengths
+
+
 def check_model_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
     """The model must have a row for every id the tokenizer can produce (more rows are fine)."""
     vocab = tokenizer.get_vocab_size()

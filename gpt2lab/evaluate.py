@@ -1,0 +1,170 @@
+"""``python -m gpt2lab.evaluate ckpt=...``: score a trained model on any data and split.
+
+Loss, perplexity and bits per byte (the loss in bits spread over the UTF-8 bytes of the text: it does not
+depend on the tokenizer, so models with different vocabularies compare), with what ``gzip -9``, ``bz2 -9``
+and ``xz -9e`` achieve on the same bytes beside them. Scoring runs through Lightning's test loop, so
+``trainer=gpu``, bf16 and ``trainer=ddp`` apply as in training. See README, "Evaluate".
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import logging
+import lzma
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import execution_whitelist, instantiate
+from omegaconf import DictConfig, OmegaConf
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader
+
+from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
+from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
+from gpt2lab.errors import ConfigError, report_errors
+from gpt2lab.lit.module import GPT2LitModule
+from gpt2lab.lit.trainer import make_trainer
+from gpt2lab.model import GPT2Model
+from gpt2lab.tokenizers import TokenizerSpec
+
+log = logging.getLogger("gpt2lab.evaluate")
+COMPRESSORS: dict[str, Callable[[bytes], bytes]] = {
+    "gzip -9": lambda data: gzip.compress(data, compresslevel=9),
+    "bz2 -9": lambda data: bz2.compress(data, compresslevel=9),
+    "xz -9e": lambda data: lzma.compress(data, preset=9 | lzma.PRESET_EXTREME),
+}
+
+
+class Evaluator:
+    """Scores ``model`` on a dataloader of token windows (``GPT2DataModule.eval_dataloader``) through
+    Lightning's test loop. Bits per byte need the ``tokenizer`` the windows were made with."""
+
+    def __init__(
+        self,
+        model: GPT2Model,
+        dataloader: DataLoader,
+        device: str = "auto",
+        tokenizer: Tokenizer | None = None,
+        trainer: pl.Trainer | None = None,
+    ) -> None:
+        self.model, self.dataloader, self.tokenizer = model, dataloader, tokenizer
+        self.trainer = trainer or pl.Trainer(
+            accelerator=device, devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
+        )
+
+    def evaluate(self) -> dict[str, Any]:
+        """``loss``, ``perplexity``, ``bits_per_byte``, ``tokens``, ``bytes``, ``tokens_per_sec``."""
+        module = GPT2LitModule(self.model.config, optimizer={})
+        module.model, module.tokenizer = self.model, self.tokenizer
+        started = time.perf_counter()
+        self.trainer.test(module, dataloaders=self.dataloader, verbose=False)
+        seconds = time.perf_counter() - started
+        totals = module.eval_totals
+        loss = totals["nats"] / totals["tokens"]
+        return {
+            "loss": loss,
+            "perplexity": math.exp(loss),
+            "bits_per_byte": totals["nats"] / (totals["bytes"] * math.log(2)) if self.tokenizer else None,
+            "tokens": totals["tokens"],
+            "bytes": totals["bytes"] if self.tokenizer else None,
+            "tokens_per_sec": round(totals["tokens"] / seconds, 1),
+        }
+
+
+def compressor_bits_per_byte(data: bytes) -> dict[str, float]:
+    """Bits per byte that general-purpose compressors reach on ``data`` (Python's gzip, bz2 and lzma)."""
+    return {name: 8 * len(compress(data)) / len(data) for name, compress in COMPRESSORS.items()} if data else {}
+
+
+def print_metrics(metrics: dict[str, Any]) -> None:
+    """Print ``Evaluator.evaluate``'s metrics (and ``compressors``, if added) as ``format_metrics`` does."""
+    print(format_metrics(metrics))
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """The metrics as a table: the model's bits per byte beside the compressors'."""
+    lines = [
+        f"loss {metrics['loss']:.4f}   perplexity {metrics['perplexity']:.2f}   "
+        f"{metrics['tokens']:,} tokens" + (f", {metrics['bytes']:,} bytes" if metrics.get("bytes") else ""),
+        "",
+        "| bits per byte | |",
+        "|---|---|",
+    ]
+    rows = {"model": metrics.get("bits_per_byte"), **metrics.get("compressors", {})}
+    lines += [f"| {name} | {value:.3f} |" for name, value in rows.items() if value is not None]
+    return "\n".join(lines)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt`` as ``conf/evaluate.yaml`` describes; writes ``eval.json`` to the run directory."""
+    path = find_checkpoint(cfg.ckpt, cfg.paths.log_dir)
+    model, tokenizer = load_checkpoint(path)
+    if tokenizer is None:
+        raise ConfigError(f"ckpt={str(path)!r} carries no tokenizer, so its text cannot be encoded")
+    log.info("Checkpoint: %s (%s parameters)", path, f"{model.num_parameters():,}")
+    if cfg.tokenizer is not None:
+        log.warning("tokenizer=...: ignored; the model is evaluated with the tokenizer it was trained with")
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(output_dir / "tokenizer.json"))
+
+    data_cfg = cfg.data if cfg.data is not None else run_data_config(path)
+    with execution_whitelist(TRUSTED_TARGETS):
+        datamodule = instantiate(
+            data_cfg,
+            max_length=model.config.context_length,
+            tokenizer=TokenizerSpec(kind="file", path=str(output_dir / "tokenizer.json")),
+        )
+        datamodule.setup()
+        dataloader = datamodule.eval_dataloader(cfg.split, cfg.eval.stride)
+        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+        trainer = make_trainer(cfg.trainer, logger=False, callbacks=callbacks, enable_checkpointing=False)
+    metrics = Evaluator(model, dataloader, tokenizer=tokenizer, trainer=trainer).evaluate()
+    if cfg.eval.compressors and trainer.is_global_zero:
+        tokens = dataloader.dataset.tokens[1 : 1 + metrics["tokens"]]  # the scored tokens: a prefix of the split
+        text = tokenizer.decode(tokens.tolist(), skip_special_tokens=True).encode("utf-8")
+        metrics["compressors"] = compressor_bits_per_byte(text)
+    metrics |= {"checkpoint": str(path), "split": cfg.split, "stride": cfg.eval.stride, "data": datamodule.stats}
+    if trainer.is_global_zero:
+        (output_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+        log.info("Evaluation of %s on the %s split:\n%s", path, cfg.split, format_metrics(metrics))
+        log.info("Saved %s", output_dir / "eval.json")
+    return metrics
+
+
+def run_data_config(checkpoint: Path) -> DictConfig:
+    """The ``data`` config of the run that wrote ``checkpoint`` (``<run>/config.yaml``)."""
+    run_config = checkpoint.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise ConfigError(
+            f"no data to evaluate on: {run_config} (the checkpoint's run config) is missing; "
+            "name the data, e.g. data=files data.path=held_out.txt"
+        )
+    return OmegaConf.load(run_config).data
+
+
+register_schemas()
+
+
+def main() -> None:
+    """Entry point of ``python -m gpt2lab.evaluate``."""
+    sys.argv = null_group_overrides(sys.argv)
+    _main()
+
+
+@hydra.main(config_path=config_path(), config_name="evaluate", execution_whitelist=TRUSTED_TARGETS)
+@report_errors
+def _main(cfg: DictConfig) -> float | None:
+    return evaluate(cfg).get(cfg.optimized_metric)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""``python -m gpt2lab.evaluate``: loss, perplexity and bits per byte of a checkpoint on any split."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY
+
+from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
+from gpt2lab.errors import ConfigError
+from gpt2lab.evaluate import Evaluator, compressor_bits_per_byte
+from gpt2lab.train import train
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, corpus_file, cache_dir):
+    """A tiny model trained for 40 steps (long enough to use its context), and its run directory."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from gpt2lab.config import register_schemas
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(
+            "train",
+            overrides=[
+                *TINY,
+                f"data.path={corpus_file}",
+                f"paths.cache_dir={cache_dir}",
+                "trainer.max_steps=40",
+                "trainer.val_check_interval=20",
+                "sample=null",
+                "test=false",
+            ],  # fmt: skip
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run)
+        del cfg.hydra
+    train(cfg)
+    GlobalHydra.instance().clear()
+    return run
+
+
+def evaluate_cli(*args: str, cwd: Path, cache_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gpt2lab.evaluate", f"paths.cache_dir={cache_dir}", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def datamodule_for(run: Path, cache_dir: Path):
+    from omegaconf import OmegaConf
+
+    from gpt2lab.data import GPT2DataModule
+    from gpt2lab.tokenizers import TokenizerSpec
+
+    data = {
+        k: v for k, v in OmegaConf.to_container(OmegaConf.load(run / "config.yaml").data).items() if k != "_target_"
+    }
+    data |= {"cache_dir": str(cache_dir), "tokenizer": TokenizerSpec(kind="file", path=str(run / "tokenizer.json"))}
+    datamodule = GPT2DataModule(**data)
+    datamodule.setup()
+    return datamodule
+
+
+def test_evaluate_a_run_directory_on_its_own_test_split(trained_run, tmp_path, cache_dir):
+    result = evaluate_cli(f"ckpt={trained_run}", "trainer.accelerator=cpu", cwd=tmp_path, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (eval_file,) = (tmp_path / "outputs" / "evaluate").glob("*/*/eval.json")
+    metrics = json.loads(eval_file.read_text())
+    assert Path(metrics["checkpoint"]).name.startswith("step000040")  # the run's best checkpoint
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    # Bits per byte: the loss in bits spread over the UTF-8 bytes of the scored text.
+    assert metrics["bits_per_byte"] == pytest.approx(
+        metrics["loss"] * metrics["tokens"] / (metrics["bytes"] * math.log(2))
+    )
+    assert metrics["tokens"] == metrics["data"]["test"]["tokens"] // 32 * 32  # every full window of the split
+    assert set(metrics["compressors"]) == {"gzip -9", "bz2 -9", "xz -9e"}
+    assert 0 < metrics["compressors"]["xz -9e"] < metrics["compressors"]["gzip -9"] < 8
+    for row in ("| model |", "| gzip -9 |", "| xz -9e |"):
+        assert row in result.stdout + result.stderr
+
+
+def test_bytes_are_those_of_the_scored_text(trained_run, cache_dir):
+    model, tokenizer = load_checkpoint(find_checkpoint(str(trained_run), "unused"))
+    datamodule = datamodule_for(trained_run, cache_dir)
+    loader = datamodule.eval_dataloader("validation")
+    metrics = Evaluator(model, loader, device="cpu", tokenizer=tokenizer).evaluate()
+    scored = loader.dataset.tokens[1 : 1 + metrics["tokens"]].tolist()
+    assert metrics["bytes"] == len(tokenizer.decode(scored, skip_special_tokens=True).encode("utf-8"))
+
+
+def test_sliding_window_scores(trained_run, cache_dir):
+    model, tokenizer = load_checkpoint(find_checkpoint(str(trained_run), "unused"))
+    datamodule = datamodule_for(trained_run, cache_dir)
+
+    def score(stride):
+        loader = datamodule.eval_dataloader("validation", stride)
+        return Evaluator(model, loader, device="cpu", tokenizer=tokenizer).evaluate()
+
+    blocks, full_stride, overlapping = score(None), score(32), score(8)
+    # stride = context is the non-overlapping mode: the same windows, every label scored once
+    assert full_stride["loss"] == pytest.approx(blocks["loss"], abs=1e-6)
+    assert full_stride["tokens"] == blocks["tokens"] and full_stride["bytes"] == blocks["bytes"]
+    # With more context per prediction a trained model never scores worse (it counts about the same tokens)
+    assert abs(overlapping["tokens"] - blocks["tokens"]) < 32
+    assert overlapping["loss"] < blocks["loss"]
+    assert overlapping["bits_per_byte"] < blocks["bits_per_byte"]
+
+
+def test_compressors_measure_bits_per_byte():
+    text = ("the quick brown fox jumps over the lazy dog " * 200).encode()
+    rates = compressor_bits_per_byte(text)
+    assert all(0 < rate < 1 for rate in rates.values())  # very repetitive text: far below 8 bits per byte
+    assert compressor_bits_per_byte(b"") == {}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "ckpt=... is required: a .ckpt file, a run directory, or last / best"),
+        (["ckpt=last", "paths.log_dir=nowhere"], "ckpt=last: no run under nowhere/ has saved checkpoints"),
+        (["ckpt=missing.ckpt"], "ckpt='missing.ckpt': no such file or directory"),
+        (["ckpt=RUN", "split=dev"], "split='dev': the data has no such split; it has train, validation, test"),
+        (["ckpt=RUN", "eval.stride=0"], r"eval.stride=0: expected 1 to the context length \(32\), or null"),
+        (["ckpt=RUN", "eval.stride=33"], r"eval.stride=33: expected 1 to the context length \(32\), or null"),
+        (["ckpt=NOTCKPT"], "'.*not.ckpt' is not a checkpoint: not a file written by torch.save"),
+        (["ckpt=EMPTYDIR"], "ckpt=.*empty.: the directory has no checkpoints/last.ckpt; is it a run directory?"),
+    ],
+)
+def test_bad_input_is_one_error_line(trained_run, tmp_path, cache_dir, args, message):
+    import re
+
+    (tmp_path / "not.ckpt").write_text("text")
+    (tmp_path / "empty").mkdir()
+    replace = {"RUN": str(trained_run), "NOTCKPT": str(tmp_path / "not.ckpt"), "EMPTYDIR": str(tmp_path / "empty")}
+    args = [
+        a.replace("=" + a.split("=", 1)[1], "=" + replace.get(a.split("=", 1)[1], a.split("=", 1)[1])) for a in args
+    ]
+    result = evaluate_cli(*args, cwd=tmp_path, cache_dir=cache_dir)
+    assert result.returncode == 1
+    assert re.search("Error: " + message, result.stderr), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_tokenizer_setting_is_ignored_with_a_word(trained_run, tmp_path, cache_dir):
+    result = evaluate_cli(
+        f"ckpt={trained_run}", "tokenizer=char", "eval.compressors=false", cwd=tmp_path, cache_dir=cache_dir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the model is evaluated with the tokenizer it was trained with" in result.stdout + result.stderr
+
+
+def test_find_checkpoint_last_and_best(trained_run):
+    log_dir = trained_run.parent
+    assert find_checkpoint("last", log_dir) == trained_run / "checkpoints" / "last.ckpt"
+    assert find_checkpoint("best", log_dir).name.startswith("step000040")
+    with pytest.raises(ConfigError, match="no such file or directory"):
+        find_checkpoint(str(log_dir / "nope.ckpt"), log_dir)
