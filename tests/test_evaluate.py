@@ -167,3 +167,19 @@ def test_find_checkpoint_last_and_best(trained_run):
     assert find_checkpoint("best", log_dir).name.startswith("step000040")
     with pytest.raises(ConfigError, match="no such file or directory"):
         find_checkpoint(str(log_dir / "nope.ckpt"), log_dir)
+
+
+def test_one_console_script_for_every_verb(trained_run, tmp_path, cache_dir):
+    cli = [sys.executable, "-m", "gpt2lab.cli"]
+    usage = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "train" in usage.stderr and "evaluate" in usage.stderr
+    unknown = subprocess.run([*cli, "evaluat"], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "unknown command 'evaluat'" in unknown.stderr
+    result = subprocess.run(
+        [*cli, "evaluate", f"ckpt={trained_run}", "split=validation", "eval.compressors=false",
+         f"paths.cache_dir={cache_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (eval_file,) = (tmp_path / "outputs" / "evaluate").glob("*/*/eval.json")
+    assert json.loads(eval_file.read_text())["split"] == "validation"

@@ -91,3 +91,16 @@ def test_validator_names_both_sizes_on_a_vocabulary_mismatch():
 def test_unknown_kind_is_rejected():
     with pytest.raises(ConfigError, match="tokenizer.kind='wordpiece': expected one of bpe, char"):
         TokenizerSpec(kind="wordpiece")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_token_byte_lengths_add_up_to_the_texts_bytes(kind):
+    """The denominator of bits per byte: the bytes each token stands for, summed over an encoding, are the
+    text's UTF-8 bytes, also where a byte-level token holds part of a multi-byte character."""
+    from gpt2lab.tokenizers import build_char, token_byte_lengths, train_bpe
+
+    text = "héllo wörld € 日本語 def f(x):\n    return x  # ok\n" * 20
+    tokenizer = train_bpe([text], 300, show_progress=False) if kind == "bpe" else build_char([text], 64)
+    lengths = token_byte_lengths(tokenizer)
+    ids = tokenizer.encode(text).ids + [tokenizer.token_to_id("<|endoftext|>")]
+    assert sum(lengths[i] for i in ids) == len(text.encode("utf-8"))  # the end-of-text token counts no bytes

@@ -37,10 +37,12 @@ def test_short_run_leaves_checkpoints_metrics_and_results(tmp_path, corpus_file,
     results = json.loads((run / "results.json").read_text())
     assert Path(results["best_checkpoint"]).is_file() and results["global_step"] == 8
     assert results["metrics"]["val/loss"] < results["initial_val_loss"]
-    assert {"test/loss", "test/ppl", "val/ppl"} <= set(results["metrics"])
+    assert {"test/loss", "test/ppl", "val/ppl", "val/bpb", "test/bpb"} <= set(results["metrics"])
+    # bits per byte: the tokenizer-independent loss; a 320-token BPE spans about 1.4 bytes per token
+    assert 1.2 < results["metrics"]["val/loss"] / (results["metrics"]["val/bpb"] * 0.6931) < 1.7
     assert results["tokens_per_sec"] > 0 and results["duration_s"] > 0
     header = (run / "metrics.csv").read_text().splitlines()[0]
-    for column in ("train/loss", "val/loss", "val/ppl", "lr", "train/grad_norm", "perf/tokens_per_sec"):
+    for column in ("train/loss", "val/loss", "val/ppl", "val/bpb", "lr", "train/grad_norm", "perf/tokens_per_sec"):
         assert column in header
     log = (run / "train.log").read_text()
     assert "Sample:" in log

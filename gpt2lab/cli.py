@@ -1,0 +1,28 @@
+"""``gpt2lab <verb> [overrides]``: one console script for every entry point (``gpt2lab train``, ``gpt2lab
+evaluate``, ...), each the Hydra app of ``gpt2lab/<verb>.py`` with its own ``conf/<verb>.yaml``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+VERBS = {
+    "train": "train a model (python train.py)",
+    "evaluate": "loss, perplexity and bits per byte of a checkpoint (python -m gpt2lab.evaluate)",
+}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in VERBS:
+        listed = "\n".join(f"  {verb:10s} {what}" for verb, what in VERBS.items())
+        given = f"unknown command {sys.argv[1]!r}; " if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
+        print(f"usage: gpt2lab <command> [key=value ...] [--help]\n{given}commands:\n{listed}", file=sys.stderr)
+        raise SystemExit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
+    module = importlib.import_module(f"gpt2lab.{sys.argv[1]}")
+    # The module's own file as the program: Lightning's DDP launcher re-runs sys.argv[0] for the other ranks.
+    sys.argv = [module.__file__, *sys.argv[2:]]
+    module.main()
+
+
+if __name__ == "__main__":
+    main()
