@@ -9,7 +9,9 @@ wherever PyTorch has them.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gpt2lab.errors import ConfigError
-from gpt2lab.model import cross_entropy
+from gpt2lab.model import cross_entropy, generation
+from gpt2lab.model.generation import KVCache
 
 
 @dataclass
@@ -92,13 +95,17 @@ class MultiHeadAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.residual_dropout = nn.Dropout(config.residual_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(  # (B, nh, T, hs)
-            q, k, v, dropout_p=self.attention_dropout if self.training else 0.0, is_causal=True
-        )
+        if cache is None:
+            y = F.scaled_dot_product_attention(  # (B, nh, T, hs)
+                q, k, v, dropout_p=self.attention_dropout if self.training else 0.0, is_causal=True
+            )
+        else:  # decoding: attend to the cached positions too, minus the padding
+            k, v = cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.residual_dropout(self.proj(y))
 
@@ -127,8 +134,8 @@ class DecoderBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon, bias=config.use_bias)
         self.mlp = FeedForward(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -191,23 +198,35 @@ class GPT2Model(nn.Module):
         return 6 * self.num_parameters(non_embedding=True) + 12 * c.num_layers * c.d_model * c.context_length
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, return_logits: bool | None = None
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        return_logits: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``input_ids`` and ``labels`` are (B, T); labels are the next tokens, -100 is ignored.
 
         Returns ``(logits, loss)``. With labels, logits are returned only if ``return_logits=True``:
         training needs the loss alone, and a (B, T, V) output would be kept alive for the caller.
+        Decoding passes a ``cache`` (``generation.KVCache``) that holds the positions before ``input_ids``,
+        and an ``attention_mask`` (B, T), 0 on left padding.
         """
         T = input_ids.shape[1]
         if self.config.context_length < T:
             raise ValueError(f"sequence length {T} exceeds model.context_length={self.config.context_length}")
-        pos = torch.arange(T, device=input_ids.device)
+        if cache is None:
+            pos = torch.arange(T, device=input_ids.device)
+        else:  # each row's positions count from its first real token
+            pos = cache.begin(torch.ones_like(input_ids) if attention_mask is None else attention_mask)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))  # (B, T, C)
-        for block in self.blocks:
+        for layer, block in enumerate(self.blocks):
             if self.config.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, cache, layer)
+        if cache is not None:
+            cache.end()
         x = self.ln_f(x)
         vocab_size = self.config.vocab_size
         if labels is None:
@@ -226,14 +245,47 @@ class GPT2Model(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        **options: Any,
     ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` continuations of (B, T) ``input_ids``; returns (B, T + new)."""
-        for _ in range(max_new_tokens):
-            context = input_ids[:, -self.config.context_length :]
-            logits = self(context)[0][:, -1, :] / max(temperature, 1e-5)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1, None]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=generator)
-            input_ids = torch.cat([input_ids, next_id], dim=1)
-        return input_ids
+        """Continue (B, T) ``input_ids`` by ``max_new_tokens``; returns (B * num_return_sequences, T + new).
+        ``options`` are ``generate_stream``'s."""
+        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, generator, **options))
+        prompts = input_ids.repeat_interleave(options.get("num_return_sequences", 1), 0)
+        return torch.cat([prompts, torch.stack(new, 1)], 1) if new else prompts
+
+    def generate_stream(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        do_sample: bool = True,
+        attention_mask: torch.Tensor | None = None,
+        eos_token_id: int | None = None,
+        num_return_sequences: int = 1,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the (B * num_return_sequences,) next tokens step by step, with a KV cache (see
+        ``gpt2lab/model/generation.py``). Left-pad prompts of different lengths and pass their
+        ``attention_mask``; a row ends at ``eos_token_id``; ``seed`` makes sampling reproducible;
+        ``do_sample=False`` is greedy."""
+        was_training = self.training
+        self.eval()
+        if num_return_sequences > 1:
+            input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
+            attention_mask = (
+                None if attention_mask is None else attention_mask.repeat_interleave(num_return_sequences, 0)
+            )
+        if seed is not None:
+            generator = torch.Generator(input_ids.device).manual_seed(seed)
+        try:
+            yield from generation.stream_tokens(
+                self, input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample,
+                attention_mask, eos_token_id, generator, use_cache,
+            )  # fmt: skip
+        finally:
+            self.train(was_training)
