@@ -9,6 +9,7 @@ import sys
 VERBS = {
     "train": "train a model (python train.py)",
     "evaluate": "loss, perplexity and bits per byte of a checkpoint (python -m gpt2lab.evaluate)",
+    "generate": "continue text with a checkpoint (python -m gpt2lab.generate)",
 }
 
 

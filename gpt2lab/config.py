@@ -159,6 +159,32 @@ class EvaluateSchema:
     task_name: str = "evaluate"
 
 
+@dataclasses.dataclass
+class InferenceSchema:
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_k: Optional[int] = 50  # noqa: UP045
+    top_p: Optional[float] = 0.95  # noqa: UP045
+    repetition_penalty: float = 1.2
+    do_sample: bool = True
+    num_return_sequences: int = 1
+    stream: bool = True
+    stop: list[str] = dataclasses.field(default_factory=list)
+    seed: Optional[int] = None  # noqa: UP045
+
+
+@dataclasses.dataclass
+class GenerateSchema:
+    ckpt: Optional[str] = None  # noqa: UP045 - a .ckpt file, a run directory (its best), last or best
+    prompt: Optional[str] = None  # noqa: UP045
+    prompts_file: Optional[str] = None  # noqa: UP045 - one prompt per line
+    output: Optional[str] = None  # noqa: UP045 - a .jsonl file the samples are appended to
+    device: str = "auto"
+    inference: InferenceSchema = dataclasses.field(default_factory=InferenceSchema)
+    paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
+    task_name: str = "generate"
+
+
 def config_path() -> str:
     """Where the config tree is: ``conf/`` of a source checkout, else the copy installed as ``gpt2lab.conf``."""
     source_tree = Path(__file__).resolve().parent.parent / "conf"
@@ -179,6 +205,20 @@ def null_group_overrides(args: list[str]) -> list[str]:
     return [f"~{a.partition('=')[0]}" if a.endswith("=null") and a.partition("=")[0] in groups else a for a in args]
 
 
+def literal_overrides(args: list[str], keys: tuple[str, ...]) -> list[str]:
+    """``key=<any text>`` taken as that text: quoted for Hydra's override grammar, which would otherwise parse
+    ``prompt="def f(n):"`` (the shell has removed the quotes) as an expression and fail on the parentheses."""
+    quoted = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in keys and not (len(value) > 1 and value[0] == value[-1] and value[0] in "'\""):
+            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            arg = f"{key}={value}"
+        quoted.append(arg)
+    return quoted
+
+
 def register_schemas() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainSchema, replace=True)
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateSchema, replace=True)
+    ConfigStore.instance().store(name="generate_schema", node=GenerateSchema, replace=True)

@@ -29,12 +29,12 @@ from gpt2lab.checkpoint import load_checkpoint, resolve_ckpt_path
 from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
 from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError, report_errors
+from gpt2lab.generate import sample_text
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, ThroughputLogger
 from gpt2lab.lit.ddp import external_rank, use_job_command_for_ddp
 from gpt2lab.lit.module import check_optimization, inductor_options
 from gpt2lab.lit.trainer import make_trainer
-from gpt2lab.model import GPT2Model
 from gpt2lab.tokenizers import check_model_vocab
 
 log = logging.getLogger("gpt2lab.train")
@@ -316,18 +316,6 @@ def _wanted(callback: pl.Callback, trainer_cfg: DictConfig) -> bool:
     if isinstance(callback, ModelCheckpoint) and trainer_cfg.fast_dev_run:
         return False  # a debug run leaves no checkpoint that ckpt_path=last could pick up
     return not any(isinstance(callback, kind) and flag is False for kind, flag in switches.items())
-
-
-@torch.no_grad()
-def sample_text(
-    model: GPT2Model, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None
-) -> str:
-    """A short continuation of ``prompt`` from the trained model, on CPU-sized settings."""
-    model.eval()
-    device = model.wte.weight.device
-    x = torch.tensor([tokenizer.encode(prompt).ids or [0]], device=device)
-    out = model.generate(x, max_new_tokens, temperature, top_k, generator=torch.Generator(device).manual_seed(0))
-    return tokenizer.decode(out[0].tolist())
 
 
 register_schemas()

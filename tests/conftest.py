@@ -100,6 +100,37 @@ def compose_cfg(tmp_path: Path, cache_dir: Path, corpus_file: Path) -> Callable[
     GlobalHydra.instance().clear()
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, corpus_file, cache_dir):
+    """A tiny model trained for 40 steps (long enough to use its context), and its run directory."""
+    from gpt2lab.train import train
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(
+            "train",
+            overrides=[
+                *TINY,
+                f"data.path={corpus_file}",
+                f"paths.cache_dir={cache_dir}",
+                "trainer.max_steps=40",
+                "trainer.val_check_interval=20",
+                "sample=null",
+                "test=false",
+            ],  # fmt: skip
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run)
+        del cfg.hydra
+    train(cfg)
+    GlobalHydra.instance().clear()
+    return run
+
+
 def run_cli(
     *args: str, cwd: Path, timeout: int = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

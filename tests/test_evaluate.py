@@ -7,48 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY
 
 from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
 from gpt2lab.errors import ConfigError
 from gpt2lab.evaluate import Evaluator, compressor_bits_per_byte
-from gpt2lab.train import train
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, corpus_file, cache_dir):
-    """A tiny model trained for 40 steps (long enough to use its context), and its run directory."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from gpt2lab.config import register_schemas
-
-    run = tmp_path_factory.mktemp("trained") / "run"
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose(
-            "train",
-            overrides=[
-                *TINY,
-                f"data.path={corpus_file}",
-                f"paths.cache_dir={cache_dir}",
-                "trainer.max_steps=40",
-                "trainer.val_check_interval=20",
-                "sample=null",
-                "test=false",
-            ],  # fmt: skip
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run)
-        del cfg.hydra
-    train(cfg)
-    GlobalHydra.instance().clear()
-    return run
 
 
 def evaluate_cli(*args: str, cwd: Path, cache_dir: Path) -> subprocess.CompletedProcess:

@@ -1,0 +1,83 @@
+"""``python -m gpt2lab.generate``: continue prompts with a trained model, from the command line or Python."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from gpt2lab.generate import TextGenerator
+
+
+def generate_cli(*args, cwd, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "gpt2lab.generate", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_a_prompt_as_typed_in_a_shell_streams_its_continuation(trained_run, tmp_path):
+    # prompt="def fibonacci(n):" reaches the program without its quotes; the parentheses must not trip Hydra.
+    args = [f"ckpt={trained_run}", "prompt=def fibonacci(n):", "inference.max_new_tokens=12", "inference.seed=3"]
+    first = generate_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.startswith("def fibonacci(n):") and len(first.stdout) > len("def fibonacci(n):\n")
+    assert generate_cli(*args, cwd=tmp_path).stdout == first.stdout  # a seed makes it reproducible
+
+
+def test_prompts_file_with_several_sequences_each_written_to_output(trained_run, tmp_path):
+    (tmp_path / "prompts.txt").write_text("import os\n\nclass Foo:\n")
+    out = tmp_path / "samples.jsonl"
+    result = generate_cli(
+        f"ckpt={trained_run}", "prompts_file=prompts.txt", "inference.num_return_sequences=3",
+        "inference.max_new_tokens=8", f"output={out}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(s["prompt"], s["sequence"]) for s in samples] == [
+        ("import os", 0), ("import os", 1), ("import os", 2), ("class Foo:", 0), ("class Foo:", 1), ("class Foo:", 2)
+    ]  # fmt: skip
+    assert all(s["settings"]["max_new_tokens"] == 8 for s in samples)
+    assert "--- 'class Foo:' [2]" in result.stdout
+
+
+def test_stop_strings_and_end_of_text_end_a_completion(trained_run):
+    generator = TextGenerator(str(trained_run), device="cpu")
+    settings = {"max_new_tokens": 60, "do_sample": False, "repetition_penalty": 1.0}
+    (free,) = generator.generate_text("def", settings, out=None)
+    assert len(free) > 2
+    stop = free[1:3]  # a string the greedy completion contains
+    (stopped,) = generator.generate_text("def", settings | {"stop": [stop]}, out=None)
+    assert stopped == free[: free.index(stop)]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prompt="], "the prompt is empty"),
+        ([], 'no prompt: give prompt="..." or prompts_file='),
+        (["prompts_file=missing.txt"], "prompts_file='missing.txt': no such file"),
+        (["prompts_file=empty.txt"], "prompts_file='empty.txt' has no prompts"),
+        (["prompt=x", "inference.top_p=1.5"], r"inference.top_p=1.5: expected in \(0, 1\]"),
+        (["prompt=x", "inference.top_p=0"], r"inference.top_p=0.0: expected in \(0, 1\]"),
+        (["prompt=x", "inference.top_k=0"], "inference.top_k=0: expected at least 1, or null"),
+        (["prompt=x", "inference.temperature=0"], "inference.temperature=0.0: expected > 0 when sampling"),
+        (["prompt=x", "inference.max_new_tokens=0"], "inference.max_new_tokens=0: expected at least 1"),
+        (["prompt=x", "ckpt=last", "paths.log_dir=nowhere"], "ckpt=last: no run under nowhere/"),
+    ],
+)
+def test_bad_input_is_one_error_line(trained_run, tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    ckpt = [] if any(a.startswith("ckpt=") for a in args) else [f"ckpt={trained_run}"]
+    result = generate_cli(*ckpt, *args, cwd=tmp_path)
+    assert result.returncode == 1
+    assert re.search("Error: " + message, result.stderr), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_greedy_decoding_needs_no_temperature(trained_run, tmp_path):
+    result = generate_cli(
+        f"ckpt={trained_run}", "prompt=x", "inference.do_sample=false", "inference.temperature=0",
+        "inference.max_new_tokens=4", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
