@@ -120,10 +120,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         or "state_dict" not in checkpoint
         or "model" not in checkpoint.get("hyper_parameters", {})
     ):
-        raise ConfigError(
-            f"{str(path)!r} is not a gpt2lab checkpoint (no state_dict or model hyper-parameters)"
-        )
+        raise ConfigError(f"{str(path)!r} is not a gpt2lab checkpoint (no state_dict or model hyper-parameters)")
     return checkpoint
+
+
+def check_steps_left(path: str | os.PathLike, max_steps: int) -> None:
+    """A resumed run must have steps left to take; otherwise Lightning would end at once and report nothing."""
+    step = read_checkpoint(path).get("global_step", 0)
+    if max_steps not in (None, -1) and step >= max_steps:
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} is at step {step}, and trainer.max_steps={max_steps} leaves nothing to train: "
+            f"raise trainer.max_steps above {step}"
+        )
 
 
 def model_diff(saved: dict[str, Any], model: dict[str, Any]) -> str:

@@ -4,8 +4,8 @@ Hydra creates a run's directory and writes ``.hydra/`` into it in ``run_job``, b
 ``RunDirectory`` is a Hydra callback (``conf/hydra/default.yaml``) and refuses in ``on_run_start``:
 - a directory that cannot be created or written (Hydra would stop with a ``PermissionError`` or
   ``NotADirectoryError`` traceback);
-- a directory that holds a finished run (``results.json``), unless ``ckpt_path`` resumes from a checkpoint
-  inside it;
+- a directory that holds a finished run (``results.json``), also to resume it there: Lightning's CSV logger
+  would delete its ``metrics.csv`` (a resumed run goes on in a directory of its own);
 - a directory that another live run holds. The first process of a run holds ``.run.lock`` there with an
   OS lock (``filelock``, ``fcntl.flock``), which the system drops when the process dies, however it dies.
   The ranks that process starts (Lightning's DDP launcher) and the ranks ``torchrun``/``srun`` start beside
@@ -46,11 +46,11 @@ class RunDirectory(Callback):
         run_dir = _run_dir(config)
         key = f"hydra.run.dir={run_dir}"
         ensure_writable(run_dir, "hydra.run.dir")
-        ckpt_path = OmegaConf.select(config, "ckpt_path")
-        if (run_dir / "results.json").is_file() and not _inside(ckpt_path, run_dir):
+        if (run_dir / "results.json").is_file():
+            # Also when resuming from it: Lightning's CSV logger would delete the run's metrics.csv.
             refuse(
-                f"{key} holds a finished run (results.json). Choose another hydra.run.dir, or resume that run with "
-                f"ckpt_path={run_dir}/checkpoints/last.ckpt (and a larger trainer.max_steps)"
+                f"{key} holds a finished run (results.json). Choose another hydra.run.dir; to train that run on, "
+                f"resume it into a new directory: ckpt_path={run_dir} trainer.max_steps=<more steps>"
             )
         if _starts_the_run():
             self._lock = claim(run_dir, key, "hydra.run.dir")
@@ -121,15 +121,6 @@ def _run_dir(config: DictConfig) -> Path:
     finally:
         hydra_config.cfg = previous
         OmegaConf.set_readonly(config.hydra, readonly)
-
-
-def _inside(ckpt_path: str | None, directory: Path) -> bool:
-    """Whether ``ckpt_path`` resumes from ``directory``: names it, or a checkpoint file or directory inside it
-    (``last`` never does: it picks another run's)."""
-    if not ckpt_path or ckpt_path == "last" or not Path(ckpt_path).expanduser().exists():
-        return False
-    path, directory = Path(ckpt_path).expanduser().resolve(), directory.resolve()
-    return path == directory or directory in path.parents
 
 
 def _starts_the_run() -> bool:

@@ -25,7 +25,7 @@ from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from pytorch_lightning.strategies import FSDPStrategy
 
-from gpt2lab.checkpoint import load_checkpoint, resolve_ckpt_path
+from gpt2lab.checkpoint import check_steps_left, load_checkpoint, resolve_ckpt_path
 from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
 from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError, report_errors
@@ -124,6 +124,7 @@ def _train(cfg: DictConfig) -> float | None:
     # Now that the model is known, `last` can pass over checkpoints of other models
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir, model=module.hparams.model)
     if ckpt_path:
+        check_steps_left(ckpt_path, cfg.trainer.max_steps)
         log.info("Resuming from %s", ckpt_path)
         cfg.ckpt_path = ckpt_path  # config.yaml records the file, not `last`
     log.info("Model: %s parameters (%s)", f"{module.model.num_parameters():,}", model_config)
@@ -170,7 +171,7 @@ def _train(cfg: DictConfig) -> float | None:
     throughput = next((c for c in callbacks if isinstance(c, ThroughputLogger)), None)
     results = {
         "best_checkpoint": best,
-        "best_val_loss": float(trainer.checkpoint_callback.best_model_score) if best else None,
+        "best_val_loss": _float_or_none(trainer.checkpoint_callback.best_model_score) if best else None,
         "resumed_from": ckpt_path,
         "initial_val_loss": initial_val_loss,
         "metrics": metrics,
@@ -295,6 +296,10 @@ def _parallel_job_share() -> dict[str, Any]:
     torch.set_num_threads(threads)
     log.info("Parallel job %s of %d: %d CPU thread(s)", hydra_cfg.job.num, n_jobs, threads)
     return {}
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _why_no_metric(cfg: DictConfig, trainer: pl.Trainer) -> str:

@@ -35,7 +35,7 @@ def test_unwritable_run_directory_is_a_clear_error(tmp_path, corpus_file, cache_
     assert "writable directory" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_finished_run_directory_is_refused_unless_resumed(tmp_path, corpus_file, cache_dir):
+def test_finished_run_directory_is_refused_also_to_resume_it_there(tmp_path, corpus_file, cache_dir):
     run = tmp_path / "run"
     first = run_cli(*cli_args(corpus_file, cache_dir, run, "sample=null", "test=false"), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -44,18 +44,24 @@ def test_finished_run_directory_is_refused_unless_resumed(tmp_path, corpus_file,
     again = run_cli(*cli_args(corpus_file, cache_dir, run, "sample=null", "seed=7"), cwd=tmp_path)
     assert again.returncode == 1
     assert f"Error: hydra.run.dir={run} holds a finished run (results.json)" in again.stderr
-    assert f"ckpt_path={run}/checkpoints/last.ckpt" in again.stderr and "Traceback" not in again.stderr
+    assert f"ckpt_path={run} trainer.max_steps=<more steps>" in again.stderr and "Traceback" not in again.stderr
     assert _files(run) == finished  # the finished run's config, metrics and .hydra/ are untouched
 
-    last = run / "checkpoints" / "last.ckpt"
+    # Resuming it in place would lose its metrics.csv (Lightning's CSV logger deletes it): refused too.
+    in_place = cli_args(
+        corpus_file, cache_dir, run, "sample=null", "test=false", "trainer.max_steps=12", f"ckpt_path={run}"
+    )
+    assert run_cli(*in_place, cwd=tmp_path).returncode == 1
+    assert _files(run) == finished
+    onward = tmp_path / "onward"
     resumed = run_cli(
         *cli_args(
-            corpus_file, cache_dir, run, "sample=null", "test=false", "trainer.max_steps=12", f"ckpt_path={last}"
+            corpus_file, cache_dir, onward, "sample=null", "test=false", "trainer.max_steps=12", f"ckpt_path={run}"
         ),
         cwd=tmp_path,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((run / "results.json").read_text())["global_step"] == 12
+    assert json.loads((onward / "results.json").read_text())["global_step"] == 12
 
 
 def test_live_run_directory_is_refused_and_released_when_its_run_dies(tmp_path, corpus_file, cache_dir):

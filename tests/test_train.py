@@ -174,6 +174,8 @@ def test_not_a_checkpoint_and_other_model(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"holds a different model \(model.num_layers: checkpoint 2 vs now 3\)"):
         train(compose_cfg(f"ckpt_path={last}", "model.num_layers=3"))
     assert torch.load(last, weights_only=False)["global_step"] == 8  # the failed resume left it intact
+    with pytest.raises(ConfigError, match=r"is at step 8, and trainer.max_steps=8 leaves nothing to train"):
+        train(compose_cfg(f"ckpt_path={last}"))
 
 
 def test_cli_error_is_a_message_not_a_traceback(tmp_path, corpus_file, cache_dir):
@@ -442,3 +444,14 @@ def test_resume_from_a_run_directory_and_from_last_skipping_other_models(tmp_pat
     empty.mkdir()
     result = run_cli(*args, f"ckpt_path={empty}", "hydra.run.dir=outputs/x", cwd=tmp_path)
     assert result.returncode == 1 and "is a directory without checkpoints/last.ckpt" in result.stderr
+
+
+def test_the_last_step_logs_its_own_values_off_the_logging_grid(compose_cfg):
+    # log_every_n_steps=2 logs the 2nd, 4th and 6th steps; the 7th and last is written too, with its own values.
+    cfg = compose_cfg("trainer.max_steps=7", "trainer.val_check_interval=250", "sample=null", "test=false")
+    train(cfg)
+    rows = [r for r in csv.DictReader((Path(cfg.paths.output_dir) / "metrics.csv").open()) if r.get("lr")]
+    assert [int(r["step"]) for r in rows] == [1, 3, 5, 6]
+    assert float(rows[-1]["lr"]) == pytest.approx(4e-3 * 7 / 51, rel=1e-5)  # the 7th step's warmup lr
+    assert rows[-1]["train/grad_norm"] != rows[-2]["train/grad_norm"]
+    assert rows[-1]["perf/tokens_per_sec"] != rows[-2]["perf/tokens_per_sec"]

@@ -67,7 +67,8 @@ class ThroughputLogger(pl.Callback):
         self._window_tokens += (batch.shape[1] - 1) * batch.shape[0] * trainer.world_size
         if self.estimate_after and not trainer.fit_loop._should_accumulate():
             self._estimate(trainer, batch)
-        if trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
+        last = trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps  # also written
+        if trainer.fit_loop._should_accumulate() or not (trainer._logger_connector.should_update_logs or last):
             return
         # Logging the loss already syncs the host on this step, so the clock is honest here.
         now = time.perf_counter()

@@ -240,7 +240,8 @@ class GPT2LitModule(pl.LightningModule):
         self.eval_totals = {"nats": float(nats), "tokens": int(tokens), "bytes": int(n_bytes)}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.trainer._logger_connector.should_update_logs:  # the steps Lightning writes to the logger
+        # The steps Lightning writes to the logger, and the last one (on_train_batch_end has it written too)
+        if self.trainer._logger_connector.should_update_logs or self._steps_to_the_end(1):
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             self.log("train/grad_norm", norm, on_step=True)
@@ -261,11 +262,16 @@ class GPT2LitModule(pl.LightningModule):
         if not self._losses_finite():  # a non-finite loss after the last logging step
             self._diverged("the training loss became NaN or infinite")
 
+    def _steps_to_the_end(self, steps_ahead: int = 0) -> bool:
+        """Whether ``max_steps`` is reached after ``steps_ahead`` more optimizer steps."""
+        max_steps = self.trainer.max_steps
+        return max_steps not in (None, -1) and self.trainer.global_step + steps_ahead >= max_steps
+
     def _is_last_step(self) -> bool:
         trainer = self.trainer
         if trainer.fit_loop._should_accumulate():
             return False
-        if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+        if self._steps_to_the_end():
             return True
         max_epochs = trainer.max_epochs
         last_epoch = max_epochs not in (None, -1) and trainer.current_epoch + 1 >= max_epochs
