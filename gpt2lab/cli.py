@@ -10,6 +10,7 @@ VERBS = {
     "train": "train a model (python train.py)",
     "evaluate": "loss, perplexity and bits per byte of a checkpoint (python -m gpt2lab.evaluate)",
     "generate": "continue text with a checkpoint (python -m gpt2lab.generate)",
+    "chat": "talk to a checkpoint in the terminal (python -m gpt2lab.chat)",
 }
 
 

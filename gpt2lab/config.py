@@ -185,6 +185,15 @@ class GenerateSchema:
     task_name: str = "generate"
 
 
+@dataclasses.dataclass
+class ChatSchema:
+    ckpt: Optional[str] = None  # noqa: UP045 - a .ckpt file, a run directory (its best), last or best
+    device: str = "auto"
+    inference: InferenceSchema = dataclasses.field(default_factory=InferenceSchema)
+    paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
+    task_name: str = "chat"
+
+
 def config_path() -> str:
     """Where the config tree is: ``conf/`` of a source checkout, else the copy installed as ``gpt2lab.conf``."""
     source_tree = Path(__file__).resolve().parent.parent / "conf"
@@ -222,3 +231,4 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainSchema, replace=True)
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateSchema, replace=True)
     ConfigStore.instance().store(name="generate_schema", node=GenerateSchema, replace=True)
+    ConfigStore.instance().store(name="chat_schema", node=ChatSchema, replace=True)

@@ -1,0 +1,81 @@
+"""``python -m gpt2lab.chat``, driven through a pseudo-terminal as a person would: type, watch the reply
+stream, change a setting, stop a reply with Ctrl-C, leave with Ctrl-D."""
+
+import os
+import pty
+import select
+import sys
+import time
+
+import pytest
+
+from gpt2lab.chat import Chat
+from gpt2lab.generate import TextGenerator
+
+
+def read_until(fd: int, marker: bytes, seen: bytearray, timeout: float = 120) -> None:
+    """Read the terminal into ``seen`` until ``marker`` appears in what is read from now on."""
+    start = len(seen)
+    deadline = time.time() + timeout
+    while marker not in seen[start:]:
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.time(), 0))
+        if not ready:
+            raise AssertionError(
+                f"no {marker!r} within {timeout} s; the terminal shows:\n{seen.decode(errors='replace')}"
+            )
+        try:
+            seen += os.read(fd, 4096)
+        except OSError:  # the child has exited
+            raise AssertionError(f"the chat ended before {marker!r}:\n{seen.decode(errors='replace')}") from None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="pseudo-terminals need a POSIX system")
+def test_chat_in_a_terminal(trained_run, tmp_path):
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat, as a user starts it
+        os.chdir(tmp_path)
+        # Greedy: this model then never writes <|endoftext|> (it loops), so a long reply is still going at Ctrl-C.
+        args = [f"ckpt={trained_run}", "inference.max_new_tokens=8", "inference.stop=[]", "inference.do_sample=false"]
+        os.execv(sys.executable, [sys.executable, "-m", "gpt2lab.chat", *args])
+    screen = bytearray()
+    read_until(fd, b"you> ", screen)
+    os.write(fd, b"def main():\r")
+    read_until(fd, b"model> ", screen)
+    if b"you> " not in screen.split(b"model> ")[-1]:
+        read_until(fd, b"you> ", screen)  # the reply streamed, and the prompt is back
+    reply = screen.split(b"model> ")[-1].split(b"you> ")[0]
+    assert len(reply.rstrip(b"\r\n")) > 0, screen.decode(errors="replace")  # something streamed
+
+    os.write(fd, b"/top_p 1.5\r")  # refused, naming the range
+    read_until(fd, b"expected in (0, 1]", screen)
+    os.write(fd, b"/max_new_tokens 100000\r")
+    read_until(fd, b"(max_new_tokens = 100000)", screen)
+    os.write(fd, b"class Foo:\r")
+    read_until(fd, b"model> ", screen)
+    time.sleep(1.0)  # the long reply is streaming
+    os.write(fd, b"\x03")  # Ctrl-C: stops the reply, not the chat
+    read_until(fd, b"(stopped)", screen)
+    if b"you> " not in screen.split(b"(stopped)")[-1]:
+        read_until(fd, b"you> ", screen)
+
+    os.write(fd, b"\x04")  # Ctrl-D: leaves
+    _, status = os.waitpid(pid, 0)
+    try:
+        while select.select([fd], [], [], 0.5)[0]:
+            screen += os.read(fd, 4096)
+    except OSError:
+        pass
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert b"Traceback" not in screen
+
+
+def test_the_oldest_turns_make_room_for_the_reply(trained_run):
+    chat = Chat(TextGenerator(str(trained_run), device="cpu"), {"max_new_tokens": 8, "do_sample": False})
+    chat.turns = [f"x{i}\n" for i in range(40)]  # far more than a 32-token context holds
+    context = chat.context("hello")
+    assert context.endswith("x38\nx39\nhello\n") and not context.startswith("x0\n")  # the latest turns kept
+    assert len(chat.generator.tokenizer.encode(context).ids) <= 32 - 8
+    assert chat.command("/reset") and chat.turns == []
+    assert chat.command("/top_k 0").startswith("/top_k 0: inference.top_k=0: expected at least 1")
+    assert chat.command("/quit") is None
