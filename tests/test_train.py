@@ -46,6 +46,9 @@ def test_short_run_leaves_checkpoints_metrics_and_results(tmp_path, corpus_file,
         assert column in header
     log = (run / "train.log").read_text()
     assert "Sample:" in log
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["prompt"]) for s in samples] == [(4, "def "), (4, "The "), (8, "def "), (8, "The ")]
+    assert all(s["completion"] for s in samples)
     # Said at the start: where the run goes, and (5 steps past the first) how long the rest will take here.
     assert log.index(f"Run directory: {run}") < log.index("Estimated training time: ")
     assert re.search(r"Estimated training time: \d+ s for the remaining 2 steps at [\d.]+ s/step", log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -13,6 +14,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.throughput import get_available_flops
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 
 log = logging.getLogger(__name__)
@@ -171,6 +173,49 @@ class ProgressBar(TQDMProgressBar):
             if value is not None:
                 items[key] = value.item() if isinstance(value, torch.Tensor) else value
         return items
+
+
+class Samples(pl.Callback):
+    """Every ``every_n_validations`` validations of a fit, continuations of ``prompts`` (decoded as
+    ``python -m gpt2lab.generate`` does, ``seed`` fixed so that the steps compare) are appended with the step
+    to ``dirpath/samples.jsonl``: how the model's writing changes as it trains. Inside the validation, so the
+    throughput figures leave it out."""
+
+    def __init__(
+        self,
+        dirpath: str,
+        prompts: list[str] | tuple[str, ...] = ("def ",),
+        every_n_validations: int = 1,
+        max_new_tokens: int = 48,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        seed: int = 0,
+    ) -> None:
+        self.path = Path(dirpath) / "samples.jsonl"
+        self.prompts = list(prompts)
+        self.every = every_n_validations
+        self.settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
+        self._validations = 0
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self.prompts:
+            return
+        self._validations += 1
+        if self._validations % self.every or not trainer.is_global_zero or pl_module.tokenizer is None:
+            return
+        if isinstance(trainer.strategy, FSDPStrategy):  # the weights are sharded over the ranks
+            return
+        from gpt2lab.generate import complete
+
+        try:  # eager: a compiled model would recompile for every decoding shape
+            texts = torch.compiler.disable(complete)(pl_module.model, pl_module.tokenizer, self.prompts, self.settings)
+        except RuntimeError as e:  # e.g. weights gone NaN: the run's own check reports that
+            log.warning("No samples at step %d: %s", trainer.global_step, e)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            for prompt, text in zip(self.prompts, texts, strict=True):
+                f.write(json.dumps({"step": trainer.global_step, "prompt": prompt, "completion": text}) + "\n")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
