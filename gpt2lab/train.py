@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import logging
 import os
@@ -16,12 +15,8 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import execution_whitelist, instantiate
-from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from pytorch_lightning.strategies import FSDPStrategy
 
@@ -32,9 +27,15 @@ from gpt2lab.errors import ConfigError, report_errors
 from gpt2lab.generate import sample_text
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, ThroughputLogger
-from gpt2lab.lit.ddp import external_rank, use_job_command_for_ddp
-from gpt2lab.lit.module import check_optimization, inductor_options
-from gpt2lab.lit.trainer import make_trainer
+from gpt2lab.lit.ddp import use_job_command_for_ddp
+from gpt2lab.lit.module import check_compile_options, check_optimization
+from gpt2lab.lit.trainer import (
+    check_fsdp_world,
+    check_launch,
+    make_trainer,
+    out_of_memory_message,
+    parallel_job_share,
+)
 from gpt2lab.tokenizers import check_model_vocab
 
 log = logging.getLogger("gpt2lab.train")
@@ -99,7 +100,7 @@ def _train(cfg: DictConfig) -> float | None:
 
         callbacks.append(OptunaPruning(cfg.optuna_trial, monitor=cfg.optimized_metric))
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.trainer.logger is not False else False
-    share = _parallel_job_share()
+    share = parallel_job_share()
     trainer = make_trainer(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()], **share)
     if trainer.strategy.root_device.type == "cpu" and trainer.world_size == 1:
         use_free_cores()  # a busy machine: fewer threads than cores (DDP ranks get their share from Lightning)
@@ -184,118 +185,6 @@ def _train(cfg: DictConfig) -> float | None:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         log.info("Results in %s: %s", output_dir, json.dumps({k: v for k, v in results.items() if k != "metrics"}))
     return metrics.get(cfg.optimized_metric)
-
-
-def check_compile_options(cfg: DictConfig) -> None:
-    """``compile_mode`` must be one of torch.compile's modes and each ``compile_options`` key a TorchInductor
-    option, so a typo fails here rather than after the data has been prepared; and CUDA graphs cannot
-    accumulate gradients."""
-    modes = ("default", *torch._inductor.list_mode_options())
-    if cfg.compile_mode is not None and cfg.compile_mode not in modes:
-        raise ConfigError(f"compile_mode={cfg.compile_mode!r}: expected one of {', '.join(modes)} (or null)")
-    known = set(torch._inductor.list_options())
-    for key in cfg.compile_options:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(
-                f"compile_options.{key}: not a TorchInductor option (torch._inductor.list_options() has them).{hint}"
-            )
-    if not cfg.compile and (cfg.compile_mode or cfg.compile_options):
-        log.warning("compile_mode and compile_options take effect with compile=true only; this run is not compiled")
-    options = inductor_options(cfg.compile_mode, cfg.compile_options)
-    accumulate = cfg.trainer.get("accumulate_grad_batches") or 1
-    if cfg.compile and options.get("triton.cudagraphs") and accumulate > 1:
-        raise ConfigError(
-            f"compile_mode={cfg.compile_mode} replays CUDA graphs, whose output buffers hold the gradients and are "
-            f"overwritten by the next micro-batch, so it cannot accumulate them (trainer.accumulate_grad_batches="
-            f"{accumulate}): set trainer.accumulate_grad_batches=1 (raise data.batch_size instead), or use "
-            "compile_mode=max-autotune-no-cudagraphs or the default mode"
-        )
-
-
-def check_fsdp_world(trainer_cfg: DictConfig) -> None:
-    """FSDP on a single process falls back to NO_SHARD, where torch's FSDP drops the parameters from the
-    state dict after an evaluation pass: the first checkpoint would fail, after the training before it."""
-    strategy = trainer_cfg.get("strategy")
-    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
-    if "fsdp" not in target.lower() or trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available():
-        return  # without GPUs Lightning refuses FSDP itself, and train() adds the hint
-    launched = external_rank()
-    try:  # Lightning's own reading of `devices`; a value it rejects gets its error when the Trainer is built
-        devices = CUDAAccelerator.parse_devices(-1 if trainer_cfg.devices == "auto" else trainer_cfg.devices)
-    except MisconfigurationException:
-        return
-    world_size = launched[1] if launched else len(devices or []) * trainer_cfg.num_nodes
-    if world_size == 1:
-        raise ConfigError(
-            "trainer=fsdp with one process: FSDP shards over several GPUs, and with one it cannot save "
-            "checkpoints. Use trainer.devices=2 or more, or trainer=gpu on one GPU (with "
-            "model.gradient_checkpointing=true and a smaller data.batch_size if memory is short)"
-        )
-
-
-def check_launch(trainer_cfg: DictConfig) -> None:
-    """Several machines need their ranks started by torchrun or srun, one per GPU; catch a mismatch before
-    anything is written (Lightning would wait forever for ranks, or fail deep inside the first fit)."""
-    launched = external_rank()
-    devices, nodes = trainer_cfg.devices, trainer_cfg.num_nodes
-    if launched is None:
-        if nodes > 1 and "NODE_RANK" not in os.environ:
-            raise ConfigError(
-                f"trainer.num_nodes={nodes}: start this command on every machine with torchrun or srun "
-                '(README, "Several machines"); on one machine use trainer.num_nodes=1'
-            )
-        return
-    world_size = launched[1]
-    if isinstance(devices, int) and devices * nodes != world_size:
-        raise ConfigError(
-            f"trainer.num_nodes={nodes} x trainer.devices={devices} = {devices * nodes} ranks, but the launcher "
-            f"started {world_size} processes: set trainer.devices to the processes per machine (torchrun "
-            "--nproc-per-node, srun --ntasks-per-node) and trainer.num_nodes to the machines"
-        )
-
-
-def out_of_memory_message(cfg: DictConfig, trainer: pl.Trainer) -> str:
-    """What to turn when a run does not fit: the knobs, with this run's values."""
-    batch, accumulate = cfg.data.batch_size, cfg.trainer.accumulate_grad_batches
-    knobs = []
-    if batch > 1:
-        knobs.append(
-            f"data.batch_size={batch // 2} trainer.accumulate_grad_batches={accumulate * 2} "
-            f"(half the micro-batch, same tokens per optimizer step; now {batch} x {accumulate})"
-        )
-    if not cfg.model.gradient_checkpointing:
-        knobs.append("model.gradient_checkpointing=true (recompute activations in backward: less memory, ~25% slower)")
-    if "16" not in str(cfg.trainer.precision):  # neither bf16 nor fp16
-        knobs.append("trainer.precision=bf16-mixed (half-size activations)")
-    if not isinstance(trainer.strategy, FSDPStrategy):
-        knobs.append("trainer=fsdp (shard weights, gradients and optimizer state over the GPUs)")
-    knobs.append("a smaller model.context_length or model size")
-    where = trainer.strategy.root_device
-    listed = "".join(f"\n  - {k}" for k in knobs)
-    return (
-        f"out of GPU memory on {where} (see `python -m gpt2lab.bench --memory` for what fits). "
-        f"Checkpoints already written are intact. Try, in this order:{listed}"
-    )
-
-
-def _parallel_job_share() -> dict[str, Any]:
-    """When a parallel launcher (joblib) runs several jobs on this machine at once, give each its share:
-    one GPU each (by job number) if there are GPUs, else an equal share of the CPU threads."""
-    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
-    n_jobs = hydra_cfg.launcher.get("n_jobs", 1) if hydra_cfg and hydra_cfg.mode == RunMode.MULTIRUN else 1
-    if not n_jobs or n_jobs == 1:
-        return {}
-    n_jobs = n_jobs if n_jobs > 0 else os.cpu_count() or 1  # joblib's -1: as many as cores
-    if torch.cuda.is_available():
-        device = int(hydra_cfg.job.num) % torch.cuda.device_count()
-        log.info("Parallel job %s of %d: GPU %d", hydra_cfg.job.num, n_jobs, device)
-        return {"devices": [device]}
-    threads = max(1, (os.cpu_count() or 1) // n_jobs)
-    torch.set_num_threads(threads)
-    log.info("Parallel job %s of %d: %d CPU thread(s)", hydra_cfg.job.num, n_jobs, threads)
-    return {}
 
 
 def _float_or_none(value: Any) -> float | None:

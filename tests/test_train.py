@@ -219,7 +219,7 @@ def test_launcher_process_count_must_match_devices_times_nodes(compose_cfg, monk
 def test_out_of_memory_at_micro_batch_one_does_not_suggest_halving_it(compose_cfg):
     from types import SimpleNamespace
 
-    from gpt2lab.train import out_of_memory_message
+    from gpt2lab.lit.trainer import out_of_memory_message
 
     trainer = SimpleNamespace(strategy=SimpleNamespace(root_device="cuda:0"))
     message = out_of_memory_message(compose_cfg("data.batch_size=1"), trainer)

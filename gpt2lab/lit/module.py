@@ -7,6 +7,7 @@ The checkpoint it writes is self-contained: ``hyper_parameters`` rebuild the mod
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 import random
@@ -85,6 +86,34 @@ def check_optimization(optimizer: DictConfig, scheduler: DictConfig | None, max_
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, list | tuple | ListConfig) else value
+
+
+def check_compile_options(cfg: DictConfig) -> None:
+    """``compile_mode`` must be one of torch.compile's modes and each ``compile_options`` key a TorchInductor
+    option, so a typo fails here rather than after the data has been prepared; and CUDA graphs cannot
+    accumulate gradients."""
+    modes = ("default", *torch._inductor.list_mode_options())
+    if cfg.compile_mode is not None and cfg.compile_mode not in modes:
+        raise ConfigError(f"compile_mode={cfg.compile_mode!r}: expected one of {', '.join(modes)} (or null)")
+    known = set(torch._inductor.list_options())
+    for key in cfg.compile_options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"compile_options.{key}: not a TorchInductor option (torch._inductor.list_options() has them).{hint}"
+            )
+    if not cfg.compile and (cfg.compile_mode or cfg.compile_options):
+        log.warning("compile_mode and compile_options take effect with compile=true only; this run is not compiled")
+    options = inductor_options(cfg.compile_mode, cfg.compile_options)
+    accumulate = cfg.trainer.get("accumulate_grad_batches") or 1
+    if cfg.compile and options.get("triton.cudagraphs") and accumulate > 1:
+        raise ConfigError(
+            f"compile_mode={cfg.compile_mode} replays CUDA graphs, whose output buffers hold the gradients and are "
+            f"overwritten by the next micro-batch, so it cannot accumulate them (trainer.accumulate_grad_batches="
+            f"{accumulate}): set trainer.accumulate_grad_batches=1 (raise data.batch_size instead), or use "
+            "compile_mode=max-autotune-no-cudagraphs or the default mode"
+        )
 
 
 def inductor_options(mode: str | None, options: dict[str, Any] | None = None) -> dict[str, Any]:
