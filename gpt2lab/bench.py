@@ -251,6 +251,11 @@ HEADER = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["decode"]:  # decoding speed beside transformers: gpt2lab/bench_decode.py
+        from gpt2lab.bench_decode import main as decode_main
+
+        return decode_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m gpt2lab.bench",
         description="Training-step throughput (and memory) of a gpt2lab config, through the real training path.",

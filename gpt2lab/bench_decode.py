@@ -1,0 +1,118 @@
+"""``python -m gpt2lab.bench decode``: decoding speed of ``GPT2Model.generate`` beside Hugging Face
+``transformers``' ``generate`` on the same weights, in the same process, on the same device.
+
+Greedy, a random prompt of ``--prompt`` tokens, ``--new`` new tokens per sequence (no early stop), for each
+batch size in ``-b``; the median of ``--repeats`` timed runs after a warm-up run. transformers' rows need
+``pip install -e ".[hf]"``; ``--hf-static`` adds its static cache with a compiled forward (GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from gpt2lab.model import GPT2Config, GPT2Model
+
+CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
+# Peak memory bandwidth (datasheets): at batch 1 every new token reads all the weights once.
+BANDWIDTH = {"h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12}
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype) -> GPT2Model:
+    """A randomly initialised model of the size ``conf/model/<name>.yaml`` describes."""
+    from gpt2lab.bench import compose_config  # the model group as train.py composes it (sizes inherit from gpt2)
+
+    fields = OmegaConf.to_container(compose_config([f"model={name}", "~preset"]).model, resolve=True)
+    fields.pop("_target_")
+    fields |= {"vocab_size": fields.get("vocab_size") or 50257, "dropout": 0.0, "attention_dropout": 0.0}
+    fields |= {"residual_dropout": 0.0}
+    return GPT2Model(GPT2Config(**fields)).to(device=device, dtype=dtype).eval()
+
+
+def median_seconds(run: Callable[[], object], repeats: int, device: torch.device) -> float:
+    run()  # warm-up: allocator, kernels, compilation
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpt2lab.bench decode", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="gpt2", help="a model size from conf/model/ (default: gpt2, 124M)")
+    parser.add_argument("-b", "--batch", type=int, nargs="+", default=[1, 16], help="batch sizes")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    parser.add_argument("--new", type=int, default=256, help="new tokens per sequence")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on GPUs, fp32 on CPUs")
+    parser.add_argument("--no-hf", action="store_true", help="leave out transformers' rows")
+    parser.add_argument(
+        "--hf-static", action="store_true", help="add transformers' static cache (compiled by generate)"
+    )
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if not (CONF / f"{args.model}.yaml").is_file():
+        parser.error(f"--model {args.model}: no conf/model/{args.model}.yaml")
+    torch.manual_seed(0)
+    model = build_model(args.model, device, dtype)
+    decoders: dict[str, Callable[[torch.Tensor], object]] = {
+        "gpt2lab generate (KV cache)": lambda x: model.generate(x, args.new, do_sample=False)
+    }
+    if not args.no_hf:
+        from gpt2lab.hf import to_transformers
+
+        hf = to_transformers(model.float()).to(dtype)
+        model.to(dtype)
+        options = {"max_new_tokens": args.new, "min_new_tokens": args.new, "do_sample": False, "pad_token_id": 0}
+        decoders["transformers generate, dynamic cache"] = lambda x: hf.generate(
+            x, attention_mask=torch.ones_like(x), **options
+        )
+        if args.hf_static:
+            static = to_transformers(model.float()).to(dtype)
+            model.to(dtype)
+            static.generation_config.cache_implementation = "static"  # generate compiles the forward for it
+            decoders["transformers generate, static cache, compiled"] = lambda x: static.generate(
+                x, attention_mask=torch.ones_like(x), **options
+            )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    bandwidth = next((bw for chip, bw in BANDWIDTH.items() if chip in name.lower()), None)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"{args.model}: {model.num_parameters() / 1e6:.0f}M parameters, {str(dtype).removeprefix('torch.')}, "
+          f"prompt {args.prompt}, {args.new} new tokens, greedy; {name}, torch {torch.__version__}")  # fmt: skip
+    print("\n| decoder | " + " | ".join(f"batch {b}" for b in args.batch) + " |")
+    print("|---|" + "---|" * len(args.batch))
+    rates: dict[str, list[float]] = {}
+    for label, decode in decoders.items():
+        row = []
+        for batch in args.batch:
+            x = torch.randint(0, model.config.vocab_size, (batch, args.prompt), device=device)
+            row.append(batch * args.new / median_seconds(lambda decode=decode, x=x: decode(x), args.repeats, device))
+        rates[label] = row
+        print(f"| {label} | " + " | ".join(f"{r:,.0f} tokens/s" for r in row) + " |", flush=True)
+    first = next(iter(rates))
+    for label in list(rates)[1:]:
+        print(
+            f"gpt2lab / {label}: " + ", ".join(f"{a / b:.2f}x" for a, b in zip(rates[first], rates[label], strict=True))
+        )
+    if bandwidth and 1 in args.batch:
+        limit = bandwidth / weight_bytes
+        print(f"Batch 1 bound by memory bandwidth: {limit:,.0f} tokens/s ({weight_bytes / 1e9:.2f} GB of weights read per "
+              f"token at {bandwidth / 1e12:.1f} TB/s); gpt2lab reaches {rates[first][args.batch.index(1)] / limit:.1%}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
