@@ -74,9 +74,15 @@ class Chat:
 
 
 def chat(cfg: DictConfig) -> None:
-    settings = OmegaConf.to_container(cfg.inference, resolve=True) | {"num_return_sequences": 1, "stream": True}
+    settings = OmegaConf.to_container(cfg.inference, resolve=True)
+    repl(TextGenerator(cfg.ckpt, cfg.device, cfg.paths.log_dir), settings)
+
+
+def repl(generator: TextGenerator, settings: dict[str, Any]) -> None:
+    """The terminal conversation (``TextGenerator.interactive_mode``) until /quit or Ctrl-D."""
+    settings = settings | {"num_return_sequences": 1, "stream": True}
     check_inference(settings)
-    session = Chat(TextGenerator(cfg.ckpt, cfg.device, cfg.paths.log_dir), settings)
+    session = Chat(generator, settings)
     print(f"Chatting with {session.generator.path}. {HELP}", flush=True)
     while True:
         try:

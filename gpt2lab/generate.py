@@ -73,6 +73,12 @@ class TextGenerator:
             completions += complete(self.model, self.tokenizer, batch, config, out=out)
         return completions
 
+    def interactive_mode(self, config: Mapping[str, Any]) -> None:
+        """Talk to the model in the terminal, as ``python -m gpt2lab.chat`` does."""
+        from gpt2lab.chat import repl
+
+        repl(self, dict(config))
+
 
 def complete(
     model: GPT2Model, tokenizer: Tokenizer, prompts: list[str], config: Mapping[str, Any], out: TextIO | None = None

@@ -79,3 +79,19 @@ def test_the_oldest_turns_make_room_for_the_reply(trained_run):
     assert chat.command("/reset") and chat.turns == []
     assert chat.command("/top_k 0").startswith("/top_k 0: inference.top_k=0: expected at least 1")
     assert chat.command("/quit") is None
+
+
+def test_interactive_mode_from_python(trained_run, monkeypatch, capsys):
+    lines = iter(["def f():", "/max_new_tokens 3", "import os"])
+
+    def typed(prompt):
+        print(prompt, end="")
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", typed)
+    TextGenerator(str(trained_run), device="cpu").interactive_mode({"max_new_tokens": 5, "stop": [], "seed": 0})
+    screen = capsys.readouterr().out
+    assert screen.count("model> ") == 2 and "(max_new_tokens = 3)" in screen
