@@ -101,8 +101,8 @@ def repl(generator: TextGenerator, settings: dict[str, Any]) -> None:
                 return
             print(answer, flush=True)
             continue
-        print("model> ", end="", flush=True)
         try:
+            print("model> ", end="", flush=True)
             session.reply(line)
         except KeyboardInterrupt:  # Ctrl-C while the model writes: stop this reply, keep the conversation
             print("\n(stopped)", flush=True)
