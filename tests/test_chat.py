@@ -4,6 +4,7 @@ stream, change a setting, stop a reply with Ctrl-C, leave with Ctrl-D."""
 import os
 import pty
 import select
+import signal
 import sys
 import time
 
@@ -36,6 +37,9 @@ def read_until(fd: int, marker: bytes | tuple[bytes, ...], seen: bytearray, time
 def test_chat_in_a_terminal(trained_run, tmp_path):
     pid, fd = pty.fork()
     if pid == 0:  # the child: the chat, as a user starts it
+        # A process started in the background by a script ignores Ctrl-C, and so would the chat it execs;
+        # in a user's terminal Ctrl-C is delivered.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.chdir(tmp_path)
         args = [f"ckpt={trained_run}", "inference.max_new_tokens=8", "inference.stop=[]"]
         os.execv(sys.executable, [sys.executable, "-m", "gpt2lab.chat", *args])
