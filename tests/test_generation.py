@@ -88,3 +88,51 @@ def test_long_prompts_keep_their_end_and_generation_slides_past_the_context(mode
     assert out.shape == (1, 90)
     # The first new token is the argmax after the prompt's last 32 tokens.
     assert out[0, 40] == model(prompt[:, -32:])[0][0, -1].argmax()
+
+
+@pytest.mark.parametrize("mode", ["static cache", "static cache, reused"])
+def test_the_fixed_shape_step_decodes_exactly_as_the_dynamic_cache(model, mode):
+    """The decoder GPUs use (whole-capacity attention with a mask, the position written given as a tensor,
+    then replayed as a CUDA graph) runs eagerly on CPUs too: same tokens, padding and sliding included."""
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g) for n in (9, 4, 6)]
+    batch, mask = torch.zeros(3, 9, dtype=torch.long), torch.zeros(3, 9, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        batch[row, 9 - len(p) :], mask[row, 9 - len(p) :] = p, 1
+    runs = 2 if mode.endswith("reused") else 1  # a second generation replays the kept step on a fresh prompt
+    for _ in range(runs):  # 9 + 40 tokens pass the context of 32: the window slides once
+        static = model.generate(batch, 40, do_sample=False, attention_mask=mask, static_cache=True)
+    dynamic = model.generate(batch, 40, do_sample=False, attention_mask=mask, static_cache=False)
+    assert torch.equal(static, dynamic)
+    sampled = [model.generate(batch, 12, seed=3, attention_mask=mask, static_cache=s) for s in (True, False)]
+    assert torch.equal(*sampled)
+
+
+def test_the_kept_decode_step_is_reused_and_never_copied_with_the_model(model):
+    import copy
+
+    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(7))
+    model.generate(prompt, 3, do_sample=False, static_cache=True)
+    steps = dict(model._decode_steps)
+    model.generate(prompt, 3, do_sample=False, static_cache=True)
+    assert dict(model._decode_steps) == steps  # the same step, not a second one
+    assert [key[0] for key in steps].count(2) == 1  # one per batch size
+    assert len(copy.deepcopy(model)._decode_steps) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cuda_graph_decoder_gives_the_eager_tokens(model, dtype):
+    gpu = copy_to(model, "cuda", dtype)
+    prompt = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(8)).cuda()
+    graphed = [gpu.generate(prompt, 40, do_sample=False) for _ in range(2)]  # captured, then replayed
+    assert any(key[0] == 3 for key in gpu._decode_steps) and gpu._decode_steps[next(iter(gpu._decode_steps))]._graph
+    eager = gpu.generate(prompt, 40, do_sample=False, static_cache=False)
+    assert torch.equal(graphed[0], graphed[1])
+    assert (graphed[0] == eager).float().mean() > (0.99 if dtype == torch.float32 else 0.9)  # bf16: ties may flip
+
+
+def copy_to(model, device, dtype):
+    import copy
+
+    return copy.deepcopy(model).to(device=device, dtype=dtype)

@@ -25,6 +25,11 @@ class KVCache:
 
     ``valid`` marks the positions holding real tokens (not left padding); ``next_position`` is each row's
     position id for its next real token.
+
+    A prompt (any length) is read with host-side bookkeeping: the new positions are sliced by ``length``.
+    After it, ``fixed_shape = True`` turns the one-token steps into operations whose shapes and addresses
+    never change (CUDA graphs and ``torch.compile`` need that): the position written is ``index``, a device
+    tensor, and attention reads the whole capacity with ``valid`` as its mask.
     """
 
     def __init__(
@@ -39,10 +44,24 @@ class KVCache:
         self.length = 0  # positions filled, the same for every row
         self._new = 0  # positions being added by the forward pass in progress
         self.mask: torch.Tensor | None = None  # what they attend to, for F.scaled_dot_product_attention
+        self.fixed_shape = False
+        self.index = torch.zeros(1, dtype=torch.long, device=device)  # the position a one-token step writes
+
+    def reset(self) -> None:
+        """Empty, to read a new prompt (the keys and values left behind are masked out, never read)."""
+        self.valid.zero_()
+        self.next_position.zero_()
+        self.length, self._new, self.fixed_shape = 0, 0, False
 
     def begin(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Start a forward pass over (B, T) new tokens (``attention_mask`` 1 for real ones); returns their
         position ids, (B, T)."""
+        if self.fixed_shape:  # one real token per row, written at ``index``
+            self.valid.index_fill_(1, self.index, True)
+            positions = self.next_position[:, None].clone()
+            self.next_position += 1
+            self.mask = self.valid[:, None, None, :]  # (B, 1, 1, capacity)
+            return positions
         T = attention_mask.shape[1]
         if self.length + T > self.capacity:
             raise ValueError(f"the KV cache holds {self.capacity} positions; {self.length} + {T} do not fit")
@@ -56,6 +75,10 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys and values (B, nh, T, hs) of ``layer``; return all of them so far."""
+        if self.fixed_shape:
+            self.keys[layer].index_copy_(2, self.index, k)
+            self.values[layer].index_copy_(2, self.index, v)
+            return self.keys[layer], self.values[layer]
         end = self.length + self._new
         self.keys[layer, :, :, self.length : end] = k
         self.values[layer, :, :, self.length : end] = v
@@ -72,8 +95,103 @@ class KVCache:
         return ((self.valid[:, None, :end] & causal) | itself)[:, None]
 
     def end(self) -> None:
+        if self.fixed_shape:  # on the device only: a CUDA graph replays kernels, not Python
+            self.index += 1
+            return
         self.length += self._new
         self._new = 0
+        self.index.fill_(self.length)
+
+
+class DecodeStep:
+    """The model's one-token step for ``batch_size`` rows over one ``KVCache``: ``step(tokens)`` takes the (B,)
+    tokens just chosen and returns the (B, V) float logits of the next ones.
+
+    With ``static`` the step runs at fixed shapes (see ``KVCache``) and, on a CUDA device outside autocast, is
+    captured once as a CUDA graph and replayed: one launch per token instead of a dozen per layer, which is
+    what bounds decoding at small batches. ``compile`` runs it through ``torch.compile`` first (fewer, fused
+    kernels; the first call compiles for a while). Built once per model, batch size and settings, and kept
+    (``decode_step``), so that a second generation reuses the graph and the compiled code.
+    """
+
+    def __init__(self, model: GPT2Model, batch_size: int, static: bool, compile: bool) -> None:
+        self.model, self.static = model, static or compile
+        weight = model.wte.weight
+        c = model.config
+        self.cache = KVCache(
+            c.num_layers, batch_size, c.num_heads, c.d_model // c.num_heads, c.context_length, weight.device,
+            weight.dtype,
+        )  # fmt: skip
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=weight.device)
+        self._forward = torch.compile(self._logits, fullgraph=True, dynamic=False) if compile else self._logits
+        self._use_graph = self.static and weight.device.type == "cuda" and not torch.is_autocast_enabled()
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_logits: torch.Tensor | None = None
+
+    def _logits(self) -> torch.Tensor:
+        return self.model(self.tokens, cache=self.cache)[0][:, -1, :].float()
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Empty the cache and read a prompt, (B, T); returns the logits of each row's next token."""
+        self.cache.reset()
+        logits = self.model(input_ids, attention_mask=attention_mask, cache=self.cache)[0][:, -1, :].float()
+        self.cache.fixed_shape = self.static
+        return logits
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens[:, None])
+        if self._use_graph:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+            logits = self._graph_logits
+        else:
+            logits = self._forward()
+        if self.static:  # the host's count of the positions filled (the device's is ``cache.index``)
+            self.cache.length += 1
+        return logits
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (as CUDA graphs require; compiles too), then record one step. The warm-up
+        steps advance the cache, so its counters are put back."""
+        cache = self.cache
+        saved = [t.clone() for t in (cache.index, cache.next_position, cache.valid)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._graph_logits = self._forward()
+        for tensor, value in zip((cache.index, cache.next_position, cache.valid), saved, strict=True):
+            tensor.copy_(value)
+
+
+class _DecodeSteps(dict):
+    """A model's kept ``DecodeStep``s. Not copied with the model (a deep copy or a pickle starts empty):
+    a CUDA graph belongs to the tensors it was recorded on."""
+
+    def __deepcopy__(self, memo: dict) -> _DecodeSteps:
+        return _DecodeSteps()
+
+    def __reduce__(self) -> tuple:
+        return (_DecodeSteps, ())
+
+
+def decode_step(model: GPT2Model, batch_size: int, static: bool, compile: bool) -> DecodeStep:
+    """The model's ``DecodeStep`` for these settings, built on first use and kept on the model. A model
+    moved to another device or dtype since gets a new one."""
+    steps = model.__dict__.setdefault("_decode_steps", _DecodeSteps())
+    weight = model.wte.weight
+    weights = (weight.device, weight.dtype, weight.data_ptr())
+    for stale in [key for key in steps if key[2:] != weights]:
+        del steps[stale]
+    key = (batch_size, compile, *weights)
+    if key not in steps:
+        steps[key] = DecodeStep(model, batch_size, static, compile)
+    return steps[key]
 
 
 def filter_logits(
@@ -121,10 +239,13 @@ def stream_tokens(
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    static_cache: bool | None = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield each step's (B,) new tokens. Rows that produced ``eos_token_id`` are finished: they yield it again
     until every row is done (checked every 8 tokens: a host sync). Past the context the window slides: the
-    last half context is read again and decoding goes on from there."""
+    last half context is read again and decoding goes on from there. ``static_cache`` (None: on CUDA devices)
+    and ``compile`` choose the ``DecodeStep``."""
     context = model.config.context_length
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
     if input_ids.shape[1] > context:
@@ -133,20 +254,28 @@ def stream_tokens(
             input_ids.shape[1], context, context,
         )  # fmt: skip
         input_ids, mask = input_ids[:, -context:], mask[:, -context:]
-    history, history_mask = input_ids, mask
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    cache = _new_cache(model, input_ids)
-    pending, pending_mask = input_ids, mask  # what the next forward pass reads
-    for step in range(max_new_tokens):
-        if not use_cache:  # the whole window read again for every token (the slow reference path)
-            cache = _new_cache(model, input_ids)
-            pending, pending_mask = history[:, -context:], history_mask[:, -context:]
-        elif cache.length + pending.shape[1] > context:  # slide: read the last half context again
-            cache = _new_cache(model, input_ids)
-            pending, pending_mask = history[:, -(context // 2) :], history_mask[:, -(context // 2) :]
-        logits = model(pending, attention_mask=pending_mask, cache=cache)[0][:, -1, :].float()
+    B, T = input_ids.shape
+    if static_cache is None:
+        static_cache = input_ids.device.type == "cuda"
+    if use_cache and (static_cache or compile):
+        step = decode_step(model, B, static_cache, compile)
+    else:  # built for this call only
+        step = DecodeStep(model, B, static=False, compile=False)
+    history = torch.cat([input_ids, input_ids.new_zeros(B, max_new_tokens)], 1)  # the prompt and each new token
+    history_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    next_id = None
+    for i in range(max_new_tokens):
+        end = T + i
+        if next_id is None or not use_cache:  # the prompt; or, without a cache, the whole window again
+            logits = step.prefill(history[:, max(0, end - context) : end], history_mask[:, max(0, end - context) : end])
+        elif step.cache.length + 1 > context:  # slide: read the last half context again
+            half = context // 2
+            logits = step.prefill(history[:, end - half : end], history_mask[:, end - half : end])
+        else:
+            logits = step(next_id)
         if repetition_penalty != 1.0:
-            logits = penalize_repetition(logits, history, history_mask.bool(), repetition_penalty)
+            logits = penalize_repetition(logits, history[:, :end], history_mask[:, :end].bool(), repetition_penalty)
         if do_sample:
             probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
             next_id = torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -155,17 +284,7 @@ def stream_tokens(
         if eos_token_id is not None:
             next_id = next_id.masked_fill(finished, eos_token_id)
             finished |= next_id == eos_token_id
+        history[:, end] = next_id
         yield next_id
-        pending, pending_mask = next_id[:, None], torch.ones_like(next_id)[:, None]
-        history = torch.cat([history, pending], 1)
-        history_mask = torch.cat([history_mask, pending_mask], 1)
-        if eos_token_id is not None and step % 8 == 7 and bool(finished.all()):
+        if eos_token_id is not None and i % 8 == 7 and bool(finished.all()):
             return
-
-
-def _new_cache(model: GPT2Model, input_ids: torch.Tensor) -> KVCache:
-    c = model.config
-    return KVCache(
-        c.num_layers, input_ids.shape[0], c.num_heads, c.d_model // c.num_heads, c.context_length,
-        input_ids.device, model.wte.weight.dtype,
-    )  # fmt: skip

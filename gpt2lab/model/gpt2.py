@@ -268,11 +268,14 @@ class GPT2Model(nn.Module):
         num_return_sequences: int = 1,
         seed: int | None = None,
         use_cache: bool = True,
+        static_cache: bool | None = None,
+        compile: bool = False,
     ) -> Iterator[torch.Tensor]:
         """Yield the (B * num_return_sequences,) next tokens step by step, with a KV cache (see
         ``gpt2lab/model/generation.py``). Left-pad prompts of different lengths and pass their
         ``attention_mask``; a row ends at ``eos_token_id``; ``seed`` makes sampling reproducible;
-        ``do_sample=False`` is greedy."""
+        ``do_sample=False`` is greedy. ``static_cache`` (default: on CUDA) decodes at fixed shapes, replayed
+        as a CUDA graph; ``compile`` also compiles that step with ``torch.compile``."""
         was_training = self.training
         self.eval()
         if num_return_sequences > 1:
@@ -285,7 +288,7 @@ class GPT2Model(nn.Module):
         try:
             yield from generation.stream_tokens(
                 self, input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample,
-                attention_mask, eos_token_id, generator, use_cache,
+                attention_mask, eos_token_id, generator, use_cache, static_cache, compile,
             )  # fmt: skip
         finally:
             self.train(was_training)
