@@ -36,5 +36,5 @@ for pruner in median none; do
   python "$repo/train.py" -m --config-dir conf hparams_search=lr_wide "${args[@]}" hydra.sweep.dir="$pruner" \
     hydra.sweeper.study_name="$pruner" hydra.sweeper.pruner="$pruner" > "$pruner.log" 2>&1
   echo "== pruner=$pruner"
-  python -m gpt2lab.hpo report --storage "sqlite:///$work/$pruner/optuna.db" --study-name "$pruner"
+  python -m gpt2lab.sweep report --storage "sqlite:///$work/$pruner/optuna.db" --study-name "$pruner"
 done

@@ -96,7 +96,7 @@ def _train(cfg: DictConfig) -> float | None:
 
     callbacks = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c) if _wanted(c, cfg.trainer)]
     if cfg.optuna_trial is not None:
-        from gpt2lab.hpo import OptunaPruning  # Optuna is imported only for sweeps
+        from gpt2lab.sweep.optuna_sweeper import OptunaPruning  # Optuna is imported only for sweeps
 
         callbacks.append(OptunaPruning(cfg.optuna_trial, monitor=cfg.optimized_metric))
     loggers = [instantiate(c) for c in cfg.logger.values() if c] if cfg.trainer.logger is not False else False

@@ -36,7 +36,7 @@ def test_ddp_jobs_inside_a_multirun(tmp_path, corpus_file, cache_dir):
     sweep = tmp_path / "sweep"
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
-    assert [r["status"] for r in rows] == ["completed", "completed"]
+    assert [r["status"] for r in rows] == ["finished", "finished"]
     for job in ("0", "1"):
         assert (sweep / job / "train_ddp_rank_1.log").is_file() and (sweep / job / "results.json").is_file()
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()

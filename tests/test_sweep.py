@@ -14,8 +14,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gpt2lab.hpo import OptunaSweeper
-from gpt2lab.sweep import SweepSummary
+from gpt2lab.sweep.optuna_sweeper import OptunaSweeper
+from gpt2lab.sweep.summary import SweepSummary
 
 
 def test_grid_multirun_writes_a_summary_and_survives_a_failing_job(tmp_path, corpus_file, cache_dir):
@@ -25,13 +25,13 @@ def test_grid_multirun_writes_a_summary_and_survives_a_failing_job(tmp_path, cor
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert len(rows) == 4
     for r in rows:  # the two jobs with 3 heads fail (3 does not divide width 32); the others still run
-        assert r["status"] == ("failed" if "model.num_heads=3" in r["overrides"] else "completed")
+        assert r["status"] == ("failed" if "model.num_heads=3" in r["overrides"] else "finished")
         assert ("num_heads=3 does not divide" in r["error"]) == (r["status"] == "failed")
-    assert all(float(r["objective"]) == float(r["best_val_loss"]) for r in rows if r["status"] == "completed")
+    assert all(float(r["objective"]) == float(r["best_val_loss"]) for r in rows if r["status"] == "finished")
     for r in rows:  # every completed job is a complete run directory
-        if r["status"] == "completed":
-            assert (sweep / r["job"] / "results.json").is_file()
-            assert (sweep / r["job"] / "checkpoints" / "last.ckpt").is_file()
+        if r["status"] == "finished":
+            assert (sweep / r["name"] / "results.json").is_file()
+            assert (sweep / r["name"] / "checkpoints" / "last.ckpt").is_file()
     table = (sweep / "summary.md").read_text()
     assert "| model.num_heads=3 model.num_layers=1 | failed |" in table
     assert "Sweep summary" in result.stdout + result.stderr
@@ -97,7 +97,7 @@ def test_optuna_study_resumes_and_exports_a_reproducible_best_trial(tmp_path, co
     assert all((sweep / f"trial_{n}" / "results.json").is_file() for n in range(6))
 
     export = subprocess.run(
-        [sys.executable, "-m", "gpt2lab.hpo", "export-best", f"--storage=sqlite:///{sweep / 'optuna.db'}",
+        [sys.executable, "-m", "gpt2lab.sweep", "export-best", f"--storage=sqlite:///{sweep / 'optuna.db'}",
          "--study-name=t", "--name=best", f"--out={tmp_path / 'conf'}"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
@@ -148,8 +148,8 @@ def test_pruned_trials_are_pruned_and_failures_are_recorded(tmp_path, corpus_fil
     assert (good.state.name, pruned.state.name, failed.state.name) == ("COMPLETE", "PRUNED", "FAIL")
     assert pruned.user_attrs["pruned_at_step"] < 16
     assert "num_heads=3 does not divide" in failed.user_attrs["error"]
-    rows = {r["job"]: r["status"] for r in csv.DictReader((sweep / "summary.csv").open())}
-    assert rows == {"trial_0": "completed", "trial_1": "pruned", "trial_2": "failed"}
+    rows = {r["name"]: r["status"] for r in csv.DictReader((sweep / "summary.csv").open())}
+    assert rows == {"trial_0": "finished", "trial_1": "pruned", "trial_2": "failed"}
 
 
 def test_a_sweep_failing_everywhere_stops(tmp_path, corpus_file, cache_dir):
@@ -342,8 +342,8 @@ def test_the_summary_and_the_study_agree_on_each_jobs_outcome(tmp_path):
     stand_in_sweep(sweep, sampler_config("random"), XY, job, n_trials=6, max_failure_rate=1.0)
     trials = _study(sweep / "optuna.db").trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL", "FAIL", "PRUNED", "FAIL"]
-    rows = {r["job"]: r for r in csv.DictReader((sweep / "summary.csv").open())}
-    status = {"COMPLETE": "completed", "FAIL": "failed", "PRUNED": "pruned"}
+    rows = {r["name"]: r for r in csv.DictReader((sweep / "summary.csv").open())}
+    status = {"COMPLETE": "finished", "FAIL": "failed", "PRUNED": "pruned"}
     for t in trials:
         row = rows[f"trial_{t.number}"]
         assert row["status"] == status[t.state.name], row

@@ -9,16 +9,17 @@ parsing and trial configuration; its ``sweep`` loop adds
 - the trial number handed to each job (``optuna_trial``), so that ``OptunaPruning`` can report validation
   losses and stop a trial the pruner gives up on; such trials are recorded as PRUNED, not FAIL;
 - failures recorded as FAIL with their error while the study goes on (a job that returns no finite objective
-  fails too; ``gpt2lab.sweep.job_outcome`` decides, for the study and the sweep's summary table alike), and
+  fails too; ``gpt2lab.sweep.summary.job_outcome`` decides, for the study and the sweep's summary table alike),
+  and
   ``max_failure_rate`` measured over the whole sweep;
 - ``optimization_results.yaml`` and PNG plots (history, parameter importances) in the sweep directory.
 
-``python -m gpt2lab.hpo export-best`` turns the best trial into an ``experiment/`` config.
+``export_best`` turns the best trial into an ``experiment/`` config and ``report`` lists the trials with the steps
+each trained: ``python -m gpt2lab.sweep export-best|report``.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -37,8 +38,9 @@ from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import DictConfig, OmegaConf
 
+from gpt2lab.config import config_groups
 from gpt2lab.errors import ConfigError
-from gpt2lab.sweep import job_outcome
+from gpt2lab.sweep.summary import job_outcome
 
 log = logging.getLogger(__name__)
 PRUNERS = ("none", "median", "hyperband")
@@ -128,7 +130,7 @@ class OptunaSweeper(OptunaSweeperImpl):
                 if run_dir is not None and (run_dir / "results.json").is_file():
                     trial.set_user_attr("steps", json.loads((run_dir / "results.json").read_text())["global_step"])
                 outcome = job_outcome(ret, self.config.optimized_metric)
-                if outcome.status == "completed":
+                if outcome.status == "finished":
                     _tell(study, trial, values=[outcome.objective])
                 elif outcome.status == "pruned":
                     _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
@@ -250,13 +252,13 @@ def export_best(storage: str, study_name: str, name: str, out_dir: Path) -> Path
         best = study.best_trial
     except ValueError as e:
         raise ConfigError(f"study {study_name!r} in {storage} has no completed trial to export") from e
-    conf_dir = Path(__file__).resolve().parent.parent / "conf"
+    config_group_names = config_groups()
     groups, values = [], []
     for override in best.user_attrs.get("overrides", []):
         key, _, value = override.partition("=")
         if key.startswith(("hydra.", "hparams_search", "optuna_trial", "+hydra", "experiment")):
             continue
-        is_group = "." not in key and (conf_dir / key.lstrip("+~")).is_dir()
+        is_group = "." not in key and key.lstrip("+~") in config_group_names
         (groups if is_group else values).append((key.lstrip("+"), value))
     lines = [
         "# @package _global_",
@@ -286,38 +288,3 @@ def report(storage: str, study_name: str) -> str:
         + f"; {total} training steps"
     )
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gpt2lab.hpo", description="Optuna study utilities")
-    sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export-best", help="write the best trial as conf/experiment/<name>.yaml")
-    export.add_argument(
-        "--storage", required=True, help="the study's storage URL, e.g. sqlite:///outputs/optuna/gpt2lab/optuna.db"
-    )
-    export.add_argument("--study-name", default="gpt2lab")
-    export.add_argument("--name", required=True, help="experiment name: python train.py experiment=<name>")
-    export.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "conf"), help="config directory")
-    rep = sub.add_parser("report", help="trial states and training steps of a study")
-    rep.add_argument("--storage", required=True)
-    rep.add_argument("--study-name", default="gpt2lab")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "report":
-            print(report(args.storage, args.study_name))
-            return
-        path = export_best(args.storage, args.study_name, args.name, Path(args.out))
-    except (ConfigError, KeyError) as e:
-        parser.exit(1, f"Error: {e}\n")
-    print(
-        f"Wrote {path}; reproduce it with: python train.py experiment={args.name}"
-        + (
-            ""
-            if Path(args.out).resolve() == (Path(__file__).resolve().parent.parent / "conf")
-            else f" --config-dir {args.out}"
-        )
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -9,10 +9,10 @@ from hydra.plugins.sweeper import Sweeper
 
 
 class GPT2LabOptunaSweeper(Sweeper):
-    """``hydra/sweeper=gpt2lab_optuna``; the work is done by ``gpt2lab.hpo.OptunaSweeper``."""
+    """``hydra/sweeper=gpt2lab_optuna``; the work is done by ``gpt2lab.sweep.optuna_sweeper.OptunaSweeper``."""
 
     def __init__(self, **kwargs: Any) -> None:
-        from gpt2lab.hpo import OptunaSweeper
+        from gpt2lab.sweep.optuna_sweeper import OptunaSweeper
 
         self.sweeper = OptunaSweeper(**kwargs)
 
