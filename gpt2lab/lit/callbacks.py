@@ -14,6 +14,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.throughput import get_available_flops
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 
@@ -216,6 +217,44 @@ class Samples(pl.Callback):
         with self.path.open("a") as f:
             for prompt, text in zip(self.prompts, texts, strict=True):
                 f.write(json.dumps({"step": trainer.global_step, "prompt": prompt, "completion": text}) + "\n")
+
+
+class Curves(pl.Callback):
+    """At the end of training, ``dirpath/curves.png``: training and validation loss, validation bits per byte and
+    the learning rate against steps, read back from the CSV logger's ``metrics.csv`` (``gpt2lab.runs`` draws it).
+    Also when training stops with an error: the curve of a diverging run is worth seeing. Rank zero only; a run
+    with no CSV logger, or no loss logged yet, writes nothing and says so, and a figure never stops a run."""
+
+    def __init__(self, dirpath: str, filename: str = "curves.png") -> None:
+        self.path = Path(dirpath) / filename
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._draw(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._draw(trainer)
+
+    def _draw(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        if csv_logger is None:
+            log.info("No %s: the run has no CSV logger (logger=csv) to read its metrics from", self.path.name)
+            return
+        from gpt2lab.runs import plot_run_curves, read_metrics
+
+        try:
+            csv_logger.save()  # Lightning flushes the rows only every 100 steps and after this hook
+            metrics = read_metrics(Path(csv_logger.experiment.metrics_file_path))
+            drawn = plot_run_curves(metrics, self.path, title=f"{self.path.parent.parent.name}/{self.path.parent.name}")
+        except Exception as e:  # a figure is not worth a run
+            log.warning("No %s: %s: %s", self.path.name, type(e).__name__, e)
+            return
+        if drawn:
+            log.info("Curves: %s", self.path)
+        else:
+            log.info("No %s: no loss was logged before the run ended (trainer.log_every_n_steps)", self.path.name)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
