@@ -1,0 +1,102 @@
+"""``python -m gpt2lab.check [model=... | ckpt=...] [tier=1|2|3]``: a model's check-up before training.
+
+Builds the model ``model=...`` describes (or loads ``ckpt=...``), runs tiers 1..``tier`` of
+``gpt2lab/checkup/``, prints a pass/warn/fail table per tier and writes ``check.md``, ``check.json`` and the
+figures to the run directory. A failed check ends the command with an ``Error:`` line that names it. See
+README, "Model check-up".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tokenizers import Tokenizer
+
+from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
+from gpt2lab.checkup import TIERS, CheckConfig, CheckResult, failed, format_table, run_all_tests, write_reports
+from gpt2lab.config import TRUSTED_TARGETS, ModelSchema, PathsSchema, config_path, null_group_overrides
+from gpt2lab.cpu_threads import use_free_cores
+from gpt2lab.errors import ConfigError, report_errors
+from gpt2lab.model import GPT2Model
+
+log = logging.getLogger("gpt2lab.check")
+
+
+@dataclasses.dataclass
+class CheckSchema:
+    model: ModelSchema = dataclasses.field(default_factory=ModelSchema)
+    paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
+    ckpt: Optional[str] = None  # noqa: UP045 (OmegaConf needs Optional) - a .ckpt file, a run directory (its best), last or best; instead of model
+    tier: int = 1
+    device: str = "auto"
+    check: CheckConfig = dataclasses.field(default_factory=CheckConfig)
+    task_name: str = "check"
+
+
+class CheckFailed(ConfigError):
+    """A check failed: the model, not the command, is at fault; the message names the checks."""
+
+
+def build_model(cfg: DictConfig, device: str) -> tuple[GPT2Model, Tokenizer | None, dict[str, Any]]:
+    """The model to check: ``ckpt``'s if given, else a fresh one from ``model``; and a description of it."""
+    if cfg.ckpt:
+        path = find_checkpoint(cfg.ckpt, cfg.paths.log_dir)
+        model, tokenizer = load_checkpoint(path, device=device)
+        log.info("Checking the checkpoint %s (its own model: the model group is not used)", path)
+        return model, tokenizer, {"checkpoint": str(path)}
+    torch.manual_seed(cfg.check.seed)
+    with torch.device(device):
+        model = GPT2Model(instantiate(cfg.model, _convert_="all"))
+    choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
+    return model, None, {"model": choice or "from config", "config": dataclasses.asdict(model.config)}
+
+
+def check(cfg: DictConfig) -> list[CheckResult]:
+    """Run the check-up ``conf/check.yaml`` describes; the results, also written to the run directory."""
+    if cfg.tier not in TIERS:
+        raise ConfigError(f"tier={cfg.tier}: expected 1, 2 or 3 (tier N runs tiers 1 to N)")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device == "cpu":
+        use_free_cores()
+    model, tokenizer, about = build_model(cfg, device)
+    trained = bool(cfg.ckpt)
+    about |= {"parameters": f"{model.num_parameters():,}", "device": device, "tier": cfg.tier}
+    log.info("Model: %s parameters on %s; tiers 1 to %d", about["parameters"], device, cfg.tier)
+    output_dir = Path(cfg.paths.output_dir)
+    config = CheckConfig(**OmegaConf.to_container(cfg.check, resolve=True))
+    results = run_all_tests(model, config, tier=cfg.tier, trained=trained, tokenizer=tokenizer, output_dir=output_dir)
+    print(format_table(results), flush=True)
+    reports = write_reports(results, output_dir, about)
+    log.info("Reports: %s", ", ".join(str(p) for p in reports))
+    if failed(results):
+        raise CheckFailed(f"failed checks: {', '.join(failed(results))} (details in {reports[0]})")
+    return results
+
+
+ConfigStore.instance().store(name="check_schema", node=CheckSchema, replace=True)
+
+
+def main() -> None:
+    """Entry point of ``python -m gpt2lab.check``."""
+    sys.argv = null_group_overrides(sys.argv)
+    _main()
+
+
+@hydra.main(config_path=config_path(), config_name="check", execution_whitelist=TRUSTED_TARGETS)
+@report_errors
+def _main(cfg: DictConfig) -> None:
+    check(cfg)
+
+
+if __name__ == "__main__":
+    main()
