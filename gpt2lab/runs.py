@@ -41,6 +41,7 @@ COLUMNS = (
 # Files that only a training run writes: a directory holding one of them is a run.
 RUN_MARKERS = ("results.json", "job_summary.json", "metrics.csv", "checkpoints", "config.yaml")
 HIDDEN_OVERRIDES = ("optuna_trial",)  # the job's name says it already
+ERROR_WIDTH = 60  # characters of an error in the text table
 
 
 @dataclass
@@ -221,20 +222,25 @@ def varying_overrides(rows: list[dict[str, Any]]) -> list[str]:
 
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     """The rows as an aligned text table (or Markdown), with the overrides that differ between them and without
-    the columns that are empty in every row."""
+    the columns that are empty in every row. The text table cuts errors short; the CSV has them whole."""
     shown = [{**r, "overrides": o} for r, o in zip(rows, varying_overrides(rows), strict=True)]
     columns = [c for c in COLUMNS if c in ("name", "status") or any(r.get(c) not in (None, "") for r in shown)]
     cells = [[_cell(r.get(c)) for c in columns] for r in shown]
     if markdown:
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         return "\n".join(lines + ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |" for row in cells])
+    if "error" in columns:
+        i = columns.index("error")
+        for row in cells:
+            row[i] = row[i] if len(row[i]) <= ERROR_WIDTH else row[i][: ERROR_WIDTH - 3] + "..."
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     numeric = [all(_is_number(r.get(c)) or r.get(c) is None for r in shown) for c in columns]
 
     def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True))
+        padded = (v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True))
+        return "  ".join(padded).rstrip()
 
-    return "\n".join([line(columns), *(line(row) for row in cells)]).rstrip()
+    return "\n".join([line(columns), *(line(row) for row in cells)])
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:

@@ -1,0 +1,183 @@
+"""``gpt2lab runs`` and the curves: a table of the runs under a directory, read from what real runs wrote."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from filelock import FileLock
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+from pytorch_lightning.loggers import CSVLogger
+
+from gpt2lab.errors import ConfigError
+from gpt2lab.lit.callbacks import Curves
+from gpt2lab.runs import COLUMNS, format_table, main, run_table
+from gpt2lab.sweep.summary import SweepSummary
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _job(sweep: Path, name: str, overrides: list[str], trained: Path | None, error: Exception | None = None) -> None:
+    """A multirun job: ``trained``'s files in ``sweep/name``, its outcome written by the sweep's own callback."""
+    job_dir = sweep / name
+    if trained is not None:
+        shutil.copytree(trained, job_dir)
+    else:
+        job_dir.mkdir(parents=True)
+    hydra = {"mode": RunMode.MULTIRUN, "sweep": {"dir": str(sweep)}, "runtime": {"output_dir": str(job_dir)}}
+    cfg = OmegaConf.create({"optimized_metric": "val/loss", "hydra": hydra})
+    if error is None:
+        ret = JobReturn(overrides, cfg, cfg, status=JobStatus.COMPLETED, _return_value=3.5)
+    else:
+        ret = JobReturn(overrides, cfg, cfg, status=JobStatus.FAILED, _return_value=error)
+    SweepSummary().on_job_end(cfg, ret)
+
+
+@pytest.fixture(scope="module")
+def outputs(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An outputs/ tree: a finished run, a killed one (checkpoints, no results.json) and a 3-job multirun."""
+    root = tmp_path_factory.mktemp("runs") / "outputs"
+    shutil.copytree(trained_run, root / "2026-01-01" / "10-00-00")
+    killed = root / "2026-01-01" / "11-00-00"
+    shutil.copytree(trained_run, killed)
+    (killed / "results.json").unlink()
+    sweep = root / "multirun" / "2026-01-02" / "09-00-00"
+    _job(sweep, "0", ["optimizer.lr=1e-3", "seed=1"], trained_run)
+    _job(sweep, "1", ["optimizer.lr=3e-3", "seed=1"], trained_run)
+    _job(sweep, "2", ["optimizer.lr=1e-2", "seed=1"], None, ValueError("model.num_heads=3 does not divide 32"))
+    return root
+
+
+def _names(rows: list[dict]) -> list[str]:
+    return [r["name"] for r in rows]
+
+
+def test_the_table_lists_runs_and_jobs_with_their_status(outputs, trained_run):
+    rows, _ = run_table(outputs)
+    assert _names(rows) == [
+        "2026-01-01/10-00-00", "2026-01-01/11-00-00", "multirun/2026-01-02/09-00-00/0",
+        "multirun/2026-01-02/09-00-00/1", "multirun/2026-01-02/09-00-00/2",
+    ]  # fmt: skip
+    assert [r["status"] for r in rows] == ["finished", "killed", "finished", "finished", "failed"]
+    finished, killed, job, _, failed = rows
+    assert finished["steps"] == 40 and killed["steps"] == 40  # the killed run's steps come from metrics.csv
+    assert 0 < finished["best_val_loss"] < 7 and finished["best_val_ppl"] > 1 and finished["tokens_per_s"] > 0
+    assert killed["best_val_loss"] == pytest.approx(finished["best_val_loss"])  # the best val/loss in metrics.csv
+    assert job["objective"] == 3.5 and job["overrides"] == "optimizer.lr=1e-3 seed=1"
+    assert failed["error"] == "ValueError: model.num_heads=3 does not divide 32" and failed["steps"] is None
+
+    table = format_table(rows).splitlines()
+    assert table[0].split() == list(COLUMNS)
+    assert "seed=1" in table[4]  # the runs outside the sweep have no seed override
+    sweep_table = format_table(rows[2:]).splitlines()
+    assert "multirun/2026-01-02/09-00-00/1  optimizer.lr=3e-3  finished" in sweep_table[2]  # only what differs
+
+
+def test_a_run_held_by_a_live_process_is_running(outputs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(outputs / "2026-01-01" / "11-00-00", run)
+    lock = FileLock(run / ".run.lock", blocking=False)
+    with lock:
+        assert run_table(run)[0][0]["status"] == "running"
+    assert run_table(run)[0][0]["status"] == "killed"
+
+
+def test_filter_sort_and_csv(outputs, capsys):
+    assert _names(run_table(outputs, ["status=killed"])[0]) == ["2026-01-01/11-00-00"]
+    assert _names(run_table(outputs, ["optimizer.lr=0.003"])[0]) == ["multirun/2026-01-02/09-00-00/1"]  # as numbers
+    assert len(run_table(outputs, ["status=finished", "name=multirun/*"])[0]) == 2  # repeated, and a glob
+    assert len(run_table(outputs, ["trainer.max_steps=40"])[0]) == 4  # a key of the runs' config.yaml
+
+    by_lr = run_table(outputs, ["name=multirun/*"], sort="optimizer.lr", reverse=True)[0]
+    assert [r["name"][-1] for r in by_lr] == ["2", "1", "0"]
+    by_steps = run_table(outputs, sort="steps")[0]
+    assert by_steps[-1]["status"] == "failed"  # no steps: last
+
+    main([str(outputs), "--csv", "--filter", "status=finished"])
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert tuple(rows[0]) == COLUMNS and len(rows) == 3
+    assert rows[1]["overrides"] == "optimizer.lr=1e-3 seed=1"  # whole in the CSV
+
+
+def test_plot_draws_the_selected_runs_validation_curves(outputs, tmp_path):
+    figure = tmp_path / "val.png"
+    _, drawn = run_table(outputs, ["status=finished"], plot=figure)
+    assert drawn == 3 and figure.read_bytes().startswith(PNG_SIGNATURE)
+    # The sweep's own figure and tables, written by the summary callback after each job
+    sweep = outputs / "multirun" / "2026-01-02" / "09-00-00"
+    assert (sweep / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert [r["status"] for r in csv.DictReader((sweep / "summary.csv").open())] == ["finished", "finished", "failed"]
+    assert "| 1 | optimizer.lr=3e-3 | finished |" in (sweep / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{root}/nowhere"], "nowhere does not exist. Give the directory the runs are under"),
+        (["{empty}"], "no runs under"),
+        (["{root}", "--sort", "speed"], "--sort speed: no run has this key. Use a column (name, overrides"),
+        (["{root}", "--filter", "status"], "--filter 'status': expected key=value"),
+        (["{root}", "--filter", "status=done"], "none of the 5 runs under"),
+        (["{root}", "--plot", "{empty}/no/such/dir.png"], "the directory"),
+    ],
+)
+def test_bad_input_is_one_error_line(outputs, tmp_path, capsys, args, message):
+    args = [a.format(root=outputs, empty=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_command_line(outputs, tmp_path):
+    """``gpt2lab runs`` as a user types it (the console script's module), then a wrong directory."""
+    ok = subprocess.run(
+        [sys.executable, "-m", "gpt2lab.cli", "runs", str(outputs), "--sort", "best_val_loss"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[0].startswith("name") and "killed" in ok.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "gpt2lab.runs", str(tmp_path / "nowhere")], capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 1 and bad.stderr.startswith("Error: ") and "Traceback" not in bad.stderr
+
+
+def test_a_run_ends_with_its_curves(trained_run):
+    from matplotlib.image import imread
+
+    png = trained_run / "curves.png"
+    assert png.read_bytes().startswith(PNG_SIGNATURE)
+    height, width, _ = imread(png).shape
+    assert width > 2 * height  # loss, bits per byte and lr side by side
+
+
+def test_a_diverging_run_is_failed_and_still_drawn(compose_cfg, tmp_path):
+    from gpt2lab.train import train
+
+    cfg = compose_cfg("optimizer.lr=3e3", "scheduler.warmup_steps=1", "sample=null", "test=false")
+    with pytest.raises(ConfigError, match="training diverged"):
+        train(cfg)
+    run = Path(cfg.paths.output_dir)
+    (row,) = run_table(run)[0]
+    assert row["status"] == "failed" and "before its first checkpoint" in row["error"]
+    assert (run / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_no_metrics_no_curves(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gpt2lab.lit.callbacks")
+    curves = Curves(str(tmp_path))
+    curves._draw(SimpleNamespace(is_global_zero=True, loggers=[CSVLogger(tmp_path, name="", version="")]))
+    curves._draw(SimpleNamespace(is_global_zero=True, loggers=[]))
+    assert not (tmp_path / "curves.png").exists()
+    assert "No curves.png: no loss was logged" in caplog.text and "the run has no CSV logger" in caplog.text
