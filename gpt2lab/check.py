@@ -18,7 +18,7 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import execution_whitelist, instantiate
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
@@ -55,17 +55,31 @@ def build_model(cfg: DictConfig, device: str) -> tuple[GPT2Model, Tokenizer | No
         log.info("Checking the checkpoint %s (its own model: the model group is not used)", path)
         return model, tokenizer, {"checkpoint": str(path)}
     torch.manual_seed(cfg.check.seed)
-    with torch.device(device):
+    with execution_whitelist(TRUSTED_TARGETS), torch.device(device):
         model = GPT2Model(instantiate(cfg.model, _convert_="all"))
     choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
     return model, None, {"model": choice or "from config", "config": dataclasses.asdict(model.config)}
+
+
+def choose_device(device: str) -> str:
+    """``device=auto`` is the GPU if there is one; a named device must exist here."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ConfigError(f"device={device!r}: not a device; use auto, cpu, cuda or cuda:<n>") from e
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: this machine has no CUDA GPU; use device=cpu (or auto)")
+    return device
 
 
 def check(cfg: DictConfig) -> list[CheckResult]:
     """Run the check-up ``conf/check.yaml`` describes; the results, also written to the run directory."""
     if cfg.tier not in TIERS:
         raise ConfigError(f"tier={cfg.tier}: expected 1, 2 or 3 (tier N runs tiers 1 to N)")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    config = CheckConfig(**OmegaConf.to_container(cfg.check, resolve=True))
+    device = choose_device(cfg.device)
     if device == "cpu":
         use_free_cores()
     model, tokenizer, about = build_model(cfg, device)
@@ -73,7 +87,6 @@ def check(cfg: DictConfig) -> list[CheckResult]:
     about |= {"parameters": f"{model.num_parameters():,}", "device": device, "tier": cfg.tier}
     log.info("Model: %s parameters on %s; tiers 1 to %d", about["parameters"], device, cfg.tier)
     output_dir = Path(cfg.paths.output_dir)
-    config = CheckConfig(**OmegaConf.to_container(cfg.check, resolve=True))
     results = run_all_tests(model, config, tier=cfg.tier, trained=trained, tokenizer=tokenizer, output_dir=output_dir)
     print(format_table(results), flush=True)
     reports = write_reports(results, output_dir, about)

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 from tokenizers import Tokenizer
 
+from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT2Model
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
@@ -34,6 +35,18 @@ class CheckConfig:
     finetune_lr: float = 1e-3
     lr_trials: list[float] = dataclasses.field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3])
     lr_trial_steps: int = 10
+
+    def __post_init__(self) -> None:
+        positive = {
+            "batch_sizes": self.batch_sizes,
+            "seq_lengths": self.seq_lengths or [1],
+            "lr_trials": self.lr_trials,
+            **{k: [getattr(self, k)] for k in ("probe_length", "batch_size", "perturbations", "finetune_steps")},
+            **{k: [getattr(self, k)] for k in ("lr_trial_steps", "finetune_lr", "throughput_seconds")},
+        }
+        for key, values in positive.items():
+            if not values or any(not v > 0 for v in values):
+                raise ConfigError(f"check.{key}={getattr(self, key)}: expected positive values")
 
 
 @dataclasses.dataclass

@@ -1,0 +1,170 @@
+"""``python -m gpt2lab.check``: the model check-up catches planted faults and passes a healthy model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+from torch import nn
+
+import gpt2lab.check
+from gpt2lab.check import check
+from gpt2lab.checkup import CheckConfig, failed, run_all_tests, run_all_tier1_tests, run_all_tier2_tests
+from gpt2lab.errors import ConfigError
+from gpt2lab.model import DecoderBlock, GPT2Config, GPT2Model
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+TINY = dict(vocab_size=96, context_length=32, d_model=32, num_heads=2, num_layers=2, d_ff=64)
+TINY |= dict(dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
+FAST = CheckConfig(
+    batch_sizes=[1, 2], probe_length=16, batch_size=2, throughput_seconds=0.05, perturbations=4,
+    finetune_steps=10, lr_trial_steps=3,
+)  # fmt: skip
+FAST_OVERRIDES = [f"model.{k}={v}" for k, v in TINY.items()] + [
+    "check.batch_sizes=[1,2]", "check.probe_length=16", "check.throughput_seconds=0.05", "check.finetune_steps=10",
+    "check.lr_trial_steps=3", "check.perturbations=4",
+]  # fmt: skip
+
+
+def tiny_model(model_class: type[GPT2Model] = GPT2Model) -> GPT2Model:
+    torch.manual_seed(0)
+    return model_class(GPT2Config(**TINY))
+
+
+def statuses(results) -> dict[str, str]:
+    return {r.name: r.status for r in results}
+
+
+@pytest.fixture
+def compose_check(tmp_path):
+    """``conf/check.yaml`` composed as the command line would, writing to ``tmp_path/run``."""
+
+    def _compose(*overrides: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base=None):
+            cfg = compose("check", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+            del cfg.hydra
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def test_a_healthy_tiny_model_passes_all_three_tiers(tmp_path):
+    results = run_all_tests(tiny_model(), FAST, tier=3, output_dir=tmp_path)
+    assert not failed(results), [(r.name, r.summary) for r in results if r.status == "fail"]
+    assert [r.tier for r in results] == [1] * 8 + [2] * 3 + [3] * 2
+    assert all(statuses(results)[name] == "pass" for name in ("gradient flow", "causality", "loss at init"))
+    assert statuses(results)["attention patterns"] == "pass"  # the hooked probabilities reproduce SDPA's output
+    files = [f for r in results for f in r.files]
+    assert "attention/layer1.png" in files and "saliency.png" in files and "training/lr_search.png" in files
+    assert all((tmp_path / f).stat().st_size > 1000 for f in files)
+    finetune = next(r for r in results if r.name == "fine-tuning")
+    assert finetune.details["loss_after"] < 0.95 * finetune.details["loss_before"]
+
+
+def test_a_layer_frozen_by_mistake_is_caught():
+    model = tiny_model()
+    model.blocks[1].mlp.fc.weight.requires_grad_(False)
+    (flow,) = [r for r in run_all_tier1_tests(model, FAST) if r.name == "gradient flow"]
+    assert flow.status == "fail"
+    assert "frozen" in flow.summary and "blocks.1.mlp.fc.weight" in flow.summary
+
+
+class NaNInit(GPT2Model):
+    """An initialisation bug: the first MLP's weights scaled by infinity (0 x inf = NaN, the rest Inf)."""
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, nn.Linear) and module.out_features == TINY["d_ff"]:
+            module.weight.mul_(float("inf"))
+
+
+def test_a_nan_producing_initialisation_is_caught():
+    results = statuses(run_all_tier1_tests(tiny_model(NaNInit), FAST))
+    for name in ("init statistics", "output stability", "loss at init", "gradient flow"):
+        assert results[name] == "fail", name
+
+
+def test_attention_that_sees_the_future_is_caught(monkeypatch):
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: sdpa(*a, **(kw | {"is_causal": False})))
+    model = tiny_model()
+    (causality,) = [r for r in run_all_tier1_tests(model, FAST) if r.name == "causality"]
+    assert causality.status == "fail" and "sees the future" in causality.summary
+    # Tier 2's causal probabilities no longer reproduce what the layer computes: the heatmaps say so.
+    (attention,) = [r for r in run_all_tier2_tests(model, FAST) if r.name == "attention patterns"]
+    assert attention.status == "warn" and "not causal softmax" in attention.summary
+
+
+def test_a_residual_branch_that_is_never_added_is_caught(monkeypatch):
+    def forward(self, x, cache=None, layer=0):
+        self.attn(self.ln_1(x), cache, layer)  # computed, never added to the stream
+        return x + self.mlp(self.ln_2(x))
+
+    monkeypatch.setattr(DecoderBlock, "forward", forward)
+    (flow,) = [r for r in run_all_tier1_tests(tiny_model(), FAST) if r.name == "gradient flow"]
+    assert flow.status == "fail"
+    assert "no gradient" in flow.summary and "blocks.0.attn.qkv.weight" in flow.summary
+
+
+def test_check_writes_the_table_and_reports(compose_check, tmp_path, capsys):
+    results = check(compose_check(*FAST_OVERRIDES, "tier=2"))
+    assert {r.tier for r in results} == {1, 2}
+    table = capsys.readouterr().out
+    assert "Tier 1: critical" in table and "Tier 2: analysis" in table and "causality" in table
+    report = json.loads((tmp_path / "run" / "check.json").read_text())
+    assert report["failed"] == [] and len(report["results"]) == 11
+    assert report["about"]["model"] == "gpt2-tiny"
+    markdown = (tmp_path / "run" / "check.md").read_text()
+    assert "| causality | pass |" in markdown and "![attention/layer0.png](attention/layer0.png)" in markdown
+
+
+def test_a_checkpoint_skips_the_loss_at_init(compose_check, trained_run):
+    results = statuses(check(compose_check(f"ckpt={trained_run}", "check.throughput_seconds=0.05")))
+    assert results["loss at init"] == "skip"
+    assert "fail" not in results.values()
+
+
+def test_a_failed_check_ends_in_an_error_line_naming_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(DecoderBlock, "forward", lambda self, x, cache=None, layer=0: x + self.mlp(self.ln_2(x)))
+    monkeypatch.setattr(sys, "argv", ["check", *FAST_OVERRIDES, f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(SystemExit) as exit:
+        gpt2lab.check.main()
+    assert exit.value.code == 1
+    assert "Error: failed checks: gradient flow" in capsys.readouterr().err
+    assert json.loads((tmp_path / "check.json").read_text())["failed"] == ["gradient flow"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tier=0", "tier=0: expected 1, 2 or 3"),
+        ("tier=4", "tier=4: expected 1, 2 or 3"),
+        ("ckpt=missing.ckpt", "ckpt='missing.ckpt': no such file"),
+    ],
+)
+def test_bad_input_is_refused(compose_check, override, message):
+    with pytest.raises(ConfigError, match=message):
+        check(compose_check(override))
+
+
+def test_the_command_line_says_error_once(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "gpt2lab.check", "tier=5"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == ["Error: tier=5: expected 1, 2 or 3 (tier N runs tiers 1 to N)"], result.stderr[-2000:]
