@@ -4,7 +4,7 @@
 Greedy, a random prompt of ``--prompt`` tokens, ``--new`` new tokens per sequence (no early stop), for each
 batch size in ``-b``; the median of ``--repeats`` timed runs after a warm-up run (which captures the CUDA
 graphs and compiles). transformers' rows need ``pip install -e ".[hf]"``; ``--hf-static`` adds its static
-cache with a compiled forward (GPUs); ``--compile`` adds gpt2lab's step compiled by ``torch.compile``.
+cache with a compiled forward (GPUs).
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--hf-static", action="store_true", help="add transformers' static cache (compiled by generate)"
     )
-    parser.add_argument("--compile", action="store_true", help="add gpt2lab's step compiled by torch.compile")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -73,10 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     decoders: dict[str, Callable[[torch.Tensor], object]] = {}
     if device.type == "cuda":
         decoders["gpt2lab generate (static cache, CUDA graph)"] = lambda x: model.generate(x, args.new, do_sample=False)
-        if args.compile:
-            decoders["gpt2lab generate, compile=True (CUDA graph)"] = lambda x: model.generate(
-                x, args.new, do_sample=False, compile=True
-            )
     decoders["gpt2lab generate (dynamic cache, eager)"] = lambda x: model.generate(
         x, args.new, do_sample=False, static_cache=False
     )

@@ -24,7 +24,14 @@ from tokenizers import Tokenizer
 
 from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
 from gpt2lab.checkup import TIERS, CheckConfig, CheckResult, failed, format_table, run_all_tests, write_reports
-from gpt2lab.config import TRUSTED_TARGETS, ModelSchema, PathsSchema, config_path, null_group_overrides
+from gpt2lab.config import (
+    TRUSTED_TARGETS,
+    ModelSchema,
+    PathsSchema,
+    config_path,
+    literal_overrides,
+    null_group_overrides,
+)
 from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError, report_errors
 from gpt2lab.model import GPT2Model
@@ -101,7 +108,7 @@ ConfigStore.instance().store(name="check_schema", node=CheckSchema, replace=True
 
 def main() -> None:
     """Entry point of ``python -m gpt2lab.check``."""
-    sys.argv = null_group_overrides(sys.argv)
+    sys.argv = literal_overrides(null_group_overrides(sys.argv), ("check.prompt",))
     _main()
 
 

@@ -24,7 +24,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,6 @@ class Run:
 
     path: Path
     name: str
-    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def _json(self, filename: str) -> dict[str, Any]:
         path = self.path / filename
@@ -105,6 +104,7 @@ class Run:
         objective = self.job_summary.get("objective")
         if objective is None and status == "finished":
             objective = self.results.get("metrics", {}).get(self.config.get("optimized_metric", "val/loss"))
+        duration = self.job_summary.get("duration_s", self.results.get("duration_s"))
         return {
             "name": self.name,
             "overrides": " ".join(self.overrides),
@@ -113,7 +113,7 @@ class Run:
             "best_val_loss": best,
             "best_val_ppl": math.exp(best) if best is not None and best < 700 else None,
             "tokens_per_s": self.results.get("tokens_per_sec"),
-            "duration_s": self.job_summary.get("duration_s", self.results.get("duration_s", self._duration())),
+            "duration_s": duration if duration is not None else self._duration(),
             "objective": objective,
             "error": error,
         }

@@ -108,6 +108,20 @@ def test_the_fixed_shape_step_decodes_exactly_as_the_dynamic_cache(model, mode):
     assert torch.equal(*sampled)
 
 
+def test_the_static_cache_holds_what_a_generation_needs_rounded_up():
+    torch.manual_seed(1)
+    config = GPT2Config(
+        vocab_size=VOCAB, context_length=300, d_model=16, num_heads=2, num_layers=1, d_ff=32, dropout=0.0,
+        attention_dropout=0.0, residual_dropout=0.0, initializer_range=0.5,
+    )  # fmt: skip
+    wide = GPT2Model(config).eval()
+    prompt = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(9))
+    for new, capacity in ((20, 256), (280, 300)):  # 30 positions -> 256; 290 -> the whole context
+        static = wide.generate(prompt, new, do_sample=False, static_cache=True)
+        assert torch.equal(static, wide.generate(prompt, new, do_sample=False, static_cache=False))
+        assert any(key[:2] == (1, capacity) for key in wide._decode_steps)
+
+
 def test_the_kept_decode_step_is_reused_and_never_copied_with_the_model(model):
     import copy
 

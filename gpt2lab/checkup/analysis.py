@@ -26,7 +26,8 @@ def prompt_ids(s: Subject) -> tuple[torch.Tensor, list[str]]:
     if s.tokenizer is not None and s.config.prompt:
         ids = s.tokenizer.encode(s.config.prompt).ids[-s.context :]
         if ids:
-            return torch.tensor([ids], device=s.device), [s.tokenizer.id_to_token(i) or "?" for i in ids]
+            labels = [s.tokenizer.decode([i]).replace("\n", "\\n") for i in ids]
+            return torch.tensor([ids], device=s.device), labels
     ids = s.tokens(1, s.probe_length, seed_offset=2)
     return ids, [str(i) for i in range(ids.shape[1])]
 

@@ -269,13 +269,12 @@ class GPT2Model(nn.Module):
         seed: int | None = None,
         use_cache: bool = True,
         static_cache: bool | None = None,
-        compile: bool = False,
     ) -> Iterator[torch.Tensor]:
         """Yield the (B * num_return_sequences,) next tokens step by step, with a KV cache (see
         ``gpt2lab/model/generation.py``). Left-pad prompts of different lengths and pass their
         ``attention_mask``; a row ends at ``eos_token_id``; ``seed`` makes sampling reproducible;
         ``do_sample=False`` is greedy. ``static_cache`` (default: on CUDA) decodes at fixed shapes, replayed
-        as a CUDA graph; ``compile`` also compiles that step with ``torch.compile``."""
+        as a CUDA graph."""
         was_training = self.training
         self.eval()
         if num_return_sequences > 1:
@@ -288,7 +287,7 @@ class GPT2Model(nn.Module):
         try:
             yield from generation.stream_tokens(
                 self, input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample,
-                attention_mask, eos_token_id, generator, use_cache, static_cache, compile,
+                attention_mask, eos_token_id, generator, use_cache, static_cache,
             )  # fmt: skip
         finally:
             self.train(was_training)
