@@ -10,19 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 from torch import nn
 
 import gpt2lab.check
-from gpt2lab.check import check
 from gpt2lab.checkup import CheckConfig, failed, run_all_tests, run_all_tier1_tests, run_all_tier2_tests
-from gpt2lab.errors import ConfigError
 from gpt2lab.model import DecoderBlock, GPT2Config, GPT2Model
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 TINY = dict(vocab_size=96, context_length=32, d_model=32, num_heads=2, num_layers=2, d_ff=64)
 TINY |= dict(dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
 FAST = CheckConfig(
@@ -44,22 +37,14 @@ def statuses(results) -> dict[str, str]:
     return {r.name: r.status for r in results}
 
 
-@pytest.fixture
-def compose_check(tmp_path):
-    """``conf/check.yaml`` composed as the command line would, writing to ``tmp_path/run``."""
-
-    def _compose(*overrides: str):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF), version_base=None):
-            cfg = compose("check", overrides=list(overrides), return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "run")
-            del cfg.hydra
-        return cfg
-
-    yield _compose
-    GlobalHydra.instance().clear()
+def check_main(*args: str, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """``python -m gpt2lab.check ARGS`` in this process, writing to ``run_dir``; its exit status."""
+    monkeypatch.setattr(sys, "argv", ["check", *args, f"hydra.run.dir={run_dir}"])
+    try:
+        gpt2lab.check.main()
+    except SystemExit as e:
+        return e.code
+    return 0
 
 
 def test_a_healthy_tiny_model_passes_all_three_tiers(tmp_path):
@@ -120,30 +105,29 @@ def test_a_residual_branch_that_is_never_added_is_caught(monkeypatch):
     assert "no gradient" in flow.summary and "blocks.0.attn.qkv.weight" in flow.summary
 
 
-def test_check_writes_the_table_and_reports(compose_check, tmp_path, capsys):
-    results = check(compose_check(*FAST_OVERRIDES, "tier=2"))
-    assert {r.tier for r in results} == {1, 2}
+def test_check_writes_the_table_and_reports(monkeypatch, tmp_path, capsys):
+    assert check_main(*FAST_OVERRIDES, "tier=2", run_dir=tmp_path, monkeypatch=monkeypatch) == 0
     table = capsys.readouterr().out
     assert "Tier 1: critical" in table and "Tier 2: analysis" in table and "causality" in table
-    report = json.loads((tmp_path / "run" / "check.json").read_text())
+    report = json.loads((tmp_path / "check.json").read_text())
     assert report["failed"] == [] and len(report["results"]) == 11
     assert report["about"]["model"] == "gpt2-tiny"
-    markdown = (tmp_path / "run" / "check.md").read_text()
+    markdown = (tmp_path / "check.md").read_text()
     assert "| causality | pass |" in markdown and "![attention/layer0.png](attention/layer0.png)" in markdown
 
 
-def test_a_checkpoint_skips_the_loss_at_init(compose_check, trained_run):
-    results = statuses(check(compose_check(f"ckpt={trained_run}", "check.throughput_seconds=0.05")))
-    assert results["loss at init"] == "skip"
-    assert "fail" not in results.values()
+def test_a_checkpoint_skips_the_loss_at_init(monkeypatch, tmp_path, trained_run):
+    assert (
+        check_main(f"ckpt={trained_run}", "check.throughput_seconds=0.05", run_dir=tmp_path, monkeypatch=monkeypatch)
+        == 0
+    )
+    results = {r["name"]: r for r in json.loads((tmp_path / "check.json").read_text())["results"]}
+    assert results["loss at init"]["status"] == "skip" and "trained checkpoint" in results["loss at init"]["summary"]
 
 
 def test_a_failed_check_ends_in_an_error_line_naming_it(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(DecoderBlock, "forward", lambda self, x, cache=None, layer=0: x + self.mlp(self.ln_2(x)))
-    monkeypatch.setattr(sys, "argv", ["check", *FAST_OVERRIDES, f"hydra.run.dir={tmp_path}"])
-    with pytest.raises(SystemExit) as exit:
-        gpt2lab.check.main()
-    assert exit.value.code == 1
+    assert check_main(*FAST_OVERRIDES, run_dir=tmp_path, monkeypatch=monkeypatch) == 1
     assert "Error: failed checks: gradient flow" in capsys.readouterr().err
     assert json.loads((tmp_path / "check.json").read_text())["failed"] == ["gradient flow"]
 
@@ -154,17 +138,25 @@ def test_a_failed_check_ends_in_an_error_line_naming_it(monkeypatch, tmp_path, c
         ("tier=0", "tier=0: expected 1, 2 or 3"),
         ("tier=4", "tier=4: expected 1, 2 or 3"),
         ("ckpt=missing.ckpt", "ckpt='missing.ckpt': no such file"),
+        ("check.probe_length=0", "check.probe_length=0: expected positive values"),
     ],
 )
-def test_bad_input_is_refused(compose_check, override, message):
-    with pytest.raises(ConfigError, match=message):
-        check(compose_check(override))
+def test_bad_input_is_one_error_line(monkeypatch, tmp_path, capsys, override, message):
+    assert check_main(override, run_dir=tmp_path, monkeypatch=monkeypatch) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"Error: {message}"), errors
+    assert not (tmp_path / "check.json").exists()
 
 
-def test_the_command_line_says_error_once(tmp_path):
+def test_the_command_line_writes_its_reports_to_a_run_directory(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "gpt2lab.check", "tier=5"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "gpt2lab.check", *FAST_OVERRIDES],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert result.returncode == 1
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert errors == ["Error: tier=5: expected 1, 2 or 3 (tier N runs tiers 1 to N)"], result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Tier 1: critical" in result.stdout and "gradient flow" in result.stdout
+    (report,) = (tmp_path / "outputs" / "check").glob("*/*/check.md")  # the default run directory
+    assert (report.parent / "check.json").is_file() and (report.parent / "check.log").is_file()

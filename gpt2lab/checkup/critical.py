@@ -34,8 +34,7 @@ def shape_robustness(s: Subject) -> CheckResult:
         for batch in s.config.batch_sizes:
             for length in lengths:
                 ids = s.tokens(batch, length + 1)
-                logits, _ = model(ids[:, :-1])
-                _, loss = model(ids[:, :-1], ids[:, 1:])
+                logits, loss = model(ids[:, :-1], ids[:, 1:], return_logits=True)
                 shapes.append([batch, length])
                 if tuple(logits.shape) != (batch, length, s.vocab_size):
                     problems.append(f"input ({batch}, {length}) gave logits {tuple(logits.shape)}")
@@ -315,11 +314,11 @@ def device_memory(device: torch.device) -> int | None:
 
 
 def forward_throughput(s: Subject) -> CheckResult:
-    """Forward tokens/s at ``batch_size`` x context, without gradients, after one warm-up batch."""
+    """Forward tokens/s at ``batch_size`` x context, without gradients, after a warm-up sequence."""
     ids = s.tokens(s.config.batch_size, s.context)
     sync = torch.cuda.synchronize if s.device.type == "cuda" else lambda: None
     with s.mode(training=False) as model, torch.no_grad():
-        model(ids)
+        model(ids[:1])
         sync()
         started, batches = time.perf_counter(), 0
         while batches == 0 or time.perf_counter() - started < s.config.throughput_seconds:

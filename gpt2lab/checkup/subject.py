@@ -28,7 +28,7 @@ class CheckConfig:
     seq_lengths: Optional[list[int]] = None  # noqa: UP045 (OmegaConf needs Optional) - shape robustness; null: 1, half the context + 1, the context
     probe_length: int = 64  # tokens per sequence in gradient flow, causality and tiers 2 and 3
     batch_size: int = 4  # memory footprint and tokens/s, at full context
-    throughput_seconds: float = 2.0  # how long tokens/s is measured, after one warm-up batch
+    throughput_seconds: float = 2.0  # how long tokens/s is measured (at least one batch)
     prompt: Optional[str] = None  # noqa: UP045 - tier 2 on a checkpoint with a tokenizer: this text; null: random tokens
     perturbations: int = 16  # tier 2: single-token substitutions
     finetune_steps: int = 30  # tier 3: AdamW steps on one fixed batch
