@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,10 +15,24 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import execution_whitelist
 from omegaconf import DictConfig, open_dict
 
 from gpt2lab.config import register_schemas
 from gpt2lab.data.pystdlib import pystdlib_documents
+
+ENTRY_POINTS = ("gpt2lab.train", "gpt2lab.evaluate", "gpt2lab.generate", "gpt2lab.chat", "gpt2lab.cli")
+for _module in ENTRY_POINTS:
+    importlib.import_module(_module)
+# The warning filters of an entry point's process (``run_main`` applies them): those its modules set on import
+# (gpt2lab.train's, Lightning's), which pytest drops once it has collected the tests, then Python's defaults.
+PROCESS_WARNING_FILTERS = [
+    *warnings.filters,
+    *[
+        ("ignore", None, c, None, 0)
+        for c in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+    ],
+]
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -149,3 +166,64 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture
+def run_main(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> Callable[..., subprocess.CompletedProcess]:
+    """Run an entry point's ``main()`` in this process, as its command line would (``sys.argv``, working
+    directory, environment), and return what ``run_cli`` returns: the exit status, stdout and stderr.
+
+    Each real process pays several seconds of imports (torch, Lightning, Hydra); one test per entry point
+    keeps a real process (``run_cli`` and the like), the others run here. Bad input ends as in a process:
+    the ``Error:`` line on stderr and ``SystemExit(1)``; a bug, as Hydra reports it, with its traceback."""
+
+    def _run(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        entry = importlib.import_module(module)
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        capsys.readouterr()  # only this run's output
+        returncode = 0
+        with monkeypatch.context() as patch:
+            patch.chdir(cwd)
+            patch.setattr(sys, "argv", [entry.__file__, *args])
+            # Hydra re-raises a bug's exception under a tracer (a debugger, coverage); a process reports it.
+            patch.setattr("hydra._internal.utils.is_under_debugger", lambda: False)
+            for key, value in (env or {}).items():
+                patch.setenv(key, value)
+            try:
+                # Warnings as a process shows them: filtered as there, then printed to stderr.
+                with warnings.catch_warnings(record=True) as shown, execution_whitelist("helpers.*"):
+                    warnings.filters[:] = PROCESS_WARNING_FILTERS
+                    warnings._filters_mutated()
+                    try:
+                        entry.main()
+                    finally:
+                        for w in shown:
+                            sys.stderr.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno))
+            except SystemExit as e:
+                returncode = e.code if isinstance(e.code, int) else int(e.code is not None)
+            finally:
+                # Hydra configured logging for the run (a console handler on the captured stdout, the run's
+                # log file): close its handlers and give the root logger back pytest's.
+                for handler in root.handlers:
+                    if handler not in handlers:
+                        handler.close()
+                root.handlers[:] = handlers
+                root.setLevel(level)
+                GlobalHydra.instance().clear()
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([module, *args], returncode, out, err)
+
+    return _run
+
+
+@pytest.fixture
+def train_cli(run_main) -> Callable[..., subprocess.CompletedProcess]:
+    """``python train.py ARGS`` from ``cwd``, as ``run_cli`` runs it, but in this process."""
+
+    def _train(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return run_main("gpt2lab.train", *args, cwd=cwd, env=env)
+
+    return _train

@@ -2,7 +2,7 @@ import inspect
 
 import pytest
 import pytorch_lightning as pl
-from conftest import CONF, REPO, run_cli
+from conftest import CONF, REPO
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf.errors import ValidationError
@@ -84,25 +84,25 @@ def test_typos_and_wrong_types_fail_at_composition(compose_cfg, override, messag
     assert message in text
 
 
-def test_cli_rejects_a_typo_naming_the_key_before_reading_data(tmp_path):
-    result = run_cli("model.num_layer=4", cwd=tmp_path, timeout=120)
+def test_cli_rejects_a_typo_naming_the_key_before_reading_data(run_main, tmp_path):
+    result = run_main("gpt2lab.train", "model.num_layer=4", cwd=tmp_path)
     assert result.returncode != 0
     assert "num_layer" in result.stderr and "Did you mean" in result.stderr
     assert not (tmp_path / "outputs").exists()
 
 
-def test_cli_unknown_group_option_lists_the_choices(tmp_path):
-    result = run_cli("model=gpt3", cwd=tmp_path, timeout=120)
+def test_cli_unknown_group_option_lists_the_choices(run_main, tmp_path):
+    result = run_main("gpt2lab.train", "model=gpt3", cwd=tmp_path)
     assert result.returncode != 0
     assert "model/gpt3" in result.stderr and "gpt2-tiny" in result.stderr
 
 
-def test_cli_help_and_cfg(tmp_path):
-    help_text = run_cli("--help", cwd=tmp_path, timeout=120).stdout
+def test_cli_help_and_cfg(run_main, tmp_path):
+    help_text = run_main("gpt2lab.train", "--help", cwd=tmp_path).stdout
     for group in ("model:", "data:", "tokenizer:", "trainer:", "preset:"):
         assert group in help_text
     assert "gpt2-xl" in help_text and "wikitext103" in help_text
-    job = run_cli("--cfg", "job", "model.num_layers=3", cwd=tmp_path, timeout=120).stdout
+    job = run_main("gpt2lab.train", "--cfg", "job", "model.num_layers=3", cwd=tmp_path).stdout
     assert "num_layers: 3" in job and "_target_: pytorch_lightning.Trainer" in job
 
 

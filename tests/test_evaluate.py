@@ -13,11 +13,14 @@ from gpt2lab.errors import ConfigError
 from gpt2lab.evaluate import Evaluator, compressor_bits_per_byte
 
 
-def evaluate_cli(*args: str, cwd: Path, cache_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gpt2lab.evaluate", f"paths.cache_dir={cache_dir}", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+@pytest.fixture
+def evaluate_cli(run_main, cache_dir):
+    """``python -m gpt2lab.evaluate ARGS``, run in this process (the console script test starts a real one)."""
+
+    def _evaluate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        return run_main("gpt2lab.evaluate", f"paths.cache_dir={cache_dir}", *args, cwd=cwd)
+
+    return _evaluate
 
 
 def datamodule_for(run: Path, cache_dir: Path):
@@ -35,8 +38,8 @@ def datamodule_for(run: Path, cache_dir: Path):
     return datamodule
 
 
-def test_evaluate_a_run_directory_on_its_own_test_split(trained_run, tmp_path, cache_dir):
-    result = evaluate_cli(f"ckpt={trained_run}", "trainer.accelerator=cpu", cwd=tmp_path, cache_dir=cache_dir)
+def test_evaluate_a_run_directory_on_its_own_test_split(evaluate_cli, trained_run, tmp_path):
+    result = evaluate_cli(f"ckpt={trained_run}", "trainer.accelerator=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (eval_file,) = (tmp_path / "outputs" / "evaluate").glob("*/*/eval.json")
     metrics = json.loads(eval_file.read_text())
@@ -100,7 +103,7 @@ def test_compressors_measure_bits_per_byte():
         (["ckpt=EMPTYDIR"], "ckpt=.*empty.: the directory has no checkpoints/last.ckpt; is it a run directory?"),
     ],
 )
-def test_bad_input_is_one_error_line(trained_run, tmp_path, cache_dir, args, message):
+def test_bad_input_is_one_error_line(evaluate_cli, trained_run, tmp_path, args, message):
     import re
 
     (tmp_path / "not.ckpt").write_text("text")
@@ -109,16 +112,14 @@ def test_bad_input_is_one_error_line(trained_run, tmp_path, cache_dir, args, mes
     args = [
         a.replace("=" + a.split("=", 1)[1], "=" + replace.get(a.split("=", 1)[1], a.split("=", 1)[1])) for a in args
     ]
-    result = evaluate_cli(*args, cwd=tmp_path, cache_dir=cache_dir)
+    result = evaluate_cli(*args, cwd=tmp_path)
     assert result.returncode == 1
     assert re.search("Error: " + message, result.stderr), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
 
-def test_a_tokenizer_setting_is_ignored_with_a_word(trained_run, tmp_path, cache_dir):
-    result = evaluate_cli(
-        f"ckpt={trained_run}", "tokenizer=char", "eval.compressors=false", cwd=tmp_path, cache_dir=cache_dir
-    )
+def test_a_tokenizer_setting_is_ignored_with_a_word(evaluate_cli, trained_run, tmp_path):
+    result = evaluate_cli(f"ckpt={trained_run}", "tokenizer=char", "eval.compressors=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the model is evaluated with the tokenizer it was trained with" in result.stdout + result.stderr
 
@@ -131,12 +132,13 @@ def test_find_checkpoint_last_and_best(trained_run):
         find_checkpoint(str(log_dir / "nope.ckpt"), log_dir)
 
 
-def test_one_console_script_for_every_verb(trained_run, tmp_path, cache_dir):
-    cli = [sys.executable, "-m", "gpt2lab.cli"]
-    usage = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+def test_one_console_script_for_every_verb(run_main, trained_run, tmp_path, cache_dir):
+    usage = run_main("gpt2lab.cli", cwd=tmp_path)
     assert usage.returncode == 2 and "train" in usage.stderr and "evaluate" in usage.stderr
-    unknown = subprocess.run([*cli, "evaluat"], capture_output=True, text=True, timeout=60)
+    unknown = run_main("gpt2lab.cli", "evaluat", cwd=tmp_path)
     assert unknown.returncode == 2 and "unknown command 'evaluat'" in unknown.stderr
+    # The real process of python -m gpt2lab.evaluate, through the console script.
+    cli = [sys.executable, "-m", "gpt2lab.cli"]
     result = subprocess.run(
         [*cli, "evaluate", f"ckpt={trained_run}", "split=validation", "eval.compressors=false",
          f"paths.cache_dir={cache_dir}"],

@@ -10,22 +10,28 @@ import pytest
 from gpt2lab.generate import TextGenerator
 
 
-def generate_cli(*args, cwd, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "gpt2lab.generate", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
+@pytest.fixture
+def generate_cli(run_main):
+    """``python -m gpt2lab.generate ARGS``, run in this process (the first test starts a real one)."""
+
+    def _generate(*args: str, cwd) -> subprocess.CompletedProcess:
+        return run_main("gpt2lab.generate", *args, cwd=cwd)
+
+    return _generate
 
 
-def test_a_prompt_as_typed_in_a_shell_streams_its_continuation(trained_run, tmp_path):
+def test_a_prompt_as_typed_in_a_shell_streams_its_continuation(generate_cli, trained_run, tmp_path):
     # prompt="def fibonacci(n):" reaches the program without its quotes; the parentheses must not trip Hydra.
     args = [f"ckpt={trained_run}", "prompt=def fibonacci(n):", "inference.max_new_tokens=12", "inference.seed=3"]
-    first = generate_cli(*args, cwd=tmp_path)
+    first = subprocess.run(
+        [sys.executable, "-m", "gpt2lab.generate", *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.startswith("def fibonacci(n):") and len(first.stdout) > len("def fibonacci(n):\n")
     assert generate_cli(*args, cwd=tmp_path).stdout == first.stdout  # a seed makes it reproducible
 
 
-def test_prompts_file_with_several_sequences_each_written_to_output(trained_run, tmp_path):
+def test_prompts_file_with_several_sequences_each_written_to_output(generate_cli, trained_run, tmp_path):
     (tmp_path / "prompts.txt").write_text("import os\n\nclass Foo:\n")
     out = tmp_path / "samples.jsonl"
     result = generate_cli(
@@ -66,7 +72,7 @@ def test_stop_strings_and_end_of_text_end_a_completion(trained_run):
         (["prompt=x", "ckpt=last", "paths.log_dir=nowhere"], "ckpt=last: no run under nowhere/"),
     ],
 )
-def test_bad_input_is_one_error_line(trained_run, tmp_path, args, message):
+def test_bad_input_is_one_error_line(generate_cli, trained_run, tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("\n\n")
     ckpt = [] if any(a.startswith("ckpt=") for a in args) else [f"ckpt={trained_run}"]
     result = generate_cli(*ckpt, *args, cwd=tmp_path)
@@ -75,7 +81,7 @@ def test_bad_input_is_one_error_line(trained_run, tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
-def test_greedy_decoding_needs_no_temperature(trained_run, tmp_path):
+def test_greedy_decoding_needs_no_temperature(generate_cli, trained_run, tmp_path):
     result = generate_cli(
         f"ckpt={trained_run}", "prompt=x", "inference.do_sample=false", "inference.temperature=0",
         "inference.max_new_tokens=4", cwd=tmp_path,

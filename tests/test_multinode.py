@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import submitit
-from conftest import CONF, REPO, TINY, run_cli
+from conftest import CONF, REPO, TINY
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
@@ -172,10 +172,10 @@ def test_a_single_task_under_slurm_is_an_ordinary_run(launched_by):
     assert cfg.hydra.output_subdir == ".hydra" and cfg.hydra.job.name == "train"
 
 
-def test_time_stamped_run_dir_is_refused_under_torchrun(tmp_path, corpus_file, cache_dir):
+def test_time_stamped_run_dir_is_refused_under_torchrun(train_cli, tmp_path, corpus_file, cache_dir):
     """Ranks started a second apart would each make their own directory: stop before any is made."""
     env = {**TORCHRUN_ENV, "RANK": "0"}
-    result = run_cli(*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", cwd=tmp_path, env=env)
+    result = train_cli(*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", cwd=tmp_path, env=env)
     assert result.returncode == 1
     assert "Error: hydra.run.dir=${paths.log_dir}/${now:" in result.stderr
     assert "hydra.run.dir=outputs/<name>" in result.stderr and "Traceback" not in result.stderr

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY
 from test_train import cli_args
 
 
@@ -26,22 +26,22 @@ def _files(run: Path) -> dict[str, bytes]:
         (["-m", "seed=1,2", "hydra.sweep.dir={tmp}/afile/sweep"], "hydra.sweep.dir={tmp}/afile/sweep"),
     ],
 )
-def test_unwritable_run_directory_is_a_clear_error(tmp_path, corpus_file, cache_dir, overrides, key):
+def test_unwritable_run_directory_is_a_clear_error(train_cli, tmp_path, corpus_file, cache_dir, overrides, key):
     (tmp_path / "afile").write_text("a file, not a directory")  # writes under it fail, even as root
     args = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}"]
-    result = run_cli(*args, *(o.format(tmp=tmp_path) for o in overrides), cwd=tmp_path, timeout=120)
+    result = train_cli(*args, *(o.format(tmp=tmp_path) for o in overrides), cwd=tmp_path)
     assert result.returncode == 1
     assert f"Error: {key.format(tmp=tmp_path)}" in result.stderr
     assert "writable directory" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_finished_run_directory_is_refused_also_to_resume_it_there(tmp_path, corpus_file, cache_dir):
+def test_finished_run_directory_is_refused_also_to_resume_it_there(train_cli, tmp_path, corpus_file, cache_dir):
     run = tmp_path / "run"
-    first = run_cli(*cli_args(corpus_file, cache_dir, run, "sample=null", "test=false"), cwd=tmp_path)
+    first = train_cli(*cli_args(corpus_file, cache_dir, run, "sample=null", "test=false"), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     finished = _files(run)
 
-    again = run_cli(*cli_args(corpus_file, cache_dir, run, "sample=null", "seed=7"), cwd=tmp_path)
+    again = train_cli(*cli_args(corpus_file, cache_dir, run, "sample=null", "seed=7"), cwd=tmp_path)
     assert again.returncode == 1
     assert f"Error: hydra.run.dir={run} holds a finished run (results.json)" in again.stderr
     assert f"ckpt_path={run} trainer.max_steps=<more steps>" in again.stderr and "Traceback" not in again.stderr
@@ -51,10 +51,10 @@ def test_finished_run_directory_is_refused_also_to_resume_it_there(tmp_path, cor
     in_place = cli_args(
         corpus_file, cache_dir, run, "sample=null", "test=false", "trainer.max_steps=12", f"ckpt_path={run}"
     )
-    assert run_cli(*in_place, cwd=tmp_path).returncode == 1
+    assert train_cli(*in_place, cwd=tmp_path).returncode == 1
     assert _files(run) == finished
     onward = tmp_path / "onward"
-    resumed = run_cli(
+    resumed = train_cli(
         *cli_args(
             corpus_file, cache_dir, onward, "sample=null", "test=false", "trainer.max_steps=12", f"ckpt_path={run}"
         ),
@@ -64,7 +64,7 @@ def test_finished_run_directory_is_refused_also_to_resume_it_there(tmp_path, cor
     assert json.loads((onward / "results.json").read_text())["global_step"] == 12
 
 
-def test_live_run_directory_is_refused_and_released_when_its_run_dies(tmp_path, corpus_file, cache_dir):
+def test_live_run_directory_is_refused_and_released_when_its_run_dies(train_cli, tmp_path, corpus_file, cache_dir):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
     long_run = cli_args(corpus_file, cache_dir, run, "trainer.max_steps=100000", "trainer.val_check_interval=1000")
@@ -78,7 +78,7 @@ def test_live_run_directory_is_refused_and_released_when_its_run_dies(tmp_path, 
             assert live.poll() is None and time.time() < deadline, "the first run did not start"
             time.sleep(0.5)
         live_files = _files(run)
-        second = run_cli(*cli_args(corpus_file, cache_dir, run, "seed=7"), cwd=tmp_path, timeout=120)
+        second = train_cli(*cli_args(corpus_file, cache_dir, run, "seed=7"), cwd=tmp_path)
         assert live.poll() is None  # still running, so the second run met it live
         assert second.returncode == 1
         assert f"Error: hydra.run.dir={run} is in use by another run" in second.stderr
@@ -88,13 +88,13 @@ def test_live_run_directory_is_refused_and_released_when_its_run_dies(tmp_path, 
     finally:
         live.kill()  # SIGKILL: no clean-up runs, the operating system drops the lock
         live.wait()
-    third = run_cli(*cli_args(corpus_file, cache_dir, run, "sample=null", "test=false"), cwd=tmp_path)
+    third = train_cli(*cli_args(corpus_file, cache_dir, run, "sample=null", "test=false"), cwd=tmp_path)
     assert third.returncode == 0, third.stderr[-3000:]
 
 
-def test_run_directory_is_printed_when_the_run_starts(tmp_path, corpus_file, cache_dir):
+def test_run_directory_is_printed_when_the_run_starts(train_cli, tmp_path, corpus_file, cache_dir):
     """Even a run that stops at once on bad input has said where its log is."""
     run = tmp_path / "run"
-    result = run_cli(*cli_args(corpus_file, cache_dir, run, "model.num_heads=3"), cwd=tmp_path, timeout=120)
+    result = train_cli(*cli_args(corpus_file, cache_dir, run, "model.num_heads=3"), cwd=tmp_path)
     assert result.returncode == 1 and "Error: model.num_heads=3" in result.stderr
     assert f"Run directory: {run}" in result.stdout

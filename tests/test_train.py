@@ -76,7 +76,7 @@ def test_fast_dev_run_works(compose_cfg):
     train(compose_cfg("trainer.fast_dev_run=true"))
 
 
-def test_killed_run_resumes_to_the_same_final_loss(tmp_path, corpus_file, cache_dir):
+def test_killed_run_resumes_to_the_same_final_loss(train_cli, tmp_path, corpus_file, cache_dir):
     # Short epochs (10 batches) so that the kill lands mid-epoch after an epoch boundary; dropout on,
     # so that the RNG state has to be restored too.
     common = [
@@ -85,8 +85,8 @@ def test_killed_run_resumes_to_the_same_final_loss(tmp_path, corpus_file, cache_
         "model.attention_dropout=0.1", "sample=null", "test=false",
     ]  # fmt: skip
     whole, killed, resumed = tmp_path / "whole", tmp_path / "killed", tmp_path / "resumed"
-    assert run_cli(*cli_args(corpus_file, cache_dir, whole, *common), cwd=tmp_path).returncode == 0
-    crash = run_cli(
+    assert train_cli(*cli_args(corpus_file, cache_dir, whole, *common), cwd=tmp_path).returncode == 0
+    crash = run_cli(  # a real process, for SIGKILL to kill
         *cli_args(
             corpus_file,
             cache_dir,
@@ -100,16 +100,16 @@ def test_killed_run_resumes_to_the_same_final_loss(tmp_path, corpus_file, cache_
     assert crash.returncode != 0 and not (killed / "results.json").exists()
     last = killed / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 12
-    result = run_cli(*cli_args(corpus_file, cache_dir, resumed, *common, f"ckpt_path={last}"), cwd=tmp_path)
+    result = train_cli(*cli_args(corpus_file, cache_dir, resumed, *common, f"ckpt_path={last}"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((resumed / "results.json").read_text())["global_step"] == 24
     assert final_val_loss(resumed) == pytest.approx(final_val_loss(whole), abs=1e-5)
 
 
-def test_ckpt_path_last_resumes_the_newest_run(tmp_path, corpus_file, cache_dir):
+def test_ckpt_path_last_resumes_the_newest_run(train_cli, tmp_path, corpus_file, cache_dir):
     args = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", "sample=null", "test=false"]
-    assert run_cli(*args, "hydra.run.dir=outputs/first", cwd=tmp_path).returncode == 0
-    result = run_cli(*args, "ckpt_path=last", "trainer.max_steps=12", "hydra.run.dir=outputs/second", cwd=tmp_path)
+    assert train_cli(*args, "hydra.run.dir=outputs/first", cwd=tmp_path).returncode == 0
+    result = train_cli(*args, "ckpt_path=last", "trainer.max_steps=12", "hydra.run.dir=outputs/second", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "outputs/first/checkpoints/last.ckpt" in result.stderr + result.stdout
     assert json.loads((tmp_path / "outputs/second/results.json").read_text())["global_step"] == 12
@@ -181,17 +181,17 @@ def test_not_a_checkpoint_and_other_model(compose_cfg, tmp_path):
         train(compose_cfg(f"ckpt_path={last}"))
 
 
-def test_cli_error_is_a_message_not_a_traceback(tmp_path, corpus_file, cache_dir):
-    result = run_cli(*cli_args(corpus_file, cache_dir, tmp_path / "r", "model.num_heads=3"), cwd=tmp_path)
+def test_cli_error_is_a_message_not_a_traceback(train_cli, tmp_path, corpus_file, cache_dir):
+    result = train_cli(*cli_args(corpus_file, cache_dir, tmp_path / "r", "model.num_heads=3"), cwd=tmp_path)
     assert result.returncode == 1
     assert "Error: model.num_heads=3 does not divide model.d_model=32" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_out_of_memory_names_the_knobs_and_keeps_checkpoints(tmp_path, corpus_file, cache_dir):
+def test_out_of_memory_names_the_knobs_and_keeps_checkpoints(train_cli, tmp_path, corpus_file, cache_dir):
     oom = ["+callbacks.oom._target_=helpers.OutOfMemoryAtStep", "+callbacks.oom.step=6", "trainer.val_check_interval=2"]
     run = tmp_path / "r"
-    result = run_cli(*cli_args(corpus_file, cache_dir, run, "data.batch_size=8", *oom), cwd=tmp_path)
+    result = train_cli(*cli_args(corpus_file, cache_dir, run, "data.batch_size=8", *oom), cwd=tmp_path)
     assert result.returncode == 1
     error = result.stderr[result.stderr.index("Error: out of GPU memory") :]
     for knob in (
@@ -393,10 +393,10 @@ def test_fractional_val_check_interval_is_a_fraction_of_an_epoch(compose_cfg):
     assert lr[-1] < 0.5 * max(lr)
 
 
-def test_a_diverging_run_stops_with_an_error_and_no_nan_checkpoint(tmp_path, corpus_file, cache_dir):
+def test_a_diverging_run_stops_with_an_error_and_no_nan_checkpoint(train_cli, tmp_path, corpus_file, cache_dir):
     run = tmp_path / "r"
     args = ["optimizer.lr=3e3", "trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.log_every_n_steps=4"]
-    result = run_cli(*cli_args(corpus_file, cache_dir, run, *args), cwd=tmp_path)
+    result = train_cli(*cli_args(corpus_file, cache_dir, run, *args), cwd=tmp_path)
     assert result.returncode == 1
     error = result.stderr[result.stderr.index("Error: training diverged") :]
     step = int(re.search(r"NaN or infinite by step (\d+) \(learning rate [\d.e+-]+ then", error).group(1))
@@ -406,23 +406,23 @@ def test_a_diverging_run_stops_with_an_error_and_no_nan_checkpoint(tmp_path, cor
     assert not [p for p in (run / "checkpoints").glob("*.ckpt") if "nan" in p.name]
 
 
-def test_scheduler_null_trains_at_a_constant_learning_rate(tmp_path, corpus_file, cache_dir):
+def test_scheduler_null_trains_at_a_constant_learning_rate(train_cli, tmp_path, corpus_file, cache_dir):
     for n, removal in enumerate(["scheduler=null", "~scheduler"]):
         run = tmp_path / f"r{n}"
-        result = run_cli(*cli_args(corpus_file, cache_dir, run, removal, "sample=null", "test=false"), cwd=tmp_path)
+        result = train_cli(*cli_args(corpus_file, cache_dir, run, removal, "sample=null", "test=false"), cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         lrs = [float(r["lr"]) for r in csv.DictReader((run / "metrics.csv").open()) if r.get("lr")]
         assert lrs == [pytest.approx(4e-3)] * 4  # the tiny preset's optimizer.lr at each logged step, unscheduled
         assert "scheduler: null" in (run / "config.yaml").read_text()
 
 
-def test_resume_from_a_run_directory_and_from_last_skipping_other_models(tmp_path, corpus_file, cache_dir):
+def test_resume_from_a_run_directory_and_from_last_skipping_other_models(train_cli, tmp_path, corpus_file, cache_dir):
     args = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", "sample=null", "test=false"]
-    assert run_cli(*args, "hydra.run.dir=outputs/first", cwd=tmp_path).returncode == 0
-    assert run_cli(*args, "model.d_model=64", "hydra.run.dir=outputs/other", cwd=tmp_path).returncode == 0
+    assert train_cli(*args, "hydra.run.dir=outputs/first", cwd=tmp_path).returncode == 0
+    assert train_cli(*args, "model.d_model=64", "hydra.run.dir=outputs/other", cwd=tmp_path).returncode == 0
 
     # `last` passes over the newer run of another width, says so, and records the file it took.
-    result = run_cli(*args, "ckpt_path=last", "trainer.max_steps=12", "hydra.run.dir=outputs/last", cwd=tmp_path)
+    result = train_cli(*args, "ckpt_path=last", "trainer.max_steps=12", "hydra.run.dir=outputs/last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert (
@@ -436,7 +436,7 @@ def test_resume_from_a_run_directory_and_from_last_skipping_other_models(tmp_pat
     assert "dirpath has changed" not in output
 
     # A run directory stands for its checkpoints/last.ckpt.
-    result = run_cli(
+    result = train_cli(
         *args, "ckpt_path=outputs/first", "trainer.max_steps=10", "hydra.run.dir=outputs/dir", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -445,7 +445,7 @@ def test_resume_from_a_run_directory_and_from_last_skipping_other_models(tmp_pat
 
     empty = tmp_path / "empty_run"
     empty.mkdir()
-    result = run_cli(*args, f"ckpt_path={empty}", "hydra.run.dir=outputs/x", cwd=tmp_path)
+    result = train_cli(*args, f"ckpt_path={empty}", "hydra.run.dir=outputs/x", cwd=tmp_path)
     assert result.returncode == 1 and "is a directory without checkpoints/last.ckpt" in result.stderr
 
 
