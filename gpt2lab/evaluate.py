@@ -93,7 +93,9 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     """The metrics as a table: the model's bits per byte beside the compressors'."""
     lines = [
         f"loss {metrics['loss']:.4f}   perplexity {metrics['perplexity']:.2f}   "
-        f"{metrics['tokens']:,} tokens" + (f", {metrics['bytes']:,} bytes" if metrics.get("bytes") else ""),
+        f"{metrics['tokens']:,} tokens"
+        + (f", {metrics['bytes']:,} bytes" if metrics.get("bytes") else "")
+        + (f"   {metrics['tokens_per_sec']:,.0f} tokens/s" if metrics.get("tokens_per_sec") else ""),
         "",
         "| bits per byte | |",
         "|---|---|",
