@@ -33,7 +33,7 @@ def go_offline_if_unreachable() -> str | None:
     if any(os.environ.get(var, "").upper() in datasets.config.ENV_VARS_TRUE_VALUES for var in OFFLINE_VARS):
         return "the Hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
     endpoint = constants.ENDPOINT
-    if reachable(*_first_hop(endpoint)):
+    if reachable(*first_hop(endpoint)):
         return None
     if not (constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE):
         log.warning(
@@ -56,7 +56,7 @@ def reachable(host: str, port: int) -> bool:
     return True
 
 
-def _first_hop(endpoint: str) -> tuple[str, int]:
+def first_hop(endpoint: str) -> tuple[str, int]:
     """Where a request to ``endpoint`` connects first: the proxy the environment names for it, else the host."""
     url = urlsplit(endpoint)
     proxies = urllib.request.getproxies()

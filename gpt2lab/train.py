@@ -15,6 +15,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import execution_whitelist, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
@@ -28,6 +29,7 @@ from gpt2lab.generate import sample_text
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, ThroughputLogger
 from gpt2lab.lit.ddp import use_job_command_for_ddp
+from gpt2lab.lit.loggers import continue_wandb_run, finish_wandb_run
 from gpt2lab.lit.module import check_compile_options, check_optimization
 from gpt2lab.lit.trainer import (
     check_fsdp_world,
@@ -36,6 +38,7 @@ from gpt2lab.lit.trainer import (
     out_of_memory_message,
     parallel_job_share,
 )
+from gpt2lab.sweep.summary import job_outcome
 from gpt2lab.tokenizers import check_model_vocab
 
 log = logging.getLogger("gpt2lab.train")
@@ -58,10 +61,16 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "
 def train(cfg: DictConfig) -> float | None:
     """Train one model as ``cfg`` describes; return ``cfg.optimized_metric`` for sweepers."""
     launch_env = {k: os.environ.get(k) for k in DDP_LAUNCH_VARS}
+    outcome = JobReturn(status=JobStatus.FAILED)
     with execution_whitelist(TRUSTED_TARGETS):
         try:
-            return _train(cfg)
-        finally:
+            outcome = JobReturn(status=JobStatus.COMPLETED, _return_value=_train(cfg))
+            return outcome.return_value
+        except BaseException as e:
+            outcome._return_value = e
+            raise
+        finally:  # the job's wandb run ends here, failed or not, before the next job of a multirun starts
+            finish_wandb_run(job_outcome(outcome, cfg.optimized_metric).status, cfg.optuna_trial)
             # A DDP job leaves its process group and, in the launching process, the variables Lightning
             # set to start its ranks (LOCAL_RANK=0 among them, which would make the next job of a multirun
             # wait for ranks nobody starts). Undo both so that each job launches afresh.
@@ -128,6 +137,7 @@ def _train(cfg: DictConfig) -> float | None:
         check_steps_left(ckpt_path, cfg.trainer.max_steps)
         log.info("Resuming from %s", ckpt_path)
         cfg.ckpt_path = ckpt_path  # config.yaml records the file, not `last`
+        continue_wandb_run(trainer.loggers, ckpt_path)
     log.info("Model: %s parameters (%s)", f"{module.model.num_parameters():,}", model_config)
 
     if trainer.is_global_zero:

@@ -14,7 +14,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.throughput import get_available_flops
 from pytorch_lightning.callbacks import TQDMProgressBar
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 
@@ -197,6 +197,7 @@ class Samples(pl.Callback):
         self.every = every_n_validations
         self.settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
         self._validations = 0
+        self._rows: list[list[Any]] = []
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self.prompts:
@@ -214,9 +215,16 @@ class Samples(pl.Callback):
             log.warning("No samples at step %d: %s", trainer.global_step, e)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [[trainer.global_step, prompt, text] for prompt, text in zip(self.prompts, texts, strict=True)]
         with self.path.open("a") as f:
-            for prompt, text in zip(self.prompts, texts, strict=True):
-                f.write(json.dumps({"step": trainer.global_step, "prompt": prompt, "completion": text}) + "\n")
+            for step, prompt, text in rows:
+                f.write(json.dumps({"step": step, "prompt": prompt, "completion": text}) + "\n")
+        self._rows += rows
+        for logger in trainer.loggers:  # wandb: one table of every sample so far (a logged table is not appended to)
+            if isinstance(logger, WandbLogger):
+                logger.log_table(
+                    "samples", columns=["step", "prompt", "completion"], data=self._rows, step=trainer.global_step
+                )
 
 
 class Curves(pl.Callback):
