@@ -43,7 +43,7 @@ log = logging.getLogger("gpt2lab.check")
 class CheckSchema:
     model: ModelSchema = dataclasses.field(default_factory=ModelSchema)
     paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
-    ckpt: Optional[str] = None  # noqa: UP045 (OmegaConf needs Optional) - a .ckpt file, a run directory (its best), last or best; instead of model
+    ckpt: Optional[str] = None  # noqa: UP045 (OmegaConf needs Optional) - a checkpoint instead of model
     tier: int = 1
     device: str = "auto"
     check: CheckConfig = dataclasses.field(default_factory=CheckConfig)
@@ -60,7 +60,7 @@ def build_model(cfg: DictConfig, device: str) -> tuple[GPT2Model, Tokenizer | No
         path = find_checkpoint(cfg.ckpt, cfg.paths.log_dir)
         model, tokenizer = load_checkpoint(path, device=device)
         log.info("Checking the checkpoint %s (its own model: the model group is not used)", path)
-        return model, tokenizer, {"checkpoint": str(path)}
+        return model, tokenizer, {"checkpoint": str(path), "config": dataclasses.asdict(model.config)}
     torch.manual_seed(cfg.check.seed)
     with execution_whitelist(TRUSTED_TARGETS), torch.device(device):
         model = GPT2Model(instantiate(cfg.model, _convert_="all"))
@@ -90,6 +90,8 @@ def check(cfg: DictConfig) -> list[CheckResult]:
     if device == "cpu":
         use_free_cores()
     model, tokenizer, about = build_model(cfg, device)
+    if config.prompt and tokenizer is None:
+        log.warning("check.prompt: ignored, a model built from config has no tokenizer (random tokens are used)")
     trained = bool(cfg.ckpt)
     about |= {"parameters": f"{model.num_parameters():,}", "device": device, "tier": cfg.tier}
     log.info("Model: %s parameters on %s; tiers 1 to %d", about["parameters"], device, cfg.tier)

@@ -85,12 +85,12 @@ def gradient_flow(s: Subject) -> CheckResult:
     }
     problems = [
         (frozen, "frozen (requires_grad=False)"),
-        (missing, "no gradient (not connected to the loss: an output never used?)"),
-        (nonfinite, "non-finite gradient"),
-        (zero, "zero gradient"),
+        (missing, "with no gradient (not connected to the loss: an output never used?)"),
+        (nonfinite, "with a non-finite gradient"),
+        (zero, "with a zero gradient"),
     ]
     failed = [
-        f"{len(names)} {what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+        f"{len(names)} parameters {what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
         for names, what in problems
         if names
     ]
