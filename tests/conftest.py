@@ -148,24 +148,41 @@ def trained_run(tmp_path_factory, corpus_file, cache_dir):
     return run
 
 
-def run_cli(
-    *args: str, cwd: Path, timeout: int = 300, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """Run ``python train.py ARGS`` as a user would, from ``cwd``."""
-    full_env = {
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a ``python train.py`` the tests start: the test callbacks (``helpers.*``) importable
+    and trusted as ``_target_``."""
+    return {
         **os.environ,
         "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "GPT2LAB_TRUSTED_TARGETS": "helpers.*",
         **(env or {}),
     }
+
+
+def run_cli(
+    *args: str, cwd: Path, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python train.py ARGS`` as a user would, from ``cwd``."""
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args],
         cwd=cwd,
-        env=full_env,
+        env=cli_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def start_cli(*args: str, cwd: Path, output: Path) -> subprocess.Popen:
+    """Start ``python train.py ARGS`` from ``cwd`` and go on (the test waits for it); its output goes to ``output``."""
+    with output.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *args],
+            cwd=cwd,
+            env=cli_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import datasets
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, start_cli
 from hydra.utils import instantiate
 
 from gpt2lab.checkpoint import load_checkpoint
@@ -85,34 +85,22 @@ def test_killed_run_resumes_to_the_same_final_loss(train_cli, tmp_path, corpus_f
         "model.attention_dropout=0.1", "sample=null", "test=false",
     ]  # fmt: skip
     whole, killed, resumed = tmp_path / "whole", tmp_path / "killed", tmp_path / "resumed"
-    assert train_cli(*cli_args(corpus_file, cache_dir, whole, *common), cwd=tmp_path).returncode == 0
-    crash = run_cli(  # a real process, for SIGKILL to kill
-        *cli_args(
-            corpus_file,
-            cache_dir,
-            killed,
-            *common,
-            "+callbacks.kill._target_=helpers.KillAtStep",
-            "+callbacks.kill.step=14",
-        ),
-        cwd=tmp_path,
-    )
-    assert crash.returncode != 0 and not (killed / "results.json").exists()
+    kill = ["+callbacks.kill._target_=helpers.KillAtStep", "+callbacks.kill.step=14"]
+    # A real process, for SIGKILL to kill; it starts (imports) while the whole run trains here.
+    crash_log = tmp_path / "crash.log"
+    crash = start_cli(*cli_args(corpus_file, cache_dir, killed, *common, *kill), cwd=tmp_path, output=crash_log)
+    try:
+        assert train_cli(*cli_args(corpus_file, cache_dir, whole, *common), cwd=tmp_path).returncode == 0
+        crash.wait(timeout=300)
+    finally:
+        crash.kill()
+    assert crash.returncode != 0 and not (killed / "results.json").exists(), crash_log.read_text()[-3000:]
     last = killed / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 12
     result = train_cli(*cli_args(corpus_file, cache_dir, resumed, *common, f"ckpt_path={last}"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((resumed / "results.json").read_text())["global_step"] == 24
     assert final_val_loss(resumed) == pytest.approx(final_val_loss(whole), abs=1e-5)
-
-
-def test_ckpt_path_last_resumes_the_newest_run(train_cli, tmp_path, corpus_file, cache_dir):
-    args = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", "sample=null", "test=false"]
-    assert train_cli(*args, "hydra.run.dir=outputs/first", cwd=tmp_path).returncode == 0
-    result = train_cli(*args, "ckpt_path=last", "trainer.max_steps=12", "hydra.run.dir=outputs/second", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "outputs/first/checkpoints/last.ckpt" in result.stderr + result.stdout
-    assert json.loads((tmp_path / "outputs/second/results.json").read_text())["global_step"] == 12
 
 
 @pytest.mark.parametrize(
@@ -425,6 +413,8 @@ def test_resume_from_a_run_directory_and_from_last_skipping_other_models(train_c
     result = train_cli(*args, "ckpt_path=last", "trainer.max_steps=12", "hydra.run.dir=outputs/last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
+    assert "outputs/first/checkpoints/last.ckpt" in output
+    assert json.loads((tmp_path / "outputs/last/results.json").read_text())["global_step"] == 12
     assert (
         "skipping outputs/other/checkpoints/last.ckpt, a different model (model.d_model: checkpoint 64 vs now 32)"
         in output
