@@ -169,14 +169,16 @@ def causality(s: Subject) -> CheckResult:
         batch[row, t] = (batch[row, t] + 1 + row) % s.vocab_size
     with s.mode(training=False) as model, torch.no_grad():
         logits = model(batch)[0].float()
+    if not finite(logits):
+        return CheckResult("causality", 1, FAIL, "NaN or Inf logits: causality cannot be told (see output stability)")
     scale = float(logits[0].abs().max()) or 1.0
     leaks, deaf, changes = [], [], {}
     for row, t in enumerate(positions, start=1):
         diff = (logits[row] - logits[0]).abs().amax(-1)  # (T,): largest change per position
         before, at = float(diff[:t].max()), float(diff[t])
         changes[t] = {"max_change_before": before, "change_at": at}
-        if not before <= CAUSAL_TOLERANCE * scale:  # also NaN
-            first = int((diff[:t] > CAUSAL_TOLERANCE * scale).nonzero()[0]) if math.isfinite(before) else 0
+        if before > CAUSAL_TOLERANCE * scale:
+            first = int((diff[:t] > CAUSAL_TOLERANCE * scale).nonzero()[0])
             leaks.append(f"token {t} changed the logits at position {first} (by {fmt(before)})")
         if not at > 0:
             deaf.append(t)
