@@ -158,19 +158,20 @@ def feature_attribution(s: Subject) -> CheckResult:
         hook.remove()
     x = embedded["x"]
     saliency = (x.grad * x.detach()).sum(-1).abs()[0].float()  # (T,)
-    details = {"target_token": target, "saliency": saliency.tolist(), "tokens": labels}
+    target_name = f"{target} {s.tokenizer.decode([target])!r}" if s.tokenizer is not None else str(target)
+    details = {"target_token": target_name, "saliency": saliency.tolist(), "tokens": labels}
     if not finite(saliency) or float(saliency.sum()) == 0.0:
         return CheckResult("feature attribution", 2, FAIL, "the saliency is NaN, Inf or zero everywhere", details)
     share = saliency / saliency.sum()
     details["share"] = share.tolist()
     top = share.topk(min(3, len(share))).indices.tolist()
-    files = plot_saliency(s, share, labels, target)
+    files = plot_saliency(s, share, labels, target_name)
     tops = ", ".join(f"{i} ({share[i]:.0%})" for i in top)
-    summary = f"next token {target}: {share[-1]:.0%} of the saliency on the last token; top positions {tops}"
+    summary = f"next token {target_name}: {share[-1]:.0%} of the saliency on the last token; top positions {tops}"
     return CheckResult("feature attribution", 2, PASS, summary, details, files)
 
 
-def plot_saliency(s: Subject, share: torch.Tensor, labels: list[str], target: int) -> list[str]:
+def plot_saliency(s: Subject, share: torch.Tensor, labels: list[str], target: str) -> list[str]:
     if s.output_dir is None:
         return []
     fig = Figure(figsize=(max(4, 0.2 * len(labels)), 3), layout="constrained")
