@@ -162,7 +162,9 @@ class DecodeStep:
                 self._logits()
         torch.cuda.current_stream().wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
+        # thread_local: a DataLoader's pin-memory thread working meanwhile (the samples callback generates
+        # mid-training) must not invalidate the capture.
+        with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
             self._graph_logits = self._logits()
         for tensor, value in zip((cache.index, cache.next_position, cache.valid), saved, strict=True):
             tensor.copy_(value)
