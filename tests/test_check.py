@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -63,7 +64,8 @@ def test_a_healthy_tiny_model_passes_all_three_tiers(tmp_path):
 def test_a_layer_frozen_by_mistake_is_caught():
     model = tiny_model()
     model.blocks[1].mlp.fc.weight.requires_grad_(False)
-    (flow,) = [r for r in run_all_tier1_tests(model, FAST) if r.name == "gradient flow"]
+    settings = dataclasses.asdict(FAST)  # the settings also as a dict, as conf/check.yaml's check section
+    (flow,) = [r for r in run_all_tier1_tests(model, settings) if r.name == "gradient flow"]
     assert flow.status == "fail"
     assert "frozen" in flow.summary and "blocks.1.mlp.fc.weight" in flow.summary
 

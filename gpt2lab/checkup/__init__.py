@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -36,14 +36,16 @@ __all__ = [
 def run_tier(
     tier: int,
     model: GPT2Model,
-    config: CheckConfig | None = None,
+    config: CheckConfig | Mapping | None = None,
     trained: bool = False,
     tokenizer: Tokenizer | None = None,
     output_dir: str | Path | None = None,
 ) -> list[CheckResult]:
     """The checks of one tier. ``trained``: the weights are not at initialisation (a checkpoint), so the
     expectations of a fresh model are skipped; ``output_dir``: where figures go (none if None)."""
-    subject = Subject(model, config or CheckConfig(), trained, tokenizer, Path(output_dir) if output_dir else None)
+    if not isinstance(config, CheckConfig):  # None, or the settings as a dict (``conf/check.yaml``'s ``check``)
+        config = CheckConfig(**(config or {}))
+    subject = Subject(model, config, trained, tokenizer, Path(output_dir) if output_dir else None)
     results = []
     for check in TIERS[tier]:
         started = time.perf_counter()
@@ -59,22 +61,24 @@ def run_tier(
     return results
 
 
-def run_all_tier1_tests(model: GPT2Model, config: CheckConfig | None = None, **options) -> list[CheckResult]:
+def run_all_tier1_tests(model: GPT2Model, config: CheckConfig | Mapping | None = None, **options) -> list[CheckResult]:
     """Tier 1: shapes, gradient flow, output stability, loss at init, causality, initialisation, memory,
     tokens/s. ``options``: ``trained``, ``tokenizer``, ``output_dir`` (see ``run_tier``)."""
     return run_tier(1, model, config, **options)
 
 
-def run_all_tier2_tests(model: GPT2Model, config: CheckConfig | None = None, **options) -> list[CheckResult]:
+def run_all_tier2_tests(model: GPT2Model, config: CheckConfig | Mapping | None = None, **options) -> list[CheckResult]:
     """Tier 2: attention patterns, feature attribution, perturbation sensitivity."""
     return run_tier(2, model, config, **options)
 
 
-def run_all_tier3_tests(model: GPT2Model, config: CheckConfig | None = None, **options) -> list[CheckResult]:
+def run_all_tier3_tests(model: GPT2Model, config: CheckConfig | Mapping | None = None, **options) -> list[CheckResult]:
     """Tier 3: fine-tuning on a fixed batch, a 4-trial learning-rate search."""
     return run_tier(3, model, config, **options)
 
 
-def run_all_tests(model: GPT2Model, config: CheckConfig | None = None, tier: int = 3, **options) -> list[CheckResult]:
+def run_all_tests(
+    model: GPT2Model, config: CheckConfig | Mapping | None = None, tier: int = 3, **options
+) -> list[CheckResult]:
     """Tiers 1 to ``tier``, in order."""
     return [result for t in range(1, tier + 1) for result in run_tier(t, model, config, **options)]
