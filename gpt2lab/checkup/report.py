@@ -32,9 +32,12 @@ def failed(results: list[CheckResult]) -> list[str]:
     return [r.name for r in results if r.status == FAIL]
 
 
-def write_reports(results: list[CheckResult], output_dir: Path, about: dict[str, Any]) -> list[Path]:
-    """``check.json`` (everything, for programs) and ``check.md`` (the tables, then the details worth reading:
-    initialisation statistics, memory, figures) in ``output_dir``; ``about`` describes the model."""
+def write_reports(
+    results: list[CheckResult], output_dir: str | Path, about: dict[str, Any] | None = None
+) -> list[Path]:
+    """``check.md`` (the tables, then the details worth reading: initialisation statistics, memory, figures)
+    and ``check.json`` (everything, for programs) in ``output_dir``; ``about`` describes the model."""
+    output_dir, about = Path(output_dir), about or {}
     output_dir.mkdir(parents=True, exist_ok=True)
     data = {"about": about, "results": [dataclasses.asdict(r) for r in results], "failed": failed(results)}
     json_path = output_dir / "check.json"
