@@ -13,12 +13,12 @@ from pathlib import Path
 import datasets
 
 from gpt2lab import hub
-from gpt2lab.data import pystdlib
+from gpt2lab.data import pysource, pystdlib
 from gpt2lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("pystdlib", "files", "hub")
+SOURCES = ("pystdlib", "pysource", "files", "hub")
 FILE_BUILDERS = {
     ".txt": "text",
     ".text": "text",
@@ -28,7 +28,12 @@ FILE_BUILDERS = {
     ".parquet": "parquet",
 }
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
-SOURCE_KEYS = {"path": "files", "name": "hub", "config_name": "hub"}  # data.<key> -> the one source that reads it
+SOURCE_KEYS = {
+    "path": "files",
+    "name": "hub",
+    "config_name": "hub",
+    "max_bytes": "pysource",
+}  # data.<key> -> its source
 
 
 @dataclass
@@ -54,11 +59,12 @@ def load_corpus(
     remove_duplicates: bool = False,
     num_proc: int | None = None,
     hf_cache_dir: str | None = None,
+    max_bytes: int | None = None,
 ) -> Corpus:
     """Load, clean and split a corpus; the dataset's own validation/test splits win over the fractions."""
     if source not in SOURCES:
         raise ConfigError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
-    for key, value in (("path", path), ("name", name), ("config_name", config_name)):
+    for key, value in (("path", path), ("name", name), ("config_name", config_name), ("max_bytes", max_bytes)):
         if value is not None and SOURCE_KEYS[key] != source:
             raise ConfigError(
                 f"data.{key}={value!r} is read by data={SOURCE_KEYS[key]} only, and data.source is {source!r}: "
@@ -75,6 +81,8 @@ def load_corpus(
         raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts, "name": names})})
         description = pystdlib.describe(texts)
         base_fingerprint = pystdlib.corpus_fingerprint(names, texts)
+    elif source == "pysource":
+        raw, description, base_fingerprint = pysource.load_pysource(max_bytes, hf_cache_dir)
     elif source == "files":
         raw, description = _load_files(path, text_column, sample_by, hf_cache_dir)
         base_fingerprint = _fingerprint_splits(raw)
