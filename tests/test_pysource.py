@@ -94,3 +94,27 @@ def test_a_run_trains_on_it(roots, train_cli, tmp_path, cache_dir):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Corpus: Python source importable here: 4 distinct files of 7" in (run / "train.log").read_text()
+
+
+def test_a_hub_dataset_neither_reachable_nor_cached_falls_back_to_a_local_corpus(monkeypatch, tmp_path, caplog):
+    from gpt2lab.data import corpus
+
+    def unavailable(*args):
+        raise ConfigError("data.name='wikitext': could not load wikitext (the Hub is unreachable)")
+
+    monkeypatch.setattr(corpus, "_load_hub", unavailable)
+    monkeypatch.setattr(
+        corpus.hub, "go_offline_if_unreachable", lambda: "the Hub at https://huggingface.co is unreachable"
+    )
+    hub_data = dict(name="wikitext", config_name="wikitext-103-raw-v1", val_split=0.0, test_split=0.0)
+    with caplog.at_level("WARNING"):
+        fallback = load_corpus("hub", **hub_data, offline_fallback="pystdlib", hf_cache_dir=str(tmp_path))
+    assert "standard library" in fallback.description and set(fallback.splits) == {"train", "validation", "test"}
+    assert "training on data=pystdlib instead (data.offline_fallback)" in caplog.text
+    with pytest.raises(ConfigError, match="could not load wikitext"):  # no fallback asked for: the error
+        load_corpus("hub", **hub_data, hf_cache_dir=str(tmp_path))
+    monkeypatch.setattr(corpus.hub, "go_offline_if_unreachable", lambda: None)
+    with pytest.raises(ConfigError, match="could not load wikitext"):  # the Hub answers: not an offline problem
+        load_corpus("hub", **hub_data, offline_fallback="pystdlib", hf_cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="data.offline_fallback='files': expected pystdlib or pysource"):
+        load_corpus("hub", **hub_data, offline_fallback="files", hf_cache_dir=str(tmp_path))

@@ -19,6 +19,7 @@ from gpt2lab.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SOURCES = ("pystdlib", "pysource", "files", "hub")
+OFFLINE_SOURCES = ("pystdlib", "pysource")  # built on this machine, never downloaded
 FILE_BUILDERS = {
     ".txt": "text",
     ".text": "text",
@@ -60,12 +61,18 @@ def load_corpus(
     num_proc: int | None = None,
     hf_cache_dir: str | None = None,
     max_bytes: int | None = None,
+    offline_fallback: str | None = None,
 ) -> Corpus:
-    """Load, clean and split a corpus; the dataset's own validation/test splits win over the fractions."""
+    """Load, clean and split a corpus; the dataset's own validation/test splits win over the fractions.
+    ``offline_fallback`` (pystdlib or pysource) replaces a Hub dataset that is neither reachable nor cached."""
     if source not in SOURCES:
         raise ConfigError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
+    if offline_fallback not in (None, *OFFLINE_SOURCES):
+        raise ConfigError(
+            f"data.offline_fallback={offline_fallback!r}: expected {' or '.join(OFFLINE_SOURCES)} (or null: no fallback)"
+        )
     for key, value in (("path", path), ("name", name), ("config_name", config_name), ("max_bytes", max_bytes)):
-        if value is not None and SOURCE_KEYS[key] != source:
+        if value is not None and SOURCE_KEYS[key] not in (source, offline_fallback):
             raise ConfigError(
                 f"data.{key}={value!r} is read by data={SOURCE_KEYS[key]} only, and data.source is {source!r}: "
                 f"add data={SOURCE_KEYS[key]}"
@@ -87,8 +94,21 @@ def load_corpus(
         raw, description = _load_files(path, text_column, sample_by, hf_cache_dir)
         base_fingerprint = _fingerprint_splits(raw)
     else:
-        raw, description = _load_hub(name, config_name, hf_cache_dir)
-        base_fingerprint = _fingerprint_splits(raw)
+        try:
+            raw, description = _load_hub(name, config_name, hf_cache_dir)
+            base_fingerprint = _fingerprint_splits(raw)
+        except ConfigError:
+            why_offline = hub.go_offline_if_unreachable()
+            if not (offline_fallback and why_offline):
+                raise
+            log.warning(
+                "data.name=%r is not in the local cache and %s: training on data=%s instead (data.offline_fallback)",
+                name, why_offline, offline_fallback,
+            )  # fmt: skip
+            return load_corpus(
+                offline_fallback, None, None, None, "text", sample_by, val_split or 0.05, test_split or 0.05,
+                split_seed, min_length, remove_duplicates, num_proc, hf_cache_dir, max_bytes,
+            )  # fmt: skip
 
     if text_column not in raw["train"].column_names:
         raise ConfigError(

@@ -112,13 +112,14 @@ class GPT2DataModule(pl.LightningDataModule):
         seed: int = 1234,
         tokenizer: TokenizerSpec | dict | None = None,
         max_bytes: int | None = None,
+        offline_fallback: str | None = None,
     ) -> None:
         super().__init__()
         self.corpus_args = dict(
             source=source, path=path, name=name, config_name=config_name, text_column=text_column,
             sample_by=sample_by, val_split=val_split, test_split=test_split, split_seed=split_seed,
             min_length=min_length, remove_duplicates=remove_duplicates, num_proc=preprocessing_num_workers,
-            max_bytes=max_bytes,
+            max_bytes=max_bytes, offline_fallback=offline_fallback,
         )  # fmt: skip
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size}: expected a positive number of windows per batch")
