@@ -13,7 +13,8 @@ from tokenizers import Tokenizer
 
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit.module import CHECKPOINT_KEY
-from gpt2lab.model import GPT2Config, GPT2Model
+from gpt2lab.model import GPT2Model
+from gpt2lab.model.adapter import CausalLM, build_model
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def check_steps_left(path: str | os.PathLike, max_steps: int) -> None:
 
 def model_diff(saved: dict[str, Any], model: dict[str, Any]) -> str:
     """The architecture keys on which a checkpoint's model and ``model`` differ, as text; empty if none."""
-    ignore = {"gradient_checkpointing", "dropout", "attention_dropout", "residual_dropout", "fused_loss"}
+    ignore = {"gradient_checkpointing", "dropout", "attention_dropout", "residual_dropout", "fused_loss", "init_from"}
     diff = {k: (saved.get(k), v) for k, v in model.items() if k not in ignore and saved.get(k) != v}
     return ", ".join(f"model.{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
 
@@ -148,10 +149,13 @@ def check_resumable(path: str | os.PathLike, model: dict[str, Any]) -> None:
         raise ConfigError(f"ckpt_path={str(path)!r} holds a different model ({diff}); resume with the run's own config")
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT2Model, Tokenizer | None]:
-    """Rebuild the trained model and its tokenizer from a checkpoint alone."""
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[GPT2Model | CausalLM, Tokenizer | None]:
+    """Rebuild the trained model and its tokenizer from a checkpoint alone (a model other than gpt2lab's GPT-2 from
+    its recorded config: ``model=hf`` needs transformers, ``model=module`` the module's package)."""
     checkpoint = read_checkpoint(path)
-    model = GPT2Model(GPT2Config(**checkpoint["hyper_parameters"]["model"]))
+    model = build_model(checkpoint["hyper_parameters"]["model"])
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     tokenizer_json = checkpoint.get(CHECKPOINT_KEY, {}).get("tokenizer")

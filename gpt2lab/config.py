@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 from gpt2lab.data import GPT2DataModule
 from gpt2lab.model import GPT2Config
@@ -51,7 +52,12 @@ def _checked_type(hint: Any) -> Any:
 
 
 def schema_from_signature(
-    name: str, target: Any, target_path: str, exclude: tuple[str, ...] = (), partial: bool = False
+    name: str,
+    target: Any,
+    target_path: str,
+    exclude: tuple[str, ...] = (),
+    partial: bool = False,
+    bases: tuple[type, ...] = (),
 ) -> type:
     """A dataclass with ``_target_`` and one field per argument of ``target``."""
     init = target.__init__ if inspect.isclass(target) else target
@@ -67,10 +73,46 @@ def schema_from_signature(
         if default is not None and not isinstance(default, PRIMITIVES):
             hint, default = Any, None  # non-primitive defaults (objects, lists) are left to the class
         fields.append((pname, hint, dataclasses.field(default=default)))
-    return dataclasses.make_dataclass(name, fields)
+    return dataclasses.make_dataclass(name, fields, bases=bases)
 
 
-ModelSchema = schema_from_signature("ModelSchema", GPT2Config, "gpt2lab.model.GPT2Config")
+@dataclasses.dataclass
+class ModelBaseSchema:
+    """What every ``model`` option is; each option's own schema (below) names its keys, so that a key of another
+    kind of model (``model.d_model`` with ``model=hf``) fails at composition like a misspelt one."""
+
+    _target_: str = MISSING
+
+
+ModelSchema = schema_from_signature("ModelSchema", GPT2Config, "gpt2lab.model.GPT2Config", bases=(ModelBaseSchema,))
+
+
+@dataclasses.dataclass
+class HFModelSchema(ModelBaseSchema):
+    """``model=hf``: any transformers causal LM (``gpt2lab.hf.causal_lm``)."""
+
+    _target_: str = "gpt2lab.hf.causal_lm"
+    name_or_path: str = MISSING  # a local directory in Hugging Face format, or a Hub name
+    pretrained: bool = True  # the weights found there; false: the architecture only, freshly initialised
+    context_length: Optional[int] = None  # noqa: UP045 - null: the model's own (at most 1024)
+    vocab_size: Optional[int] = None  # noqa: UP045 - null: the weights' (pretrained), else the tokenizer's
+    trust_remote_code: bool = False  # transformers' option, for models whose code lives in their repository
+
+
+@dataclasses.dataclass
+class ModuleModelSchema(ModelBaseSchema):
+    """``model=module``: your own nn.Module (``gpt2lab.model.adapter.CausalLM``)."""
+
+    _target_: str = "gpt2lab.model.adapter.CausalLM"
+    module: Any = MISSING  # _target_: your class, and its arguments
+    context_length: int = MISSING  # the training window, in tokens
+    vocab_size: Optional[int] = None  # noqa: UP045 - null: the tokenizer's; ${model.vocab_size} in module's arguments
+
+
+# Stored when this module is imported: the model group's options name their schema in their defaults list
+# (conf/model/gpt2.yaml: /schema/model/gpt2@_here_), and every app that composes that group needs it.
+for _name, _schema in (("gpt2", ModelSchema), ("hf", HFModelSchema), ("module", ModuleModelSchema)):
+    ConfigStore.instance().store(group="schema/model", name=_name, node=_schema, replace=True)
 DataSchema = schema_from_signature("DataSchema", GPT2DataModule, "gpt2lab.data.GPT2DataModule", exclude=("tokenizer",))
 TokenizerSchema = schema_from_signature("TokenizerSchema", TokenizerSpec, "gpt2lab.tokenizers.TokenizerSpec")
 TrainerSchema = schema_from_signature("TrainerSchema", pl.Trainer, "pytorch_lightning.Trainer")
@@ -112,7 +154,7 @@ class SampleSchema:
 
 @dataclasses.dataclass
 class TrainSchema:
-    model: ModelSchema = dataclasses.field(default_factory=ModelSchema)
+    model: ModelBaseSchema = MISSING  # typed by the chosen option's schema (gpt2, hf, module)
     data: DataSchema = dataclasses.field(default_factory=DataSchema)
     tokenizer: TokenizerSchema = dataclasses.field(default_factory=TokenizerSchema)
     trainer: TrainerSchema = dataclasses.field(default_factory=TrainerSchema)
@@ -176,6 +218,7 @@ class InferenceSchema:
 @dataclasses.dataclass
 class GenerateSchema:
     ckpt: Optional[str] = None  # noqa: UP045 - a .ckpt file, a run directory (its best), last or best
+    onnx: Optional[str] = None  # noqa: UP045 - or an ONNX export directory, decoded by onnxruntime
     prompt: Optional[str] = None  # noqa: UP045
     prompts_file: Optional[str] = None  # noqa: UP045 - one prompt per line
     output: Optional[str] = None  # noqa: UP045 - a .jsonl file the samples are appended to

@@ -15,6 +15,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import execution_whitelist, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -26,8 +27,9 @@ from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, r
 from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError, report_errors
 from gpt2lab.generate import sample_text
+from gpt2lab.hf import import_model_config, load_pretrained_weights
 from gpt2lab.lit import GPT2LitModule
-from gpt2lab.lit.callbacks import AtomicCheckpointIO, ThroughputLogger
+from gpt2lab.lit.callbacks import AtomicCheckpointIO, Samples, ThroughputLogger
 from gpt2lab.lit.ddp import use_job_command_for_ddp
 from gpt2lab.lit.loggers import continue_wandb_run, finish_wandb_run
 from gpt2lab.lit.module import check_compile_options, check_optimization
@@ -38,8 +40,9 @@ from gpt2lab.lit.trainer import (
     out_of_memory_message,
     parallel_job_share,
 )
+from gpt2lab.model.adapter import is_gpt2
 from gpt2lab.sweep.summary import job_outcome
-from gpt2lab.tokenizers import check_model_vocab
+from gpt2lab.tokenizers import TokenizerSpec, check_model_vocab
 
 log = logging.getLogger("gpt2lab.train")
 DDP_LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -102,8 +105,11 @@ def _train(cfg: DictConfig) -> float | None:
     check_optimization(cfg.optimizer, cfg.scheduler, cfg.trainer.max_steps)
     output_dir = Path(cfg.paths.output_dir)
     resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir)  # a missing checkpoint fails here
+    # model.init_from / model=hf: their source checked, and the architecture, context or vocabulary it sets
+    tokenizer_source = import_model_config(cfg.model)
+    gpt2 = is_gpt2(cfg.model)
 
-    callbacks = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c) if _wanted(c, cfg.trainer)]
+    callbacks = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c) if _wanted(c, cfg.trainer, gpt2)]
     if cfg.optuna_trial is not None:
         from gpt2lab.sweep.optuna_sweeper import OptunaPruning  # Optuna is imported only for sweeps
 
@@ -113,14 +119,25 @@ def _train(cfg: DictConfig) -> float | None:
     trainer = make_trainer(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()], **share)
     if trainer.strategy.root_device.type == "cpu" and trainer.world_size == 1:
         use_free_cores()  # a busy machine: fewer threads than cores (DDP ranks get their share from Lightning)
-    instantiate(cfg.model)  # architecture checks (heads divide width, ...) before any data is read
+    if gpt2:
+        instantiate(cfg.model)  # architecture checks (heads divide width, ...) before any data is read
 
-    datamodule = instantiate(cfg.data, tokenizer=instantiate(cfg.tokenizer))
+    tokenizer_spec = instantiate(cfg.tokenizer)
+    if tokenizer_source and not _chose_tokenizer():  # pretrained weights come with their tokenizer
+        tokenizer_spec = TokenizerSpec(kind="pretrained", name=tokenizer_source)
+        log.info(
+            "Tokenizer: %s's, which its weights were trained with (tokenizer=... chooses another)", tokenizer_source
+        )
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer_spec)
     datamodule.prepare_data()
     tokenizer = datamodule.tokenizer
     vocab_size = cfg.model.vocab_size or tokenizer.get_vocab_size()
     check_model_vocab(tokenizer, vocab_size)  # the datamodule has validated the tokenizer itself
-    model_config = instantiate(cfg.model, vocab_size=vocab_size)
+    if gpt2:
+        model_config = instantiate(cfg.model, vocab_size=vocab_size)
+    else:  # built by GPT2LitModule, whose checkpoints record it; its arguments may read ${model.vocab_size}
+        cfg.model.vocab_size = vocab_size
+        model_config = cfg.model
     module = GPT2LitModule(
         model_config,
         cfg.optimizer,
@@ -138,6 +155,9 @@ def _train(cfg: DictConfig) -> float | None:
         log.info("Resuming from %s", ckpt_path)
         cfg.ckpt_path = ckpt_path  # config.yaml records the file, not `last`
         continue_wandb_run(trainer.loggers, ckpt_path)
+    elif gpt2 and cfg.model.init_from:
+        load_pretrained_weights(module.model, cfg.model.init_from)
+        log.info("Weights: GPT-2 from %s", cfg.model.init_from)
     log.info("Model: %s parameters (%s)", f"{module.model.num_parameters():,}", model_config)
 
     if trainer.is_global_zero:
@@ -173,7 +193,7 @@ def _train(cfg: DictConfig) -> float | None:
     if cfg.optimized_metric not in metrics:
         log.warning("No %s at the end of training: %s", cfg.optimized_metric, _why_no_metric(cfg, trainer))
 
-    if cfg.sample and trainer.is_global_zero:
+    if cfg.sample and trainer.is_global_zero and gpt2:
         if not sharded:
             log.info("Sample:\n%s", sample_text(module.model, tokenizer, **cfg.sample))
         elif best:  # the sharded weights are whole only in the checkpoint
@@ -209,9 +229,18 @@ def _why_no_metric(cfg: DictConfig, trainer: pl.Trainer) -> str:
     return f"the run logged no metric of that name (optimized_metric={cfg.optimized_metric}; see metrics.csv)"
 
 
-def _wanted(callback: pl.Callback, trainer_cfg: DictConfig) -> bool:
+def _chose_tokenizer() -> bool:
+    """Whether the command line picks the tokenizer (``tokenizer=...``, ``tokenizer.name=...``)."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    return any(o.lstrip("+~").startswith(("tokenizer=", "tokenizer.")) for o in overrides)
+
+
+def _wanted(callback: pl.Callback, trainer_cfg: DictConfig, gpt2: bool = True) -> bool:
     """Honour trainer.enable_progress_bar / enable_checkpointing / enable_model_summary = false, which
-    Lightning otherwise rejects when the matching callback is configured."""
+    Lightning otherwise rejects when the matching callback is configured. Samples need gpt2lab's GPT-2."""
+    if isinstance(callback, Samples) and not gpt2:
+        log.info("callbacks.samples: off, generation is written for gpt2lab's GPT-2")
+        return False
     switches = {
         ProgressBar: trainer_cfg.enable_progress_bar,
         ModelCheckpoint: trainer_cfg.enable_checkpointing,

@@ -1,7 +1,9 @@
 """The LightningModule: GPT-2 plus its loss, logging, optimizer and schedule.
 
 The checkpoint it writes is self-contained: ``hyper_parameters`` rebuild the model, and the
-``gpt2lab`` entry carries the tokenizer, so ``load_checkpoint(path)`` needs nothing else.
+``gpt2lab`` entry carries the tokenizer, so ``load_checkpoint(path)`` needs nothing else. Any other causal
+language model (``model=hf``, ``model=module``) comes as a ``CausalLM`` (gpt2lab/model/adapter.py), which has
+GPT2Model's ``forward(input_ids, labels) -> (logits, loss)``: the steps below are the same for both.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tokenizers import Tokenizer
 from gpt2lab.config import TRUSTED_TARGETS
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT2Config, GPT2Model
+from gpt2lab.model.adapter import build_model
 from gpt2lab.model.cross_entropy import IGNORE_INDEX
 from gpt2lab.tokenizers import token_byte_lengths
 
@@ -145,11 +148,12 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 
 class GPT2LitModule(pl.LightningModule):
-    """Trains a ``GPT2Model`` on (B, T + 1) token windows."""
+    """Trains a ``GPT2Model`` (or a ``CausalLM``) on (B, T + 1) token windows. ``model`` is a GPT2Config (or its
+    fields), or the config of another model, with its ``_target_`` (see ``gpt2lab.model.adapter.build_model``)."""
 
     def __init__(
         self,
-        model: GPT2Config | dict[str, Any],
+        model: GPT2Config | DictConfig | dict[str, Any],
         optimizer: DictConfig | dict[str, Any],
         scheduler: DictConfig | dict[str, Any] | None = None,
         compile: bool = False,
@@ -158,11 +162,12 @@ class GPT2LitModule(pl.LightningModule):
         compile_optimize_ddp: bool = False,
     ) -> None:
         super().__init__()
-        config = model if isinstance(model, GPT2Config) else GPT2Config(**model)
+        self.model = build_model(model)
+        gpt2 = isinstance(self.model, GPT2Model)
         to_dict = lambda c: OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else c  # noqa: E731
         self.save_hyperparameters(
             {
-                "model": dataclasses.asdict(config),
+                "model": dataclasses.asdict(self.model.config) if gpt2 else self.model.spec,
                 "optimizer": to_dict(optimizer),
                 "scheduler": to_dict(scheduler),
                 "compile": compile,
@@ -171,7 +176,6 @@ class GPT2LitModule(pl.LightningModule):
                 "compile_optimize_ddp": compile_optimize_ddp,
             }
         )
-        self.model = GPT2Model(config)
         self.tokenizer: Tokenizer | None = None  # set by the trainer script; saved into checkpoints
         self._pending_rng: dict[str, Any] | None = None
         self._eval_sums: list[torch.Tensor] = []  # per batch: (nats, tokens, bytes)
@@ -193,6 +197,10 @@ class GPT2LitModule(pl.LightningModule):
             torch._dynamo.config.optimize_ddp = bool(self.hparams.get("compile_optimize_ddp", False))
         options = inductor_options(self.hparams.get("compile_mode"), self.hparams.get("compile_options"))  # checked
         sharded = isinstance(self.trainer.strategy, FSDPStrategy) if self._trainer is not None else False
+        if sharded and not isinstance(self.model, GPT2Model):
+            raise ConfigError(
+                "compile=true under trainer=fsdp compiles gpt2lab's GPT-2 block by block; this model is not it"
+            )
         for module in self.model.blocks if sharded else [self.model]:
             module.compile(options=options)
         self._compiled = True

@@ -47,6 +47,9 @@ class GPT2Config:
     # multiples of 64 are markedly faster on GPUs. Returned logits are sliced back; the training loss
     # gives the extra columns -inf.
     pad_vocab_size_multiple: int = 64
+    # Where the weights start: a directory in Hugging Face format (or a Hub name such as gpt2) whose GPT-2 weights
+    # train.py loads (gpt2lab/hf.py); its config.json sets the architecture keys above. None: GPT-2's initialisation.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         checks = {

@@ -76,8 +76,8 @@ def build_char(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def load_pretrained(name: str) -> Tokenizer:
-    """A tokenizer by Hub name (``gpt2``) or a local ``tokenizer.json`` path."""
-    if Path(name).suffix == ".json" or Path(name).is_file():
+    """A tokenizer by Hub name (``gpt2``), a local ``tokenizer.json``, or a model directory in Hugging Face format."""
+    if Path(name).suffix == ".json" or Path(name).expanduser().exists():
         return load_file(name, key="tokenizer.name")
     offline = hub.go_offline_if_unreachable()
     try:
@@ -92,16 +92,36 @@ def load_pretrained(name: str) -> Tokenizer:
 
 
 def load_file(path: str | os.PathLike, key: str = "tokenizer.path") -> Tokenizer:
-    """A ``tokenizer.json`` written by the ``tokenizers`` library (or by ``save_pretrained``)."""
+    """A ``tokenizer.json`` written by the ``tokenizers`` library (or by ``save_pretrained``); in a directory, its
+    ``tokenizer.json``, else GPT-2's ``vocab.json`` and ``merges.txt`` (what a slow GPT2Tokenizer saves)."""
     p = Path(path).expanduser()
     if p.is_dir():
+        if not (p / "tokenizer.json").is_file() and (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
+            return load_vocab_merges(p / "vocab.json", p / "merges.txt")
         p = p / "tokenizer.json"
     if not p.is_file():
-        raise ConfigError(f"{key}={str(path)!r}: no such file; expected a tokenizer.json")
+        raise ConfigError(
+            f"{key}={str(path)!r}: no such file; expected a tokenizer.json (or a directory with one, or with GPT-2's "
+            "vocab.json and merges.txt)"
+        )
     try:
         return Tokenizer.from_file(str(p))
     except Exception as e:
         raise ConfigError(f"{key}={str(path)!r} is not a valid tokenizer.json: {e}") from e
+
+
+def load_vocab_merges(vocab: Path, merges: Path) -> Tokenizer:
+    """GPT-2's byte-level BPE from its ``vocab.json`` and ``merges.txt``, as transformers' GPT2TokenizerFast builds it."""
+    try:
+        tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    except Exception as e:
+        raise ConfigError(f"{str(vocab.parent)!r}: vocab.json and merges.txt do not make a BPE tokenizer: {e}") from e
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    if tokenizer.token_to_id(EOS_TOKEN) is not None:
+        tokenizer.add_special_tokens([EOS_TOKEN])
+    return tokenizer
 
 
 def unknown_token_id(tokenizer: Tokenizer) -> int | None:
