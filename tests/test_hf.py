@@ -26,6 +26,23 @@ def test_transformers_copy_computes_the_same_logits_and_tokens():
     assert torch.equal(ours, theirs)
 
 
+def test_hf_round_trip_back_into_gpt2lab_gives_the_same_weights():
+    """gpt2lab -> transformers -> gpt2lab: every tensor comes back (padding rows zero), and the logits with it."""
+    from gpt2lab.hf import from_transformers, to_transformers
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=1000, context_length=64, d_model=64, num_heads=4, num_layers=2, d_ff=256,
+                        dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)  # fmt: skip
+    model = GPT2Model(config).eval()
+    back = from_transformers(to_transformers(model), dropout=0.0, attention_dropout=0.0, residual_dropout=0.0).eval()
+    assert back.config == config
+    for name, tensor in model.state_dict().items():
+        expected = tensor[: config.vocab_size] if name in ("wte.weight", "lm_head.weight") else tensor
+        assert torch.equal(back.state_dict()[name][: len(expected)], expected), name
+    x = torch.randint(0, 1000, (2, 30))
+    assert torch.equal(back(x)[0], model(x)[0])
+
+
 def test_decode_bench_puts_transformers_beside_gpt2lab():
     import subprocess
     import sys
