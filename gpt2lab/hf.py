@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gpt2lab import hub
 from gpt2lab.errors import ConfigError
@@ -133,9 +133,19 @@ def import_model_config(model_cfg: DictConfig) -> str | None:
         if changed:
             log.info("model.init_from=%s sets the architecture: %s", directory, ", ".join(changed))
         return str(directory)
+    if model_cfg.get("_target_") == "gpt2lab.model.adapter.CausalLM" and OmegaConf.is_missing(
+        model_cfg.module, "_target_"
+    ):
+        raise ConfigError(
+            "model=module needs your nn.Module: model.module._target_=<package.Class>, its arguments as "
+            "+model.module.<name>=<value>, and GPT2LAB_TRUSTED_TARGETS='<package>.*'"
+        )
     if model_cfg.get("_target_") != "gpt2lab.hf.causal_lm":
         return None
     hf_config = _auto_config(model_cfg.name_or_path)
+    local = Path(model_cfg.name_or_path).expanduser()
+    if model_cfg.pretrained and local.is_dir():
+        weights_file(local, "model.name_or_path", "; model.pretrained=false trains its architecture from scratch")
     if model_cfg.context_length is None:
         positions = _max_positions(hf_config)
         model_cfg.context_length = min(positions, 1024) if positions else 1024
@@ -146,7 +156,6 @@ def import_model_config(model_cfg: DictConfig) -> str | None:
     if not model_cfg.pretrained:
         return None  # a fresh model: the configured tokenizer, and the model's vocabulary follows it
     model_cfg.vocab_size = hf_config.vocab_size
-    local = Path(model_cfg.name_or_path).expanduser()
     if local.is_dir():
         return str(local) if any((local / f).is_file() for f in ("tokenizer.json", "vocab.json")) else None
     return model_cfg.name_or_path
@@ -217,13 +226,13 @@ def gpt2_config(hf_config: Mapping[str, Any], base: GPT2Config, source: str) -> 
     return GPT2Config(**(fields | values)), changed
 
 
-def weights_file(directory: Path, key: str) -> Path:
+def weights_file(directory: Path, key: str, hint: str = "") -> Path:
     for name in WEIGHT_FILES:
         if (directory / name).is_file():
             return directory / name
     raise ConfigError(
         f"{key}={str(directory)!r} has no weights (none of {', '.join(WEIGHT_FILES)}): a directory in Hugging Face "
-        "format holds config.json and model.safetensors, as save_pretrained writes them"
+        f"format holds config.json and model.safetensors, as save_pretrained writes them{hint}"
     )
 
 

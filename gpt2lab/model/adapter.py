@@ -206,7 +206,9 @@ def build_model(spec: GPT2Config | Mapping[str, Any]) -> GPT2Model | CausalLM:
         cause = e.__cause__
         if isinstance(cause, ConfigError):
             raise cause from e
-        raise ConfigError(f"model: {e}" + (f" ({type(cause).__name__}: {cause})" if cause else "")) from e
+        trust = " (trust your package: GPT2LAB_TRUSTED_TARGETS='<package>.*')" if "whitelist" in str(e) else ""
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"model: {first}{trust}" + (f" ({type(cause).__name__}: {cause})" if cause else "")) from e
     if not isinstance(model, CausalLM):
         raise ConfigError(
             f"model._target_={spec['_target_']} built a {type(model).__name__}, not a model gpt2lab can train: for "
