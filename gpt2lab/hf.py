@@ -248,8 +248,10 @@ def read_weights(directory: Path, key: str) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for file in files:
         if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
+            try:
+                from safetensors.torch import load_file
+            except ImportError as e:
+                raise ConfigError(f'{key}={str(directory)!r}: reading safetensors: pip install -e ".[hf]"') from e
             state |= load_file(str(file))
         else:
             state |= torch.load(file, map_location="cpu", weights_only=True)
