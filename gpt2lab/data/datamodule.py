@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from filelock import FileLock, Timeout
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -86,6 +88,35 @@ class ResumableRandomSampler(DistributedSampler):
         return iter(order)
 
 
+def damaged_token_files(token_dir: Path) -> str | None:
+    """What is wrong with cached token files (``"missing"`` when there are none), or None when they are whole:
+    each file has the size ``meta.json`` recorded and, where it recorded one, the same content hash. A file
+    cut short (a full disk, a killed copy) or altered would otherwise be trained on as it is."""
+    try:
+        meta = json.loads((token_dir / "meta.json").read_text())
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as e:
+        return f"meta.json unreadable: {e}"
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    expected = meta.get("files") or {  # caches written before hashes were recorded: sizes only
+        f"{split}.bin": {"bytes": s["tokens"] * itemsize} for split, s in meta["splits"].items()
+    }
+    for name, want in expected.items():
+        path = token_dir / name
+        size = path.stat().st_size if path.is_file() else None
+        if size != want["bytes"]:
+            return f"{name} has {'no file' if size is None else f'{size:,} bytes'}, {want['bytes']:,} expected"
+        if "blake2b" in want:
+            digest = hashlib.blake2b(digest_size=16)
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 23):
+                    digest.update(chunk)
+            if digest.hexdigest() != want["blake2b"]:
+                return f"{name} does not have the content recorded in meta.json"
+    return None
+
+
 class GPT2DataModule(pl.LightningDataModule):
     """Corpus -> tokenizer -> token files (cached, memory-mapped) -> window datasets -> dataloaders."""
 
@@ -157,10 +188,28 @@ class GPT2DataModule(pl.LightningDataModule):
         validate_tokenizer(tokenizer, train_texts[0]["text"][:2000])
         key = hashlib.sha256(f"{corpus.fingerprint}:{fingerprint(tokenizer)}".encode()).hexdigest()[:16]
         self._token_dir = self.cache_dir / "tokens" / key
-        if (self._token_dir / "meta.json").is_file():
-            log.info("Loaded cached token files from %s", self._token_dir)
-        else:
-            self._write_token_files(corpus, tokenizer, self._token_dir)
+        self._token_dir.parent.mkdir(parents=True, exist_ok=True)
+        # One process builds the token files (DDP ranks and sweep workers may start on an empty cache together);
+        # the others wait for it and read its files.
+        lock = FileLock(f"{self._token_dir}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("Waiting for another process to write the token files %s", self._token_dir)
+            lock.acquire()
+        try:
+            problem = damaged_token_files(self._token_dir)
+            if problem is None:
+                log.info("Loaded cached token files from %s", self._token_dir)
+            else:
+                if (self._token_dir / "meta.json").exists():
+                    log.warning(
+                        "The cached token files in %s are damaged (%s): writing them again", self._token_dir, problem
+                    )
+                    shutil.rmtree(self._token_dir)
+                self._write_token_files(corpus, tokenizer, self._token_dir)
+        finally:
+            lock.release()
         self.stats = json.loads((self._token_dir / "meta.json").read_text())["splits"]
         self.tokenizer = tokenizer
         self._log_stats()
@@ -172,7 +221,7 @@ class GPT2DataModule(pl.LightningDataModule):
         dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.uint32
         tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
-        stats = {}
+        stats, files = {}, {}
         for split, ds in corpus.splits.items():
             log.info("Tokenizing the %s split (%d documents)", split, len(ds))
             encoded = ds.map(
@@ -187,19 +236,22 @@ class GPT2DataModule(pl.LightningDataModule):
                 desc=f"Tokenizing {split}",
             )
             n_tokens = n_unknown = 0
+            digest = hashlib.blake2b(digest_size=16)
             with open(tmp / f"{split}.bin", "wb") as f:
                 for batch in encoded.iter(batch_size=1024):
                     arr = np.concatenate([np.asarray(ids, dtype=dtype) for ids in batch["ids"]])
                     f.write(arr.tobytes())
+                    digest.update(arr.tobytes())
                     n_tokens += len(arr)
                     n_unknown += 0 if unk is None else int(np.count_nonzero(arr == unk))
+            files[f"{split}.bin"] = {"bytes": n_tokens * np.dtype(dtype).itemsize, "blake2b": digest.hexdigest()}
             stats[split] = {
                 "documents": len(ds),
                 "characters": int(sum(encoded["chars"])),
                 "tokens": n_tokens,
                 "unknown": n_unknown,
             }
-        meta = {"dtype": np.dtype(dtype).name, "tokenizer": fingerprint(tokenizer), "splits": stats}
+        meta = {"dtype": np.dtype(dtype).name, "tokenizer": fingerprint(tokenizer), "splits": stats, "files": files}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             os.replace(tmp, out)  # atomic: a half-written cache is never picked up
