@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
+
+from gpt2lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -272,5 +275,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            tmp.unlink(missing_ok=True)
+            raise ConfigError(_unwritable_checkpoint(path, e)) from e
+
+
+def _unwritable_checkpoint(path: Path, error: BaseException) -> str:
+    try:
+        usage = shutil.disk_usage(path.parent)
+        space = f"{path.parent} has {usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.1f} GiB"
+    except OSError:
+        space = f"{path.parent} cannot be read"
+    return (
+        f"could not write the checkpoint {path.name} ({type(error).__name__}: {error}); {space}. The checkpoints "
+        f"already there are intact: free space or set callbacks.model_checkpoint.dirpath to a disk with room, then "
+        f"resume with ckpt_path={path.parent / 'last.ckpt'}"
+    )
