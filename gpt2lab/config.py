@@ -237,6 +237,34 @@ class ChatSchema:
     task_name: str = "chat"
 
 
+@dataclasses.dataclass
+class ONNXExportSchema:
+    opset_version: int = 18  # 18 (torch.onnx's own) up to the newest opset the installed onnx knows
+    optimize: str = "extended"  # onnxruntime's graph optimisation level, applied offline: none, basic, extended, all
+    fp16: bool = False  # half precision, for GPU runtimes (inputs and outputs stay float32)
+
+
+@dataclasses.dataclass
+class TorchScriptExportSchema:
+    method: str = "auto"  # script, trace, or auto: script, falling back to trace
+
+
+@dataclasses.dataclass
+class ExportSchema:
+    ckpt: Optional[str] = None  # noqa: UP045 - a .ckpt file, a run directory (its best), last or best
+    format: str = "all"  # hf, onnx, torchscript, or all (one subdirectory each)
+    output_dir: Optional[str] = None  # noqa: UP045 - a directory that does not exist yet
+    overwrite: bool = False  # replace output_dir if it exists
+    validate: bool = True  # compare each export's outputs with the model's on random inputs
+    tolerance: Optional[float] = None  # noqa: UP045 - largest difference allowed; null: 1e-4 (fp16: 0.05)
+    benchmark: bool = False  # onnxruntime / TorchScript against PyTorch eager on this machine
+    license: str = "mit"  # the model card's
+    onnx: ONNXExportSchema = dataclasses.field(default_factory=ONNXExportSchema)
+    torchscript: TorchScriptExportSchema = dataclasses.field(default_factory=TorchScriptExportSchema)
+    paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
+    task_name: str = "export"
+
+
 def config_path() -> str:
     """Where the config tree is: ``conf/`` of a source checkout, else the copy installed as ``gpt2lab.conf``."""
     source_tree = Path(__file__).resolve().parent.parent / "conf"
@@ -275,3 +303,4 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateSchema, replace=True)
     ConfigStore.instance().store(name="generate_schema", node=GenerateSchema, replace=True)
     ConfigStore.instance().store(name="chat_schema", node=ChatSchema, replace=True)
+    ConfigStore.instance().store(name="export_schema", node=ExportSchema, replace=True)

@@ -13,20 +13,23 @@ import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import hydra
-import torch
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
-from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
-from gpt2lab.config import TRUSTED_TARGETS, config_path, literal_overrides, null_group_overrides, register_schemas
 from gpt2lab.errors import ConfigError, report_errors
-from gpt2lab.model import GPT2Model
 from gpt2lab.tokenizers import EOS_TOKEN
 
+# torch is imported where a checkpoint is used, not here: ``onnx=<export dir>`` decodes with onnxruntime, and
+# runs where PyTorch is not installed (gpt2lab/exporters/onnx_generation.py).
+if TYPE_CHECKING:
+    from gpt2lab.model import GPT2Model
+
 log = logging.getLogger("gpt2lab.generate")
+NO_TORCH_TARGETS = ("hydra.experimental.callback.*",)  # onnx= without PyTorch
 PROMPTS_PER_BATCH = 16
 
 
@@ -40,6 +43,8 @@ def check_inference(settings: Mapping[str, Any]) -> None:
         ("repetition_penalty", lambda v: v > 0, "positive (1.0: no penalty)"),
     )
     for key, ok, expected in checks:
+        if key in settings and settings[key] is not None and not isinstance(settings[key], (int, float)):
+            raise ConfigError(f"inference.{key}={settings[key]!r}: expected a number")
         if key in settings and not ok(settings[key]):
             raise ConfigError(f"inference.{key}={settings[key]}: expected {expected}")
     if settings.get("do_sample", True) and not settings.get("temperature", 1.0) > 0:
@@ -54,6 +59,10 @@ class TextGenerator:
     a ``.ckpt`` file, a run directory (its best checkpoint), ``last`` or ``best`` (of ``log_dir``)."""
 
     def __init__(self, model_path: str, device: str = "auto", log_dir: str = "outputs") -> None:
+        import torch
+
+        from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
+
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.path = find_checkpoint(model_path, log_dir)
         model, tokenizer = load_checkpoint(self.path, device=device)
@@ -70,8 +79,12 @@ class TextGenerator:
         completions = []
         for start in range(0, len(prompts), PROMPTS_PER_BATCH):
             batch = prompts[start : start + PROMPTS_PER_BATCH]
-            completions += complete(self.model, self.tokenizer, batch, config, out=out)
+            completions += self.complete(batch, config, out=out)
         return completions
+
+    def complete(self, prompts: list[str], config: Mapping[str, Any], out: TextIO | None = None) -> list[str]:
+        """One batch of ``generate_text``."""
+        return complete(self.model, self.tokenizer, prompts, config, out=out)
 
     def interactive_mode(self, config: Mapping[str, Any]) -> None:
         """Talk to the model in the terminal, as ``python -m gpt2lab.chat`` does."""
@@ -85,52 +98,77 @@ def complete(
 ) -> list[str]:
     """Continue each prompt, ``num_return_sequences`` times; a completion ends at end-of-text, at one of the
     ``stop`` strings (which it then ends before), or after ``max_new_tokens``."""
+    import torch
+
     settings = dict(config)
-    check_inference(settings)
-    if any(not p for p in prompts):
-        raise ConfigError("the prompt is empty: give the model some text to continue (prompt=... or prompts_file=...)")
-    stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in settings.get("stop") or [] if s]  # "\n": newline
-    encoded = [tokenizer.encode(p).ids for p in prompts]
-    width = max(len(ids) for ids in encoded)
     device = model.wte.weight.device
-    input_ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
-    mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(encoded):  # left padding: every prompt ends where decoding starts
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, device=device)
-        mask[row, width - len(ids) :] = 1
-    eos = tokenizer.token_to_id(EOS_TOKEN)
+    input_ids, mask = (torch.tensor(rows, device=device) for rows in left_padded(tokenizer, prompts, settings))
     n = settings.get("num_return_sequences", 1)
-    rows: list[list[int]] = [[] for _ in range(len(prompts) * n)]
-    texts, done = [""] * len(rows), [False] * len(rows)
-    streaming = out is not None and settings.get("stream", True) and len(rows) == 1
-    shown = 0
+    completions = Completions(tokenizer, len(prompts) * n, settings, out)
     tokens = model.generate_stream(
         input_ids, settings["max_new_tokens"], settings.get("temperature", 1.0), settings.get("top_k"),
         top_p=settings.get("top_p"), repetition_penalty=settings.get("repetition_penalty", 1.0),
-        do_sample=settings.get("do_sample", True), attention_mask=mask, eos_token_id=eos,
+        do_sample=settings.get("do_sample", True), attention_mask=mask, eos_token_id=completions.eos,
         num_return_sequences=n, seed=settings.get("seed"),
     )  # fmt: skip
     for step in tokens:
-        for row, token in enumerate(step.tolist()):
-            if done[row]:
-                continue
-            if token == eos:
-                done[row] = True
-                continue
-            rows[row].append(token)
-            texts[row] = tokenizer.decode(rows[row])
-            hit = min((texts[row].find(s) for s in stops if s in texts[row]), default=-1)
-            if hit >= 0:
-                texts[row], done[row] = texts[row][:hit], True
-        if streaming and not texts[0].endswith("\ufffd"):  # not in the middle of a multi-byte character
-            out.write(texts[0][shown:])
-            out.flush()
-            shown = len(texts[0])
-        if all(done):
+        if completions.add(step.tolist()):
             break
-    if streaming:
-        out.write(texts[0][shown:] + "\n")
-    return texts
+    return completions.finish()
+
+
+def left_padded(
+    tokenizer: Tokenizer, prompts: list[str], settings: Mapping[str, Any]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The prompts' token ids and attention mask, (B, T) as lists, left-padded with 0: every prompt ends where
+    decoding starts. Checks the decoding ``settings`` first."""
+    check_inference(settings)
+    if any(not p for p in prompts):
+        raise ConfigError("the prompt is empty: give the model some text to continue (prompt=... or prompts_file=...)")
+    encoded = [tokenizer.encode(p).ids for p in prompts]
+    width = max(len(ids) for ids in encoded)
+    return [[0] * (width - len(ids)) + ids for ids in encoded], [
+        [0] * (width - len(ids)) + [1] * len(ids) for ids in encoded
+    ]
+
+
+class Completions:
+    """The text of each row as its new tokens arrive, step by step (``add``): a row ends at end-of-text, or
+    before one of the ``stop`` strings of ``settings``; a single row streams to ``out``."""
+
+    def __init__(self, tokenizer: Tokenizer, rows: int, settings: Mapping[str, Any], out: TextIO | None) -> None:
+        self.tokenizer, self.out = tokenizer, out
+        self.eos = tokenizer.token_to_id(EOS_TOKEN)
+        self.stops = [
+            s.replace("\\n", "\n").replace("\\t", "\t") for s in settings.get("stop") or [] if s
+        ]  # "\n": newline
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.texts, self.done = [""] * rows, [False] * rows
+        self.streaming = out is not None and settings.get("stream", True) and rows == 1
+        self.shown = 0
+
+    def add(self, step: list[int]) -> bool:
+        """Take one new token per row; True once every row has ended."""
+        for row, token in enumerate(step):
+            if self.done[row]:
+                continue
+            if token == self.eos:
+                self.done[row] = True
+                continue
+            self.tokens[row].append(token)
+            text = self.tokenizer.decode(self.tokens[row])
+            hit = min((text.find(s) for s in self.stops if s in text), default=-1)
+            self.texts[row], self.done[row] = (text[:hit], True) if hit >= 0 else (text, False)
+        if self.streaming and not self.texts[0].endswith("\ufffd"):  # not in the middle of a multi-byte character
+            self.out.write(self.texts[0][self.shown :])
+            self.out.flush()
+            self.shown = len(self.texts[0])
+        return all(self.done)
+
+    def finish(self) -> list[str]:
+        if self.streaming:
+            self.out.write(self.texts[0][self.shown :] + "\n")
+        return self.texts
 
 
 def sample_text(
@@ -162,8 +200,15 @@ def generate(cfg: DictConfig) -> list[dict[str, Any]]:
     settings = OmegaConf.to_container(cfg.inference, resolve=True)
     check_inference(settings)
     prompts = read_prompts(cfg)
-    generator = TextGenerator(cfg.ckpt, cfg.device, cfg.paths.log_dir)
-    log.info("Checkpoint: %s", generator.path)
+    if cfg.onnx is None:
+        generator = TextGenerator(cfg.ckpt, cfg.device, cfg.paths.log_dir)
+    elif cfg.ckpt is not None:
+        raise ConfigError("give ckpt=... or onnx=..., not both")
+    else:
+        from gpt2lab.exporters.onnx_generation import ONNXTextGenerator  # onnxruntime: no torch
+
+        generator = ONNXTextGenerator(cfg.onnx)
+    log.info("Model: %s", generator.path)
     single = len(prompts) * settings["num_return_sequences"] == 1
     if single and settings["stream"]:
         print(prompts[0], end="", flush=True)  # the completion streams after it
@@ -184,16 +229,44 @@ def generate(cfg: DictConfig) -> list[dict[str, Any]]:
     return samples
 
 
-register_schemas()
-
-
 def main() -> None:
-    """Entry point of ``python -m gpt2lab.generate``."""
+    """Entry point of ``python -m gpt2lab.generate``. ``onnx=<export dir>`` runs also where PyTorch is not
+    installed: the config tree is then composed from its YAML alone (gpt2lab.config, the typed schema, imports
+    torch), so an unknown key still fails, but a value of the wrong type only when it is used."""
+    try:
+        from gpt2lab.config import (
+            TRUSTED_TARGETS,
+            config_path,
+            literal_overrides,
+            null_group_overrides,
+            register_schemas,
+        )
+    except ImportError:
+        if not any(arg.startswith("onnx=") for arg in sys.argv[1:]):
+            raise
+        sys.argv = [f"prompt={quoted(arg[7:])}" if arg.startswith("prompt=") else arg for arg in sys.argv]
+        ConfigStore.instance().store(name="generate_schema", node={}, replace=True)
+        # conf/hydra/default.yaml's callbacks (distributed ranks, sweep summaries, the run directory's lock) need
+        # torch, and a generation needs none of them.
+        no_op = "hydra.experimental.callback.Callback"
+        names = ("external_ranks", "sweep_summary", "run_directory")
+        sys.argv += [f"hydra.callbacks.{name}._target_={no_op}" for name in names]
+        app = hydra.main(config_path="pkg://gpt2lab.conf", config_name="generate", execution_whitelist=NO_TORCH_TARGETS)
+        app(_main)()
+        return
     sys.argv = literal_overrides(null_group_overrides(sys.argv), ("prompt",))
-    _main()
+    register_schemas()
+    hydra.main(config_path=config_path(), config_name="generate", execution_whitelist=TRUSTED_TARGETS)(_main)()
 
 
-@hydra.main(config_path=config_path(), config_name="generate", execution_whitelist=TRUSTED_TARGETS)
+def quoted(text: str) -> str:
+    """``text`` in quotes for Hydra's override grammar (as ``gpt2lab.config.literal_overrides`` quotes a prompt,
+    which needs torch to import): ``prompt=def f(n):`` would otherwise trip on the parentheses."""
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 @report_errors
 def _main(cfg: DictConfig) -> None:
     generate(cfg)

@@ -1,0 +1,138 @@
+"""``python -m gpt2lab.export ckpt=... format=hf|onnx|torchscript|all output_dir=...``: a trained model out of
+gpt2lab.
+
+Each format's directory holds the tokenizer, ``config.json``, the weights in safetensors and a model card
+(``README.md``), beside its own files: ``hf`` is what ``transformers`` loads, ``onnx`` a decoder graph with a KV
+cache for onnxruntime (``python -m gpt2lab.generate onnx=<dir>`` decodes with it, without PyTorch),
+``torchscript`` a program ``torch.jit.load`` runs. Every export is loaded back and compared with the model on
+random inputs; one that differs beyond ``tolerance`` fails and leaves nothing behind. See README, "Export".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
+from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
+from gpt2lab.errors import ConfigError, report_errors
+from gpt2lab.exporters.directory import check_output_dir, write_tokenizer, write_weights
+from gpt2lab.exporters.model_card import ModelCardGenerator
+
+log = logging.getLogger("gpt2lab.export")
+FORMATS = ("hf", "onnx", "torchscript")
+
+
+def make_exporters(cfg: DictConfig, formats: list[str]) -> dict[str, Any]:
+    """The exporter of each format, built (and their settings checked) before anything is written."""
+    exporters: dict[str, Any] = {}
+    if "hf" in formats:
+        from gpt2lab.exporters.huggingface import HFExporter
+
+        exporters["hf"] = HFExporter(cfg.validate, cfg.tolerance or 1e-4)
+    if "onnx" in formats:
+        from gpt2lab.exporters.onnx import ONNXExporter
+
+        o = cfg.onnx
+        exporters["onnx"] = ONNXExporter(
+            o.opset_version, o.optimize, cfg.validate, cfg.benchmark, o.fp16, cfg.tolerance
+        )
+    if "torchscript" in formats:
+        from gpt2lab.exporters.torchscript import TorchScriptExporter
+
+        method = cfg.torchscript.method
+        exporters["torchscript"] = TorchScriptExporter(method, cfg.validate, cfg.benchmark, cfg.tolerance or 1e-4)
+    return exporters
+
+
+def export(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Export ``cfg.ckpt`` as ``conf/export.yaml`` describes; returns each format's result."""
+    if cfg.format not in (*FORMATS, "all"):
+        raise ConfigError(f"format={cfg.format!r}: expected one of {', '.join(FORMATS)} or all")
+    if not cfg.output_dir:
+        raise ConfigError("output_dir=... is required: a directory that does not exist yet")
+    formats = list(FORMATS) if cfg.format == "all" else [cfg.format]
+    exporters = make_exporters(cfg, formats)
+    path = find_checkpoint(cfg.ckpt, cfg.paths.log_dir)
+    model, tokenizer = load_checkpoint(path)
+    if tokenizer is None:
+        raise ConfigError(f"ckpt={str(path)!r} carries no tokenizer, and every export holds one")
+    log.info("Checkpoint: %s (%s parameters)", path, f"{model.num_parameters():,}")
+    root = check_output_dir(cfg.output_dir, cfg.overwrite)
+    staging = root.with_name(root.name + ".partial")  # renamed to output_dir once every format is validated
+    shutil.rmtree(staging, ignore_errors=True)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for fmt in formats:
+            final = root / fmt if len(formats) > 1 else root
+            directory = staging / fmt if len(formats) > 1 else staging
+            directory.mkdir(parents=True)
+            log.info("Exporting %s to %s", fmt, final)
+            result = exporters[fmt].export(model, directory, tokenizer=tokenizer)
+            if fmt != "hf":  # transformers' save_pretrained wrote these in its own form
+                write_tokenizer(tokenizer, model.config.context_length, directory)
+                graph = {"file": Path(result["output_path"]).name, **graph_config(model, fmt, result)}
+                write_weights(model, directory, {fmt: graph})
+            result["output_path"] = str(final / Path(result["output_path"]).relative_to(directory))
+            card = ModelCardGenerator(cfg.license).generate(model, final, fmt, checkpoint=path, export=result)
+            (directory / "README.md").write_text(card)
+            results[fmt] = result
+        if root.exists():  # overwrite=true: the old export goes once the new one is complete
+            shutil.rmtree(root)
+        staging.rename(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    output = Path(cfg.paths.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "export.json").write_text(json.dumps({"checkpoint": str(path), **results}, indent=2))
+    print(summary(results))
+    return results
+
+
+def graph_config(model: Any, fmt: str, result: dict[str, Any]) -> dict[str, Any]:
+    """What a runtime needs to know about the exported graph beside the architecture."""
+    if fmt == "onnx":
+        from gpt2lab.exporters.onnx import graph_shape
+
+        return graph_shape(model) | {k: result[k] for k in ("opset_version", "optimize", "fp16")}
+    return {"method": result["method"]}
+
+
+def summary(results: dict[str, dict[str, Any]]) -> str:
+    """A table of the exports, then the speed table of each benchmarked one."""
+    lines = ["| format | path | size | max abs diff |", "|---|---|---|---|"]
+    for fmt, r in results.items():
+        diff = "not validated" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2g}"
+        lines.append(f"| {fmt} | {r['output_path']} | {r['file_size_mb']:,.1f} MB | {diff} |")
+    for fmt, r in results.items():
+        if r.get("benchmark"):
+            from gpt2lab.exporters.benchmark import format_benchmark
+
+            lines += ["", format_benchmark(r["benchmark"], title=fmt)]
+    return "\n".join(lines)
+
+
+register_schemas()
+
+
+def main() -> None:
+    """Entry point of ``python -m gpt2lab.export``."""
+    sys.argv = null_group_overrides(sys.argv)
+    _main()
+
+
+@hydra.main(config_path=config_path(), config_name="export", execution_whitelist=TRUSTED_TARGETS)
+@report_errors
+def _main(cfg: DictConfig) -> None:
+    export(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""gpt2lab's GPT-2 as a Hugging Face directory: ``transformers.AutoModelForCausalLM.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` load it (``GPT2LMHeadModel``, weights in ``model.safetensors``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from gpt2lab.exporters.directory import write_tokenizer
+from gpt2lab.exporters.validation import check_close
+from gpt2lab.hf import to_transformers
+from gpt2lab.model import GPT2Model
+from gpt2lab.tokenizers import EOS_TOKEN, PAD_TOKEN
+
+
+class HFExporter:
+    """``export(model, output_path, tokenizer)`` writes the directory and returns ``output_path``,
+    ``file_size_mb`` (the weights) and ``max_abs_diff``: the reloaded model's logits against gpt2lab's on random
+    tokens, which must be within ``tolerance``."""
+
+    def __init__(self, validate: bool = True, tolerance: float = 1e-4) -> None:
+        self.validate, self.tolerance = validate, tolerance
+
+    def export(self, model: GPT2Model, output_path: str | Path, tokenizer: Tokenizer, **_: Any) -> dict[str, Any]:
+        directory = Path(output_path)
+        hf = to_transformers(model.float().eval())
+        ids = {name: tokenizer.token_to_id(token) for name, token in (("eos", EOS_TOKEN), ("pad", PAD_TOKEN))}
+        hf.config.bos_token_id = hf.config.eos_token_id = ids["eos"]
+        hf.config.pad_token_id = ids["pad"]
+        hf.generation_config.bos_token_id = hf.generation_config.eos_token_id = ids["eos"]
+        hf.generation_config.pad_token_id = ids["pad"]
+        hf.save_pretrained(str(directory))  # safetensors
+        write_tokenizer(tokenizer, model.config.context_length, directory)
+        weights = directory / "model.safetensors"
+        result = {"output_path": str(directory), "file_size_mb": round(weights.stat().st_size / 2**20, 2)}
+        result["max_abs_diff"] = self._validate(model, directory) if self.validate else None
+        return result
+
+    def _validate(self, model: GPT2Model, directory: Path) -> float:
+        """Reload the directory as a user would and compare its logits with gpt2lab's."""
+        from transformers import AutoModelForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (2, min(16, model.config.context_length)), generator=generator)
+        with torch.no_grad():
+            diff = (loaded(ids).logits - model(ids.to(model.wte.weight.device))[0].cpu()).abs().max().item()
+        check_close(diff, self.tolerance, f"the Hugging Face model loaded from {directory}")
+        return diff

@@ -1,0 +1,277 @@
+"""``python -m gpt2lab.export``: a trained run out as Hugging Face, ONNX (with a KV cache) and TorchScript
+directories, each loaded back by its own runtime: transformers, onnxruntime without torch, torch.jit without
+gpt2lab."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
+from gpt2lab.config import register_schemas
+from gpt2lab.exporters import onnx_generation
+from gpt2lab.model import generation
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("transformers")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory) -> Path:
+    """The tiny trained run exported in every format (``format=all``), as the command line composes it."""
+    from gpt2lab.export import export
+
+    root = tmp_path_factory.mktemp("exported")
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(
+            "export", overrides=[f"ckpt={trained_run}", f"output_dir={root / 'all'}"], return_hydra_config=True
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(root / "log")
+        del cfg.hydra
+    export(cfg)
+    GlobalHydra.instance().clear()
+    return root / "all"
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run):
+    return load_checkpoint(find_checkpoint(str(trained_run), "outputs"))
+
+
+@pytest.fixture
+def export_cli(run_main):
+    def _export(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        return run_main("gpt2lab.export", *args, cwd=cwd)
+
+    return _export
+
+
+def test_every_directory_holds_tokenizer_config_card_and_safetensors_weights(exported):
+    for fmt, own in (("hf", "generation_config.json"), ("onnx", "model.onnx"), ("torchscript", "model.pt")):
+        files = {p.name for p in (exported / fmt).iterdir()}
+        assert {
+            "README.md",
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "model.safetensors",
+            own,
+        } <= files
+        assert not [f for f in files if f.endswith((".bin", ".pkl", ".pickle", ".ckpt"))]
+    assert json.loads((exported.parent / "log" / "export.json").read_text())["onnx"]["max_abs_diff"] < 1e-4
+    assert not (exported.parent / "all.partial").exists()
+
+
+def test_hf_round_trip_gives_gpt2labs_logits_and_generates(exported, trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = trained
+    hf = AutoModelForCausalLM.from_pretrained(exported / "hf").eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(exported / "hf")
+    text = "def fibonacci(n):\n    return n"
+    ids = hf_tokenizer(text, return_tensors="pt").input_ids
+    assert ids[0].tolist() == tokenizer.encode(text).ids
+    assert hf_tokenizer.eos_token == "<|endoftext|>" and hf_tokenizer.pad_token == "<|pad|>"
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)[0]).abs().max() < 1e-4
+    out = hf.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(out, model.generate(ids, 5, do_sample=False))
+
+
+def test_onnx_decoding_gives_gpt2labs_greedy_tokens_with_padding_and_past_the_context(exported, trained):
+    model, tokenizer = trained
+    decoder = onnx_generation.ONNXDecoder.from_directory(exported / "onnx")
+    prompts = [tokenizer.encode(p).ids for p in ("import os\n", "class Foo:\n    def __init__(self):")]
+    width = max(map(len, prompts))
+    ids = np.array([[0] * (width - len(p)) + p for p in prompts])
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    new = model.config.context_length + 8  # the window slides once
+    ours = np.stack(
+        list(onnx_generation.stream_tokens(decoder, ids, mask, new, repetition_penalty=1.3, do_sample=False)), 1
+    )
+    theirs = model.generate(
+        torch.tensor(ids), new, attention_mask=torch.tensor(mask), repetition_penalty=1.3, do_sample=False
+    )[:, width:]
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_onnx_generation_runs_without_torch_and_matches_gpt2lab(exported, trained_run, tmp_path):
+    from gpt2lab.generate import TextGenerator
+
+    settings = ["inference.do_sample=false", "inference.max_new_tokens=12"]
+    prelude = "import sys; sys.modules['torch'] = None; from gpt2lab.generate import main; main()"
+    result = subprocess.run(
+        [sys.executable, "-c", prelude, f"onnx={exported / 'onnx'}", "prompt=def f(x):", *settings],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch" not in re.findall(r"import of (\w+) halted", result.stderr)
+    expected = TextGenerator(str(trained_run), device="cpu").generate_text(
+        "def f(x):", {"do_sample": False, "max_new_tokens": 12, "repetition_penalty": 1.2}, out=None
+    )
+    assert result.stdout == "def f(x):" + expected[0] + "\n"
+
+
+def test_onnx_sampling_follows_the_inference_settings(exported):
+    generator = onnx_generation.ONNXTextGenerator(exported / "onnx")
+    settings = {"max_new_tokens": 10, "temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 5, "stream": False}
+    first = generator.generate_text(["def", "import"], settings | {"num_return_sequences": 2})
+    assert len(first) == 4 and first == generator.generate_text(
+        ["def", "import"], settings | {"num_return_sequences": 2}
+    )
+    greedy = generator.generate_text("def", {"max_new_tokens": 10, "do_sample": False, "repetition_penalty": 1.0})
+    assert (
+        generator.generate_text("def", {"max_new_tokens": 10, "top_k": 1, "seed": 3, "repetition_penalty": 1.0})
+        == greedy
+    )
+
+
+def test_numpy_sampling_filters_are_gpt2labs():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature, top_k, top_p in ((1.0, None, None), (0.7, 5, None), (1.3, None, 0.8), (0.9, 10, 0.5)):
+        ours = onnx_generation.filter_logits(logits.numpy(), temperature, top_k, top_p)
+        theirs = generation.filter_logits(logits, temperature, top_k, top_p).numpy()
+        assert np.array_equal(np.isinf(ours), np.isinf(theirs))
+        assert np.allclose(ours[~np.isinf(ours)], theirs[~np.isinf(theirs)])
+    seen = torch.randint(0, 50, (3, 7))
+    seen_mask = torch.rand(3, 7) > 0.3
+    theirs = generation.penalize_repetition(logits, seen, seen_mask, 1.5).numpy()
+    assert np.allclose(
+        onnx_generation.penalize_repetition(logits.numpy(), seen.numpy(), seen_mask.numpy(), 1.5), theirs
+    )
+
+
+def test_torchscript_loads_in_a_process_without_gpt2lab(exported, trained, tmp_path):
+    model, _ = trained
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    with torch.no_grad():
+        np.save(tmp_path / "expected.npy", model(ids)[0].numpy())
+    script = (
+        "import sys; sys.modules['gpt2lab'] = None\n"
+        "import numpy as np, torch\n"
+        f"program = torch.jit.load({str(exported / 'torchscript' / 'model.pt')!r})\n"
+        "ids = torch.from_numpy(np.load('ids.npy'))\n"
+        "print(float((program(ids) - torch.from_numpy(np.load('expected.npy'))).abs().max()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout) < 1e-5
+
+
+def test_model_card_has_front_matter_run_results_and_snippets_that_run(exported, trained_run):
+    results = json.loads((trained_run / "results.json").read_text())
+    for fmt, library in (("hf", "transformers"), ("onnx", "onnx"), ("torchscript", "pytorch")):
+        card = (exported / fmt / "README.md").read_text()
+        front = yaml.safe_load(card.split("---")[1])
+        assert front["library_name"] == library and front["license"] == "mit"
+        assert {"tags", "datasets", "metrics"} <= front.keys() and "gpt2lab" in front["tags"]
+        for section in ("Model details", "Training data", "Training procedure", "Evaluation results", "How to use",
+                        "Limitations", "Citation"):  # fmt: skip
+            assert f"## {section}" in card
+        assert f"{results['metrics']['val/loss']:.4f}" in card and "| tokens trained on | 10,240 (40 steps) |" in card
+        for snippet in re.findall(r"```python\n(.*?)```", card, re.S):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(compile(snippet, f"{fmt}/README.md", "exec"), {})
+            assert out.getvalue().startswith("def")
+
+
+def test_python_api_returns_sizes_differences_and_a_benchmark(trained, tmp_path):
+    from gpt2lab.exporters.benchmark import format_benchmark
+    from gpt2lab.exporters.onnx import ONNXExporter
+    from gpt2lab.exporters.torchscript import TorchScriptExporter
+
+    model, _ = trained
+    onnx_result = ONNXExporter(opset_version=20, optimize="none", validate=True, benchmark=True).export(
+        model, tmp_path / "m.onnx"
+    )
+    assert onnx_result["output_path"] == str(tmp_path / "m.onnx") and onnx_result["file_size_mb"] > 0
+    assert onnx_result["max_abs_diff"] < 1e-4
+    table = format_benchmark(onnx_result["benchmark"])
+    assert "forward, batch 8" in table and "greedy decoding, batch 1" in table
+    ts = TorchScriptExporter(method="trace", benchmark=True).export(model, tmp_path / "ts")
+    assert ts["method"] == "trace" and ts["max_abs_diff"] < 1e-5 and ts["benchmark"]["rows"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ckpt=missing.ckpt"], "ckpt='missing.ckpt': no such file or directory"),
+        (["format=xml"], "format='xml': expected one of hf, onnx, torchscript or all"),
+        (["format=onnx", "onnx.opset_version=12"], "onnx.opset_version=12: the installed exporter writes opsets 18 to"),
+        (["format=onnx", "onnx.opset_version=99"], "onnx.opset_version=99: the installed exporter writes opsets 18 to"),
+        (["format=onnx", "onnx.optimize=max"], "onnx.optimize='max': expected one of none, basic, extended, all"),
+        (["format=torchscript", "torchscript.method=compile"], "torchscript.method='compile': expected one of auto"),
+        (["output_dir=exists"], "output_dir='exists' exists: choose a new directory, or overwrite=true"),
+        (["output_dir=null"], "output_dir=... is required"),
+    ],
+)
+def test_bad_input_is_one_error_line(export_cli, trained_run, tmp_path, args, message):
+    (tmp_path / "exists").mkdir()
+    ckpt = [] if any(a.startswith("ckpt=") for a in args) else [f"ckpt={trained_run}"]
+    result = export_cli(*ckpt, "output_dir=out", *args, cwd=tmp_path)
+    assert result.returncode == 1
+    assert re.search("Error: " + re.escape(message), result.stderr), result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_export_beyond_tolerance_fails_saying_by_how_much_and_leaves_nothing(
+    export_cli, trained_run, tmp_path, monkeypatch
+):
+    from gpt2lab.exporters import onnx
+
+    perturbed = onnx.run_decoder
+    monkeypatch.setattr(onnx, "run_decoder", lambda *a: [x + 0.01 for x in perturbed(*a)])
+    result = export_cli(f"ckpt={trained_run}", "format=onnx", "output_dir=out", "onnx.optimize=none", cwd=tmp_path)
+    assert result.returncode == 1
+    assert re.search(r"Error: onnxruntime \(model.onnx\) differs from gpt2lab's model by up to 0.01 ", result.stderr)
+    assert list(tmp_path.iterdir()) == [tmp_path / "outputs"]  # no output_dir, no output_dir.partial
+
+
+def test_overwrite_replaces_an_export_through_the_console_script(run_main, trained_run, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("an older export")
+    result = run_main(
+        "gpt2lab.cli", "export", f"ckpt={trained_run}", "format=torchscript", "output_dir=out", "overwrite=true",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "model.pt").is_file()
+    assert "| torchscript | out/model.pt |" in result.stdout
+
+
+def test_model_card_reads_the_corpus_from_the_training_log(trained, trained_run, tmp_path):
+    from gpt2lab.exporters.model_card import ModelCardGenerator
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "train.log").write_text(
+        "[2026-01-01 00:00:00,000][gpt2lab.data.datamodule][INFO] - Corpus: 3 files (fingerprint 0123abcd)\n"
+        "[2026-01-01 00:00:00,000][gpt2lab.data.datamodule][INFO] - train    12 documents   4000 characters   "
+        "1234 tokens (3.24 chars/token)\n"
+    )
+    ckpt = run / "checkpoints" / "last.ckpt"
+    card = ModelCardGenerator(license="apache-2.0").generate(trained[0], tmp_path / "out", "onnx", checkpoint=ckpt)
+    assert "| corpus fingerprint | `0123abcd` |" in card and "| train split | 1,234 tokens |" in card
+    assert yaml.safe_load(card.split("---")[1])["license"] == "apache-2.0"
