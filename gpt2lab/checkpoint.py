@@ -26,11 +26,21 @@ def resolve_ckpt_path(
     model: dict[str, Any] | None = None,
 ) -> str | None:
     """The checkpoint ``ckpt_path`` names: ``None``, a ``.ckpt`` file, a run directory (its
-    ``checkpoints/last.ckpt``), or ``last``: the newest ``last.ckpt`` under ``log_dir``. Given the ``model``
+    ``checkpoints/last.ckpt``), ``last``: the newest ``last.ckpt`` under ``log_dir``, or ``auto``: this run
+    directory's (``exclude``) own ``checkpoints/last.ckpt`` when there is one, else None. Given the ``model``
     about to be trained, ``last`` skips checkpoints of another architecture (saying so), and any other
     checkpoint of another architecture is refused, naming the keys that differ."""
     if not ckpt_path:
         return None
+    if ckpt_path == "auto":  # the same command run again after any stop: go on where this run directory left off
+        last = (exclude if exclude is not None else Path.cwd()) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            if model is not None:
+                log.info("ckpt_path=auto: no %s yet, starting from scratch", last)
+            return None
+        if model is not None:
+            check_resumable(last, model)
+        return str(last)
     if ckpt_path != "last":
         path = _checkpoint_file(ckpt_path)
         if model is not None:

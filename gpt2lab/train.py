@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -21,6 +22,7 @@ from hydra.utils import execution_whitelist, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from pytorch_lightning.strategies import FSDPStrategy
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from gpt2lab.checkpoint import check_steps_left, load_checkpoint, resolve_ckpt_path
 from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
@@ -29,9 +31,9 @@ from gpt2lab.errors import ConfigError, report_errors
 from gpt2lab.generate import sample_text
 from gpt2lab.hf import import_model_config, load_pretrained_weights
 from gpt2lab.lit import GPT2LitModule
-from gpt2lab.lit.callbacks import AtomicCheckpointIO, Samples, ThroughputLogger
+from gpt2lab.lit.callbacks import AtomicCheckpointIO, Preemption, Samples, ThroughputLogger
 from gpt2lab.lit.ddp import use_job_command_for_ddp
-from gpt2lab.lit.loggers import continue_wandb_run, finish_wandb_run
+from gpt2lab.lit.loggers import continue_wandb_run, finish_wandb_run, keep_csv_history
 from gpt2lab.lit.module import check_compile_options, check_optimization
 from gpt2lab.lit.trainer import (
     check_fsdp_world,
@@ -155,6 +157,7 @@ def _train(cfg: DictConfig) -> float | None:
         log.info("Resuming from %s", ckpt_path)
         cfg.ckpt_path = ckpt_path  # config.yaml records the file, not `last`
         continue_wandb_run(trainer.loggers, ckpt_path)
+        keep_csv_history(trainer.loggers, ckpt_path)
     elif gpt2 and cfg.model.init_from:
         load_pretrained_weights(module.model, cfg.model.init_from)
         log.info("Weights: GPT-2 from %s", cfg.model.init_from)
@@ -189,6 +192,8 @@ def _train(cfg: DictConfig) -> float | None:
                 log.warning("test skipped: under FSDP the test reads the best checkpoint, and none was saved")
     except torch.cuda.OutOfMemoryError as e:
         raise ConfigError(out_of_memory_message(cfg, trainer)) from e
+    except SIGTERMException:
+        raise SystemExit(_stopped_by_signal(trainer, callbacks)) from None
     metrics = fit_metrics | {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.optimized_metric not in metrics:
         log.warning("No %s at the end of training: %s", cfg.optimized_metric, _why_no_metric(cfg, trainer))
@@ -215,6 +220,26 @@ def _train(cfg: DictConfig) -> float | None:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         log.info("Results in %s: %s", output_dir, json.dumps({k: v for k, v in results.items() if k != "metrics"}))
     return metrics.get(cfg.optimized_metric)
+
+
+def _stopped_by_signal(trainer: pl.Trainer, callbacks: list[pl.Callback]) -> int:
+    """Say where a run stopped by SIGTERM or Ctrl-C stands and how to go on; return its exit status, 128 + the
+    signal's number as shells report it (143 for SIGTERM, 130 for Ctrl-C)."""
+    preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
+    name = preemption.signal if preemption and preemption.signal else "SIGTERM"
+    if preemption and preemption.checkpoint:
+        log.warning(
+            "Stopped by %s at step %d, with %s written. Resume with the same command and ckpt_path=%s (or "
+            "ckpt_path=auto when hydra.run.dir is the same)",
+            name, trainer.global_step, preemption.checkpoint, preemption.checkpoint,
+        )  # fmt: skip
+    else:
+        log.warning(
+            "Stopped by %s at step %d; no checkpoint was written (callbacks.preemption is off)",
+            name,
+            trainer.global_step,
+        )
+    return 128 + getattr(signal, name)
 
 
 def _float_or_none(value: Any) -> float | None:

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import signal as signal_module
 
 import pytorch_lightning as pl
 import torch
@@ -27,3 +28,16 @@ class OutOfMemoryAtStep(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
         if trainer.global_step == self.step:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
+
+
+class SignalAtStep(pl.Callback):
+    """Send this process ``signal`` (SIGTERM, SIGINT, ...) right after optimizer step ``step``, as a cluster
+    preempting the job or a person pressing Ctrl-C would."""
+
+    def __init__(self, step: int, signal: str = "SIGTERM") -> None:
+        self.step = step
+        self.signal = getattr(signal_module, signal)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signal)

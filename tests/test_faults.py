@@ -1,8 +1,13 @@
 """Faults while training: a checkpoint that cannot be written stops the run with the place and the free space,
-and leaves the checkpoints already written intact."""
+and leaves the checkpoints already written intact; SIGTERM and Ctrl-C stop at a step with last.ckpt written, and
+the same command with ckpt_path=auto finishes the run as if it had never stopped."""
 
 from __future__ import annotations
 
+import csv
+import json
+
+import pytest
 import torch
 from conftest import TINY
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -16,7 +21,9 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last_on
 
     def full_disk_after_the_first_validation(self, checkpoint, path, storage_options=None):
         if checkpoint["global_step"] > 4:
-            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 128 vs 64: file write failed")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:626] . unexpected pos 128 vs 64: file write failed"
+            )
         written.append(path)
         save(self, checkpoint, path, storage_options)
 
@@ -32,3 +39,28 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last_on
     assert written  # the step-4 checkpoints were written; what is there is whole and loadable
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
     assert not list((run / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stops_at_a_step_with_last_ckpt_and_ckpt_path_auto_finishes_the_run(
+    train_cli, tmp_path, corpus_file, cache_dir, name, status
+):
+    common = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", "trainer.max_steps=12", "sample=null"]
+    whole = tmp_path / "whole"
+    assert train_cli(*common, f"hydra.run.dir={whole}", cwd=tmp_path).returncode == 0
+    run = tmp_path / "run"
+    stop = ["+callbacks.stop._target_=helpers.SignalAtStep", "+callbacks.stop.step=6", f"+callbacks.stop.signal={name}"]
+    stopped = train_cli(*common, f"hydra.run.dir={run}", "ckpt_path=auto", *stop, cwd=tmp_path)
+    assert stopped.returncode == status, stopped.stderr[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    assert f"Stopped by {name} at step 6, with {last} written" in stopped.stdout + stopped.stderr
+    assert torch.load(last, weights_only=False)["global_step"] == 6  # mid-way between the validations at 4 and 8
+    assert not (run / "results.json").exists()
+    finished = train_cli(*common, f"hydra.run.dir={run}", "ckpt_path=auto", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert f"Resuming from {last}" in (run / "train.log").read_text()
+    assert json.loads((run / "results.json").read_text())["metrics"]["val/loss"] == pytest.approx(
+        json.loads((whole / "results.json").read_text())["metrics"]["val/loss"], abs=1e-6
+    )
+    val_steps = [int(r["step"]) for r in csv.DictReader((run / "metrics.csv").open()) if r["val/loss"]]
+    assert val_steps == [int(r["step"]) for r in csv.DictReader((whole / "metrics.csv").open()) if r["val/loss"]]

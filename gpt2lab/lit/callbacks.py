@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from gpt2lab.errors import ConfigError
 
@@ -266,6 +269,57 @@ class Curves(pl.Callback):
             log.info("Curves: %s", self.path)
         else:
             log.info("No %s: no loss was logged before the run ended (trainer.log_every_n_steps)", self.path.name)
+
+
+class Preemption(pl.Callback):
+    """SIGTERM (Kubernetes, spot instances, torchrun, SLURM's end of time) and Ctrl-C stop training at the next
+    step boundary, on every rank, with ``last.ckpt`` written, so that ``ckpt_path=auto`` (the same command run
+    again) goes on from there. Lightning turns SIGTERM into ``SIGTERMException`` at a step boundary, agreed
+    across ranks; Ctrl-C is made to do the same (a second Ctrl-C stops at once, without a checkpoint).
+    ``signal`` and ``checkpoint`` say what happened, for the run's last line (``gpt2lab.train``)."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.checkpoint: Path | None = None
+        self._sigint: Any = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.signal = self.checkpoint = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sigterm(signum: int, frame: Any) -> None:  # Lightning adds its own handler (DDP ranks) to this one
+            self.signal = self.signal or "SIGTERM"
+            trainer._signal_connector.received_sigterm = True  # also if Lightning's came first and was replaced
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if self.signal:  # asked twice: now
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.signal = "SIGINT"
+            log.warning("Ctrl-C: stopping after this step, with last.ckpt written (Ctrl-C again: stop at once)")
+            trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        self._sigint = signal.signal(signal.SIGINT, on_sigint)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self.signal = self.signal or "SIGTERM"  # a SIGTERM that reached another rank first
+        dirpath = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
+        if dirpath:
+            self.checkpoint = Path(dirpath) / "last.ckpt"
+            trainer.save_checkpoint(self.checkpoint)  # every rank takes part, as for any checkpoint
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._sigint is not None:
+            signal.signal(signal.SIGINT, self._sigint)
+            self._sigint = None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

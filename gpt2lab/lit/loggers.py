@@ -1,10 +1,11 @@
-"""Weights & Biases through Lightning's ``WandbLogger``, with what a Hydra run needs around it.
+"""Loggers around a Hydra run: Weights & Biases through Lightning's ``WandbLogger``, and a resumed CSV log.
 
 - ``wandb_logger`` (``conf/logger/wandb.yaml``'s ``_target_``): the run named, grouped and typed from the Hydra
   job (a multirun's jobs share a group, the sweep directory; each is named by its overrides), and online only
   when it can be: with no credentials or no route to the server it logs offline, says so, and ends by giving
   the ``wandb sync`` command. Checkpoints as artifacts (``log_model``) need an online run: refused at start.
 - ``continue_wandb_run``: a run resumed from a checkpoint continues the wandb run of the checkpoint's run.
+- ``keep_csv_history``: a run resumed in its own directory keeps its ``metrics.csv`` rows.
 - ``finish_wandb_run``: every job ends its wandb run, failed or not. Without it the next job of a multirun
   would log into the previous job's run (``wandb.init`` returns the run in progress), and a job that raised
   would show as finished.
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from gpt2lab.errors import ConfigError
@@ -110,6 +112,35 @@ def continue_wandb_run(loggers: list[Logger], ckpt_path: str | None) -> None:
         run_id = RUN_DIR.match(runs[-1].name)["id"]
         logger._wandb_init["id"] = logger._id = run_id  # what WandbLogger passes to wandb.init (resume="allow")
         log.info("wandb: continuing run %s of %s", run_id, runs[-1].parent.parent)
+
+
+def keep_csv_history(loggers: list[Logger], ckpt_path: str | None) -> None:
+    """A run resumed in its own directory (``ckpt_path=auto``, or its own last.ckpt) keeps the ``metrics.csv``
+    rows logged before the checkpoint. Lightning's CSV logger deletes an existing file when it starts; the rows
+    up to the checkpoint's step are read first and written back (the steps after it are trained again)."""
+    if not ckpt_path:
+        return
+    for logger in loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        if logger._experiment is not None or not path.is_file():
+            continue
+        if Path(ckpt_path).resolve().parent.parent != Path(logger.log_dir).resolve():
+            continue  # resumed into a new directory: nothing to keep
+        from gpt2lab.checkpoint import read_checkpoint
+
+        step = read_checkpoint(ckpt_path)["global_step"]
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header, rows = list(reader.fieldnames or []), [r for r in reader if r.get("step") and int(r["step"]) < step]
+        writer = logger.experiment  # deletes the file
+        writer.metrics_keys = sorted(header)
+        with path.open("w", newline="") as f:
+            out = csv.DictWriter(f, fieldnames=writer.metrics_keys)
+            out.writeheader()
+            out.writerows(rows)
+        log.info("metrics.csv: kept its %d rows before step %d", len(rows), step)
 
 
 def finish_wandb_run(outcome: str, optuna_trial: int | None = None) -> None:
