@@ -30,8 +30,13 @@ def options(group: str) -> list[str]:
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes(compose_cfg, group, option):
     extra = {"data": ["data.path=x.txt", "data.name=x"], "tokenizer": ["tokenizer.path=t.json"]}.get(group, [])
+    extra += {("model", "hf"): ["model.name_or_path=gpt2"], ("model", "module"): ["model.context_length=64"]}.get(
+        (group, option), []
+    )
     cfg = compose_cfg(f"{group}={option}", *extra, tiny=False)
-    assert cfg.model.d_model > 0 and cfg.trainer._target_ == "pytorch_lightning.Trainer"
+    assert cfg.model._target_ and cfg.trainer._target_ == "pytorch_lightning.Trainer"
+    if option not in ("hf", "module"):  # GPT-2 sizes; model=hf and model=module take theirs from the model
+        assert cfg.model.d_model > 0
 
 
 def test_model_sizes_are_gpt2s(compose_cfg):
