@@ -19,14 +19,14 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import execution_whitelist, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
 from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
 from gpt2lab.checkup import TIERS, CheckConfig, CheckResult, failed, format_table, run_all_tests, write_reports
 from gpt2lab.config import (
     TRUSTED_TARGETS,
-    ModelSchema,
+    ModelBaseSchema,
     PathsSchema,
     config_path,
     literal_overrides,
@@ -41,13 +41,19 @@ log = logging.getLogger("gpt2lab.check")
 
 @dataclasses.dataclass
 class CheckSchema:
-    model: ModelSchema = dataclasses.field(default_factory=ModelSchema)
+    model: ModelBaseSchema = MISSING  # typed by the chosen option's schema, as for train.py
     paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
     ckpt: Optional[str] = None  # noqa: UP045 (OmegaConf needs Optional) - a checkpoint instead of model
     tier: int = 1
     device: str = "auto"
     check: CheckConfig = dataclasses.field(default_factory=CheckConfig)
     task_name: str = "check"
+
+
+NOT_GPT2 = (
+    "the check-up reads gpt2lab's GPT-2 layers (its attention, embeddings and residual blocks), and {what}: "
+    "check a model=gpt2* size or a checkpoint of one"
+)
 
 
 class CheckFailed(ConfigError):
@@ -59,12 +65,16 @@ def build_model(cfg: DictConfig, device: str) -> tuple[GPT2Model, Tokenizer | No
     if cfg.ckpt:
         path = find_checkpoint(cfg.ckpt, cfg.paths.log_dir)
         model, tokenizer = load_checkpoint(path, device=device)
+        if not isinstance(model, GPT2Model):
+            raise ConfigError(NOT_GPT2.format(what=f"ckpt={cfg.ckpt} holds a {type(model).__name__}"))
         log.info("Checking the checkpoint %s (its own model: the model group is not used)", path)
         return model, tokenizer, {"checkpoint": str(path), "config": dataclasses.asdict(model.config)}
+    choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
+    if cfg.model._target_ != "gpt2lab.model.GPT2Config":
+        raise ConfigError(NOT_GPT2.format(what=f"model={choice or cfg.model._target_} is not one"))
     torch.manual_seed(cfg.check.seed)
     with execution_whitelist(TRUSTED_TARGETS), torch.device(device):
         model = GPT2Model(instantiate(cfg.model, _convert_="all"))
-    choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
     return model, None, {"model": choice or "from config", "config": dataclasses.asdict(model.config)}
 
 

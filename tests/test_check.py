@@ -162,3 +162,11 @@ def test_the_command_line_writes_its_reports_to_a_run_directory(tmp_path):
     assert "Tier 1: critical" in result.stdout and "gradient flow" in result.stdout
     (report,) = (tmp_path / "outputs" / "check").glob("*/*/check.md")  # the default run directory
     assert (report.parent / "check.json").is_file() and (report.parent / "check.log").is_file()
+
+
+def test_a_model_that_is_not_gpt2_is_refused_naming_what_to_check(run_main, tmp_path):
+    result = run_main("gpt2lab.check", "model=hf", "model.name_or_path=/nowhere", cwd=tmp_path)
+    assert result.returncode == 1
+    assert (
+        "Error: the check-up reads gpt2lab's GPT-2 layers" in result.stderr and "model=hf is not one" in result.stderr
+    )
