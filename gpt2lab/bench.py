@@ -256,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         from gpt2lab.bench_decode import main as decode_main
 
         return decode_main(argv[1:])
+    if argv[:1] == ["export"]:  # onnxruntime against PyTorch eager on the CPU: gpt2lab/exporters/benchmark.py
+        from gpt2lab.exporters.benchmark import main as export_main
+
+        return export_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m gpt2lab.bench",
         description="Training-step throughput (and memory) of a gpt2lab config, through the real training path.",

@@ -242,6 +242,7 @@ class ONNXExportSchema:
     opset_version: int = 18  # 18 (torch.onnx's own) up to the newest opset the installed onnx knows
     optimize: str = "extended"  # onnxruntime's graph optimisation level, applied offline: none, basic, extended, all
     fp16: bool = False  # half precision, for GPU runtimes (inputs and outputs stay float32)
+    quantize: Optional[str] = None  # noqa: UP045 - int8: int8 matrix weights (onnxruntime's dynamic quantization)
 
 
 @dataclasses.dataclass
@@ -256,7 +257,7 @@ class ExportSchema:
     output_dir: Optional[str] = None  # noqa: UP045 - a directory that does not exist yet
     overwrite: bool = False  # replace output_dir if it exists
     validate: bool = True  # compare each export's outputs with the model's on random inputs
-    tolerance: Optional[float] = None  # noqa: UP045 - largest difference allowed; null: 1e-4 (fp16: 0.05)
+    tolerance: Optional[float] = None  # noqa: UP045 - largest difference allowed; null: 1e-4 (fp16 0.05, int8 1.0)
     benchmark: bool = False  # onnxruntime / TorchScript against PyTorch eager on this machine
     license: str = "mit"  # the model card's
     onnx: ONNXExportSchema = dataclasses.field(default_factory=ONNXExportSchema)

@@ -42,7 +42,7 @@ def make_exporters(cfg: DictConfig, formats: list[str]) -> dict[str, Any]:
 
         o = cfg.onnx
         exporters["onnx"] = ONNXExporter(
-            o.opset_version, o.optimize, cfg.validate, cfg.benchmark, o.fp16, cfg.tolerance
+            o.opset_version, o.optimize, cfg.validate, cfg.benchmark, o.fp16, cfg.tolerance, o.quantize
         )
     if "torchscript" in formats:
         from gpt2lab.exporters.torchscript import TorchScriptExporter
@@ -101,7 +101,7 @@ def graph_config(model: Any, fmt: str, result: dict[str, Any]) -> dict[str, Any]
     if fmt == "onnx":
         from gpt2lab.exporters.onnx import graph_shape
 
-        return graph_shape(model) | {k: result[k] for k in ("opset_version", "optimize", "fp16")}
+        return graph_shape(model) | {k: result[k] for k in ("opset_version", "optimize", "fp16", "quantize")}
     return {"method": result["method"]}
 
 

@@ -214,6 +214,17 @@ def test_python_api_returns_sizes_differences_and_a_benchmark(trained, tmp_path)
     assert ts["method"] == "trace" and ts["max_abs_diff"] < 1e-5 and ts["benchmark"]["rows"]
 
 
+@pytest.mark.parametrize(("options", "tolerance"), [({"fp16": True}, 0.05), ({"quantize": "int8"}, 1.0)])
+def test_half_and_int8_graphs_are_validated_with_their_own_tolerance(trained, tmp_path, options, tolerance):
+    from gpt2lab.exporters.onnx import ONNXExporter, graph_shape
+
+    model = trained[0]
+    result = ONNXExporter(**options).export(model, tmp_path)
+    assert 1e-5 < result["max_abs_diff"] < tolerance
+    decoder = onnx_generation.ONNXDecoder(result["output_path"], graph_shape(model), model.config.context_length)
+    assert len(list(onnx_generation.stream_tokens(decoder, np.array([[5, 6, 7]]), np.ones((1, 3)), 4))) == 4
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -222,6 +233,8 @@ def test_python_api_returns_sizes_differences_and_a_benchmark(trained, tmp_path)
         (["format=onnx", "onnx.opset_version=12"], "onnx.opset_version=12: the installed exporter writes opsets 18 to"),
         (["format=onnx", "onnx.opset_version=99"], "onnx.opset_version=99: the installed exporter writes opsets 18 to"),
         (["format=onnx", "onnx.optimize=max"], "onnx.optimize='max': expected one of none, basic, extended, all"),
+        (["onnx.quantize=int4"], "onnx.quantize='int4': expected null or int8"),
+        (["onnx.quantize=int8", "onnx.fp16=true"], "onnx.quantize=int8 and onnx.fp16=true: choose one"),
         (["format=torchscript", "torchscript.method=compile"], "torchscript.method='compile': expected one of auto"),
         (["output_dir=exists"], "output_dir='exists' exists: choose a new directory, or overwrite=true"),
         (["output_dir=null"], "output_dir=... is required"),

@@ -3,7 +3,8 @@ the median latency of one forward pass at batch 1 and 8 over 128 tokens, and gre
 1 with the KV cache (gpt2lab's ``generate`` against the ONNX graph's onnxruntime loop).
 
 ``python -m gpt2lab.bench export [--model gpt2-tiny gpt2]`` measures randomly initialised models of the sizes
-in ``conf/model/``; ``python -m gpt2lab.export ... benchmark=true`` measures the exported checkpoint.
+in ``conf/model/``, exported in float32 and with int8 weights; ``python -m gpt2lab.export ... benchmark=true``
+measures the exported checkpoint.
 """
 
 from __future__ import annotations
@@ -130,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.model:
         torch.manual_seed(0)
         model = build_model(name, torch.device("cpu"), torch.float32)
-        with tempfile.TemporaryDirectory() as tmp:
-            exporter = ONNXExporter(optimize=args.optimize, validate=True)
-            exported = exporter.export(model, Path(tmp) / "model.onnx")
-            result = benchmark_onnx(model, exported["output_path"], args.repeats)
-        title = f"{name} ({model.num_parameters() / 1e6:.1f}M parameters, random weights)"
-        print(format_benchmark(result, title) + "\n", flush=True)
+        for quantize in (None, "int8"):
+            with tempfile.TemporaryDirectory() as tmp:
+                exporter = ONNXExporter(optimize=args.optimize, quantize=quantize)
+                exported = exporter.export(model, Path(tmp) / "model.onnx")
+                result = benchmark_onnx(model, exported["output_path"], args.repeats)
+            weights = "int8 weights" if quantize else "float32"
+            title = f"{name} ({model.num_parameters() / 1e6:.1f}M parameters, random weights), ONNX {weights}"
+            print(format_benchmark(result, title) + "\n", flush=True)
     return 0

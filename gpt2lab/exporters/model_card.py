@@ -198,7 +198,7 @@ FORMAT_NAMES = {
     "onnx": "an ONNX decoder graph with a KV cache, for onnxruntime",
     "torchscript": "a TorchScript program",
 }
-DETAIL_KEYS = ("opset_version", "optimize", "fp16", "method", "max_abs_diff")
+DETAIL_KEYS = ("opset_version", "optimize", "fp16", "quantize", "method", "max_abs_diff")
 FILES = {
     "hf": "Files: `config.json` and `model.safetensors` (transformers' GPT-2), `generation_config.json`, the "
     "tokenizer (`tokenizer.json`, `tokenizer_config.json`).",
