@@ -56,11 +56,11 @@ def export(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Export ``cfg.ckpt`` as ``conf/export.yaml`` describes; returns each format's result."""
     if cfg.format not in (*FORMATS, "all"):
         raise ConfigError(f"format={cfg.format!r}: expected one of {', '.join(FORMATS)} or all")
+    path = find_checkpoint(cfg.ckpt, cfg.paths.log_dir)
     if not cfg.output_dir:
         raise ConfigError("output_dir=... is required: a directory that does not exist yet")
     formats = list(FORMATS) if cfg.format == "all" else [cfg.format]
     exporters = make_exporters(cfg, formats)
-    path = find_checkpoint(cfg.ckpt, cfg.paths.log_dir)
     model, tokenizer = load_checkpoint(path)
     if tokenizer is None:
         raise ConfigError(f"ckpt={str(path)!r} carries no tokenizer, and every export holds one")

@@ -92,6 +92,9 @@ def test_hf_round_trip_gives_gpt2labs_logits_and_generates(exported, trained):
     ids = hf_tokenizer(text, return_tensors="pt").input_ids
     assert ids[0].tolist() == tokenizer.encode(text).ids
     assert hf_tokenizer.eos_token == "<|endoftext|>" and hf_tokenizer.pad_token == "<|pad|>"
+    assert json.loads((exported / "hf" / "tokenizer_config.json").read_text())["tokenizer_class"] == (
+        "PreTrainedTokenizerFast"  # transformers 4 and 5 know it
+    )
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)[0]).abs().max() < 1e-4
     out = hf.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)

@@ -40,6 +40,12 @@ def write_tokenizer(tokenizer: Tokenizer, context_length: int, directory: Path) 
         **{role: token for role, token in special.items() if token in vocab},
     )
     fast.save_pretrained(str(directory))
+    # transformers 5 writes its new class name, TokenizersBackend, which transformers 4 does not know; both load
+    # PreTrainedTokenizerFast (in 5, another name of the same class).
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def gpt2lab_config(model: GPT2Model) -> dict[str, Any]:

@@ -186,9 +186,10 @@ class ONNXTextGenerator(TextGenerator):
         self.path = Path(export_dir).expanduser()
         config = self.path / "config.json"
         if not config.is_file() or "onnx" not in json.loads(config.read_text()):
+            inside = self.path / "onnx"  # format=all's root
+            hint = f"onnx={inside}" if (inside / "config.json").is_file() else "format=onnx of python -m gpt2lab.export"
             raise ConfigError(
-                f"onnx={str(export_dir)!r} is not an ONNX export directory (config.json and model.onnx): "
-                "make one with python -m gpt2lab.export ckpt=... format=onnx output_dir=..."
+                f"onnx={str(export_dir)!r} is not an ONNX export directory (config.json and model.onnx): use {hint}"
             )
         self.decoder = ONNXDecoder.from_directory(self.path, providers=providers)
         self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
