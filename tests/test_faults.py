@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, run_cli
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
@@ -49,7 +49,8 @@ def test_a_signal_stops_at_a_step_with_last_ckpt_and_ckpt_path_auto_finishes_the
     whole = tmp_path / "whole"
     assert train_cli(*common, f"hydra.run.dir={whole}", cwd=tmp_path).returncode == 0
     run = tmp_path / "run"
-    stop = ["+callbacks.stop._target_=helpers.SignalAtStep", "+callbacks.stop.step=6", f"+callbacks.stop.signal={name}"]
+    # Sent once step 5 has been checked for signals: the run ends at the next step boundary, after step 6.
+    stop = ["+callbacks.stop._target_=helpers.SignalAtStep", "+callbacks.stop.step=5", f"+callbacks.stop.signal={name}"]
     stopped = train_cli(*common, f"hydra.run.dir={run}", "ckpt_path=auto", *stop, cwd=tmp_path)
     assert stopped.returncode == status, stopped.stderr[-3000:]
     last = run / "checkpoints" / "last.ckpt"
@@ -64,3 +65,25 @@ def test_a_signal_stops_at_a_step_with_last_ckpt_and_ckpt_path_auto_finishes_the
     )
     val_steps = [int(r["step"]) for r in csv.DictReader((run / "metrics.csv").open()) if r["val/loss"]]
     assert val_steps == [int(r["step"]) for r in csv.DictReader((whole / "metrics.csv").open()) if r["val/loss"]]
+
+
+@pytest.mark.slow
+def test_sigterm_under_ddp_stops_both_ranks_at_one_step_and_ckpt_path_auto_finishes(tmp_path, corpus_file, cache_dir):
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    common = [
+        *TINY,
+        f"data.path={corpus_file}",
+        f"paths.cache_dir={cache_dir}",
+        "trainer.max_steps=12",
+        "sample=null",
+        *ddp,
+    ]
+    assert run_cli(*common, "hydra.run.dir=whole", cwd=tmp_path, timeout=600).returncode == 0
+    stop = ["+callbacks.stop._target_=helpers.SignalAtStep", "+callbacks.stop.step=5"]  # SIGTERM on each rank
+    stopped = run_cli(*common, "hydra.run.dir=run", "ckpt_path=auto", *stop, cwd=tmp_path, timeout=600)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+    finished = run_cli(*common, "hydra.run.dir=run", "ckpt_path=auto", cwd=tmp_path, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    loss = [json.loads((tmp_path / d / "results.json").read_text())["metrics"]["val/loss"] for d in ("run", "whole")]
+    assert loss[0] == pytest.approx(loss[1], abs=1e-5)

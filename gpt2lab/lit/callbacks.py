@@ -272,54 +272,66 @@ class Curves(pl.Callback):
 
 
 class Preemption(pl.Callback):
-    """SIGTERM (Kubernetes, spot instances, torchrun, SLURM's end of time) and Ctrl-C stop training at the next
-    step boundary, on every rank, with ``last.ckpt`` written, so that ``ckpt_path=auto`` (the same command run
-    again) goes on from there. Lightning turns SIGTERM into ``SIGTERMException`` at a step boundary, agreed
-    across ranks; Ctrl-C is made to do the same (a second Ctrl-C stops at once, without a checkpoint).
-    ``signal`` and ``checkpoint`` say what happened, for the run's last line (``gpt2lab.train``)."""
+    """SIGTERM (Kubernetes, spot instances, torchrun, SLURM's time limit) and Ctrl-C stop training at the end of
+    the optimizer step in progress, on every rank, with ``last.ckpt`` written, so that ``ckpt_path=auto`` (the
+    same command run again) goes on from there. A second Ctrl-C stops at once, without a checkpoint.
+
+    The handlers only note the signal. After each optimizer step the ranks agree (one all-reduce under DDP, no
+    device sync on one process) and, if any was signalled, all set Lightning's ``received_sigterm`` at that same
+    step; Lightning then raises ``SIGTERMException`` on each. Lightning's own SIGTERM handler is replaced while
+    training: it broadcasts from inside the handler, at whatever point each rank happens to be, which hangs DDP
+    when a rank gets the signal twice (its launcher forwards it too). ``signal`` and ``checkpoint`` say what
+    happened, for the run's last line (``gpt2lab.train``)."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
         self.checkpoint: Path | None = None
-        self._sigint: Any = None
+        self._previous: dict[int, Any] = {}
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.signal = self.checkpoint = None
         if threading.current_thread() is not threading.main_thread():
             return
 
-        def on_sigterm(signum: int, frame: Any) -> None:  # Lightning adds its own handler (DDP ranks) to this one
+        def on_sigterm(signum: int, frame: Any) -> None:
             self.signal = self.signal or "SIGTERM"
-            trainer._signal_connector.received_sigterm = True  # also if Lightning's came first and was replaced
 
         def on_sigint(signum: int, frame: Any) -> None:
-            if self.signal:  # asked twice: now
+            if self.signal == "SIGINT":  # asked twice: now
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt
             self.signal = "SIGINT"
             log.warning("Ctrl-C: stopping after this step, with last.ckpt written (Ctrl-C again: stop at once)")
-            trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
 
-        signal.signal(signal.SIGTERM, on_sigterm)
-        self._sigint = signal.signal(signal.SIGINT, on_sigint)
+        for signum, handler in ((signal.SIGTERM, on_sigterm), (signal.SIGINT, on_sigint)):
+            self._previous[signum] = signal.signal(signum, handler)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if (trainer.fit_loop.epoch_loop.batch_progress.current.completed % trainer.accumulate_grad_batches) != 0:
+            return  # mid-accumulation: not a step boundary
+        stop = self.signal is not None
+        if trainer.world_size > 1:
+            stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
+        if stop:
+            self.signal = self.signal or "SIGTERM"  # another rank was signalled
+            trainer._signal_connector.received_sigterm = True  # Lightning stops here, raising SIGTERMException
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
-        self.signal = self.signal or "SIGTERM"  # a SIGTERM that reached another rank first
         dirpath = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
         if dirpath:
             self.checkpoint = Path(dirpath) / "last.ckpt"
             trainer.save_checkpoint(self.checkpoint)  # every rank takes part, as for any checkpoint
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
 
     def _restore(self) -> None:
-        if self._sigint is not None:
-            signal.signal(signal.SIGINT, self._sigint)
-            self._sigint = None
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
