@@ -2,8 +2,9 @@
 
 Prompts come from ``prompt=`` or ``prompts_file=`` (one per line) and are decoded together, left-padded,
 with the KV cache of ``gpt2lab/model/generation.py``; settings are the ``inference`` group's. One sequence
-streams to the terminal as it is produced; ``output=samples.jsonl`` keeps every completion. See README,
-"Generate".
+streams to the terminal as it is produced; ``output=samples.jsonl`` keeps every completion. ``onnx=<dir>``
+instead of ``ckpt=`` decodes an ONNX export with onnxruntime (``gpt2lab/exporters/onnx_generation.py``), also
+where PyTorch is not installed: nothing imported here imports torch. See README, "Generate" and "Export".
 """
 
 from __future__ import annotations

@@ -28,14 +28,23 @@ BATCHES = (1, 8)
 SEQUENCE = 128
 
 
-def median_ms(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up
-    times = []
+def median_ms(pytorch: Callable[[], object], exported: Callable[[], object], repeats: int) -> dict[str, float]:
+    """The median milliseconds of each, timed in turns (after one warm-up each), so that a burst of load from
+    other processes falls on both."""
+    pytorch(), exported()
+    times: dict[str, list[float]] = {"pytorch": [], "exported": []}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for name, run in (("pytorch", pytorch), ("exported", exported)):
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+@torch.inference_mode()
+def eager(model: Any, ids: torch.Tensor, new_tokens: int = 0) -> object:
+    """A forward pass of ``model`` over ``ids``, or greedy decoding of ``new_tokens`` with gpt2lab's KV cache."""
+    return model.generate(ids, new_tokens, do_sample=False) if new_tokens else model(ids)
 
 
 def machine() -> dict[str, Any]:
@@ -67,20 +76,18 @@ def benchmark_onnx(model: GPT2Model, path: str | Path, repeats: int = 5) -> dict
     generator = torch.Generator().manual_seed(0)
     for batch in BATCHES:
         ids = torch.randint(0, model.config.vocab_size, (batch, sequence), generator=generator)
-        with torch.inference_mode():
-            eager = median_ms(lambda ids=ids: model(ids), repeats)
         ones = np.ones((batch, sequence), np.int64)
-        ort = median_ms(lambda ids=ids, ones=ones: decoder.prefill(ids.numpy(), ones), repeats)
-        rows[f"forward, batch {batch} x {sequence} tokens (ms)"] = {"pytorch": eager, "exported": ort}
+        rows[f"forward, batch {batch} x {sequence} tokens (ms)"] = median_ms(
+            lambda ids=ids: eager(model, ids), lambda ids=ids, ones=ones: decoder.prefill(ids.numpy(), ones), repeats
+        )
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=generator)
-    with torch.inference_mode():
-        eager = median_ms(lambda: model.generate(ids, new, do_sample=False), max(1, repeats // 2))
     ones = np.ones((1, prompt), np.int64)
-    ort = median_ms(lambda: list(stream_tokens(decoder, ids.numpy(), ones, new, do_sample=False)), max(1, repeats // 2))
-    rows[f"greedy decoding, batch 1, {prompt} + {new} tokens (tokens/s)"] = {
-        "pytorch": 1e3 * new / eager,
-        "exported": 1e3 * new / ort,
-    }
+    ms = median_ms(
+        lambda: eager(model, ids, new),
+        lambda: list(stream_tokens(decoder, ids.numpy(), ones, new, do_sample=False)),
+        min(repeats, 3),
+    )
+    rows[f"greedy decoding, batch 1, {prompt} + {new} tokens (tokens/s)"] = {k: 1e3 * new / v for k, v in ms.items()}
     return {"runtime": "onnxruntime", "machine": machine(), "rows": rows}
 
 
@@ -92,11 +99,9 @@ def benchmark_torchscript(model: GPT2Model, path: str | Path, repeats: int = 5) 
     generator = torch.Generator().manual_seed(0)
     for batch in BATCHES:
         ids = torch.randint(0, model.config.vocab_size, (batch, sequence), generator=generator)
-        with torch.inference_mode():
-            rows[f"forward, batch {batch} x {sequence} tokens (ms)"] = {
-                "pytorch": median_ms(lambda ids=ids: model(ids), repeats),
-                "exported": median_ms(lambda ids=ids: program(ids), repeats),
-            }
+        rows[f"forward, batch {batch} x {sequence} tokens (ms)"] = median_ms(
+            lambda ids=ids: eager(model, ids), lambda ids=ids: eager(program, ids), repeats
+        )
     return {"runtime": "torchscript", "machine": machine(), "rows": rows}
 
 

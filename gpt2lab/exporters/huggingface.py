@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,12 @@ class HFExporter:
         hf.config.pad_token_id = ids["pad"]
         hf.generation_config.bos_token_id = hf.generation_config.eos_token_id = ids["eos"]
         hf.generation_config.pad_token_id = ids["pad"]
-        hf.save_pretrained(str(directory))  # safetensors
-        write_tokenizer(tokenizer, model.config.context_length, directory)
-        weights = directory / "model.safetensors"
-        result = {"output_path": str(directory), "file_size_mb": round(weights.stat().st_size / 2**20, 2)}
-        result["max_abs_diff"] = self._validate(model, directory) if self.validate else None
+        with quiet_transformers():
+            hf.save_pretrained(str(directory))  # safetensors
+            write_tokenizer(tokenizer, model.config.context_length, directory)
+            weights = directory / "model.safetensors"
+            result = {"output_path": str(directory), "file_size_mb": round(weights.stat().st_size / 2**20, 2)}
+            result["max_abs_diff"] = self._validate(model, directory) if self.validate else None
         return result
 
     def _validate(self, model: GPT2Model, directory: Path) -> float:
@@ -50,3 +53,17 @@ class HFExporter:
             diff = (loaded(ids).logits - model(ids.to(model.wte.weight.device))[0].cpu()).abs().max().item()
         check_close(diff, self.tolerance, f"the Hugging Face model loaded from {directory}")
         return diff
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Without transformers' progress bars for writing and reading one small file each."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
