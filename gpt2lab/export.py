@@ -25,6 +25,7 @@ from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, r
 from gpt2lab.errors import ConfigError, report_errors
 from gpt2lab.exporters.directory import check_output_dir, write_tokenizer, write_weights
 from gpt2lab.exporters.model_card import ModelCardGenerator
+from gpt2lab.model import GPT2Model
 
 log = logging.getLogger("gpt2lab.export")
 FORMATS = ("hf", "onnx", "torchscript")
@@ -62,6 +63,11 @@ def export(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     formats = list(FORMATS) if cfg.format == "all" else [cfg.format]
     exporters = make_exporters(cfg, formats)
     model, tokenizer = load_checkpoint(path)
+    if not isinstance(model, GPT2Model):
+        raise ConfigError(
+            f"ckpt={str(path)!r} holds a {type(model).__name__} (model=hf or model=module): export is written for "
+            "gpt2lab's GPT-2 (model=gpt2, or model.init_from=<a GPT-2>)"
+        )
     if tokenizer is None:
         raise ConfigError(f"ckpt={str(path)!r} carries no tokenizer, and every export holds one")
     log.info("Checkpoint: %s (%s parameters)", path, f"{model.num_parameters():,}")

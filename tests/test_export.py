@@ -291,3 +291,12 @@ def test_model_card_reads_the_corpus_from_the_training_log(trained, trained_run,
     card = ModelCardGenerator(license="apache-2.0").generate(trained[0], tmp_path / "out", "onnx", checkpoint=ckpt)
     assert "| corpus fingerprint | `0123abcd` |" in card and "| train split | 1,234 tokens |" in card
     assert yaml.safe_load(card.split("---")[1])["license"] == "apache-2.0"
+
+
+def test_a_model_other_than_gpt2labs_gpt2_is_refused(export_cli, trained_run, tmp_path, monkeypatch):
+    import gpt2lab.export
+
+    monkeypatch.setattr(gpt2lab.export, "load_checkpoint", lambda path: (torch.nn.Linear(2, 2), None))
+    result = export_cli(f"ckpt={trained_run}", "output_dir=out", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "holds a Linear (model=hf or model=module): export is written for gpt2lab's GPT-2" in result.stderr
