@@ -12,6 +12,7 @@ import dataclasses
 import importlib.resources
 import inspect
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -293,7 +294,8 @@ def literal_overrides(args: list[str], keys: tuple[str, ...]) -> list[str]:
     for arg in args:
         key, sep, value = arg.partition("=")
         if sep and key in keys and not (len(value) > 1 and value[0] == value[-1] and value[0] in "'\""):
-            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            # Hydra reads a backslash as itself except before a quote or the closing quote: double only those
+            value = "'" + re.sub(r"(\\+)(?='|$)", r"\1\1", value).replace("'", "\\'") + "'"
             arg = f"{key}={value}"
         quoted.append(arg)
     return quoted

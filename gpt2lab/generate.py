@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -265,7 +266,7 @@ def quoted(text: str) -> str:
     which needs torch to import): ``prompt=def f(n):`` would otherwise trip on the parentheses."""
     if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
         return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return "'" + re.sub(r"(\\+)(?='|$)", r"\1\1", text).replace("'", "\\'") + "'"
 
 
 @report_errors

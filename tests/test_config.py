@@ -114,3 +114,15 @@ def test_cli_help_and_cfg(run_main, tmp_path):
 def test_thin_train_script_and_console_script():
     assert len((REPO / "train.py").read_text().splitlines()) < 10
     assert "gpt2lab-train" in (REPO / "pyproject.toml").read_text()
+
+
+@pytest.mark.parametrize("text", [r"print('a\b')", "it's", "ends with \\", r"a\'b", "def f(n):", r"C:\dir\\file", "x"])
+def test_a_prompt_on_the_command_line_reaches_the_config_as_typed(text):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from gpt2lab.config import literal_overrides
+    from gpt2lab.generate import quoted
+
+    parser = OverridesParser.create()
+    assert parser.parse_override(literal_overrides([f"prompt={text}"], ("prompt",))[0]).value() == text
+    assert parser.parse_override(f"prompt={quoted(text)}").value() == text  # the torch-free path of generate onnx=
