@@ -287,9 +287,11 @@ class Preemption(pl.Callback):
         self.signal: str | None = None
         self.checkpoint: Path | None = None
         self._previous: dict[int, Any] = {}
+        self._checked_step = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.signal = self.checkpoint = None
+        self._checked_step = trainer.global_step
         if threading.current_thread() is not threading.main_thread():
             return
 
@@ -307,8 +309,9 @@ class Preemption(pl.Callback):
             self._previous[signum] = signal.signal(signum, handler)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if (trainer.fit_loop.epoch_loop.batch_progress.current.completed % trainer.accumulate_grad_batches) != 0:
-            return  # mid-accumulation: not a step boundary
+        if trainer.global_step == self._checked_step:
+            return  # mid-accumulation: no optimizer step since the last check
+        self._checked_step = trainer.global_step
         stop = self.signal is not None
         if trainer.world_size > 1:
             stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
