@@ -223,8 +223,8 @@ def _train(cfg: DictConfig) -> float | None:
 
 
 def _stopped_by_signal(trainer: pl.Trainer, callbacks: list[pl.Callback]) -> int:
-    """Say where a run stopped by SIGTERM or Ctrl-C stands and how to go on; return its exit status, 128 + the
-    signal's number as shells report it (143 for SIGTERM, 130 for Ctrl-C)."""
+    """Say where a run stopped by SIGTERM, SIGUSR1 or Ctrl-C stands and how to go on; return its exit status, 128 +
+    the signal's number as shells report it (143 for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C)."""
     preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
     name = preemption.signal if preemption and preemption.signal else "SIGTERM"
     if preemption and preemption.checkpoint:
@@ -239,6 +239,8 @@ def _stopped_by_signal(trainer: pl.Trainer, callbacks: list[pl.Callback]) -> int
             name,
             trainer.global_step,
         )
+    if preemption and preemption.requeued:
+        log.warning("Requeued SLURM job %s: it runs this job script again, same job id", preemption.requeued)
     return 128 + getattr(signal, name)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -87,3 +88,32 @@ def test_sigterm_under_ddp_stops_both_ranks_at_one_step_and_ckpt_path_auto_finis
     assert finished.returncode == 0, finished.stderr[-3000:]
     loss = [json.loads((tmp_path / d / "results.json").read_text())["metrics"]["val/loss"] for d in ("run", "whole")]
     assert loss[0] == pytest.approx(loss[1], abs=1e-5)
+
+
+def test_sigusr1_under_slurm_stops_with_last_ckpt_and_requeues_the_job(train_cli, tmp_path, corpus_file, cache_dir):
+    # A SLURM job as Lightning sees one, and an scontrol that records how it was called
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "gpt2", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1"}
+    slurm |= {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    env = {**slurm, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    common = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", "trainer.max_steps=12", "sample=null"]
+    run = tmp_path / "run"
+    warn = ["+callbacks.stop._target_=helpers.SignalAtStep", "+callbacks.stop.step=5", "+callbacks.stop.signal=SIGUSR1"]
+    stopped = train_cli(*common, f"hydra.run.dir={run}", "ckpt_path=auto", *warn, cwd=tmp_path, env=env)
+    assert stopped.returncode == 138, stopped.stderr[-3000:]
+    assert calls.read_text() == "requeue 4242\n"
+    last = run / "checkpoints" / "last.ckpt"
+    output = stopped.stdout + stopped.stderr
+    assert f"Stopped by SIGUSR1 at step 6, with {last} written" in output and "Requeued SLURM job 4242" in output
+    assert torch.load(last, weights_only=False)["global_step"] == 6
+    assert not list(tmp_path.glob("**/hpc_ckpt_*.ckpt"))  # Lightning's own SLURM checkpoint stays unwritten
+    # The requeued job: the same command, same job id, same run directory
+    finished = train_cli(*common, f"hydra.run.dir={run}", "ckpt_path=auto", cwd=tmp_path, env=env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert f"Resuming from {last}" in (run / "train.log").read_text()
+    assert json.loads((run / "results.json").read_text())["global_step"] == 12
+    assert calls.read_text() == "requeue 4242\n"  # a run that ends is not requeued

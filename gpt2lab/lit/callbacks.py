@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.throughput import get_available_flops
 from pytorch_lightning.callbacks import TQDMProgressBar
@@ -272,31 +274,46 @@ class Curves(pl.Callback):
 
 
 class Preemption(pl.Callback):
-    """SIGTERM (Kubernetes, spot instances, torchrun, SLURM's time limit) and Ctrl-C stop training at the end of
-    the optimizer step in progress, on every rank, with ``last.ckpt`` written, so that ``ckpt_path=auto`` (the
-    same command run again) goes on from there. A second Ctrl-C stops at once, without a checkpoint.
+    """SIGTERM (Kubernetes, spot instances, torchrun, SLURM's time limit), SLURM's warning signal (SIGUSR1, from
+    ``#SBATCH --signal=USR1@90``) and Ctrl-C stop training at the end of the optimizer step in progress, on every
+    rank, with ``last.ckpt`` written, so that ``ckpt_path=auto`` (the same command run again) goes on from there.
+    Under SLURM, the warning signal then requeues the job (``scontrol requeue``), as Lightning's
+    ``SLURMEnvironment(auto_requeue=True)`` asks. A second Ctrl-C stops at once, without a checkpoint.
 
     The handlers only note the signal. After each optimizer step the ranks agree (one all-reduce under DDP, no
     device sync on one process) and, if any was signalled, all set Lightning's ``received_sigterm`` at that same
-    step; Lightning then raises ``SIGTERMException`` on each. Lightning's own SIGTERM handler is replaced while
-    training: it broadcasts from inside the handler, at whatever point each rank happens to be, which hangs DDP
-    when a rank gets the signal twice (its launcher forwards it too). ``signal`` and ``checkpoint`` say what
-    happened, for the run's last line (``gpt2lab.train``)."""
+    step; Lightning then raises ``SIGTERMException`` on each. Lightning's own handlers are replaced while
+    training: its SIGTERM handler broadcasts from inside the handler, at whatever point each rank happens to be,
+    which hangs DDP when a rank gets the signal twice (its launcher forwards it too); its SLURM handler saves an
+    ``hpc_ckpt_N.ckpt`` from inside the handler, mid-step, into ``trainer.default_root_dir`` (the working
+    directory), which Lightning then resumes by itself in any later SLURM job started there, whatever its
+    ``ckpt_path``. So Lightning's requeueing is switched off and done here, after ``last.ckpt``. ``signal``,
+    ``checkpoint`` and ``requeued`` (the SLURM job id) say what happened, for the run's last line
+    (``gpt2lab.train``)."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
         self.checkpoint: Path | None = None
+        self.requeued: str | None = None
         self._previous: dict[int, Any] = {}
         self._checked_step = 0
+        self._slurm: tuple[bool, signal.Signals] | None = None  # SLURM's (auto_requeue, requeue_signal)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        environment = trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment):
+            if self._slurm is None:  # setup runs for each stage (validate, fit, test): read the user's setting once
+                self._slurm = (environment.auto_requeue, environment.requeue_signal or signal.SIGUSR1)
+            environment.auto_requeue = False  # Lightning registers no SLURM handler of its own (see above)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.signal = self.checkpoint = None
+        self.signal = self.checkpoint = self.requeued = None
         self._checked_step = trainer.global_step
         if threading.current_thread() is not threading.main_thread():
             return
 
-        def on_sigterm(signum: int, frame: Any) -> None:
-            self.signal = self.signal or "SIGTERM"
+        def on_stop_signal(signum: int, frame: Any) -> None:
+            self.signal = self.signal or signal.Signals(signum).name
 
         def on_sigint(signum: int, frame: Any) -> None:
             if self.signal == "SIGINT":  # asked twice: now
@@ -305,8 +322,10 @@ class Preemption(pl.Callback):
             self.signal = "SIGINT"
             log.warning("Ctrl-C: stopping after this step, with last.ckpt written (Ctrl-C again: stop at once)")
 
-        for signum, handler in ((signal.SIGTERM, on_sigterm), (signal.SIGINT, on_sigint)):
-            self._previous[signum] = signal.signal(signum, handler)
+        warning_signal = self._slurm[1] if self._slurm else signal.SIGUSR1
+        for signum, handler in ((signal.SIGTERM, on_stop_signal), (warning_signal, on_stop_signal)):
+            self._previous.setdefault(signum, signal.signal(signum, handler))
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step == self._checked_step:
@@ -327,6 +346,9 @@ class Preemption(pl.Callback):
         if dirpath:
             self.checkpoint = Path(dirpath) / "last.ckpt"
             trainer.save_checkpoint(self.checkpoint)  # every rank takes part, as for any checkpoint
+        auto_requeue, warning_signal = self._slurm or (False, None)
+        if auto_requeue and self.signal == getattr(warning_signal, "name", None) and trainer.is_global_zero:
+            self.requeued = requeue_slurm_job()  # after the checkpoint: SLURM ends the job's tasks as it requeues
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
@@ -335,6 +357,25 @@ class Preemption(pl.Callback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+def requeue_slurm_job() -> str | None:
+    """``scontrol requeue`` this SLURM job (an array job's own task), as Lightning's SLURM handler does; the job id
+    if SLURM accepted it, else None, with the reason logged."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job_id = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        log.warning("Not requeued: SLURM_JOB_ID is not set")
+        return None
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("Not requeued: scontrol requeue %s failed (%s: %s)", job_id, type(e).__name__, e)
+        return None
+    if result.returncode != 0:
+        log.warning("Not requeued: scontrol requeue %s: %s", job_id, (result.stderr or result.stdout).strip())
+        return None
+    return job_id
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
