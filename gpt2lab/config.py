@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from gpt2lab.data import GPT2DataModule
 from gpt2lab.model import GPT2Config
@@ -301,7 +301,16 @@ def literal_overrides(args: list[str], keys: tuple[str, ...]) -> list[str]:
     return quoted
 
 
+def _if_hub(source: str, value: Any, otherwise: Any = None) -> Any:
+    """``${if_hub:${.source},<for the Hub>,<else>}``: a data config's Hub dataset (and its columns) while
+    data.source is hub, ``otherwise`` (null) once it is another: a task format's config names a Hub dataset for
+    real runs and still reads data.source=files data.path=my.jsonl."""
+    return value if source == "hub" else otherwise
+
+
 def register_schemas() -> None:
+    if not OmegaConf.has_resolver("if_hub"):
+        OmegaConf.register_resolver("if_hub", _if_hub)
     ConfigStore.instance().store(name="train_schema", node=TrainSchema, replace=True)
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateSchema, replace=True)
     ConfigStore.instance().store(name="generate_schema", node=GenerateSchema, replace=True)

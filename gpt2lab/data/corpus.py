@@ -39,7 +39,8 @@ SOURCE_KEYS = {
 
 @dataclass
 class Corpus:
-    """Train/validation/test splits, each a ``datasets.Dataset`` with a ``text`` column."""
+    """Train/validation/test splits, each a ``datasets.Dataset`` with a ``text`` column, or (``columns``) the
+    record columns of a task format and ``record``, each record's number in its file or Hub split."""
 
     splits: dict[str, datasets.Dataset]
     fingerprint: str
@@ -62,9 +63,12 @@ def load_corpus(
     hf_cache_dir: str | None = None,
     max_bytes: int | None = None,
     offline_fallback: str | None = None,
+    columns: dict[str, list[str]] | None = None,
 ) -> Corpus:
     """Load, clean and split a corpus; the dataset's own validation/test splits win over the fractions.
-    ``offline_fallback`` (pystdlib or pysource) replaces a Hub dataset that is neither reachable nor cached."""
+    ``offline_fallback`` (pystdlib or pysource) replaces a Hub dataset that is neither reachable nor cached.
+    ``columns`` (data.<key> -> column names) keeps records of a task format (gpt2lab/data/formats.py) instead
+    of a column of text."""
     if source not in SOURCES:
         raise ConfigError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
     if offline_fallback not in (None, *OFFLINE_SOURCES):
@@ -91,7 +95,7 @@ def load_corpus(
     elif source == "pysource":
         raw, description, base_fingerprint = pysource.load_pysource(max_bytes, hf_cache_dir)
     elif source == "files":
-        raw, description = _load_files(path, text_column, sample_by, hf_cache_dir)
+        raw, description = _load_files(path, None if columns else text_column, sample_by, hf_cache_dir)
         base_fingerprint = _fingerprint_splits(raw)
     else:
         try:
@@ -99,7 +103,7 @@ def load_corpus(
             base_fingerprint = _fingerprint_splits(raw)
         except ConfigError:
             why_offline = hub.go_offline_if_unreachable()
-            if not (offline_fallback and why_offline):
+            if not (offline_fallback and why_offline) or columns:  # no offline corpus of records
                 raise
             log.warning(
                 "data.name=%r is not in the local cache and %s: training on data=%s instead (data.offline_fallback)",
@@ -110,6 +114,8 @@ def load_corpus(
                 split_seed, min_length, remove_duplicates, num_proc, hf_cache_dir, max_bytes,
             )  # fmt: skip
 
+    if columns:
+        return _record_corpus(raw, columns, description, base_fingerprint, val_split, test_split, split_seed)
     if text_column not in raw["train"].column_names:
         raise ConfigError(
             f"data.text_column={text_column!r} is not a column of the data; its columns are {raw['train'].column_names}"
@@ -130,6 +136,36 @@ def load_corpus(
     if len(splits["train"]) == 0:
         raise ConfigError(f"the corpus is empty after filtering ({description}); check data.path and data.min_length")
     settings = [base_fingerprint, val_split, test_split, split_seed, min_length, remove_duplicates, text_column]
+    fingerprint = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
+    return Corpus(splits=splits, fingerprint=fingerprint, description=description)
+
+
+def _record_corpus(
+    raw: datasets.DatasetDict,
+    columns: dict[str, list[str]],
+    description: str,
+    base_fingerprint: str,
+    val_split: float,
+    test_split: float,
+    split_seed: int,
+) -> Corpus:
+    """Records of a task format: the columns it reads, each record numbered (for error messages), split."""
+    have = raw["train"].column_names
+    for key, names in columns.items():
+        for name in names:
+            if name not in have:
+                raise ConfigError(
+                    f"data.{key}={name!r} is not a column of {description}; its columns are {have}: "
+                    f"set data.{key} to the column that holds it"
+                )
+    keep = list(dict.fromkeys(n for names in columns.values() for n in names))
+    raw = datasets.DatasetDict(
+        {k: v.select_columns(keep).add_column("_record", list(range(len(v)))) for k, v in raw.items()}
+    )
+    splits = _split(raw, val_split, test_split, split_seed)
+    if len(splits["train"]) == 0:
+        raise ConfigError(f"the data has no records ({description}); check data.path")
+    settings = [base_fingerprint, val_split, test_split, split_seed, columns]
     fingerprint = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
     return Corpus(splits=splits, fingerprint=fingerprint, description=description)
 
@@ -155,8 +191,9 @@ def _is_text(feature: datasets.features.features.FeatureType) -> bool:
 
 
 def _load_files(
-    path: str | None, text_column: str, sample_by: str, cache_dir: str | None
+    path: str | None, text_column: str | None, sample_by: str, cache_dir: str | None
 ) -> tuple[datasets.DatasetDict, str]:
+    """``path``'s files as a dataset; ``text_column`` None: records of a task format, which text files are not."""
     if not path:
         raise ConfigError("data=files needs data.path=<file, directory or glob of .txt/.jsonl/.json/.csv/.parquet>")
     expanded = os.path.expanduser(str(path))
@@ -196,6 +233,11 @@ def _load_files(
             "so point data.path at files of one kind"
         )
     builder = next(iter(kinds))
+    if text_column is None and builder == "text":
+        raise ConfigError(
+            f"data.path={path!r}: a task format (data.format) reads records, from .jsonl, .json, .csv or .parquet "
+            "files, not text files; see README, Tasks, for the record of each format"
+        )
     kwargs = {"sample_by": sample_by} if builder == "text" else {}
     if builder == "text" and sample_by not in ("line", "paragraph", "document"):
         raise ConfigError(f"data.sample_by={sample_by!r}: expected line, paragraph or document")
@@ -203,7 +245,7 @@ def _load_files(
         raw = datasets.load_dataset(builder, data_files={"train": files}, cache_dir=cache_dir, **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
         raise ConfigError(f"data.path={path!r}: could not read it as {builder}: {e}") from e
-    if builder != "text" and text_column not in raw["train"].column_names:
+    if builder != "text" and text_column is not None and text_column not in raw["train"].column_names:
         raise ConfigError(
             f"data.text_column={text_column!r} is not a column of {path}; its columns are {raw['train'].column_names}"
         )

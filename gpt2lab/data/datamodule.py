@@ -18,9 +18,11 @@ from filelock import FileLock, Timeout
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from gpt2lab.data import formats
 from gpt2lab.data.corpus import Corpus, load_corpus
+from gpt2lab.data.formats import OVERLONG, MaskedWindowDataset, TaskFormat
 from gpt2lab.errors import ConfigError
-from gpt2lab.tokenizers import EOS_TOKEN, TokenizerSpec, fingerprint, validate_tokenizer
+from gpt2lab.tokenizers import EOS_TOKEN, PAD_TOKEN, TokenizerSpec, fingerprint, validate_tokenizer
 from gpt2lab.tokenizers.build import unknown_token_id
 
 log = logging.getLogger(__name__)
@@ -107,14 +109,17 @@ def damaged_token_files(token_dir: Path) -> str | None:
         size = path.stat().st_size if path.is_file() else None
         if size != want["bytes"]:
             return f"{name} has {'no file' if size is None else f'{size:,} bytes'}, {want['bytes']:,} expected"
-        if "blake2b" in want:
-            digest = hashlib.blake2b(digest_size=16)
-            with path.open("rb") as f:
-                while chunk := f.read(1 << 23):
-                    digest.update(chunk)
-            if digest.hexdigest() != want["blake2b"]:
-                return f"{name} does not have the content recorded in meta.json"
+        if "blake2b" in want and _file_hash(path) != want["blake2b"]:
+            return f"{name} does not have the content recorded in meta.json"
     return None
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class GPT2DataModule(pl.LightningDataModule):
@@ -144,13 +149,37 @@ class GPT2DataModule(pl.LightningDataModule):
         tokenizer: TokenizerSpec | dict | None = None,
         max_bytes: int | None = None,
         offline_fallback: str | None = None,
+        format: str = "plain",
+        messages_column: str = "messages",
+        document_column: str = "document",
+        summary_column: str = "summary",
+        prompt_column: Any = "prompt",
+        completion_column: str = "completion",
+        separator: str | None = None,
+        packing: bool = True,
+        overlong: str = "truncate",
     ) -> None:
         super().__init__()
+        # data.format: plain running text, or records whose loss covers the answer only (gpt2lab/data/formats.py)
+        self.format = TaskFormat(
+            format,
+            columns=dict(
+                messages_column=messages_column, document_column=document_column, summary_column=summary_column,
+                prompt_column=prompt_column, completion_column=completion_column,
+            ),
+            separator=separator,
+        )  # fmt: skip
+        if overlong not in OVERLONG:
+            raise ConfigError(
+                f"data.overlong={overlong!r}: expected truncate or drop (an example longer than a window)"
+            )
+        self.packing, self.overlong = packing, overlong
         self.corpus_args = dict(
             source=source, path=path, name=name, config_name=config_name, text_column=text_column,
             sample_by=sample_by, val_split=val_split, test_split=test_split, split_seed=split_seed,
             min_length=min_length, remove_duplicates=remove_duplicates, num_proc=preprocessing_num_workers,
             max_bytes=max_bytes, offline_fallback=offline_fallback,
+            columns=self.format.source_columns() if self.format.masked else None,
         )  # fmt: skip
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size}: expected a positive number of windows per batch")
@@ -169,7 +198,12 @@ class GPT2DataModule(pl.LightningDataModule):
         self.stats: dict[str, dict[str, int]] = {}
         self.corpus_description = ""
         self._token_dir: Path | None = None
-        self.datasets: dict[str, TokenBlockDataset] = {}
+        self.datasets: dict[str, TokenBlockDataset | MaskedWindowDataset] = {}
+
+    @property
+    def chat_template(self) -> formats.ChatTemplate | None:
+        """The chat template of data.format=chat (its tokens are in the tokenizer), saved with the checkpoints."""
+        return self.format.chat_template
 
     # -- preparation: runs once per process; every step is cached on disk -------------------------
     def prepare_data(self) -> None:
@@ -178,15 +212,22 @@ class GPT2DataModule(pl.LightningDataModule):
         corpus = load_corpus(**self.corpus_args, hf_cache_dir=str(self.cache_dir / "hf"))
         self.corpus_description = corpus.description
         log.info("Corpus: %s (fingerprint %s)", corpus.description, corpus.fingerprint)
+        if self.format.masked:  # a bad record is reported before any tokenizer is trained
+            formats.check_records(corpus.splits, self.format, corpus.description)
         train_texts = corpus.splits["train"]
         tokenizer = self.tokenizer_spec.build(
-            texts=lambda: (row["text"] for row in train_texts),
+            texts=lambda: formats.training_texts(train_texts, self.format),
             corpus_fingerprint=corpus.fingerprint,
             cache_dir=self.cache_dir,
             n_texts=len(train_texts),
         )
-        validate_tokenizer(tokenizer, train_texts[0]["text"][:2000])
-        key = hashlib.sha256(f"{corpus.fingerprint}:{fingerprint(tokenizer)}".encode()).hexdigest()[:16]
+        validate_tokenizer(tokenizer, next(formats.training_texts(train_texts, self.format))[:2000])
+        if self.chat_template is not None:
+            self.chat_template.add_to(tokenizer)
+        key = formats.cache_key(
+            corpus.fingerprint, fingerprint(tokenizer), self.format, self.max_length + 1,
+            packing=self.packing, overlong=self.overlong,
+        )  # fmt: skip
         self._token_dir = self.cache_dir / "tokens" / key
         self._token_dir.parent.mkdir(parents=True, exist_ok=True)
         # One process builds the token files (DDP ranks and sweep workers may start on an empty cache together);
@@ -207,7 +248,10 @@ class GPT2DataModule(pl.LightningDataModule):
                         "The cached token files in %s are damaged (%s): writing them again", self._token_dir, problem
                     )
                     shutil.rmtree(self._token_dir)
-                self._write_token_files(corpus, tokenizer, self._token_dir)
+                if self.format.masked:
+                    self._write_example_files(corpus, tokenizer, self._token_dir)
+                else:
+                    self._write_token_files(corpus, tokenizer, self._token_dir)
         finally:
             lock.release()
         self.stats = json.loads((self._token_dir / "meta.json").read_text())["splits"]
@@ -260,6 +304,86 @@ class GPT2DataModule(pl.LightningDataModule):
                 p.unlink()
             tmp.rmdir()
 
+    def _write_example_files(self, corpus: Corpus, tokenizer: Tokenizer, out: Path) -> None:
+        """A task format's token files: per split, the packed windows (``<split>.bin``) and which of their tokens
+        the loss covers (``<split>.mask.bin``, one byte per token), both recorded in meta.json for
+        ``damaged_token_files``."""
+        window = self.max_length + 1
+        pad = tokenizer.token_to_id(PAD_TOKEN)
+        pad = tokenizer.token_to_id(EOS_TOKEN) if pad is None else pad  # never scored, so any token does
+        unk = unknown_token_id(tokenizer)
+        dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.uint32
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        stats, files = {}, {}
+        for split, ds in corpus.splits.items():
+            log.info("Tokenizing the %s split (%d %s records)", split, len(ds), self.format.name)
+            encoded = ds.map(
+                formats.encode_examples,
+                fn_kwargs=dict(fmt=self.format, tokenizer=tokenizer, window=window, overlong=self.overlong),
+                batched=True,
+                batch_size=256,
+                num_proc=self.preprocessing_num_workers,
+                remove_columns=ds.column_names,
+                desc=f"Tokenizing {split}",
+            )
+            status = np.asarray(encoded["status"])
+            lengths = np.asarray(encoded["length"], dtype=np.int64)
+            kept = np.flatnonzero(lengths > 0)
+            window_of, offset_of, n_windows = formats.pack(lengths[kept], window, self.packing)
+            start = np.full(len(lengths), -1, dtype=np.int64)
+            start[kept] = window_of * window + offset_of
+            # Written in place on disk (a split may be larger than memory), then hashed as it was written.
+            size = max(n_windows * window, 1)  # np.memmap cannot map an empty file
+            tokens = np.memmap(tmp / f"{split}.bin", dtype=dtype, mode="w+", shape=(size,))
+            mask = np.memmap(tmp / f"{split}.mask.bin", dtype=np.uint8, mode="w+", shape=(size,))
+            tokens[:], mask[:] = pad, 0
+            row = 0
+            for batch in encoded.select_columns(["ids", "mask"]).iter(batch_size=1024):
+                for ids, scored in zip(batch["ids"], batch["mask"], strict=True):
+                    if start[row] >= 0:
+                        tokens[start[row] : start[row] + len(ids)] = ids
+                        mask[start[row] : start[row] + len(ids)] = scored
+                    row += 1
+            n_scored = int(mask.sum(dtype=np.int64))
+            n_unknown = 0 if unk is None else int(np.count_nonzero((tokens == unk) & mask.astype(bool)))
+            tokens.flush()
+            mask.flush()
+            del tokens, mask
+            for name, itemsize in ((f"{split}.bin", np.dtype(dtype).itemsize), (f"{split}.mask.bin", 1)):
+                path = tmp / name
+                if n_windows == 0:
+                    path.write_bytes(b"")
+                files[name] = {"bytes": n_windows * window * itemsize, "blake2b": _file_hash(path)}
+            counts = {s: int(np.count_nonzero(status == i)) for i, s in enumerate(formats.EXAMPLE_STATUS)}
+            stats[split] = {
+                "documents": len(ds),
+                "characters": int(sum(encoded["chars"])),
+                "tokens": n_windows * window,  # the windows' tokens, padding included
+                "unknown": n_unknown,
+                "windows": n_windows,
+                "examples": len(kept),
+                "real_tokens": int(lengths.sum()),
+                "scored_tokens": n_scored,
+                "truncated": counts["truncated"],
+                "dropped_too_long": counts["too long"],
+                "dropped_nothing_to_score": counts["nothing to score"],
+            }
+        meta = {
+            "dtype": np.dtype(dtype).name,
+            "tokenizer": fingerprint(tokenizer),
+            "format": self.format.settings() | {"window": window, "packing": self.packing, "overlong": self.overlong},
+            "splits": stats,
+            "files": files,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.replace(tmp, out)  # atomic: a half-written cache is never picked up
+        except OSError:  # another process finished first; its files are identical
+            for p in tmp.iterdir():
+                p.unlink()
+            tmp.rmdir()
+
     def _warn_unknown(self) -> None:
         """Warn when the tokenizer maps more than MAX_UNKNOWN of the validation text to its unknown token."""
         assert self.tokenizer is not None and self._token_dir is not None
@@ -281,11 +405,40 @@ class GPT2DataModule(pl.LightningDataModule):
             )  # fmt: skip
 
     def _log_stats(self) -> None:
+        if self.format.masked:
+            self._log_example_stats()
+            return
         for split, s in self.stats.items():
             log.info(
                 "%-10s %8d documents %12d characters %11d tokens (%.2f chars/token)",
                 split, s["documents"], s["characters"], s["tokens"], s["characters"] / max(s["tokens"], 1),
             )  # fmt: skip
+
+    def _log_example_stats(self) -> None:
+        window = self.max_length + 1
+        for split, s in self.stats.items():
+            log.info(
+                "%-10s %8d examples in %d windows of %d tokens: %d real tokens, packing efficiency %.1f%% "
+                "(real / window tokens), %d scored (%s)",
+                split, s["examples"], s["windows"], window, s["real_tokens"],
+                100 * s["real_tokens"] / max(s["tokens"], 1), s["scored_tokens"], self.format.scored,
+            )  # fmt: skip
+            if s["truncated"] or s["dropped_too_long"]:
+                how = (
+                    "truncated (the end of the document or prompt first, else the start of the example)"
+                    if self.overlong == "truncate"
+                    else "dropped (data.overlong=drop)"
+                )
+                log.warning(
+                    "%-10s %d of %d records were longer than a window of %d tokens (model.context_length + 1) "
+                    "and were %s",
+                    split, s["truncated"] + s["dropped_too_long"], s["documents"], window, how,
+                )  # fmt: skip
+            if s["dropped_nothing_to_score"]:
+                log.warning(
+                    "%-10s %d of %d records were dropped: they have nothing to score (%s empty or missing)",
+                    split, s["dropped_nothing_to_score"], s["documents"], self.format.scored,
+                )  # fmt: skip
 
     # -- setup: memory-map the token files ---------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -294,14 +447,27 @@ class GPT2DataModule(pl.LightningDataModule):
         self.prepare_data()
         assert self._token_dir is not None
         dtype = json.loads((self._token_dir / "meta.json").read_text())["dtype"]
+
+        def read(path: Path, dtype: str) -> np.ndarray:
+            return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
+
         for split in SPLITS:
             path = self._token_dir / f"{split}.bin"
             if not path.is_file():
                 continue
-            tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
-            self.datasets[split] = TokenBlockDataset(tokens, self.max_length)
+            if self.format.masked:
+                mask = read(self._token_dir / f"{split}.mask.bin", "uint8")
+                self.datasets[split] = MaskedWindowDataset(read(path, dtype), mask, self.max_length + 1)
+            else:
+                self.datasets[split] = TokenBlockDataset(read(path, dtype), self.max_length)
         for split in ("train", "validation"):
             n = len(self.datasets[split].tokens)
+            if self.format.masked and len(self.datasets[split]) == 0:
+                raise ConfigError(
+                    f"the {split} split has no {self.format.name} example with anything to score "
+                    f"({self.stats[split]['documents']} records): add records"
+                    + (", or raise data.val_split" if split == "validation" else "")
+                )
             if len(self.datasets[split]) == 0:
                 raise ConfigError(
                     f"the {split} split has {n} tokens, too few for one training window of {self.max_length + 1} "
@@ -347,6 +513,11 @@ class GPT2DataModule(pl.LightningDataModule):
         if split not in self.datasets:
             raise ConfigError(f"split={split!r}: the data has no such split; it has {', '.join(self.datasets)}")
         blocks = self.datasets[split]
+        if self.format.masked and stride is not None:
+            raise ConfigError(
+                f"eval.stride={stride}: strided windows are for running text; data.format={self.format.name} "
+                "evaluates its packed windows of whole examples: leave eval.stride=null"
+            )
         dataset = blocks if stride is None else SlidingWindowDataset(blocks.tokens, self.max_length, stride)
         if len(dataset) == 0:
             raise ConfigError(

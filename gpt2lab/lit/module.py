@@ -25,6 +25,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from tokenizers import Tokenizer
 
 from gpt2lab.config import TRUSTED_TARGETS
+from gpt2lab.data.formats import split_batch
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT2Config, GPT2Model
 from gpt2lab.model.adapter import build_model
@@ -177,12 +178,19 @@ class GPT2LitModule(pl.LightningModule):
             }
         )
         self.tokenizer: Tokenizer | None = None  # set by the trainer script; saved into checkpoints
+        self.chat_template: dict[str, Any] | None = None  # data.format=chat's (ChatTemplate.to_dict); saved too
         self._pending_rng: dict[str, Any] | None = None
         self._eval_sums: list[torch.Tensor] = []  # per batch: (nats, tokens, bytes)
         self._bytes_per_token: torch.Tensor | None = None
         self.eval_totals: dict[str, float] = {}  # of the last evaluation: nats, tokens, bytes
         self._compiled = False
         self._all_finite: torch.Tensor | None = None  # stays on the device: read only on logging steps
+
+    def setup(self, stage: str) -> None:
+        # The chat template of data.format=chat goes into the checkpoints, beside the tokenizer that has its tokens
+        template = getattr(self.trainer.datamodule, "chat_template", None)
+        if template is not None:
+            self.chat_template = template.to_dict()
 
     def configure_model(self) -> None:
         """Compile the model in place, before the strategy wraps it, so state_dict keys stay those of the
@@ -211,7 +219,8 @@ class GPT2LitModule(pl.LightningModule):
         return self.model(input_ids, labels)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        _, loss = self(batch[:, :-1], batch[:, 1:])
+        # Task formats store the tokens that carry no loss as ~id: their labels become -100 (IGNORE_INDEX)
+        _, loss = self(*split_batch(batch))
         return loss
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -226,6 +235,8 @@ class GPT2LitModule(pl.LightningModule):
     # Evaluation: sums over all batches (then over ranks) of the loss in nats, the predicted tokens and the
     # bytes of text they stand for; loss = nats / tokens, perplexity = exp(loss), and bits per byte =
     # nats / (bytes * ln 2), which does not depend on the tokenizer, so runs with different vocabularies compare.
+    # With a task format only the scored tokens count (the summary, the assistant turns): the loss is theirs,
+    # and bits per byte are their nats over their bytes (special tokens, <|end|> and end-of-text, have 0 bytes).
     def validation_step(self, batch: torch.Tensor | list[torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
 
@@ -239,10 +250,11 @@ class GPT2LitModule(pl.LightningModule):
             positions = torch.arange(labels.shape[1], device=labels.device)
             labels[positions < first_scored[:, None]] = IGNORE_INDEX  # context only: predicted by earlier windows
         else:
-            inputs, labels = batch[:, :-1], batch[:, 1:]
+            inputs, labels = split_batch(batch)
         _, loss = self(inputs, labels)
         scored = labels != IGNORE_INDEX
         tokens = scored.sum()
+        loss = torch.where(tokens > 0, loss, 0.0)  # no scored label in the batch: its mean is 0/0
         n_bytes = self._token_bytes(labels.device)[labels[scored]].sum() if self.tokenizer is not None else tokens * 0
         # A copy: with compile_mode=reduce-overhead the loss lives in a CUDA graph's buffer, which the next batch
         # overwrites.
@@ -383,6 +395,7 @@ class GPT2LitModule(pl.LightningModule):
         checkpoint[CHECKPOINT_KEY] = {
             "format": CHECKPOINT_FORMAT,
             "tokenizer": self.tokenizer.to_str() if self.tokenizer is not None else None,
+            "chat_template": self.chat_template,
             "rng": _rng_states(),
         }
 
@@ -390,6 +403,7 @@ class GPT2LitModule(pl.LightningModule):
         extra = checkpoint.get(CHECKPOINT_KEY, {})
         if extra.get("tokenizer"):
             self.tokenizer = Tokenizer.from_str(extra["tokenizer"])
+        self.chat_template = extra.get("chat_template")
         self._pending_rng = extra.get("rng")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
