@@ -14,6 +14,7 @@ VERBS = {
     "export": "a checkpoint as Hugging Face, ONNX and TorchScript directories (python -m gpt2lab.export)",
     "check": "a model's check-up before training: shapes, gradients, causality, ... (python -m gpt2lab.check)",
     "runs": "a table of the runs under a directory, with curves (python -m gpt2lab.runs)",
+    "presets": "the recipes in conf/preset/ with estimated times here; cp, --recommend (python -m gpt2lab.presets)",
 }
 
 

@@ -116,7 +116,20 @@ for _name, _schema in (("gpt2", ModelSchema), ("hf", HFModelSchema), ("module", 
     ConfigStore.instance().store(group="schema/model", name=_name, node=_schema, replace=True)
 DataSchema = schema_from_signature("DataSchema", GPT2DataModule, "gpt2lab.data.GPT2DataModule", exclude=("tokenizer",))
 TokenizerSchema = schema_from_signature("TokenizerSchema", TokenizerSpec, "gpt2lab.tokenizers.TokenizerSpec")
-TrainerSchema = schema_from_signature("TrainerSchema", pl.Trainer, "pytorch_lightning.Trainer")
+
+
+@dataclasses.dataclass
+class TrainerExtras:
+    """``trainer`` keys that are gpt2lab's, not ``pl.Trainer`` arguments: ``make_trainer`` takes them out."""
+
+    # 90s, 10m, 2h, 1h30m or HH:MM:SS: max_steps from a measured throughput, so that warmup and cosine decay end
+    # on time, and max_time at the budget (gpt2lab.lit.trainer.apply_time_budget)
+    time_budget: Optional[str] = None  # noqa: UP045
+
+
+TrainerSchema = schema_from_signature(
+    "TrainerSchema", pl.Trainer, "pytorch_lightning.Trainer", bases=(TrainerExtras,)
+)
 
 
 @dataclasses.dataclass

@@ -36,6 +36,7 @@ from gpt2lab.lit.ddp import use_job_command_for_ddp
 from gpt2lab.lit.loggers import continue_wandb_run, finish_wandb_run, keep_csv_history
 from gpt2lab.lit.module import check_compile_options, check_optimization
 from gpt2lab.lit.trainer import (
+    apply_time_budget,
     check_fsdp_world,
     check_launch,
     make_trainer,
@@ -110,6 +111,7 @@ def _train(cfg: DictConfig) -> float | None:
     # model.init_from / model=hf: their source checked, and the architecture, context or vocabulary it sets
     tokenizer_source = import_model_config(cfg.model)
     gpt2 = is_gpt2(cfg.model)
+    apply_time_budget(cfg)  # trainer.time_budget: max_steps and max_time from a measured step time
 
     callbacks = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c) if _wanted(c, cfg.trainer, gpt2)]
     if cfg.optuna_trial is not None:
