@@ -37,6 +37,7 @@ TRUSTED_TARGETS = (
     "lightning_fabric.*",
     "torch.optim.*",
     "optuna.*",
+    "datetime.timedelta",  # callbacks.time_checkpoint.train_time_interval
     *(t.strip() for t in os.environ.get("GPT2LAB_TRUSTED_TARGETS", "").split(",") if t.strip()),
 )
 
@@ -291,6 +292,17 @@ def config_groups() -> set[str]:
     path = config_path()
     root = importlib.resources.files("gpt2lab.conf") if path.startswith("pkg://") else Path(path)
     return {entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("_")}
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group (``conf/preset/*.yaml``: ``small``, ``tiny``, ...), sorted, read now (a preset
+    added since start-up is listed)."""
+    path = config_path()
+    root = importlib.resources.files("gpt2lab.conf") if path.startswith("pkg://") else Path(path)
+    directory = root / group
+    if not directory.is_dir():
+        return []
+    return sorted(entry.name[: -len(".yaml")] for entry in directory.iterdir() if entry.name.endswith(".yaml"))
 
 
 def null_group_overrides(args: list[str]) -> list[str]:

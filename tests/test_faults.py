@@ -5,13 +5,19 @@ the same command with ckpt_path=auto finishes the run as if it had never stopped
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
+import types
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY, run_cli
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import model_checkpoint
+
+from gpt2lab.checkpoint import best_checkpoint
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last_one(
@@ -117,3 +123,43 @@ def test_sigusr1_under_slurm_stops_with_last_ckpt_and_requeues_the_job(train_cli
     assert f"Resuming from {last}" in (run / "train.log").read_text()
     assert json.loads((run / "results.json").read_text())["global_step"] == 12
     assert calls.read_text() == "requeue 4242\n"  # a run that ends is not requeued
+
+
+def test_the_time_checkpoint_writes_last_ckpt_between_validations_at_optimizer_steps(
+    train_cli, tmp_path, corpus_file, cache_dir, monkeypatch
+):
+    saves = []
+    save = TorchCheckpointIO.save_checkpoint
+
+    def record(self, checkpoint, path, storage_options=None):
+        batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
+        saves.append((checkpoint["global_step"], batches, path.name))
+        save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", record)
+    # ModelCheckpoint's clock, one second further at each reading: Lightning's reads it at every micro-batch, this
+    # one after each optimizer step (model_checkpoint, which reads it too, is left out)
+    clock = itertools.count()
+    monkeypatch.setattr(model_checkpoint, "time", types.SimpleNamespace(monotonic=lambda: float(next(clock))))
+    common = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", "sample=null", "test=false"]
+    common += ["validate_at_start=false", "callbacks.time_checkpoint.train_time_interval.minutes=0.05"]  # 3 s
+    # Two micro-batches per optimizer step, and no validation before the last step's: last.ckpt every 3 "seconds",
+    # at the end of an optimizer step, never between the two micro-batches of one (its gradients are not saved)
+    run = tmp_path / "run"
+    args = ["trainer.max_steps=7", "trainer.val_check_interval=100", "trainer.accumulate_grad_batches=2"]
+    args += ["~callbacks.model_checkpoint"]
+    assert train_cli(*common, *args, f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
+    assert len([r for r in csv.DictReader((run / "metrics.csv").open()) if r["val/loss"]]) == 1  # the last step's
+    assert saves == [(3, 6, ".last.ckpt.tmp"), (6, 12, ".last.ckpt.tmp")]  # (step, micro-batches, file)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+    monkeypatch.undo()
+
+    # Beside validation (at steps 4 and 6): the best checkpoints are still model_checkpoint's, by val/loss, and
+    # there is one last.ckpt, the newest (with a version counter the second writer would add last-v1.ckpt)
+    run = tmp_path / "validated"
+    assert train_cli(*common, "trainer.max_steps=6", f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
+    files = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert files[0] == "last.ckpt" and [f[:19] for f in files[1:]] == ["step000004-val_loss", "step000006-val_loss"]
+    best = Path(json.loads((run / "results.json").read_text())["best_checkpoint"])
+    assert best.name == min(files[1:], key=lambda f: float(f[19:-5])) and best_checkpoint(run) == best
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6

@@ -18,7 +18,7 @@ import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.throughput import get_available_flops
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
@@ -376,6 +376,24 @@ def requeue_slurm_job() -> str | None:
         log.warning("Not requeued: scontrol requeue %s: %s", job_id, (result.stderr or result.stdout).strip())
         return None
     return job_id
+
+
+class StepBoundaryCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, whose saves at the end of a training batch (``train_time_interval``,
+    ``every_n_train_steps``) happen only right after an optimizer step: a checkpoint taken part-way through a
+    gradient-accumulation window would lose the gradients accumulated so far (they are not saved), and a run
+    resumed from it would differ from one never stopped. Its time check, which under DDP broadcasts rank 0's
+    clock, then runs once per optimizer step instead of once per micro-batch."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._step_seen = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kw: Any) -> None:
+        if trainer.global_step == self._step_seen:
+            return  # mid-accumulation: no optimizer step since the last batch
+        self._step_seen = trainer.global_step
+        super().on_train_batch_end(trainer, pl_module, *args, **kw)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
