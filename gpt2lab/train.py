@@ -44,6 +44,7 @@ from gpt2lab.lit.trainer import (
     parallel_job_share,
 )
 from gpt2lab.model.adapter import is_gpt2
+from gpt2lab.secrets import redact_config
 from gpt2lab.sweep.summary import job_outcome
 from gpt2lab.tokenizers import TokenizerSpec, check_model_vocab
 
@@ -168,9 +169,9 @@ def _train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(str(output_dir / "tokenizer.json"))
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    for lg in trainer.loggers:
-        lg.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "data_stats": datamodule.stats})
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact_config(cfg, resolve=True)))
+    for lg in trainer.loggers:  # resolved, then redacted: ${oc.env:...} resolves to the secret
+        lg.log_hyperparams({"config": redact_config(cfg, resolve=True), "data_stats": datamodule.stats})
 
     # FSDP wraps a module's decoder blocks in place, and a later stage that finds them wrapped leaves the rest of
     # the model sharded: under FSDP each stage gets its own copy of the unwrapped module.

@@ -27,6 +27,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from gpt2lab.errors import ConfigError
+from gpt2lab.secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ def _hydra_job() -> dict[str, str]:
     return {
         "group": f"{sweep_dir.parent.name}_{sweep_dir.name}" if dated else sweep_dir.name,
         "job_type": "trial" if "optuna" in str(hydra.sweeper.get("_target_", "")).lower() else "job",
-        "name": ",".join(varying or overrides) or f"job {hydra.job.num}",
+        "name": redact(",".join(varying or overrides)) or f"job {hydra.job.num}",
     }
 
 

@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from gpt2lab.runs import find_runs, format_table, plot_val_curves, to_csv
+from gpt2lab.secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,11 @@ class SweepSummary(Callback):
         job_dir = Path(config.hydra.runtime.output_dir)
         outcome = job_outcome(job_return, config.optimized_metric)
         summary = {
-            "overrides": " ".join(job_return.overrides or []),
+            "overrides": " ".join(redact(o) for o in job_return.overrides or []),
             "status": outcome.status,
             "objective": outcome.objective,
             "duration_s": round(time.time() - self._started, 1),
-            "error": outcome.error.splitlines()[0][:300] if outcome.error else "",
+            "error": redact(outcome.error.splitlines()[0])[:300] if outcome.error else "",
         }
         _write_atomic(job_dir / "job_summary.json", json.dumps(summary, indent=2))
         write_summary(Path(config.hydra.sweep.dir))
