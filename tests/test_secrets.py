@@ -188,13 +188,17 @@ class _Payload:
         return os.makedirs, (str(self.marker),)
 
 
-def test_a_crafted_checkpoint_runs_no_code_when_loaded(tmp_path, run_main):
+def test_a_crafted_checkpoint_runs_no_code_when_loaded(tmp_path, corpus_file, cache_dir, run_main, train_cli):
+    """Loaded as a model (load_checkpoint, generate's ckpt=) or resumed from (train's ckpt_path=): refused."""
     marker = tmp_path / "code-ran"
     ckpt = tmp_path / "crafted.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"model": {}}, "payload": _Payload(marker)}, ckpt)
     with pytest.raises(ConfigError, match="not a readable checkpoint"):
         load_checkpoint(ckpt)
     result = run_main("gpt2lab.generate", f"ckpt={ckpt}", "prompt=def", cwd=tmp_path)
+    assert result.returncode == 1 and "not a readable checkpoint" in result.stderr
+    tiny = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}"]
+    result = train_cli(*tiny, f"ckpt_path={ckpt}", "hydra.run.dir=resumed", cwd=tmp_path)
     assert result.returncode == 1 and "not a readable checkpoint" in result.stderr
     assert not marker.exists()
     torch.load(ckpt, weights_only=False)  # what an unrestricted torch.load does with the same file
