@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -23,9 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from tokenizers import Tokenizer
 
 from gpt2lab.checkpoint import check_steps_left, load_checkpoint, resolve_ckpt_path
 from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
+from gpt2lab.config_checks import raise_if_invalid
 from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError, report_errors
 from gpt2lab.generate import sample_text
@@ -34,11 +37,8 @@ from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, Preemption, Samples, ThroughputLogger
 from gpt2lab.lit.ddp import use_job_command_for_ddp
 from gpt2lab.lit.loggers import continue_wandb_run, finish_wandb_run, keep_csv_history
-from gpt2lab.lit.module import check_compile_options, check_optimization
 from gpt2lab.lit.trainer import (
     apply_time_budget,
-    check_fsdp_world,
-    check_launch,
     make_trainer,
     out_of_memory_message,
     parallel_job_share,
@@ -65,14 +65,32 @@ warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "💡 Tip" not in r.getMessage())  # ads
 
 
+@dataclasses.dataclass
+class TrainedRun:
+    """What a run leaves besides its directory: the metric sweepers optimize, ``results.json``'s content, and
+    the trained model and its tokenizer (for the Python API, ``gpt2lab.api.train_model``)."""
+
+    metric: float | None
+    results: dict[str, Any]
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    output_dir: Path
+
+
 def train(cfg: DictConfig) -> float | None:
     """Train one model as ``cfg`` describes; return ``cfg.optimized_metric`` for sweepers."""
+    return train_run(cfg).metric
+
+
+def train_run(cfg: DictConfig) -> TrainedRun:
+    """``train``, returning the whole ``TrainedRun``."""
     launch_env = {k: os.environ.get(k) for k in DDP_LAUNCH_VARS}
     outcome = JobReturn(status=JobStatus.FAILED)
     with execution_whitelist(TRUSTED_TARGETS):
         try:
-            outcome = JobReturn(status=JobStatus.COMPLETED, _return_value=_train(cfg))
-            return outcome.return_value
+            run = _train(cfg)
+            outcome = JobReturn(status=JobStatus.COMPLETED, _return_value=run.metric)
+            return run
         except BaseException as e:
             outcome._return_value = e
             raise
@@ -90,23 +108,16 @@ def train(cfg: DictConfig) -> float | None:
                     os.environ[key] = value
 
 
-def _train(cfg: DictConfig) -> float | None:
+def _train(cfg: DictConfig) -> TrainedRun:
     started = time.time()
     use_job_command_for_ddp()
     pl.seed_everything(cfg.seed, workers=True)
-    if cfg.float32_matmul_precision not in ("highest", "high", "medium"):
-        raise ConfigError(
-            f"float32_matmul_precision={cfg.float32_matmul_precision!r}: expected highest, high or medium"
-        )
-    if torch.cuda.is_available():  # CPU runs keep exact fp32 matmuls
-        torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
-    check_compile_options(cfg)
-    check_launch(cfg.trainer)
-    check_fsdp_world(cfg.trainer)
     if cfg.scheduler is not None and not cfg.scheduler.get("_target_"):  # scheduler=null: no scheduler group
         cfg.scheduler = None
         log.info("Learning rate: constant optimizer.lr=%s (no scheduler)", cfg.optimizer.lr)
-    check_optimization(cfg.optimizer, cfg.scheduler, cfg.trainer.max_steps)
+    raise_if_invalid(cfg)  # every impossible setting at once, before any work (gpt2lab/config_checks.py)
+    if torch.cuda.is_available():  # CPU runs keep exact fp32 matmuls
+        torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     output_dir = Path(cfg.paths.output_dir)
     resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir)  # a missing checkpoint fails here
     # model.init_from / model=hf: their source checked, and the architecture, context or vocabulary it sets
@@ -222,7 +233,7 @@ def _train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         log.info("Results in %s: %s", output_dir, json.dumps({k: v for k, v in results.items() if k != "metrics"}))
-    return metrics.get(cfg.optimized_metric)
+    return TrainedRun(metrics.get(cfg.optimized_metric), results, module.model, tokenizer, output_dir)
 
 
 def _stopped_by_signal(trainer: pl.Trainer, callbacks: list[pl.Callback]) -> int:
