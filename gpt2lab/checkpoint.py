@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import zipfile
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
 from gpt2lab.errors import ConfigError
@@ -157,6 +159,71 @@ def check_resumable(path: str | os.PathLike, model: dict[str, Any]) -> None:
     diff = model_diff(read_checkpoint(path)["hyper_parameters"]["model"], model)
     if diff:
         raise ConfigError(f"ckpt_path={str(path)!r} holds a different model ({diff}); resume with the run's own config")
+
+
+# What a resumed run must share with its checkpoint's run besides the architecture: the tokenizer, the data (source,
+# split, window) and the batch layout. Left out: settings that change how the same batches are computed or read
+# (workers, evaluation batch size, cache directory, seeds), which a resumed run may change freely.
+SETTINGS_IGNORED = {
+    "data": {"_target_", "eval_batch_size", "num_workers", "pin_memory", "preprocessing_num_workers", "cache_dir",
+             "seed", "offline_fallback"},
+    "tokenizer": {"_target_", "show_progress"},
+}  # fmt: skip
+WORLD_SIZE = "world size (trainer.devices x trainer.num_nodes)"
+RUN_SETTINGS_KEY = "RunSettings"  # the state key of gpt2lab.lit.callbacks.RunSettings in a checkpoint's callbacks
+
+
+def run_settings(cfg: DictConfig, world_size: int) -> dict[str, Any]:
+    """The settings of this run that a run resuming from its checkpoints must share, as ``{"data.path": ...}``;
+    recorded in every checkpoint (``gpt2lab.lit.callbacks.RunSettings``) and compared by ``check_same_run``."""
+    settings: dict[str, Any] = {}
+    for group in ("data", "tokenizer"):
+        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
+            if key not in SETTINGS_IGNORED[group]:
+                local = key == "path" and isinstance(value, str) and "://" not in value
+                settings[f"{group}.{key}"] = os.path.abspath(os.path.expanduser(value)) if local else value
+    settings["trainer.accumulate_grad_batches"] = cfg.trainer.accumulate_grad_batches
+    settings[WORLD_SIZE] = world_size
+    return settings
+
+
+def check_same_run(
+    path: str | os.PathLike, settings: dict[str, Any], tokenizer: Tokenizer, strict: bool = True
+) -> None:
+    """Refuse to resume from a checkpoint whose run had another tokenizer, other data or another batch layout,
+    naming the keys that differ (the run would go on with other batches or other token ids than the ones it
+    trained on, and say nothing); with ``strict=False`` (``resume.strict=false``), warn and go on. A checkpoint
+    written before the settings were recorded is compared on its tokenizer only."""
+    checkpoint = read_checkpoint(path)
+    saved = checkpoint.get("callbacks", {}).get(RUN_SETTINGS_KEY)
+    differ = [] if saved is None else [k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k)]
+    saved_tokenizer = checkpoint.get(CHECKPOINT_KEY, {}).get("tokenizer")
+    tokenizer_keys = [k for k in differ if k.startswith("tokenizer.")]
+    differ = [k for k in differ if k not in tokenizer_keys]  # the tokenizer itself decides, below
+    if saved_tokenizer and saved_tokenizer != tokenizer.to_str():
+        differ += tokenizer_keys or ["tokenizer"]
+    if not differ:
+        if saved is None:
+            log.info("%s predates recorded run settings: only its model and tokenizer are compared", path)
+        return
+    described = "; ".join(
+        f"{key}: checkpoint {_vocabulary(saved_tokenizer)} vs now {_vocabulary(tokenizer.to_str())}"
+        if key == "tokenizer"
+        else f"{key}: checkpoint {saved.get(key, '(not set)')} vs now {settings.get(key, '(not set)')}"
+        for key in sorted(differ)
+    )
+    if strict:
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} was written by a run with other settings ({described}). Resume with that run's "
+            "settings, or add resume.strict=false to go on with these (the run then differs from one never stopped)"
+        )
+    log.warning("resume.strict=false: resuming from %s, whose run had other settings (%s)", path, described)
+
+
+def _vocabulary(tokenizer_json: str) -> str:
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    digest = hashlib.sha256(tokenizer_json.encode()).hexdigest()[:12]
+    return f"a tokenizer of {tokenizer.get_vocab_size()} tokens (sha256 {digest})"
 
 
 def load_checkpoint(

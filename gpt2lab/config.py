@@ -168,6 +168,12 @@ class SampleSchema:
 
 
 @dataclasses.dataclass
+class ResumeSchema:
+    # Refuse a checkpoint whose run had another tokenizer, data or batch layout (false: warn and go on)
+    strict: bool = True
+
+
+@dataclasses.dataclass
 class TrainSchema:
     model: ModelBaseSchema = MISSING  # typed by the chosen option's schema (gpt2, hf, module)
     data: DataSchema = dataclasses.field(default_factory=DataSchema)
@@ -181,6 +187,7 @@ class TrainSchema:
     logger: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 1234
     ckpt_path: Optional[str] = None  # noqa: UP045 - a .ckpt file, or "last" for the newest run's last.ckpt
+    resume: ResumeSchema = dataclasses.field(default_factory=ResumeSchema)
     optimized_metric: str = "val/loss"
     compile: bool = False  # torch.compile the model
     compile_mode: Optional[str] = None  # noqa: UP045 - torch.compile's mode: max-autotune, reduce-overhead, ...

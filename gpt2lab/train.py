@@ -26,7 +26,7 @@ from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from tokenizers import Tokenizer
 
-from gpt2lab.checkpoint import check_steps_left, load_checkpoint, resolve_ckpt_path
+from gpt2lab.checkpoint import check_same_run, check_steps_left, load_checkpoint, resolve_ckpt_path, run_settings
 from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
 from gpt2lab.config_checks import raise_if_invalid
 from gpt2lab.cpu_threads import use_free_cores
@@ -34,7 +34,7 @@ from gpt2lab.errors import ConfigError, report_errors
 from gpt2lab.generate import sample_text
 from gpt2lab.hf import import_model_config, load_pretrained_weights
 from gpt2lab.lit import GPT2LitModule
-from gpt2lab.lit.callbacks import AtomicCheckpointIO, Preemption, Samples, ThroughputLogger
+from gpt2lab.lit.callbacks import AtomicCheckpointIO, Preemption, RunSettings, Samples, ThroughputLogger
 from gpt2lab.lit.ddp import use_job_command_for_ddp
 from gpt2lab.lit.loggers import continue_wandb_run, finish_wandb_run, keep_csv_history
 from gpt2lab.lit.trainer import (
@@ -166,7 +166,10 @@ def _train(cfg: DictConfig) -> TrainedRun:
     module.tokenizer = tokenizer
     # Now that the model is known, `last` can pass over checkpoints of other models
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir, model=module.hparams.model)
+    settings = run_settings(cfg, trainer.world_size)
+    trainer.callbacks.append(RunSettings(settings))  # recorded in each checkpoint, for a run resuming from it
     if ckpt_path:
+        check_same_run(ckpt_path, settings, tokenizer, strict=cfg.resume.strict)  # tokenizer, data, batch layout
         check_steps_left(ckpt_path, cfg.trainer.max_steps)
         log.info("Resuming from %s", ckpt_path)
         cfg.ckpt_path = ckpt_path  # config.yaml records the file, not `last`

@@ -378,6 +378,17 @@ def requeue_slurm_job() -> str | None:
     return job_id
 
 
+class RunSettings(pl.Callback):
+    """Records in each checkpoint the settings a run resuming from it must share (tokenizer, data, batch layout:
+    ``gpt2lab.checkpoint.run_settings``), where ``check_same_run`` reads them; ``train.py`` adds it to every run."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+
 class StepBoundaryCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint``, whose saves at the end of a training batch (``train_time_interval``,
     ``every_n_train_steps``) happen only right after an optimizer step: a checkpoint taken part-way through a
