@@ -323,7 +323,8 @@ def test_a_worker_joining_a_running_study_proposes_other_points(tmp_path):
     def first_workers_job(params):
         if not joined:  # while the first worker's first trial runs, a second worker starts on the study
             joined.append(True)
-            stand_in_sweep(sweep, config, XY, objective, n_trials=1)
+            # No heartbeat: in this process it would wait for the first worker's trial, which waits for it.
+            stand_in_sweep(sweep, config, XY, objective, n_trials=1, heartbeat_interval=None)
         return objective(params)
 
     stand_in_sweep(sweep, config, XY, first_workers_job, n_trials=2)

@@ -8,6 +8,13 @@ parsing and trial configuration; its ``sweep`` loop adds
   already in the study, so a seeded sampler does not start its sequence again (a fresh study stays reproducible);
 - the trial number handed to each job (``optuna_trial``), so that ``OptunaPruning`` can report validation
   losses and stop a trial the pruner gives up on; such trials are recorded as PRUNED, not FAIL;
+- a worker that dies mid-trial (killed, preempted, its machine lost) loses nothing: each worker records a heartbeat
+  for its trials, a trial whose heartbeat stops is failed by the next worker that asks for a trial and re-run
+  with the same parameters (``heartbeat_interval``, ``grace_period``, ``max_retry``), and a worker that is done
+  waits for the others' running trials, to re-run them if their worker dies; with ``n_trials_per=study`` the
+  workers together fill the study to ``n_trials``, a dead worker's share included;
+- after each job, the memory its model held is freed (a failed job's traceback no longer keeps it), so a trial
+  that ran out of GPU memory leaves the GPU to the next;
 - failures recorded as FAIL with their error while the study goes on (a job that returns no finite objective
   fails too; ``gpt2lab.sweep.summary.job_outcome`` decides, for the study and the sweep's summary table alike),
   and
@@ -20,23 +27,33 @@ each trained: ``python -m gpt2lab.sweep export-best|report``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import json
 import logging
 import math
+import os
+import socket
 import sys
+import threading
 import time
+import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytorch_lightning as pl
+import torch
 from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
 
 from gpt2lab.config import config_groups
 from gpt2lab.errors import ConfigError
@@ -44,6 +61,9 @@ from gpt2lab.sweep.summary import job_outcome
 
 log = logging.getLogger(__name__)
 PRUNERS = ("none", "median", "hyperband")
+N_TRIALS_PER = ("invocation", "study")
+SQLITE_BUSY_TIMEOUT_S = 120
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded with each trial this process runs
 
 
 def make_pruner(pruner: str, n_startup_trials: int = 5, n_warmup_steps: int = 0) -> optuna.pruners.BasePruner:
@@ -60,6 +80,80 @@ def default_storage(sweep_dir: str | Path) -> str:
     return f"sqlite:///{Path(sweep_dir).resolve() / 'optuna.db'}"
 
 
+def open_storage(
+    url: str, heartbeat_interval: int | None = None, grace_period: int | None = None, max_retry: int | None = None
+) -> optuna.storages.RDBStorage:
+    """The study's database. With ``heartbeat_interval``, each worker records a heartbeat for the trials it runs, and
+    a RUNNING trial without one for ``grace_period`` seconds (its worker was killed, its machine lost) is failed by
+    the next worker that asks for a trial and queued again with the same parameters, up to ``max_retry`` times.
+    SQLite waits up to ``SQLITE_BUSY_TIMEOUT_S`` for another worker's write instead of Python's 5 s, so that
+    workers writing at once (asks, tells, heartbeats, pruning reports) queue rather than fail."""
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if url.startswith("sqlite") else None
+    with warnings.catch_warnings():  # heartbeats and retries are marked experimental; gpt2lab's tests cover them
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry) if heartbeat_interval else None
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+            heartbeat_stale_trial_callback=retry,
+        )  # fmt: skip
+
+
+def retried_from(storage: optuna.storages.BaseStorage, trial: optuna.trial.Trial) -> int | None:
+    """The number of the trial that ``trial`` re-runs, if it is the retry of a trial whose worker died."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(storage.get_trial(trial._trial_id))
+
+
+@contextlib.contextmanager
+def heartbeat(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> Iterator[None]:
+    """Record the trials' heartbeat every ``heartbeat_interval`` seconds while their jobs run, from a thread of this
+    worker: when the worker dies the heartbeat stops, and another worker fails and re-runs its trials."""
+    interval = storage.get_heartbeat_interval()
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            for trial_id in trial_ids:
+                try:
+                    storage.record_heartbeat(trial_id)
+                except Exception as e:  # the database busy or out of reach: the next beat tries again
+                    log.warning("No heartbeat recorded for trial id %d: %s", trial_id, e)
+
+    thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def release_memory(returns: list[JobReturn]) -> None:
+    """Free what the jobs' models held before the next trial starts. A failed job's exception keeps its traceback,
+    and the traceback the frames of ``train`` with their locals (model, optimizer, trainer): a trial that ran out of
+    GPU memory would leave the memory taken for the next. Clear those frames, collect the reference cycles
+    (module and trainer point at each other) and hand PyTorch's cached GPU blocks back."""
+    for ret in returns:
+        errors = [ret._return_value] if ret.status == JobStatus.FAILED else []
+        seen: set[int] = set()
+        while errors:
+            error = errors.pop()
+            if not isinstance(error, BaseException) or id(error) in seen:
+                continue
+            seen.add(id(error))
+            if error.__traceback__ is not None:
+                traceback.clear_frames(error.__traceback__)
+                error.__traceback__ = None
+            errors += [error.__cause__, error.__context__]
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 class OptunaSweeper(OptunaSweeperImpl):
     """``hydra/sweeper=gpt2lab_optuna``: see the module docstring."""
 
@@ -70,12 +164,16 @@ class OptunaSweeper(OptunaSweeperImpl):
         storage: str | None = None,
         study_name: str | None = None,
         n_trials: int = 20,
+        n_trials_per: str = "invocation",
         n_jobs: int = 1,
         timeout: float | None = None,
         max_failure_rate: float = 0.5,
         pruner: str = "none",
         n_startup_trials: int = 5,
         n_warmup_steps: int = 0,
+        heartbeat_interval: int | None = 60,
+        grace_period: int | None = None,
+        max_retry: int | None = 3,
         params: DictConfig | None = None,
         custom_search_space: str | None = None,
     ) -> None:
@@ -83,15 +181,32 @@ class OptunaSweeper(OptunaSweeperImpl):
             _instantiate_sampler(sampler), direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
             custom_search_space, params,
         )  # fmt: skip
+        if n_trials_per not in N_TRIALS_PER:
+            raise ConfigError(f"hydra.sweeper.n_trials_per={n_trials_per!r}: expected one of {', '.join(N_TRIALS_PER)}")
+        for key, value in (("heartbeat_interval", heartbeat_interval), ("grace_period", grace_period)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"hydra.sweeper.{key}={value!r}: expected a whole number of seconds > 0, or null")
+        if heartbeat_interval and grace_period is not None and grace_period <= heartbeat_interval:
+            raise ConfigError(
+                f"hydra.sweeper.grace_period={grace_period} is not longer than heartbeat_interval={heartbeat_interval}:"
+                " live trials would be taken for dead ones; make it a few heartbeats long (null: two)"
+            )
+        if max_retry is not None and (not isinstance(max_retry, int) or max_retry < 0):
+            raise ConfigError(
+                f"hydra.sweeper.max_retry={max_retry!r}: expected a whole number >= 0, or null (no limit)"
+            )
         self.sampler_config = sampler  # instantiated again, with another seed, to continue a study
+        self.n_trials_per = n_trials_per
         self.timeout = timeout
         self.pruner = make_pruner(pruner, n_startup_trials, n_warmup_steps)
+        self.heartbeat_interval, self.grace_period, self.max_retry = heartbeat_interval, grace_period, max_retry
 
     def sweep(self, arguments: list[str]) -> None:
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        storage = self.storage or default_storage(sweep_dir)
+        url = self.storage or default_storage(sweep_dir)
+        storage = open_storage(url, self.heartbeat_interval, self.grace_period, self.max_retry)
         self._process_searchspace_config()
         space, fixed_params, fixed_overrides = create_params_from_overrides(
             [*self._parse_sweeper_params_config(), *arguments]
@@ -105,41 +220,44 @@ class OptunaSweeper(OptunaSweeperImpl):
 
         deadline = time.time() + self.timeout if self.timeout else math.inf
         # Workers started together would race to create the SQLite schema, and would count the same trials and
-        # so draw the same points; a file lock orders them, and each asks its first trials before the next one
-        # counts. The lock lives in the sweep directory: workers on machines that do not share it must not start
-        # at the same moment with the same seed.
-        with FileLock(str(sweep_dir / ".optuna.lock")):
+        # so draw the same points; a file lock orders them, and each asks its trials before the next one counts.
+        # The lock lives in the sweep directory: workers on machines that do not share it must not start at the
+        # same moment with the same seed, and with n_trials_per=study they may overshoot n_trials by a trial or so.
+        lock = FileLock(str(sweep_dir / ".optuna.lock"))
+        with lock:
             study = optuna.create_study(
                 study_name=self.study_name, storage=storage, sampler=self._sampler(grid), pruner=self.pruner,
                 directions=self._get_directions(), load_if_exists=True,
             )  # fmt: skip
-            log.info("Study %s in %s: %d trials so far", study.study_name, storage, len(study.trials))
+            log.info("Study %s in %s: %d trials so far", study.study_name, url, len(study.trials))
             if study.trials:
                 study.sampler = self._sampler(grid, seed_offset=len(study.trials))
-            trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials))]
-        done = failed = 0
-        while trials:
+        own = done = failed = 0  # own: the trials this worker added (not the retries it ran)
+        others: set[int] | None = None  # when this worker is done: the other workers' trials it waits for
+        while True:
+            with lock:
+                trials = self._ask(study, storage, own, deadline)
+            if not trials:
+                others = self._others_running(study, deadline, others)
+                if not others:
+                    break
+                time.sleep(self.heartbeat_interval)
+                continue
+            own += sum(retried_from(storage, t) is None for t in trials)
             overrides = self._configure_trials(trials, space, fixed_params, fixed_overrides)
             overrides = [(*o, f"optuna_trial={t.number}") for o, t in zip(overrides, trials, strict=True)]
-            returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            for trial, trial_overrides in zip(trials, overrides, strict=True):
+                trial.set_user_attr("overrides", list(trial_overrides))  # known even if this worker dies
+                trial.set_user_attr("worker", WORKER)
+                if self.heartbeat_interval:  # so that the others wait for it: it is reaped if this worker dies
+                    trial.set_user_attr("heartbeat_interval", self.heartbeat_interval)
+            with heartbeat(storage, [t._trial_id for t in trials]):
+                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
-            for trial, ret in zip(trials, returns, strict=True):
-                run_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else None
-                trial.set_user_attr("overrides", list(ret.overrides or []))
-                trial.set_user_attr("run_dir", str(run_dir or ""))
-                if run_dir is not None and (run_dir / "results.json").is_file():
-                    trial.set_user_attr("steps", json.loads((run_dir / "results.json").read_text())["global_step"])
-                outcome = job_outcome(ret, self.config.optimized_metric)
-                if outcome.status == "finished":
-                    _tell(study, trial, values=[outcome.objective])
-                elif outcome.status == "pruned":
-                    _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
-                else:
-                    trial.set_user_attr("error", outcome.error[:1000])
-                    _tell(study, trial, state=optuna.trial.TrialState.FAIL)
-                    log.warning("Trial %d failed: %s", trial.number, outcome.error)
-                    failed += 1
+            failed += self._record(study, trials, returns)
             done += len(returns)
+            release_memory(returns)
+            del trials, returns
             if failed / done > self.max_failure_rate and done >= min(self.n_trials, 4):
                 first = next(t.user_attrs.get("error") for t in study.trials if t.user_attrs.get("error"))
                 save_results(study, sweep_dir)
@@ -149,9 +267,86 @@ class OptunaSweeper(OptunaSweeperImpl):
                     file=sys.stderr,
                 )
                 raise SystemExit(1)
-            left = self.n_trials - done if time.time() < deadline else 0
-            trials = [study.ask() for _ in range(min(self.n_jobs, left))]
         save_results(study, sweep_dir)
+
+    def _ask(
+        self, study: optuna.Study, storage: optuna.storages.RDBStorage, own: int, deadline: float
+    ) -> list[optuna.trial.Trial]:
+        """This worker's next trials. First the RUNNING trials of dead workers (no heartbeat for ``grace_period``)
+        are failed, which queues their retries; ``study.ask`` hands out queued trials before new ones. New trials
+        fill ``n_trials``: this invocation's, or the study's (COMPLETE, PRUNED, RUNNING and queued trials)."""
+        if time.time() >= deadline:
+            return []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        waiting = states.count(TrialState.WAITING)
+        if self.n_trials_per == "study":
+            new = self.n_trials - sum(map(states.count, (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)))
+            new -= waiting
+        else:
+            new = self.n_trials - own
+        trials = []
+        for _ in range(min(self.n_jobs, max(new, 0) + waiting)):
+            with warnings.catch_warnings():  # Optuna expects heartbeats with study.optimize; this loop keeps them
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                trial = study.ask()
+            if self.heartbeat_interval:  # at once: a worker killed before its job starts leaves a trial to reap
+                storage.record_heartbeat(trial._trial_id)
+            retry = retried_from(storage, trial)
+            if retry is not None:
+                log.info("Trial %d re-runs trial %d, whose worker stopped", trial.number, retry)
+            trials.append(trial)
+        return trials
+
+    def _others_running(self, study: optuna.Study, deadline: float, waiting_for: set[int] | None) -> set[int]:
+        """The other workers' trials this worker waits for before it finishes: those RUNNING when it ran out of
+        trials of its own, with a heartbeat. If their worker has died, this worker fails them once their heartbeat
+        is ``grace_period`` old and runs their retries, so that a sweep ends with no trial left RUNNING."""
+        if not self.heartbeat_interval or time.time() >= deadline:
+            return set()
+        running = {
+            t.number
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("heartbeat_interval")
+        }
+        if waiting_for is None:
+            if running:
+                log.info("Waiting for trials %s of other workers to end (a worker that died leaves them to this one)",
+                         sorted(running))  # fmt: skip
+            return running
+        return running & waiting_for
+
+    def _record(self, study: optuna.Study, trials: list[optuna.trial.Trial], returns: list[JobReturn]) -> int:
+        """Tell the study how each job ended (see ``job_outcome``); return how many failed."""
+        failed = 0
+        for trial, ret in zip(trials, returns, strict=True):
+            run_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else None
+            outcome = job_outcome(ret, self.config.optimized_metric)
+            try:
+                trial.set_user_attr("overrides", list(ret.overrides or []))
+                trial.set_user_attr("run_dir", str(run_dir or ""))
+                if run_dir is not None and (run_dir / "results.json").is_file():
+                    trial.set_user_attr("steps", json.loads((run_dir / "results.json").read_text())["global_step"])
+                if outcome.status == "finished":
+                    _tell(study, trial, values=[outcome.objective])
+                elif outcome.status == "pruned":
+                    _tell(study, trial, state=TrialState.PRUNED)
+                else:
+                    trial.set_user_attr("error", outcome.error[:1000])
+                    _tell(study, trial, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                log.warning(
+                    "Trial %d was failed by another worker while it ran here (no heartbeat for longer than "
+                    "hydra.sweeper.grace_period): its retry counts, not this result",
+                    trial.number,
+                )
+                continue
+            if outcome.status == "failed":
+                log.warning("Trial %d failed: %s", trial.number, outcome.error)
+                failed += 1
+        return failed
 
     def _sampler(self, grid: dict[str, list[Any]] | None, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
         """The configured sampler, its seed (if it has one) plus ``seed_offset``: a study continued with the seed
@@ -224,7 +419,7 @@ class OptunaPruning(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.is_global_zero and self.trial is None:
             sweeper = HydraConfig.get().sweeper
-            storage = sweeper.get("storage") or default_storage(HydraConfig.get().sweep.dir)
+            storage = open_storage(sweeper.get("storage") or default_storage(HydraConfig.get().sweep.dir))
             pruner = make_pruner(
                 sweeper.get("pruner", "none"), sweeper.get("n_startup_trials", 5), sweeper.get("n_warmup_steps", 0)
             )
