@@ -174,6 +174,7 @@ class RedactSecrets(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         remember_secrets(config)  # now every value resolves, ${hydra:...} too, as the job will see it
+        install_log_redaction()  # a launcher may run the job in a process of its own (joblib, submitit)
         if config.hydra.output_subdir is not None:
             hydra_dir = Path(config.hydra.runtime.output_dir) / config.hydra.output_subdir
             for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):

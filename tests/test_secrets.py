@@ -146,22 +146,24 @@ def grep(root: Path, *secrets: str) -> list[str]:
 
 
 def test_a_multirun_writes_and_logs_no_secret(tmp_path, corpus_file, cache_dir, train_cli):
-    """A wandb key in the environment and as a logger setting, a token and a database URL given to the job through
+    """A wandb key in the environment and as a logger setting, a token and a database URL given to the jobs through
     Hydra's env_set: nowhere in the sweep directory (.hydra/, multirun.yaml, config.yaml, the job's log, CSV and
-    wandb hyper-parameters, wandb's record of the command line, the sweep summary), nor in the console output."""
+    wandb hyper-parameters, wandb's record of the command line, the sweep summary), nor in the console output,
+    where Hydra also lists a failed job's overrides (3 heads do not divide a width of 32)."""
     pytest.importorskip("wandb")
     env_key, logger_key, hf_token, db_password = "wk" + "E" * 38, "wk" + "L" * 38, "hf_" + "T" * 34, "Db-pa55word"
     database_url = f"postgresql://trainer:{db_password}@db.internal:5432/runs"
     env = {"WANDB_API_KEY": env_key, "NETRC": str(tmp_path / "no-netrc"), "WANDB_CONFIG_DIR": str(tmp_path / "wcfg")}
     result = train_cli(
         "-m", *TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", "hydra.sweep.dir=sweep",
-        "sample=null", "test=false", "logger=wandb", "logger.wandb.mode=offline",
+        "sample=null", "test=false", "logger=wandb", "logger.wandb.mode=offline", "model.num_heads=2,3",
         f"+logger.wandb.settings={{api_key:{logger_key}}}",
         f"+hydra.job.env_set.HF_TOKEN={hf_token}", f"+hydra.job.env_set.DATABASE_URL={database_url}",
         cwd=tmp_path, env=env,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
     secrets = (env_key, logger_key, hf_token, db_password)
+    assert result.returncode == 1, result.stderr[-3000:]  # Hydra raises the failed job's error at the end
+    assert "Error executing job with overrides: [" in result.stderr and "{api_key:***}']" in result.stderr
     assert grep(tmp_path, *secrets) == []
     assert not [s for s in secrets if s in result.stdout + result.stderr]
     sweep, job = tmp_path / "sweep", tmp_path / "sweep" / "0"
