@@ -180,6 +180,20 @@ def test_a_multirun_writes_and_logs_no_secret(tmp_path, corpus_file, cache_dir, 
     assert "{api_key:***}" in result.stdout + result.stderr  # Hydra's launcher lists each job's overrides
 
 
+@pytest.mark.parametrize(
+    "entry_point", ["gpt2lab.evaluate", "gpt2lab.generate", "gpt2lab.export", "gpt2lab.chat", "gpt2lab.check"]
+)
+def test_the_other_entry_points_write_no_secret(tmp_path, run_main, entry_point):
+    """They share conf/hydra/default.yaml: their .hydra/ and log hold no secret either (here a run that stops at
+    once on bad input, after Hydra has written both)."""
+    token = "hf_" + "X" * 34
+    result = run_main(entry_point, "ckpt=missing.ckpt", f"+hydra.job.env_set.HF_TOKEN={token}", cwd=tmp_path)
+    assert result.returncode == 1 and "Error:" in result.stderr
+    (hydra_yaml,) = tmp_path.glob("outputs/**/.hydra/hydra.yaml")
+    assert OmegaConf.load(hydra_yaml).hydra.job.env_set.HF_TOKEN == "***"
+    assert grep(tmp_path, token) == [] and token not in result.stdout + result.stderr
+
+
 class _Payload:
     """What a crafted checkpoint holds: unpickling it calls ``os.makedirs(marker)``."""
 
