@@ -66,7 +66,7 @@ def redact(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     text = URL_PASSWORD.sub(lambda m: m["head"] + MASK, value)
-    text = ASSIGNMENT.sub(lambda m: f"{m['key']}={MASK}" if is_secret_key(m["key"].rsplit(".", 1)[-1]) else m[0], text)
+    text = ASSIGNMENT.sub(lambda m: f"{m['key']}={MASK}" if is_secret_key(m["key"]) else m[0], text)
     text = DICT_ENTRY.sub(lambda m: m["head"] + MASK if is_secret_key(m["key"]) else m[0], text)
     for secret in sorted(_known, key=len, reverse=True):  # the longest first: one may contain another
         text = text.replace(secret, MASK)
