@@ -15,6 +15,7 @@ VERBS = {
     "check": "a model's check-up before training: shapes, gradients, causality, ... (python -m gpt2lab.check)",
     "runs": "a table of the runs under a directory, with curves (python -m gpt2lab.runs)",
     "presets": "the recipes in conf/preset/ with estimated times here; cp, --recommend (python -m gpt2lab.presets)",
+    "wizard": "a recipe of your own, asked step by step, as conf/experiment/<name>.yaml (python -m gpt2lab.wizard)",
 }
 
 
