@@ -108,11 +108,19 @@ def test_sigusr1_under_slurm_stops_with_last_ckpt_and_requeues_the_job(train_cli
     env = {**slurm, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     common = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", "trainer.max_steps=12", "sample=null"]
     run = tmp_path / "run"
-    warn = ["+callbacks.stop._target_=helpers.SignalAtStep", "+callbacks.stop.step=5", "+callbacks.stop.signal=SIGUSR1"]
-    stopped = train_cli(*common, f"hydra.run.dir={run}", "ckpt_path=auto", *warn, cwd=tmp_path, env=env)
+    last = run / "checkpoints" / "last.ckpt"
+    warn = ["+callbacks.stop._target_=helpers.SignalAtStep", "+callbacks.stop.signal=SIGUSR1"]
+    # callbacks.preemption.requeue=false: the signal only stops the run
+    once = [*common, f"hydra.run.dir={run}", "ckpt_path=auto", *warn, "+callbacks.stop.step=2"]
+    stopped = train_cli(*once, "callbacks.preemption.requeue=false", cwd=tmp_path, env=env)
+    assert stopped.returncode == 138 and not calls.exists(), stopped.stderr[-3000:]
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+
+    stopped = train_cli(
+        *common, f"hydra.run.dir={run}", "ckpt_path=auto", *warn, "+callbacks.stop.step=5", cwd=tmp_path, env=env
+    )
     assert stopped.returncode == 138, stopped.stderr[-3000:]
     assert calls.read_text() == "requeue 4242\n"
-    last = run / "checkpoints" / "last.ckpt"
     output = stopped.stdout + stopped.stderr
     assert f"Stopped by SIGUSR1 at step 6, with {last} written" in output and "Requeued SLURM job 4242" in output
     assert torch.load(last, weights_only=False)["global_step"] == 6

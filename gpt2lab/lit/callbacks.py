@@ -278,7 +278,7 @@ class Preemption(pl.Callback):
     ``#SBATCH --signal=USR1@90``) and Ctrl-C stop training at the end of the optimizer step in progress, on every
     rank, with ``last.ckpt`` written, so that ``ckpt_path=auto`` (the same command run again) goes on from there.
     Under SLURM, the warning signal then requeues the job (``scontrol requeue``), as Lightning's
-    ``SLURMEnvironment(auto_requeue=True)`` asks. A second Ctrl-C stops at once, without a checkpoint.
+    ``SLURMEnvironment(auto_requeue=True)`` asks, unless ``requeue=False``. A second Ctrl-C stops at once, without a checkpoint.
 
     The handlers only note the signal. After each optimizer step the ranks agree (one all-reduce under DDP, no
     device sync on one process) and, if any was signalled, all set Lightning's ``received_sigterm`` at that same
@@ -291,7 +291,8 @@ class Preemption(pl.Callback):
     ``checkpoint`` and ``requeued`` (the SLURM job id) say what happened, for the run's last line
     (``gpt2lab.train``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, requeue: bool = True) -> None:
+        self.requeue = requeue  # false: under SLURM, SIGUSR1 only stops the run
         self.signal: str | None = None
         self.checkpoint: Path | None = None
         self.requeued: str | None = None
@@ -347,7 +348,8 @@ class Preemption(pl.Callback):
             self.checkpoint = Path(dirpath) / "last.ckpt"
             trainer.save_checkpoint(self.checkpoint)  # every rank takes part, as for any checkpoint
         auto_requeue, warning_signal = self._slurm or (False, None)
-        if auto_requeue and self.signal == getattr(warning_signal, "name", None) and trainer.is_global_zero:
+        warned = self.signal == getattr(warning_signal, "name", None)
+        if self.requeue and auto_requeue and warned and trainer.is_global_zero:
             self.requeued = requeue_slurm_job()  # after the checkpoint: SLURM ends the job's tasks as it requeues
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
