@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 from hydra.utils import execution_whitelist, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gpt2lab.config import TRUSTED_TARGETS
 from gpt2lab.data.datamodule import TokenBlockDataset
@@ -85,7 +85,7 @@ def _model(cfg: DictConfig) -> None:
     model.init_from the architecture comes from the checkpoint's config.json, which train.py reads later."""
     if is_gpt2(cfg.model) and not cfg.model.get("init_from"):
         with execution_whitelist(TRUSTED_TARGETS):
-            instantiate(cfg.model)
+            instantiate(_plain(cfg.model))
 
 
 def _vocabulary(cfg: DictConfig) -> None:
@@ -103,7 +103,13 @@ def _data_and_batch(cfg: DictConfig) -> None:
     if cfg.data.get("max_length") is None:
         return
     with execution_whitelist(TRUSTED_TARGETS):
-        instantiate(cfg.data, tokenizer=instantiate(cfg.tokenizer))
+        instantiate(_plain(cfg.data), tokenizer=instantiate(_plain(cfg.tokenizer)))
+
+
+def _plain(node: DictConfig) -> dict:
+    """A group's values, resolved, on their own: instantiating the node itself would copy the whole config tree
+    around it (Hydra keeps its interpolations' context), which the wizard, checking after every answer, feels."""
+    return OmegaConf.to_container(node, resolve=True)
 
 
 def _accumulation(cfg: DictConfig) -> None:
