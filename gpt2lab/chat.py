@@ -1,7 +1,9 @@
 """``python -m gpt2lab.chat ckpt=...``: talk to a trained model in the terminal.
 
 Each reply streams token by token and continues the conversation so far, which is kept as context; when
-it would no longer fit in the model's context with room for a reply, the oldest turns are dropped. A
+it would no longer fit in the model's context with room for a reply, the oldest turns are dropped. A model
+trained with ``data.format=chat`` has its chat template in the checkpoint: the conversation is rendered with
+it (``<|user|>...<|end|><|assistant|>``), as in training, and a reply ends at its end-of-turn token. A
 model trained without a chat format simply continues the text. Commands: ``/temperature 0.7``,
 ``/top_p 0.9``, ``/top_k 40``, ``/max_new_tokens 50``, ``/reset``, ``/help``, ``/quit``. Ctrl-C stops the
 reply being generated; Ctrl-D (or ``/quit``) leaves.
@@ -11,14 +13,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
 from gpt2lab.errors import ConfigError, report_errors
-from gpt2lab.generate import TextGenerator, check_inference
+from gpt2lab.generate import Completions, TextGenerator, check_inference, left_padded
+
+if TYPE_CHECKING:  # imported where a checkpoint is read, as torch is (gpt2lab.generate)
+    from gpt2lab.data.formats import ChatTemplate
 
 log = logging.getLogger("gpt2lab.chat")
 SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int, "repetition_penalty": float}
@@ -32,15 +37,25 @@ HELP = (
 class Chat:
     """The conversation with one model: its turns, the decoding settings, and the commands that change them."""
 
-    def __init__(self, generator: TextGenerator, settings: dict[str, Any]) -> None:
-        self.generator, self.settings = generator, settings
-        self.turns: list[str] = []
+    def __init__(
+        self, generator: TextGenerator, settings: dict[str, Any], template: ChatTemplate | None = None
+    ) -> None:
+        self.generator, self.settings, self.template = generator, settings, template
+        self.turns: list[str] = []  # without a template: the text of each turn
+        self.messages: list[dict[str, str]] = []  # with one: the {role, content} messages
 
     def context(self, message: str) -> str:
         """The text the reply continues: as many of the latest turns as fit with room for the reply."""
         limit = self.generator.model.config.context_length - self.settings["max_new_tokens"]
+        fits = lambda text: len(self.generator.tokenizer.encode(text).ids) <= limit  # noqa: E731
+        if self.template is not None:
+            messages = [*self.messages, {"role": "user", "content": message}]
+            while len(messages) > 1 and not fits(self.template.prompt(messages)):
+                messages.pop(0)  # the oldest first
+            self.messages = messages[:-1]
+            return self.template.prompt(messages)
         turns = [*self.turns, message + "\n"]
-        while len(turns) > 1 and len(self.generator.tokenizer.encode("".join(turns)).ids) > limit:
+        while len(turns) > 1 and not fits("".join(turns)):
             turns.pop(0)  # the oldest first
         self.turns = turns[:-1]
         return "".join(turns)
@@ -51,7 +66,7 @@ class Chat:
         if name == "quit":
             return None
         if name == "reset":
-            self.turns = []
+            self.turns, self.messages = [], []
             return "(the conversation is forgotten)"
         if name == "help":
             return HELP
@@ -68,9 +83,38 @@ class Chat:
     def reply(self, message: str) -> str:
         """Stream the model's reply to ``message`` to stdout and remember both."""
         context = self.context(message)
-        (text,) = self.generator.generate_text(context, self.settings, out=sys.stdout)
-        self.turns += [message + "\n", text + "\n"]
+        if self.template is None:
+            (text,) = self.generator.generate_text(context, self.settings, out=sys.stdout)
+            self.turns += [message + "\n", text + "\n"]
+            return text
+        text = self.complete_turn(context, out=sys.stdout)
+        self.messages += [{"role": "user", "content": message}, {"role": "assistant", "content": text}]
         return text
+
+    def complete_turn(self, prompt: str, out: Any = None) -> str:
+        """The assistant's turn after ``prompt``, as ``generate.complete`` decodes, ending at the template's
+        end-of-turn token (or a stop string, or after max_new_tokens)."""
+        import torch
+
+        assert self.template is not None
+        model, tokenizer = self.generator.model, self.generator.tokenizer
+        end = tokenizer.token_to_id(self.template.end)
+        device = model.wte.weight.device
+        input_ids, mask = (
+            torch.tensor(rows, device=device) for rows in left_padded(tokenizer, [prompt], self.settings)
+        )
+        completions = Completions(tokenizer, 1, self.settings, out)
+        completions.eos = end  # the turn ends here; end-of-text, which separates examples, never comes first
+        s = self.settings
+        tokens = model.generate_stream(
+            input_ids, s["max_new_tokens"], s.get("temperature", 1.0), s.get("top_k"), top_p=s.get("top_p"),
+            repetition_penalty=s.get("repetition_penalty", 1.0), do_sample=s.get("do_sample", True),
+            attention_mask=mask, eos_token_id=end, seed=s.get("seed"),
+        )  # fmt: skip
+        for step in tokens:
+            if completions.add(step.tolist()):
+                break
+        return completions.finish()[0]
 
 
 def chat(cfg: DictConfig) -> None:
@@ -81,9 +125,14 @@ def chat(cfg: DictConfig) -> None:
 def repl(generator: TextGenerator, settings: dict[str, Any]) -> None:
     """The terminal conversation (``TextGenerator.interactive_mode``) until /quit or Ctrl-D."""
     settings = settings | {"num_return_sequences": 1, "stream": True}
+    from gpt2lab.checkpoint import saved_chat_template
+    from gpt2lab.data.formats import ChatTemplate
+
     check_inference(settings)
-    session = Chat(generator, settings)
-    print(f"Chatting with {session.generator.path}. {HELP}", flush=True)
+    template = saved_chat_template(generator.path)
+    session = Chat(generator, settings, ChatTemplate.from_dict(template) if template else None)
+    how = f" (its chat template, {template['name']}: a reply ends at {template['end']})" if template else ""
+    print(f"Chatting with {session.generator.path}{how}. {HELP}", flush=True)
     while True:
         try:
             line = input("you> ").strip()

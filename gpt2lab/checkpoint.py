@@ -226,6 +226,11 @@ def _vocabulary(tokenizer_json: str) -> str:
     return f"a tokenizer of {tokenizer.get_vocab_size()} tokens (sha256 {digest})"
 
 
+def saved_chat_template(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The chat template a ``data.format=chat`` run saved in its checkpoint (``ChatTemplate.to_dict``), or None."""
+    return read_checkpoint(path).get(CHECKPOINT_KEY, {}).get("chat_template")
+
+
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[GPT2Model | CausalLM, Tokenizer | None]:

@@ -2,7 +2,9 @@
 
 Loss, perplexity and bits per byte (the loss in bits spread over the UTF-8 bytes of the text: it does not
 depend on the tokenizer, so models with different vocabularies compare), with what ``gzip -9``, ``bz2 -9``
-and ``xz -9e`` achieve on the same bytes beside them. Scoring runs through Lightning's test loop, so
+and ``xz -9e`` achieve on the same bytes beside them. With a task format (``data.format``) only the scored
+tokens count: the summary loss of summarization pairs, the assistant turns of chats, the completions of
+instructions; bits per byte are then over those tokens' bytes, and the compressors see that text alone. Scoring runs through Lightning's test loop, so
 ``trainer=gpu``, bf16 and ``trainer=ddp`` apply as in training. See README, "Evaluate".
 """
 
@@ -91,8 +93,9 @@ def print_metrics(metrics: dict[str, Any]) -> None:
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """The metrics as a table: the model's bits per byte beside the compressors'."""
+    over = f" over {metrics['scored']} only" if metrics.get("format", "plain") != "plain" else ""
     lines = [
-        f"loss {metrics['loss']:.4f}   perplexity {metrics['perplexity']:.2f}   "
+        f"loss {metrics['loss']:.4f}{over}   perplexity {metrics['perplexity']:.2f}   "
         f"{metrics['tokens']:,} tokens"
         + (f", {metrics['bytes']:,} bytes" if metrics.get("bytes") else "")
         + (f"   {metrics['tokens_per_sec']:,.0f} tokens/s" if metrics.get("tokens_per_sec") else ""),
@@ -131,10 +134,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         trainer = make_trainer(cfg.trainer, logger=False, callbacks=callbacks, enable_checkpointing=False)
     metrics = Evaluator(model, dataloader, tokenizer=tokenizer, trainer=trainer).evaluate()
     if cfg.eval.compressors and trainer.is_global_zero:
-        tokens = dataloader.dataset.tokens[1 : 1 + metrics["tokens"]]  # the scored tokens: a prefix of the split
+        dataset = dataloader.dataset
+        scored = dataset.scored_tokens() if datamodule.format.masked else dataset.tokens[1:]
+        tokens = scored[: metrics["tokens"]]  # the scored tokens: a prefix of the split's, in order
         text = tokenizer.decode(tokens.tolist(), skip_special_tokens=True).encode("utf-8")
         metrics["compressors"] = compressor_bits_per_byte(text)
-    metrics |= {"checkpoint": str(path), "split": cfg.split, "stride": cfg.eval.stride, "data": datamodule.stats}
+    metrics |= {
+        "checkpoint": str(path),
+        "split": cfg.split,
+        "stride": cfg.eval.stride,
+        "format": datamodule.format.name,
+        "scored": datamodule.format.scored,  # which tokens the loss is over
+        "data": datamodule.stats,
+    }
     if trainer.is_global_zero:
         (output_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
         log.info("Evaluation of %s on the %s split:\n%s", path, cfg.split, format_metrics(metrics))

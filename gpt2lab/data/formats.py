@@ -303,6 +303,8 @@ class MaskedWindowDataset(Dataset):
         return len(self.tokens) // self.window
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} of {len(self)}")  # also ends iteration over the dataset
         span = slice(i * self.window, (i + 1) * self.window)
         ids = torch.from_numpy(self.tokens[span].astype(np.int64))
         return torch.where(torch.from_numpy(self.mask[span].astype(bool)), ids, ~ids)
