@@ -219,7 +219,8 @@ def print_table(rows: list[dict], started: float, seed: int) -> None:
         else:
             equal = f"{'yes' if r['resumed_equal'] else 'no'} ({r['rel_diff']:.1e})"
         lost = "-" if r["trials_lost"] is None else str(r["trials_lost"])
-        print(f"| {r['case']} | {equal} | {r['unloadable_checkpoints']} | {lost} |")
+        unloadable = "-" if r.get("run") is False else r["unloadable_checkpoints"]
+        print(f"| {r['case']} | {equal} | {unloadable} | {lost} |")
     print()
     for r in rows:
         print(f"- {r['case']}: {r['detail']}")
