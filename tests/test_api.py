@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import weakref
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from hydra.utils import execution_whitelist
 from omegaconf import OmegaConf
 from torch import nn
 
+import gpt2lab.api
 from gpt2lab import load_preset, train_model
 from gpt2lab.checkpoint import load_checkpoint
 from gpt2lab.errors import ConfigError
@@ -62,7 +64,7 @@ class Bigram(nn.Module):
         return self.out(self.embed(idx))
 
 
-def test_an_nn_module_object_trains_in_place(corpus_file, cache_dir, tmp_path):
+def test_an_nn_module_object_trains_in_place(corpus_file, cache_dir, tmp_path, monkeypatch):
     module = Bigram()
     before = module.out.weight.detach().clone()
     overrides = ["tokenizer=bpe", "tokenizer.vocab_size=320", "tokenizer.show_progress=false",
@@ -82,6 +84,15 @@ def test_an_nn_module_object_trains_in_place(corpus_file, cache_dir, tmp_path):
         reloaded, _ = load_checkpoint(results["best_model_path"])
     assert isinstance(reloaded.module, Bigram) and reloaded.module is not module
     assert torch.equal(reloaded.module.out.weight, module.out.weight)
+
+    # In another session the key names nothing: the error says how to load the weights, and that works
+    monkeypatch.setattr(gpt2lab.api, "_MODULES", weakref.WeakValueDictionary())
+    with execution_whitelist("test_api.*"), pytest.raises(ConfigError, match="in another Python session"):
+        load_checkpoint(results["best_model_path"])
+    rebuilt = Bigram()
+    state = torch.load(results["best_model_path"], weights_only=False)["state_dict"]
+    rebuilt.load_state_dict({k.removeprefix("model.module."): v for k, v in state.items()})
+    assert torch.equal(rebuilt.out.weight, module.out.weight)
 
 
 def test_load_preset_composes_the_cli_tree_and_rejects_what_the_cli_rejects(train_cli, corpus_file, cache_dir,
