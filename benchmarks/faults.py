@@ -1,8 +1,9 @@
 """The reliability benchmark: a tiny CPU run stopped in the ways real runs stop, then run again with
 ``ckpt_path=auto`` (the same command), compared with a run never stopped.
 
-Cases: SIGKILL before any checkpoint, after the first one, in the middle of writing one (a slow disk: the second
-save stalls half-written), and at a random step; SIGTERM (Kubernetes, spot instances) and SIGUSR1 under a
+Cases: SIGKILL before any checkpoint, after the first one, in the middle of writing one (a slow disk: the fourth
+save, last.ckpt at the second validation, stalls half-written), and at a random step between the first checkpoint
+and the end; SIGTERM (Kubernetes, spot instances) and SIGUSR1 under a
 simulated SLURM job (a fake ``scontrol`` records the requeue); and a sweep worker killed mid-trial
 (``benchmarks/faults_sweep.py``, when it is there). For each: whether the resumed run ends with the final validation
 loss of the uninterrupted one (and their relative difference), the checkpoints ``torch.load(weights_only=True)``
@@ -58,7 +59,7 @@ def main() -> int:
     whole = bench.run("whole")
     assert whole.returncode == 0, whole.log()
     reference = whole.final_loss()
-    random_step = random.Random(seed).randrange(1, MAX_STEPS)
+    random_step = random.Random(seed).randrange(VAL_EVERY + 2, MAX_STEPS)  # past the first checkpoint, not on one
     signal_at = ["+callbacks.stop._target_=helpers.SignalAtStep", f"+callbacks.stop.step={MAX_STEPS // 2 + 1}"]
     killed = -signal.SIGKILL
     cases = [  # (case, run directory, overrides, environment, the interrupted run's exit status)
@@ -152,6 +153,8 @@ class Bench:
             return row(name, None, None, len(unloadable), None, notes)
         resumed_from = json.loads((resumed.directory / "results.json").read_text())["resumed_from"]
         notes.append(f"resumed from {Path(resumed_from).name if resumed_from else 'nothing: started afresh'}")
+        partial = sorted(p.name for p in checkpoints.glob(".*.tmp"))
+        notes.append(f"partial files left after the resume: {', '.join(partial) or 'none'}")
         diff = abs(resumed.final_loss() - reference) / abs(reference)
         return row(name, diff <= SAME, diff, len(unloadable), None, notes)
 
