@@ -7,9 +7,9 @@ how long it would train on this machine, from a short measured probe of its mode
 
 The probe times a few optimizer steps of the preset's model (forward, backward, AdamW) on random tokens, at the
 preset's micro-batch and context, in its precision, on the GPU when there is one (else the CPU), eagerly (a
-``compile=true`` run is faster). A model that would take too long on a CPU is probed with one and two decoder
-blocks and fewer windows, and the time extrapolated linearly to all blocks and the whole micro-batch (every
-block costs the same; the embedding and output layer are in both). Results are cached per device and per
+``compile=true`` run is faster). A model that would take too long on a CPU is timed in parts on fewer windows:
+the model with one decoder block, and one block alone; every block costs the same, so the step of L blocks is
+the first plus L - 1 times the second, scaled to the whole micro-batch. Results are cached per device and per
 probed config under ``paths.cache_dir`` (``GPT2LAB_CACHE_DIR``), so the table is quick the second time.
 ``trainer.time_budget`` (gpt2lab/lit/trainer.py) uses the same probe to fit a run's steps to a budget.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import importlib.resources
 import json
@@ -28,7 +29,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,13 @@ from gpt2lab.config import config_path, null_group_overrides, register_schemas
 from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit.callbacks import format_duration, precision_dtype
-from gpt2lab.model import GPT2Config, GPT2Model
+from gpt2lab.model import DecoderBlock, GPT2Config, GPT2Model
 
 log = logging.getLogger(__name__)
 
-PROBE_VERSION = 1  # part of the cache key: a change to how the probe measures invalidates old results
+PROBE_VERSION = 2  # part of the cache key: a change to how the probe measures invalidates old results
 CPU_PROBE_TOKENS = 1024  # tokens per probed micro-batch on a CPU (at least one window)
-CPU_PROBE_FLOPS = 5e10  # a model whose probe step costs more is probed with 1 and 2 blocks on a CPU
+CPU_PROBE_FLOPS = 5e10  # a model whose probe step costs more is probed in parts on a CPU (see _measure)
 HEADER_NUMBERS = re.compile(
     r"#\s*parameters:\s*([\d,]+)\s*\|\s*tokens/step:\s*([\d,]+).*\|\s*total:\s*([\d,]+) tokens \(([\d,]+) steps\)"
 )
@@ -287,14 +288,16 @@ def _measure(cfg: DictConfig) -> Probe:
         probe_batch = max(1, min(batch, CPU_PROBE_TOKENS // config.context_length))
         with torch.device("meta"):
             flops = GPT2Model(config).flops_per_token() * probe_batch * config.context_length
-        # a step of more than CPU_PROBE_FLOPS (about a second here) is probed with 1 and 2 blocks and extrapolated
-        depths = (1, 2) if layers > 2 and flops > CPU_PROBE_FLOPS else (layers,)
-        times = {d: _time_steps(model_config(cfg, d), probe_batch, device, dtype, steps=2, warmup=1) for d in depths}
-        if len(depths) == 2:  # every block costs the same: t(L) = t(1) + (L - 1) * (t(2) - t(1))
-            fb, opt, fwd = (t1 + (layers - 1) * max(t2 - t1, 0.0) for t1, t2 in zip(times[1], times[2], strict=True))
-            how = f"1 and 2 of {layers} blocks, extrapolated; "
+        # A step of more than CPU_PROBE_FLOPS (a second or more here): the model with one block, and one block on its
+        # own, each timed; every block costs the same, so t(L) = t(model with 1 block) + (L - 1) * t(block). Two
+        # direct timings rather than the difference of two models', which a busy CPU's noise would swamp.
+        if layers > 1 and flops > CPU_PROBE_FLOPS:
+            one = _time_model(model_config(cfg, 1), probe_batch, device, dtype, steps=3, warmup=1, reduce=min)
+            block = _time_block(config, probe_batch, device, dtype, steps=3, warmup=1, reduce=min)
+            fb, opt, fwd = (m + (layers - 1) * b for m, b in zip(one, block, strict=True))
+            how = f"the model with 1 block and 1 block alone, extrapolated to {layers}; "
         else:
-            fb, opt, fwd = times[layers]
+            fb, opt, fwd = _time_model(config, probe_batch, device, dtype, steps=3, warmup=1, reduce=min)
             how = ""
         method = (
             f"{how}{probe_batch} x {config.context_length} tokens per micro-batch, scaled to {batch} x {accumulate}; "
@@ -304,7 +307,7 @@ def _measure(cfg: DictConfig) -> Probe:
         probe_batch = batch
         while True:  # a micro-batch that does not fit: half of it, timed, then scaled
             try:
-                fb, opt, fwd = _time_steps(config, probe_batch, device, dtype, steps=5, warmup=2)
+                fb, opt, fwd = _time_model(config, probe_batch, device, dtype, steps=5, warmup=2)
                 break
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
@@ -326,45 +329,83 @@ def _measure(cfg: DictConfig) -> Probe:
     )
 
 
-def _time_steps(
-    config: GPT2Config, batch: int, device: torch.device, dtype: torch.dtype, steps: int, warmup: int
-) -> tuple[float, float, float]:
-    """Median seconds of a micro-batch's forward + backward, of an AdamW step, and of an evaluation forward, on
-    random tokens (the time of a step does not depend on which tokens)."""
+Timings = tuple[float, float, float]  # seconds: forward + backward of a micro-batch, AdamW step, evaluation forward
+
+
+def _time_model(
+    config: GPT2Config,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    steps: int,
+    warmup: int,
+    reduce: Callable[[list[float]], float] = statistics.median,
+) -> Timings:
+    """The model's step on random tokens (the time of a step does not depend on which tokens)."""
     torch.manual_seed(0)
     model = GPT2Model(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     tokens = torch.randint(config.vocab_size, (batch, config.context_length + 1), device=device)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    return _time(model, lambda: model(inputs, labels)[1], device, dtype, steps, warmup, reduce)
+
+
+def _time_block(
+    config: GPT2Config,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    steps: int,
+    warmup: int,
+    reduce: Callable[[list[float]], float] = statistics.median,
+) -> Timings:
+    """One decoder block's step on random activations, with the gradient flowing back to its input as in the model."""
+    torch.manual_seed(0)
+    block = DecoderBlock(config).to(device)
+    x = torch.randn(batch, config.context_length, config.d_model, device=device, requires_grad=True)
+    return _time(block, lambda: block(x).float().square().mean(), device, dtype, steps, warmup, reduce)
+
+
+def _time(
+    module: torch.nn.Module,
+    loss_fn: Callable[[], torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    steps: int,
+    warmup: int,
+    reduce: Callable[[list[float]], float],
+) -> Timings:
+    """``reduce`` (median; min on a shared CPU, whose other processes only ever add time) of each part of a step."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=device.type == "cuda")
+    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def now() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    times: list[tuple[float, float, float]] = []
+    times: list[Timings] = []
     try:
         for i in range(warmup + steps):
             t0 = now()
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                _, loss = model(inputs, labels)
+            with autocast():
+                loss = loss_fn()
             loss.backward()
             t1 = now()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             t2 = now()
-            model.eval()
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                model(inputs, labels)
+            module.eval()
+            with torch.no_grad(), autocast():
+                loss_fn()
             t3 = now()
-            model.train()
+            module.train()
             if i >= warmup:
                 times.append((t1 - t0, t2 - t1, t3 - t2))
     finally:
-        del model, optimizer, tokens
+        del module, optimizer
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    fb, opt, fwd = (statistics.median(column) for column in zip(*times, strict=True))
+    fb, opt, fwd = (reduce(list(column)) for column in zip(*times, strict=True))
     return fb, opt, fwd
 
 
@@ -424,6 +465,14 @@ def parse_duration(text: str, key: str = "time_budget") -> float:
     return seconds
 
 
+def duration(seconds: float) -> str:
+    """``4 min 19 s``, ``6 h 49 min``, ``12 days``, ``3.7 years``: how long, at a glance, however long."""
+    if seconds < 48 * 3600:
+        return format_duration(seconds)
+    days = seconds / 86400
+    return f"{days:,.0f} days" if days < 730 else f"{days / 365.25:,.1f} years"
+
+
 def _short(n: float) -> str:
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
@@ -454,7 +503,7 @@ def format_rows(rows: list[dict[str, Any]], markdown: bool = False) -> str:
             r["recipe"].description,
             _short(r["recipe"].parameters),
             f"{_short(r['recipe'].total_tokens)} ({_short(r['recipe'].tokens_per_step)})",
-            format_duration(r["seconds"]),
+            duration(r["seconds"]),
             "cached" if r["probe"].cached else "measured now",
         ]
         for r in rows
@@ -527,23 +576,23 @@ def recommend(goal: str, hours: float, overrides: Sequence[str] = (), refresh: b
     # The most ambitious preset that the budget trains on at least min_share of its recipe; else the cheapest.
     pick = next((row for row in rows if row["seconds"] * min_share <= budget), rows[-1])
     r, seconds = pick["recipe"], pick["seconds"]
-    budget_text = format_duration(budget)
+    budget_text = duration(budget)
     command = f"python train.py preset={r.name}"
     if not torch.cuda.is_available() and pick["cfg"].trainer.accelerator in ("gpu", "cuda"):
         command += " trainer=cpu"  # this machine has no GPU: the estimate is the CPU's
     command += "".join(f" {o}" for o in overrides)
     if seconds <= budget:
-        why = f"its whole recipe ({_short(r.total_tokens)} tokens) takes an estimated {format_duration(seconds)} here"
+        why = f"its whole recipe ({_short(r.total_tokens)} tokens) takes an estimated {duration(seconds)} here"
     else:
         command += f" trainer.time_budget={_budget_arg(hours)}"
         share = budget / seconds
         why = (
-            f"its whole recipe takes an estimated {format_duration(seconds)} here; the budget trains {share:.0%} of "
+            f"its whole recipe takes an estimated {duration(seconds)} here; the budget trains {share:.0%} of "
             f"its {_short(r.total_tokens)} tokens, with warmup and cosine decay fitted to the budget (trainer.time_budget)"
         )
         if share < 0.1:
             why += ": a small share, so expect a weak model (a GPU, or a longer budget, trains more of it)"
-    others = ", ".join(f"{o['recipe'].name} {format_duration(o['seconds'])}" for o in rows)
+    others = ", ".join(f"{o['recipe'].name} {duration(o['seconds'])}" for o in rows)
     return (
         f"Recommended for goal={goal} in {budget_text}: {r.name} ({r.description})\n"
         f"  {command}\n"

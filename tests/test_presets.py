@@ -161,7 +161,7 @@ def test_presets_ls_measures_once_and_then_reads_the_cache(run_main, tmp_path, m
     cfg = compose_preset("tiny")
     probe = stored[probe_key(cfg)]  # keyed by this device and the probed config
     assert probe["preset"] == "tiny" and probe["step_s"] > 0 and probe["eval_batch_s"] > 0
-    estimate = presets.format_duration(run_seconds(cfg, presets.Probe(**probe)))
+    estimate = presets.duration(run_seconds(cfg, presets.Probe(**probe)))
     assert estimate in row  # the table shows the measured estimate, not a constant
 
     def no_measuring(cfg):
@@ -175,24 +175,29 @@ def test_presets_ls_measures_once_and_then_reads_the_cache(run_main, tmp_path, m
     assert probe_key(compose_preset("tiny", ["data.batch_size=8"])) != probe_key(cfg)
 
 
-def test_a_large_model_is_probed_shrunk_on_a_cpu_and_scaled(tmp_path, monkeypatch):
+def test_a_large_model_is_probed_in_parts_on_a_cpu_and_scaled(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2LAB_CACHE_DIR", str(tmp_path))
     cfg = compose_preset(
         "small", ["model.d_model=64", "model.num_heads=2", "model.d_ff=128", "model.context_length=64"]
     )
-    timed = []
-    real = presets._time_steps
-
-    def record(config, batch, *args, **kwargs):
-        timed.append((config.num_layers, batch))
-        return real(config, batch, *args, **kwargs)
-
-    monkeypatch.setattr(presets, "_time_steps", record)
     monkeypatch.setattr(presets, "CPU_PROBE_FLOPS", 0)  # as if this small model were GPT-2 sized
     monkeypatch.setattr(presets.torch.cuda, "is_available", lambda: False)  # the CPU's probe, on any machine
+    timed = {}
+    for name in ("_time_model", "_time_block"):
+        real = getattr(presets, name)
+
+        def record(config, batch, *args, real=real, name=name, **kwargs):
+            timed[name] = (config.num_layers, batch)
+            timed[name + "_s"] = real(config, batch, *args, **kwargs)
+            return timed[name + "_s"]
+
+        monkeypatch.setattr(presets, name, record)
     probe = presets.measure_throughput(cfg)
-    assert timed == [(1, 16), (2, 16)]  # 1 and 2 of 12 blocks, 1024 tokens of the 32 x 64 micro-batch
-    assert "1 and 2 of 12 blocks, extrapolated" in probe.method and "scaled to 32 x 16" in probe.method
+    # the model with 1 of its 12 blocks, and a block alone, on 16 of the 32 windows of 64 tokens (1024 tokens)
+    assert timed["_time_model"] == (1, 16) and timed["_time_block"] == (12, 16)
+    assert "extrapolated to 12" in probe.method and "scaled to 32 x 16" in probe.method
+    (fb1, opt1, _), (fb, opt, _) = timed["_time_model_s"], timed["_time_block_s"]
+    assert probe.step_s == pytest.approx(16 * (fb1 + 11 * fb) * 32 / 16 + opt1 + 11 * opt)
 
 
 # -- gpt2lab presets cp ------------------------------------------------------------------------------------------
@@ -333,3 +338,24 @@ def test_the_probe_refuses_models_it_cannot_build(compose_cfg):
     cfg = compose_cfg("model=hf", "model.name_or_path=gpt2", tiny=False)
     with pytest.raises(ConfigError, match="trainer.time_budget"):
         model_config(cfg)
+
+
+@pytest.mark.slow
+def test_time_budget_stops_training_cleanly_at_max_time(compose_cfg):
+    """A probe that promised far more steps than the budget holds: max_time ends training at the budget plus its
+    margin, with the last checkpoint written and results reported."""
+    from gpt2lab.train import train
+
+    cfg = compose_cfg("trainer.time_budget=2s", "sample=null", "test=false", "trainer.val_check_interval=50")
+    path = presets.cache_file(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cache = presets._read_cache(path)
+    cache[probe_key(cfg)] = {"device": "test", "step_s": 1e-5, "eval_batch_s": 1e-6, "method": "seeded"}
+    path.write_text(json.dumps(cache))
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    written = OmegaConf.load(run / "config.yaml")
+    assert written.trainer.max_time == "00:00:00:12" and written.trainer.max_steps > 100_000
+    results = json.loads((run / "results.json").read_text())
+    assert 0 < results["global_step"] < written.trainer.max_steps  # stopped by the time limit, not the steps
+    assert (run / "checkpoints" / "last.ckpt").is_file()
