@@ -263,6 +263,49 @@ def test_an_example_longer_than_the_window_is_truncated_or_dropped(tmp_path, cac
     assert sum(s["examples"] for s in dropped.stats.values()) == 40 - truncated
 
 
+def test_a_record_with_nothing_to_score_is_dropped_and_counted(tmp_path, cache_dir, caplog):
+    path = tmp_path / "chat.jsonl"
+    records = write_records(path, "chat", n=40)
+    for r in records[:6]:
+        r["messages"] = [m for m in r["messages"] if m["role"] != "assistant"]  # nobody answers
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with caplog.at_level(logging.INFO, logger="gpt2lab.data.datamodule"):
+        dm = datamodule(path, "chat", cache_dir, val_split=0.1, test_split=0.0)
+    assert sum(s["dropped_nothing_to_score"] for s in dm.stats.values()) == 6
+    assert sum(s["examples"] for s in dm.stats.values()) == 34
+    assert "were dropped: they have nothing to score (the assistant turns empty or missing)" in caplog.text
+
+
+# -- the configs ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("fmt", "hub", "columns"),
+    [
+        ("chat", ("HuggingFaceH4/no_robots", None), {"messages_column": "messages"}),
+        (
+            "summarization",
+            ("abisee/cnn_dailymail", "3.0.0"),
+            {"document_column": ("article", "document"), "summary_column": ("highlights", "summary")},
+        ),
+        (
+            "instruction",
+            ("tatsu-lab/alpaca", None),
+            {"prompt_column": (["instruction", "input"], "prompt"), "completion_column": ("output", "completion")},
+        ),
+    ],
+)
+def test_each_format_config_names_a_hub_dataset_and_reads_files_too(compose_cfg, fmt, hub, columns):
+    """data=<format> is a real Hub dataset with its columns; data.source=files reads the README's record shape,
+    without the Hub keys (which data=files refuses)."""
+    data = compose_cfg(f"data={fmt}", tiny=False).data
+    assert (data.source, data.name, data.config_name, data.format) == ("hub", *hub, fmt)
+    for key, value in columns.items():
+        assert data[key] == (value[0] if isinstance(value, tuple) else value)
+    files = compose_cfg(f"data={fmt}", "data.source=files", "data.path=my.jsonl", tiny=False).data
+    assert (files.name, files.config_name, files.path) == (None, None, "my.jsonl")
+    for key, value in columns.items():
+        assert files[key] == (value[1] if isinstance(value, tuple) else value)
+
+
 # -- the token cache -----------------------------------------------------------------------------------------
 def test_the_token_cache_keeps_the_mask_and_is_keyed_by_format_and_window(record_files, cache_dir):
     dm = datamodule(record_files["instruction"], "instruction", cache_dir)
@@ -279,6 +322,8 @@ def test_the_token_cache_keeps_the_mask_and_is_keyed_by_format_and_window(record
     assert damaged_token_files(token_dir) == "validation.mask.bin does not have the content recorded in meta.json"
     again = datamodule(record_files["instruction"], "instruction", cache_dir)  # written again, whole
     assert damaged_token_files(again._token_dir) is None
+    with pytest.raises(ConfigError, match="eval.stride=8: strided windows are for running text"):
+        again.eval_dataloader("validation", stride=8)
 
 
 # -- the loss and bits per byte of masked windows, in training and in evaluation ------------------------------
