@@ -15,6 +15,7 @@ from test_sweep import XY, _study, _sweep_args, objective, sampler_config, stand
 from gpt2lab.errors import ConfigError
 from gpt2lab.sweep.optuna_sweeper import OptunaSweeper, open_storage
 
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeats and retries
 FINISHED = ("COMPLETE", "PRUNED")
 RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback
 
@@ -51,7 +52,7 @@ def test_a_dead_workers_trial_is_failed_and_rerun_with_its_parameters(tmp_path):
     trials = _study(sweep / "optuna.db").trials
     assert sorted(t.state.name for t in trials) == ["COMPLETE"] * 3 + ["FAIL"]
     assert trials[0].state.name == "FAIL"
-    (retry,) = [t for t in trials if RETRY.retried_trial_number(t) is not None]
+    (retry,) = [t for t in trials if "failed_trial" in t.system_attrs]
     assert RETRY.retried_trial_number(retry) == 0 and retry.state.name == "COMPLETE"
     assert retry.params == {"x": x, "y": y}
     assert (float(jobs[retry.number]["x"]), float(jobs[retry.number]["y"])) == (x, y)  # its job's overrides
@@ -87,7 +88,7 @@ def test_a_sweep_worker_killed_mid_trial_loses_no_trial(tmp_path, corpus_file, c
     assert "RUNNING" not in states and "WAITING" not in states
     assert sum(s in FINISHED for s in states) == 4  # every requested trial
     (lost,) = [t for t in trials if t.state.name == "FAIL"]
-    (retry,) = [t for t in trials if RETRY.retried_trial_number(t) is not None]
+    (retry,) = [t for t in trials if "failed_trial" in t.system_attrs]
     assert RETRY.retried_trial_number(retry) == lost.number
     assert retry.state.name in FINISHED and retry.params == lost.params
     assert lost.user_attrs["worker"].endswith(f":{killed.pid}") and retry.user_attrs["worker"].endswith(

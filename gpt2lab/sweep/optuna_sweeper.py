@@ -206,7 +206,6 @@ class OptunaSweeper(OptunaSweeperImpl):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         url = self.storage or default_storage(sweep_dir)
-        storage = open_storage(url, self.heartbeat_interval, self.grace_period, self.max_retry)
         self._process_searchspace_config()
         space, fixed_params, fixed_overrides = create_params_from_overrides(
             [*self._parse_sweeper_params_config(), *arguments]
@@ -225,6 +224,7 @@ class OptunaSweeper(OptunaSweeperImpl):
         # same moment with the same seed, and with n_trials_per=study they may overshoot n_trials by a trial or so.
         lock = FileLock(str(sweep_dir / ".optuna.lock"))
         with lock:
+            storage = open_storage(url, self.heartbeat_interval, self.grace_period, self.max_retry)
             study = optuna.create_study(
                 study_name=self.study_name, storage=storage, sampler=self._sampler(grid), pruner=self.pruner,
                 directions=self._get_directions(), load_if_exists=True,
