@@ -146,3 +146,22 @@ def test_a_trial_out_of_memory_fails_alone_and_frees_its_model(train_cli, tmp_pa
     assert (first.state.name, second.state.name) == ("FAIL", "COMPLETE")
     assert first.user_attrs["error"].startswith("ConfigError: out of GPU memory")
     assert OutOfMemoryInFirstTrial.alive_at_start == [0, 0]  # the failed trial's model was gone when the next began
+
+
+def test_n_trials_per_study_tops_the_study_up_and_a_failed_trial_is_not_rerun(tmp_path):
+    sweep, config = tmp_path / "study", sampler_config("random")
+    outcomes = iter([0.5, ValueError("boom"), 0.7])
+
+    def fails_once(params):
+        outcome = next(outcomes, 0.9)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    study = {"n_trials": 3, "n_trials_per": "study", "max_failure_rate": 1.0}
+    stand_in_sweep(sweep, config, XY, fails_once, **study)
+    assert [t.state.name for t in _study(sweep / "optuna.db").trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    stand_in_sweep(sweep, config, XY, fails_once, **study)  # the same command again: the study is full
+    assert len(_study(sweep / "optuna.db").trials) == 4
+    stand_in_sweep(sweep, config, XY, fails_once, n_trials=2)  # n_trials_per=invocation adds its n_trials
+    assert len(_study(sweep / "optuna.db").trials) == 6
