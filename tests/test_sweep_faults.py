@@ -165,3 +165,20 @@ def test_n_trials_per_study_tops_the_study_up_and_a_failed_trial_is_not_rerun(tm
     assert len(_study(sweep / "optuna.db").trials) == 4
     stand_in_sweep(sweep, config, XY, fails_once, n_trials=2)  # n_trials_per=invocation adds its n_trials
     assert len(_study(sweep / "optuna.db").trials) == 6
+
+
+def test_a_worker_stopped_by_ctrl_c_hands_its_trial_back(tmp_path):
+    sweep, config = tmp_path / "study", sampler_config("random")
+
+    def interrupted(params):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stand_in_sweep(sweep, config, XY, interrupted, n_trials=1)
+    stopped, queued = _study(sweep / "optuna.db").trials
+    assert (stopped.state.name, queued.state.name) == ("FAIL", "WAITING")
+    assert queued.params == stopped.params and queued.system_attrs["failed_trial"] == stopped.number
+    stand_in_sweep(sweep, config, XY, objective, n_trials=1)  # the same command again: the stopped trial first
+    trials = _study(sweep / "optuna.db").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].params == stopped.params

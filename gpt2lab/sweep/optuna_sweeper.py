@@ -10,9 +10,10 @@ parsing and trial configuration; its ``sweep`` loop adds
   losses and stop a trial the pruner gives up on; such trials are recorded as PRUNED, not FAIL;
 - a worker that dies mid-trial (killed, preempted, its machine lost) loses nothing: each worker records a heartbeat
   for its trials, a trial whose heartbeat stops is failed by the next worker that asks for a trial and re-run
-  with the same parameters (``heartbeat_interval``, ``grace_period``, ``max_retry``), and a worker that is done
-  waits for the others' running trials, to re-run them if their worker dies; with ``n_trials_per=study`` the
-  workers together fill the study to ``n_trials``, a dead worker's share included;
+  with the same parameters (``heartbeat_interval``, ``grace_period``, ``max_retry``; a worker stopped by SIGTERM or
+  Ctrl-C queues its trial again at once), and a worker that is done waits for the others' running trials, to
+  re-run them if their worker dies; with ``n_trials_per=study`` the workers together fill the study to
+  ``n_trials``, a dead worker's share included;
 - after each job, the memory its model held is freed (a failed job's traceback no longer keeps it), so a trial
   that ran out of GPU memory leaves the GPU to the next;
 - failures recorded as FAIL with their error while the study goes on (a job that returns no finite objective
@@ -132,6 +133,22 @@ def heartbeat(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> Iter
         thread.join()
 
 
+def hand_back(study: optuna.Study, storage: optuna.storages.RDBStorage, trials: list[optuna.trial.Trial]) -> None:
+    """Fail the trials of a worker that is being stopped (Ctrl-C, SIGTERM) and queue their retries at once, as the
+    heartbeat would after ``grace_period``: the next worker, or this command run again, starts with them."""
+    retry = storage.get_heartbeat_stale_trial_callback()
+    for trial in trials:
+        try:
+            frozen = study.tell(trial, state=TrialState.FAIL)
+        except RuntimeError:  # finished already, or reaped by another worker (which queued the retry)
+            continue
+        log.warning("Trial %d stopped with its worker%s", trial.number, "; queued to run again" if retry else "")
+        if retry is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry(study, frozen)
+
+
 def release_memory(returns: list[JobReturn]) -> None:
     """Free what the jobs' models held before the next trial starts. A failed job's exception keeps its traceback,
     and the traceback the frames of ``train`` with their locals (model, optimizer, trainer): a trial that ran out of
@@ -241,7 +258,7 @@ class OptunaSweeper(OptunaSweeperImpl):
                 others = self._others_running(study, deadline, others)
                 if not others:
                     break
-                time.sleep(self.heartbeat_interval)
+                time.sleep(min(self.heartbeat_interval, 10))
                 continue
             own += sum(retried_from(storage, t) is None for t in trials)
             overrides = self._configure_trials(trials, space, fixed_params, fixed_overrides)
@@ -251,8 +268,12 @@ class OptunaSweeper(OptunaSweeperImpl):
                 trial.set_user_attr("worker", WORKER)
                 if self.heartbeat_interval:  # so that the others wait for it: it is reaped if this worker dies
                     trial.set_user_attr("heartbeat_interval", self.heartbeat_interval)
-            with heartbeat(storage, [t._trial_id for t in trials]):
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            try:
+                with heartbeat(storage, [t._trial_id for t in trials]):
+                    returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (train.py's preemption): hand the trials back
+                hand_back(study, storage, trials)
+                raise
             self.job_idx += len(returns)
             failed += self._record(study, trials, returns)
             done += len(returns)
