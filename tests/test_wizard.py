@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO, cli_env
@@ -15,14 +16,13 @@ from hydra.core.global_hydra import GlobalHydra
 from gpt2lab import wizard
 from gpt2lab.config import register_schemas
 
-pexpect = pytest.importorskip("pexpect")
-
 FLAGS = ["--preset", "tiny", "--data", "files", "--tokenizer", "bpe", "--vocab-size", "320", "--model", "gpt2-tiny",
          "--context-length", "64", "--trainer", "cpu", "--precision", "32-true", "--batch-size", "8", "--accumulate",
          "2", "--lr", "0.004", "--warmup-steps", "5", "--max-steps", "20"]  # fmt: skip
 
 
-def answer(child: pexpect.spawn, prompt: str, reply: str) -> None:
+def answer(child: Any, prompt: str, reply: str) -> None:
+    """Wait for the prompt in the terminal (a pexpect child), then type the reply and Enter."""
     child.expect_exact(prompt)
     child.sendline(reply)
 
@@ -30,6 +30,7 @@ def answer(child: pexpect.spawn, prompt: str, reply: str) -> None:
 @pytest.mark.slow
 def test_in_a_terminal_the_wizard_asks_refuses_with_the_reason_and_writes_the_flags_file(corpus_file, cache_dir,
                                                                                         tmp_path):  # fmt: skip
+    pexpect = pytest.importorskip("pexpect")  # the dev extra has it
     typed = tmp_path / "typed"
     child = pexpect.spawn(
         sys.executable, ["-m", "gpt2lab.wizard", "--config-dir", str(typed)], cwd=str(tmp_path),
