@@ -73,9 +73,10 @@ def main() -> int:
          128 + signal.SIGUSR1),
     ]  # fmt: skip
     rows = [bench.case(*case, reference=reference) for case in cases]
+    resumed_equal = all(r["resumed_equal"] for r in rows)
     rows.append(sweep_row(work))
     print_table(rows, started, seed)
-    return 0 if all(r["unloadable_checkpoints"] == 0 and not r["trials_lost"] for r in rows) else 1
+    return 0 if resumed_equal and all(r["unloadable_checkpoints"] == 0 and not r["trials_lost"] for r in rows) else 1
 
 
 def kill_at(step: int) -> list[str]:
