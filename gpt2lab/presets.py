@@ -22,7 +22,6 @@ import functools
 import hashlib
 import importlib.resources
 import json
-import logging
 import os
 import platform
 import re
@@ -46,8 +45,6 @@ from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit.callbacks import format_duration, precision_dtype
 from gpt2lab.model import DecoderBlock, GPT2Config, GPT2Model
-
-log = logging.getLogger(__name__)
 
 PROBE_VERSION = 2  # part of the cache key: a change to how the probe measures invalidates old results
 CPU_PROBE_TOKENS = 1024  # tokens per probed micro-batch on a CPU (at least one window)
@@ -259,7 +256,8 @@ def measure_throughput(cfg: DictConfig, refresh: bool = False, label: str = "") 
     with FileLock(f"{path}.lock"):
         cache = _read_cache(path)
         if key in cache and not refresh:
-            return Probe(**{**cache[key], "cached": True})
+            fields = {f.name for f in dataclasses.fields(Probe)} - {"cached"}
+            return Probe(**{k: v for k, v in cache[key].items() if k in fields}, cached=True)
         probe = _measure(cfg)
         probe.preset, probe.measured_at = label, time.strftime("%Y-%m-%d %H:%M:%S")
         cache[key] = {k: v for k, v in dataclasses.asdict(probe).items() if k != "cached"}

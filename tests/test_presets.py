@@ -177,9 +177,8 @@ def test_presets_ls_measures_once_and_then_reads_the_cache(run_main, tmp_path, m
 
 def test_a_large_model_is_probed_in_parts_on_a_cpu_and_scaled(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2LAB_CACHE_DIR", str(tmp_path))
-    cfg = compose_preset(
-        "small", ["model.d_model=64", "model.num_heads=2", "model.d_ff=128", "model.context_length=64"]
-    )
+    shrink = ["model.d_model=64", "model.num_heads=2", "model.d_ff=128", "model.context_length=64"]
+    cfg = compose_preset("small", [*shrink, "tokenizer.vocab_size=512"])
     monkeypatch.setattr(presets, "CPU_PROBE_FLOPS", 0)  # as if this small model were GPT-2 sized
     monkeypatch.setattr(presets.torch.cuda, "is_available", lambda: False)  # the CPU's probe, on any machine
     timed = {}
