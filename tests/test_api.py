@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -115,3 +117,10 @@ def test_load_preset_composes_the_cli_tree_and_rejects_what_the_cli_rejects(trai
     assert results["results"]["global_step"] == 4 and OmegaConf.is_missing(cfg.hydra.runtime, "output_dir")  # untouched
     with pytest.raises(ConfigError, match=r"train_model\(cfg=\.\.\.\) runs that config as it is"):
         train_model(cfg=cfg, max_steps=3)
+
+
+def test_import_gpt2lab_stays_light():
+    """train_model and load_preset load Hydra, torch and Lightning on first use, not on ``import gpt2lab``."""
+    code = "import sys, gpt2lab; print(sorted({'torch', 'hydra', 'pytorch_lightning'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+    assert callable(gpt2lab.train_model) and callable(gpt2lab.load_preset)
