@@ -16,6 +16,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
@@ -119,17 +120,23 @@ class Chat:
 
 def chat(cfg: DictConfig) -> None:
     settings = OmegaConf.to_container(cfg.inference, resolve=True)
-    repl(TextGenerator(cfg.ckpt, cfg.device, cfg.paths.log_dir), settings)
+    given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    stop_given = any(o.lstrip("+~").startswith("inference.stop") for o in given)
+    repl(TextGenerator(cfg.ckpt, cfg.device, cfg.paths.log_dir), settings, stop_given)
 
 
-def repl(generator: TextGenerator, settings: dict[str, Any]) -> None:
-    """The terminal conversation (``TextGenerator.interactive_mode``) until /quit or Ctrl-D."""
+def repl(generator: TextGenerator, settings: dict[str, Any], stop_given: bool = True) -> None:
+    """The terminal conversation (``TextGenerator.interactive_mode``) until /quit or Ctrl-D. ``stop_given``:
+    the stop strings are the user's; otherwise a model with a chat template ends its turns at its end-of-turn
+    token alone, not at conf/chat.yaml's blank line (which ends a plain model's reply)."""
     settings = settings | {"num_return_sequences": 1, "stream": True}
     from gpt2lab.checkpoint import saved_chat_template
     from gpt2lab.data.formats import ChatTemplate
 
     check_inference(settings)
     template = saved_chat_template(generator.path)
+    if template and not stop_given:
+        settings["stop"] = []
     session = Chat(generator, settings, ChatTemplate.from_dict(template) if template else None)
     how = f" (its chat template, {template['name']}: a reply ends at {template['end']})" if template else ""
     print(f"Chatting with {session.generator.path}{how}. {HELP}", flush=True)

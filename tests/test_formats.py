@@ -19,7 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from gpt2lab.chat import Chat
+from gpt2lab.chat import Chat, repl
 from gpt2lab.checkpoint import load_checkpoint, saved_chat_template
 from gpt2lab.config import register_schemas
 from gpt2lab.data import GPT2DataModule
@@ -437,6 +437,28 @@ def test_chat_renders_the_conversation_with_the_template(chat_run, monkeypatch, 
     generator.interactive_mode({"max_new_tokens": 4, "stop": [], "seed": 0})
     screen = capsys.readouterr().out
     assert "its chat template, gpt2lab-chat-v1: a reply ends at <|end|>" in screen and "model> " in screen
+
+
+def test_a_template_reply_of_several_paragraphs_is_not_cut_at_a_blank_line(chat_run, monkeypatch, capsys):
+    """conf/chat.yaml's blank-line stop ends a plain model's reply; a model with a template ends its turn at
+    <|end|>, so the blank line is dropped unless the user gave inference.stop."""
+    generator = TextGenerator(str(chat_run), device="cpu")
+    tok = generator.tokenizer
+    steps = [*tok.encode("one.\n\ntwo.").ids, tok.token_to_id("<|end|>")]
+    monkeypatch.setattr(generator.model, "generate_stream", lambda *a, **k: iter(torch.tensor([t]) for t in steps))
+    for stop_given, reply in ((False, "one.\n\ntwo."), (True, "one.")):
+        lines = iter(["hi"])
+
+        def typed(prompt: str, lines=lines) -> str:
+            try:
+                return next(lines)
+            except StopIteration:
+                raise EOFError from None  # Ctrl-D
+
+        monkeypatch.setattr("builtins.input", typed)
+        capsys.readouterr()
+        repl(generator, {"max_new_tokens": len(steps), "stop": ["\\n\\n"], "seed": 0}, stop_given=stop_given)
+        assert capsys.readouterr().out.split("model> ")[1].rstrip("\n") == reply
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------
