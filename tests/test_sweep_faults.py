@@ -182,3 +182,17 @@ def test_a_worker_stopped_by_ctrl_c_hands_its_trial_back(tmp_path):
     trials = _study(sweep / "optuna.db").trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert trials[1].params == stopped.params
+
+
+def test_a_trial_failed_by_another_worker_while_it_ran_is_left_to_its_retry(tmp_path, caplog):
+    sweep = tmp_path / "study"
+
+    def taken_for_dead(params):  # as another worker does when this one's heartbeat stops for grace_period
+        storage = open_storage(f"sqlite:///{sweep / 'optuna.db'}")
+        trial = _study(sweep / "optuna.db").trials[int(params["optuna_trial"])]
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        return objective(params)
+
+    stand_in_sweep(sweep, sampler_config("random"), XY, taken_for_dead, n_trials=1)
+    assert [t.state.name for t in _study(sweep / "optuna.db").trials] == ["FAIL"]
+    assert "Trial 0 was failed by another worker while it ran here" in caplog.text

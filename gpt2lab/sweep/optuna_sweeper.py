@@ -139,9 +139,10 @@ def hand_back(study: optuna.Study, storage: optuna.storages.RDBStorage, trials: 
     retry = storage.get_heartbeat_stale_trial_callback()
     for trial in trials:
         try:
-            frozen = study.tell(trial, state=TrialState.FAIL)
-        except RuntimeError:  # finished already, or reaped by another worker (which queued the retry)
+            _tell(study, trial, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # reaped by another worker, which queued the retry
             continue
+        frozen = storage.get_trial(trial._trial_id)
         log.warning("Trial %d stopped with its worker%s", trial.number, "; queued to run again" if retry else "")
         if retry is not None:
             with warnings.catch_warnings():
@@ -391,6 +392,10 @@ def _tell(study: optuna.Study, trial: optuna.trial.Trial, **kwargs: Any) -> None
     except RuntimeError as e:  # GridSampler calls study.stop() once the grid is done, which Optuna
         if "Study.stop" not in str(e):  # only allows inside an objective; the trial is recorded anyway
             raise
+    except ValueError as e:  # another worker failed it as stale in the meantime
+        if not str(e).startswith("Cannot tell a "):
+            raise
+        raise optuna.exceptions.UpdateFinishedTrialError(str(e)) from e
 
 
 def save_results(study: optuna.Study, sweep_dir: Path) -> None:
