@@ -196,3 +196,15 @@ def test_a_trial_failed_by_another_worker_while_it_ran_is_left_to_its_retry(tmp_
     stand_in_sweep(sweep, sampler_config("random"), XY, taken_for_dead, n_trials=1)
     assert [t.state.name for t in _study(sweep / "optuna.db").trials] == ["FAIL"]
     assert "Trial 0 was failed by another worker while it ran here" in caplog.text
+
+
+def test_a_preempted_sweep_worker_hands_its_trial_back(train_cli, tmp_path, corpus_file, cache_dir):
+    sweep = tmp_path / "study"
+    stop = ["+callbacks.stop._target_=helpers.SignalAtStep", "+callbacks.stop.step=2", "hydra.sweeper.n_trials=2",
+            "validate_at_start=false"]  # fmt: skip  # SIGTERM, as a cluster preempting the job
+    result = train_cli(*_sweep_args(corpus_file, cache_dir, sweep, *stop), cwd=tmp_path)
+    assert result.returncode == 143, result.stderr[-3000:]
+    stopped, queued = _study(sweep / "optuna.db").trials
+    assert (stopped.state.name, queued.state.name) == ("FAIL", "WAITING")
+    assert queued.params == stopped.params and queued.system_attrs["failed_trial"] == 0
+    assert (sweep / "trial_0" / "checkpoints" / "last.ckpt").is_file()
