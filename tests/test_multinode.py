@@ -22,6 +22,7 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 
 from gpt2lab.config import TRUSTED_TARGETS, register_schemas
 from gpt2lab.lit.ddp import ExternalRanks
+from gpt2lab.lit.trainer import make_trainer
 from gpt2lab.model.gpt2 import DecoderBlock
 
 # What torchrun and srun set for global rank 9 of 16: the second of 8 processes on the second of 2 nodes.
@@ -99,7 +100,7 @@ def test_trainer_takes_its_rank_from_torchrun_or_srun(compose_cfg, launched_by, 
     launched_by(launcher)
     cfg = compose_cfg(*TWO_NODES, "trainer.accelerator=cpu", "trainer.precision=32-true", tiny=False)
     with execution_whitelist(TRUSTED_TARGETS):
-        trainer = instantiate(cfg.trainer, logger=False)
+        trainer = make_trainer(cfg.trainer, logger=False)
     assert type(trainer.strategy.cluster_environment) is environment
     assert trainer.strategy.cluster_environment.creates_processes_externally
     assert (trainer.global_rank, trainer.local_rank, trainer.node_rank, trainer.world_size) == (9, 1, 1, 16)
@@ -113,7 +114,7 @@ def test_srun_tasks_per_node_must_equal_devices(compose_cfg, launched_by):
         *TWO_NODES, "trainer.devices=4", "trainer.accelerator=cpu", "trainer.precision=32-true", tiny=False
     )
     with execution_whitelist(TRUSTED_TARGETS):
-        trainer = instantiate(cfg.trainer, logger=False)
+        trainer = make_trainer(cfg.trainer, logger=False)
     with pytest.raises(ValueError, match="ntasks-per-node=8"):
         trainer.strategy.cluster_environment.validate_settings(trainer.num_devices, trainer.num_nodes)
 
