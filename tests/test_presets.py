@@ -273,6 +273,11 @@ def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
+@pytest.mark.parametrize("text", ["01:30:00", "1h30m"])
+def test_time_budget_composes_from_the_command_line(text, compose_cfg):
+    assert parse_duration(compose_cfg(f"trainer.time_budget={text}").trainer.time_budget) == 5400
+
+
 @pytest.mark.parametrize("text", ["2 hours", "soon", "0s", "1:75:00", "", "-5m"])
 def test_bad_durations_name_the_key_and_the_forms(text):
     with pytest.raises(ConfigError, match=r"trainer.time_budget=.*expected a positive duration such as 90s"):
