@@ -281,3 +281,24 @@ def test_an_optuna_study_in_postgresql_keeps_its_password_out(tmp_path, corpus_f
     hydra_yaml = [yaml.safe_load((study / t / ".hydra" / "hydra.yaml").read_text()) for t in ("trial_0", "trial_1")]
     # the second as given: the name of the variable, not its value
     assert [h["hydra"]["sweeper"]["storage"] for h in hydra_yaml] == [redacted, "${oc.env:OPTUNA_STORAGE}"]
+
+
+def test_an_optuna_study_in_sqlite_records_no_secret(tmp_path, corpus_file, cache_dir, train_cli):
+    """The trial's overrides and error, which the sweeper records in the study (the SQLite file in the sweep
+    directory by default), are redacted like the files beside them."""
+    db_password = "Db-pa55word-in-optuna"
+    database_url = f"postgresql://trainer:{db_password}@db.internal:5432/runs"
+    result = train_cli(
+        "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *TINY, f"data.path={corpus_file}",
+        f"paths.cache_dir={cache_dir}", "hydra.sweep.dir=sweep", "sample=null", "test=false",
+        "model.num_heads=3", f"+hydra.job.env_set.DATABASE_URL={database_url}", f"+data.hf_token={db_password}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    db = next((tmp_path / "outputs" / "optuna").rglob("optuna.db"), None) or next(tmp_path.rglob("optuna.db"))
+    assert db.is_file(), result.stderr[-3000:]
+    assert grep(tmp_path, db_password) == []
+    import optuna
+
+    (trial,) = optuna.load_study(study_name="gpt2lab_tiny", storage=f"sqlite:///{db}").trials
+    assert trial.user_attrs["+data.hf_token"] == "***"
+    assert "+data.hf_token=***" in trial.user_attrs["overrides"]

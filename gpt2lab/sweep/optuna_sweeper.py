@@ -58,6 +58,7 @@ from optuna.trial import TrialState
 
 from gpt2lab.config import config_groups
 from gpt2lab.errors import ConfigError
+from gpt2lab.secrets import MASK, is_secret_key, redact
 from gpt2lab.sweep.summary import job_outcome
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ class OptunaSweeper(OptunaSweeperImpl):
             overrides = self._configure_trials(trials, space, fixed_params, fixed_overrides)
             overrides = [(*o, f"optuna_trial={t.number}") for o, t in zip(overrides, trials, strict=True)]
             for trial, trial_overrides in zip(trials, overrides, strict=True):
-                trial.set_user_attr("overrides", list(trial_overrides))  # known even if this worker dies
+                trial.set_user_attr("overrides", [redact(o) for o in trial_overrides])  # known even if this worker dies
                 trial.set_user_attr("worker", WORKER)
                 if self.heartbeat_interval:  # so that the others wait for it: it is reaped if this worker dies
                     trial.set_user_attr("heartbeat_interval", self.heartbeat_interval)
@@ -290,6 +291,18 @@ class OptunaSweeper(OptunaSweeperImpl):
                 )
                 raise SystemExit(1)
         save_results(study, sweep_dir)
+
+    def _configure_trials(
+        self, trials: list[optuna.trial.Trial], space: dict[str, Any], fixed_params: dict[str, Any], fixed: list[str]
+    ) -> list[list[str]]:
+        """The trials' overrides, as Optuna's sweeper makes them; it also records each fixed value as a user
+        attribute of the trial, in the study's storage (the SQLite file in the sweep directory by default):
+        recorded again with secrets masked, as in the files beside it. The jobs get the real values."""
+        overrides = super()._configure_trials(trials, space, fixed_params, fixed)
+        for trial in trials:
+            for name, value in fixed_params.items():
+                trial.set_user_attr(name, MASK if is_secret_key(name) else redact(value))
+        return overrides
 
     def _ask(
         self, study: optuna.Study, storage: optuna.storages.RDBStorage, own: int, deadline: float
@@ -356,7 +369,7 @@ class OptunaSweeper(OptunaSweeperImpl):
                 elif outcome.status == "pruned":
                     _tell(study, trial, state=TrialState.PRUNED)
                 else:
-                    trial.set_user_attr("error", outcome.error[:1000])
+                    trial.set_user_attr("error", redact(outcome.error)[:1000])
                     _tell(study, trial, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 log.warning(
@@ -472,7 +485,7 @@ def export_best(storage: str, study_name: str, name: str, out_dir: Path) -> Path
     try:
         best = study.best_trial
     except ValueError as e:
-        raise ConfigError(f"study {study_name!r} in {storage} has no completed trial to export") from e
+        raise ConfigError(f"study {study_name!r} in {redact(storage)} has no completed trial to export") from e
     config_group_names = config_groups()
     groups, values = [], []
     for override in best.user_attrs.get("overrides", []):
@@ -483,7 +496,7 @@ def export_best(storage: str, study_name: str, name: str, out_dir: Path) -> Path
         (groups if is_group else values).append((key.lstrip("+"), value))
     lines = [
         "# @package _global_",
-        f"# Best trial {best.number} of Optuna study {study_name!r} ({storage}): {study.directions[0].name.lower()} value {best.value}",
+        f"# Best trial {best.number} of Optuna study {study_name!r} ({redact(storage)}): {study.directions[0].name.lower()} value {best.value}",
     ]
     if groups:
         lines += ["defaults:"] + [f"  - override /{k}: {v}" for k, v in groups]
