@@ -2,7 +2,8 @@
 
 - ``to_transformers(model)``: gpt2lab's GPT-2 as a ``GPT2LMHeadModel`` with the same weights.
 - ``from_transformers(hf_model)`` and ``load_pretrained_gpt2(name_or_dir)``: GPT-2 weights of any size into
-  ``GPT2Model``; ``model.init_from=<dir or Hub name>`` in training (``import_model_config``, ``load_gpt2_weights``).
+  ``GPT2Model``; ``model.init_from=<dir or Hub name>`` in training (``import_model_config``, ``load_gpt2_weights``),
+  with rows added for tokens a data format adds to the pretrained tokenizer (``grow_vocab``).
 - ``causal_lm(name_or_path)``: any ``AutoModelForCausalLM`` as a ``CausalLM`` that GPT2LitModule trains
   (``model=hf``).
 
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tokenizers import Tokenizer
 
 from gpt2lab import hub
 from gpt2lab.errors import ConfigError
@@ -267,13 +269,16 @@ def load_pretrained_weights(model: GPT2Model, directory: str) -> None:
 def load_gpt2_weights(model: GPT2Model, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Copy transformers' GPT-2 tensors (``GPT2LMHeadModel`` or ``GPT2Model`` names) into ``model``: Conv1D weights
     transposed, the vocabulary into the first rows of the padded embedding. Every tensor must be there with the
-    model's shape; with ``use_bias=False`` every bias must be zero (the model has no place for it)."""
+    model's shape, except that the model may have more vocabulary rows (tokens added to the pretrained tokenizer,
+    ``grow_vocab``): they start as the mean of the pretrained rows. With ``use_bias=False`` every bias must be zero
+    (the model has no place for it)."""
     theirs = {k.removeprefix("transformer."): v for k, v in state.items()}
     head = theirs.pop("lm_head.weight", None)
     for name in [k for k in theirs if k.endswith((".attn.bias", ".attn.masked_bias")) and theirs[k].dim() != 1]:
         del theirs[name]  # the causal mask of older transformers versions, saved as a buffer
     ours = model.state_dict()
     c = model.config
+    embedding = None
     for name, their_name, transposed in gpt2_tensor_names(c.num_layers):
         if their_name not in theirs:
             raise ConfigError(f"{source!r} has no tensor {their_name!r}, which GPT-2 has: is it a complete GPT-2?")
@@ -286,7 +291,10 @@ def load_gpt2_weights(model: GPT2Model, state: Mapping[str, torch.Tensor], sourc
                     "keep model.use_bias=true (GPT-2 has biases)"
                 )
             continue
-        target = ours[name][: c.vocab_size] if name == "wte.weight" else ours[name]
+        target = ours[name]
+        if name == "wte.weight":
+            embedding = tensor
+            target = target[: min(len(tensor), c.vocab_size)]
         if tensor.shape != target.shape:
             shown = tuple(tensor.T.shape if transposed else tensor.shape)
             raise ConfigError(
@@ -296,11 +304,35 @@ def load_gpt2_weights(model: GPT2Model, state: Mapping[str, torch.Tensor], sourc
         target.copy_(tensor)
     if left := sorted(theirs):
         raise ConfigError(f"{source!r} has tensors GPT-2 does not: {', '.join(left[:5])}")
-    if head is not None and not torch.equal(head, ours["wte.weight"][: c.vocab_size].to(head.dtype)):
+    rows = len(embedding)
+    if head is not None and not torch.equal(head, ours["wte.weight"][:rows].to(head.dtype)):
         raise ConfigError(
             f"{source!r}: lm_head.weight is not tied to wte.weight, as gpt2lab's GPT-2 (and GPT-2) has it"
         )
+    # Rows for added tokens: an average token's embedding (as transformers' resize_token_embeddings does), so their
+    # inputs look like text the model knows and their logits (tied) start at an ordinary level, neither dominating
+    # the softmax nor out of reach
+    model.wte.weight[rows : c.vocab_size] = embedding.mean(0, dtype=torch.float32).to(model.wte.weight.dtype)
     model.wte.weight[c.vocab_size :] = 0.0  # the padding rows: never a target (their logits are -inf in the loss)
+
+
+def grow_vocab(model_cfg: DictConfig, tokenizer: Tokenizer) -> None:
+    """Pretrained weights with their own tokenizer, to which a data format added tokens (``data.format=chat``'s role
+    and end tokens): ``model.vocab_size`` grows to the tokenizer's, so that those tokens get rows.
+    ``load_gpt2_weights`` starts gpt2lab's new rows at the mean of the pretrained ones; ``causal_lm`` resizes a
+    transformers model with its own ``resize_token_embeddings``. A tokenizer no larger than the weights changes
+    nothing: the rows it does not use stay."""
+    rows, vocab = model_cfg.get("vocab_size"), tokenizer.get_vocab_size()
+    if rows is None or vocab <= rows:
+        return
+    added = [tokenizer.id_to_token(i) for i in range(rows, vocab)]
+    shown = ", ".join(map(str, added[:8])) + (f" and {len(added) - 8} more" if len(added) > 8 else "")
+    log.info(
+        "Vocabulary: %d rows added to the pretrained %d (model.vocab_size=%d) for the tokens the tokenizer has beyond "
+        "them (%s), initialised from the mean of the pretrained embeddings",
+        len(added), rows, vocab, shown,
+    )  # fmt: skip
+    model_cfg.vocab_size = vocab
 
 
 # -- model=hf: any causal language model of transformers ----------------------------------------------------------
@@ -333,9 +365,10 @@ def causal_lm(
     trust_remote_code: bool = False,
     config: dict[str, Any] | None = None,
 ) -> CausalLM:
-    """A ``transformers.AutoModelForCausalLM`` (``model=hf``): with ``pretrained``, the weights at ``name_or_path``;
-    else the architecture only, freshly initialised, with ``vocab_size`` rows. ``config`` (a checkpoint's record
-    of the architecture) builds it without reading ``name_or_path``."""
+    """A ``transformers.AutoModelForCausalLM`` (``model=hf``): with ``pretrained``, the weights at ``name_or_path``
+    (resized by transformers, new rows around the mean, to ``vocab_size`` when that is larger); else the architecture
+    only, freshly initialised, with ``vocab_size`` rows. ``config`` (a checkpoint's record of the architecture) builds
+    it without reading ``name_or_path``."""
     transformers = _transformers()
     if config is not None:
         hf_config = transformers.AutoConfig.for_model(**config)
@@ -349,6 +382,8 @@ def causal_lm(
         module = transformers.AutoModelForCausalLM.from_pretrained(
             source, config=hf_config, trust_remote_code=trust_remote_code
         )
+        if vocab_size and vocab_size > module.config.vocab_size:  # tokens added to its tokenizer (grow_vocab)
+            module.resize_token_embeddings(vocab_size, mean_resizing=True)
     else:
         if vocab_size and config is None:
             hf_config.vocab_size = vocab_size

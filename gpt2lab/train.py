@@ -32,7 +32,7 @@ from gpt2lab.config_checks import raise_if_invalid
 from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError, report_errors
 from gpt2lab.generate import sample_text
-from gpt2lab.hf import import_model_config, load_pretrained_weights
+from gpt2lab.hf import grow_vocab, import_model_config, load_pretrained_weights
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, Preemption, RunSettings, Samples, ThroughputLogger
 from gpt2lab.lit.ddp import use_job_command_for_ddp
@@ -139,7 +139,8 @@ def _train(cfg: DictConfig) -> TrainedRun:
         instantiate(cfg.model)  # architecture checks (heads divide width, ...) before any data is read
 
     tokenizer_spec = instantiate(cfg.tokenizer)
-    if tokenizer_source and not _chose_tokenizer():  # pretrained weights come with their tokenizer
+    pretrained_tokenizer = bool(tokenizer_source) and not _chose_tokenizer()
+    if pretrained_tokenizer:  # pretrained weights come with their tokenizer
         tokenizer_spec = TokenizerSpec(kind="pretrained", name=tokenizer_source)
         log.info(
             "Tokenizer: %s's, which its weights were trained with (tokenizer=... chooses another)", tokenizer_source
@@ -147,6 +148,8 @@ def _train(cfg: DictConfig) -> TrainedRun:
     datamodule = instantiate(cfg.data, tokenizer=tokenizer_spec)
     datamodule.prepare_data()
     tokenizer = datamodule.tokenizer
+    if pretrained_tokenizer:  # tokens a data format added to it (data.format=chat's) get rows of their own
+        grow_vocab(cfg.model, tokenizer)
     vocab_size = cfg.model.vocab_size or tokenizer.get_vocab_size()
     check_model_vocab(tokenizer, vocab_size)  # the datamodule has validated the tokenizer itself
     if gpt2:

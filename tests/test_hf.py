@@ -1,6 +1,10 @@
-"""gpt2lab's GPT-2 as a transformers GPT2LMHeadModel: the same logits and the same greedy tokens."""
+"""gpt2lab's GPT-2 as a transformers GPT2LMHeadModel: the same logits and the same greedy tokens. Pretrained weights
+whose tokenizer a data format extends (data.format=chat): the added tokens get rows, the pretrained ones stay."""
 
+import dataclasses
+import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,3 +64,125 @@ def test_decode_bench_puts_transformers_beside_gpt2lab():
     ]
     assert all(len(re.findall(r"[\d,]+ tokens/s", row)) == 2 for row in rows)  # batch 1 and batch 2
     assert "gpt2lab (fastest row) / transformers generate, dynamic cache: " in result.stdout
+
+
+# -- pretrained GPT-2 plus tokens a data format adds (data.format=chat): the vocabulary grows -------------------
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory, corpus_file):
+    """A random transformers GPT-2 of 300 tokens (gpt2lab pads it to 320), saved with its 300-token tokenizer."""
+    from test_import import VOCAB, save_with_tokenizer, small_gpt2
+
+    from gpt2lab.tokenizers import train_bpe
+
+    bpe = train_bpe([corpus_file.read_text()], VOCAB, show_progress=False)
+    assert bpe.get_vocab_size() == VOCAB
+    return save_with_tokenizer(small_gpt2(), bpe, tmp_path_factory.mktemp("pretrained"))
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    from test_formats import write_records
+
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    write_records(path, "chat")
+    return path
+
+
+def chat_args(pretrained_dir, chat_file, *more: str) -> list[str]:
+    """A chat fine-tuning run from ``pretrained_dir``: its architecture and tokenizer, the chat fixture's data."""
+    from test_formats import FORMAT_RUN
+
+    keep = [o for o in FORMAT_RUN if not o.startswith(("tokenizer", "model."))]
+    return ["data=chat", "data.source=files", f"data.path={chat_file}", *keep, "test=false", *more]
+
+
+def test_chat_fine_tuning_of_pretrained_gpt2_gives_the_chat_tokens_mean_rows(
+    compose_cfg, pretrained_dir, chat_file, caplog
+):
+    """model.init_from=<dir> data=chat: the tokenizer's 300 tokens plus the template's 4 get 304 rows (still padded to
+    320); the pretrained rows are the weights' own (the step-0 validation loss is that of the directly loaded model,
+    whose logits over the pretrained vocabulary are transformers'), the new rows their mean; then it trains."""
+    from gpt2lab.checkpoint import load_checkpoint
+    from gpt2lab.data.formats import split_batch
+    from gpt2lab.hf import load_pretrained_weights
+    from gpt2lab.model.cross_entropy import IGNORE_INDEX
+    from gpt2lab.train import train_run
+
+    cfg = compose_cfg(*chat_args(pretrained_dir, chat_file, f"model.init_from={pretrained_dir}"), tiny=False)
+    caplog.set_level("INFO")
+    run = train_run(cfg)
+    assert "Vocabulary: 4 rows added to the pretrained 300 (model.vocab_size=304)" in caplog.text
+    assert ", ".join(CHAT_TOKENS) in caplog.text
+    assert [run.tokenizer.token_to_id(t) for t in CHAT_TOKENS] == [300, 301, 302, 303]
+    assert run.results["global_step"] == 4 and math.isfinite(run.results["metrics"]["train/loss"])
+    model, tokenizer = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert (model.config.vocab_size, model.config.padded_vocab_size) == (304, 320)
+    assert tokenizer.token_to_id("<|end|>") == 303
+
+    # The model as the run started: built as train.py builds it, the weights loaded as train.py loads them
+    start = GPT2Model(dataclasses.replace(model.config, dropout=0.0, attention_dropout=0.0, residual_dropout=0.0))
+    load_pretrained_weights(start, str(pretrained_dir))
+    start.eval()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(pretrained_dir).eval()
+    wte = hf.transformer.wte.weight.detach()
+    assert torch.equal(start.wte.weight[:300], wte)
+    assert torch.allclose(start.wte.weight[300:304], wte.mean(0).expand(4, -1), atol=1e-7)
+    assert not start.wte.weight[304:].any() and start.lm_head.weight is start.wte.weight
+    x = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        assert (start(x)[0][..., :300] - hf(x).logits).abs().max() < 1e-5
+
+    # ... whose validation loss on the run's validation windows is the run's step-0 loss
+    datamodule = run_datamodule(cfg, run.tokenizer)
+    nats = tokens = 0.0
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            inputs, labels = split_batch(batch)
+            n = (labels != IGNORE_INDEX).sum()
+            nats += float(start(inputs, labels)[1]) * float(n)
+            tokens += float(n)
+            assert (inputs >= 300).any() or (labels >= 300).any()  # the chat tokens are in the windows
+    assert run.results["initial_val_loss"] == pytest.approx(nats / tokens, abs=1e-5)
+
+
+def run_datamodule(cfg, tokenizer):
+    from hydra.utils import execution_whitelist, instantiate
+
+    from gpt2lab.tokenizers import TokenizerSpec
+
+    with execution_whitelist("gpt2lab.*"):
+        datamodule = instantiate(cfg.data, tokenizer=TokenizerSpec(kind="pretrained", name=cfg.model.init_from))
+    datamodule.setup()
+    assert datamodule.tokenizer.get_vocab_size() == tokenizer.get_vocab_size()
+    return datamodule
+
+
+def test_init_from_without_added_tokens_keeps_the_weights_vocabulary(compose_cfg, pretrained_dir, corpus_file, caplog):
+    """Plain text from the same directory: no rows added, the model has the weights' 300."""
+    from gpt2lab.train import train_run
+
+    keep = [o for o in chat_args(pretrained_dir, corpus_file) if not o.startswith("data")]
+    cfg = compose_cfg("data=files", f"data.path={corpus_file}", *keep, f"model.init_from={pretrained_dir}",
+                      "trainer.max_steps=2", tiny=False)  # fmt: skip
+    caplog.set_level("INFO")
+    run = train_run(cfg)
+    assert run.model.config.vocab_size == 300 and "rows added" not in caplog.text
+
+
+def test_transformers_model_grows_with_its_own_resize(compose_cfg, pretrained_dir, chat_file, caplog):
+    """model=hf on the pretrained directory with data=chat: transformers' resize_token_embeddings gives the 4 chat
+    tokens rows (the pretrained rows untouched), and it trains."""
+    from gpt2lab.train import train_run
+
+    cfg = compose_cfg(*chat_args(pretrained_dir, chat_file, "model=hf", f"model.name_or_path={pretrained_dir}",
+                                 "model.context_length=64", "trainer.max_steps=2"), tiny=False)  # fmt: skip
+    caplog.set_level("INFO")
+    run = train_run(cfg)
+    assert "Vocabulary: 4 rows added to the pretrained 300 (model.vocab_size=304)" in caplog.text
+    module = run.model.module
+    assert module.config.vocab_size == 304 and module.get_input_embeddings().weight.shape[0] == 304
+    assert module.get_output_embeddings().weight is module.get_input_embeddings().weight  # still tied
+    assert run.results["global_step"] == 2 and math.isfinite(run.results["initial_val_loss"])
