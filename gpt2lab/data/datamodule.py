@@ -122,6 +122,18 @@ def _file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _publish(tmp: Path, out: Path, meta: dict[str, Any]) -> None:
+    """Write ``meta.json`` into the finished ``tmp`` directory and rename it to ``out``: atomic, so a half-written
+    cache is never picked up. When another process finished first, its files are identical: ``tmp`` goes."""
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        for p in tmp.iterdir():
+            p.unlink()
+        tmp.rmdir()
+
+
 class GPT2DataModule(pl.LightningDataModule):
     """Corpus -> tokenizer -> token files (cached, memory-mapped) -> window datasets -> dataloaders."""
 
@@ -296,13 +308,7 @@ class GPT2DataModule(pl.LightningDataModule):
                 "unknown": n_unknown,
             }
         meta = {"dtype": np.dtype(dtype).name, "tokenizer": fingerprint(tokenizer), "splits": stats, "files": files}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.replace(tmp, out)  # atomic: a half-written cache is never picked up
-        except OSError:  # another process finished first; its files are identical
-            for p in tmp.iterdir():
-                p.unlink()
-            tmp.rmdir()
+        _publish(tmp, out, meta)
 
     def _write_example_files(self, corpus: Corpus, tokenizer: Tokenizer, out: Path) -> None:
         """A task format's token files: per split, the packed windows (``<split>.bin``) and which of their tokens
@@ -376,13 +382,7 @@ class GPT2DataModule(pl.LightningDataModule):
             "splits": stats,
             "files": files,
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.replace(tmp, out)  # atomic: a half-written cache is never picked up
-        except OSError:  # another process finished first; its files are identical
-            for p in tmp.iterdir():
-                p.unlink()
-            tmp.rmdir()
+        _publish(tmp, out, meta)
 
     def _warn_unknown(self) -> None:
         """Warn when the tokenizer maps more than MAX_UNKNOWN of the validation text to its unknown token."""
