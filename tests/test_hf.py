@@ -186,3 +186,16 @@ def test_transformers_model_grows_with_its_own_resize(compose_cfg, pretrained_di
     assert module.config.vocab_size == 304 and module.get_input_embeddings().weight.shape[0] == 304
     assert module.get_output_embeddings().weight is module.get_input_embeddings().weight  # still tied
     assert run.results["global_step"] == 2 and math.isfinite(run.results["initial_val_loss"])
+
+
+def test_init_from_a_hub_name_offline_is_one_error_naming_the_fix(run_main, tmp_path, monkeypatch, chat_file):
+    """preset=chat's model.init_from=gpt2 with the Hub switched off and nothing cached: one Error line that names
+    model.init_from and asks for a local directory in Hugging Face format, before any data is read."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    result = run_main("gpt2lab.train", "model.init_from=gpt2", "data=chat", "data.source=files",
+                      f"data.path={chat_file}", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: model.init_from='gpt2': the Hub is switched off")
+    assert "pass a local directory in Hugging Face format instead" in errors[0]
+    assert "Traceback" not in result.stderr
