@@ -128,9 +128,7 @@ class TrainerExtras:
     time_budget: Optional[str] = None  # noqa: UP045
 
 
-TrainerSchema = schema_from_signature(
-    "TrainerSchema", pl.Trainer, "pytorch_lightning.Trainer", bases=(TrainerExtras,)
-)
+TrainerSchema = schema_from_signature("TrainerSchema", pl.Trainer, "pytorch_lightning.Trainer", bases=(TrainerExtras,))
 
 
 @dataclasses.dataclass
