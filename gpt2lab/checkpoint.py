@@ -37,6 +37,7 @@ def resolve_ckpt_path(
     if ckpt_path == "auto":  # the same command run again after any stop: go on where this run directory left off
         last = (exclude if exclude is not None else Path.cwd()) / "checkpoints" / "last.ckpt"
         if not last.is_file():
+            _refuse_auto_in_a_new_run_dir()
             if model is not None:
                 log.info("ckpt_path=auto: no %s yet, starting from scratch", last)
             return None
@@ -152,6 +153,25 @@ def model_diff(saved: dict[str, Any], model: dict[str, Any]) -> str:
     ignore = {"gradient_checkpointing", "dropout", "attention_dropout", "residual_dropout", "fused_loss", "init_from"}
     diff = {k: (saved.get(k), v) for k, v in model.items() if k not in ignore and saved.get(k) != v}
     return ", ".join(f"model.{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
+
+
+def _refuse_auto_in_a_new_run_dir() -> None:
+    """``ckpt_path=auto`` in a run directory named by the clock (the default ``outputs/<date>/<time>``) can never
+    find the stopped run's checkpoint: the command run again gets a new directory and would silently start from
+    scratch, so it is refused with the fix. Sweeps and runs with a fixed ``hydra.run.dir`` are left alone."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.RUN and "${now:" in str(OmegaConf.to_container(hydra_cfg.run)["dir"]):
+        raise ConfigError(
+            "ckpt_path=auto resumes from this run directory's own checkpoints/last.ckpt, but hydra.run.dir is "
+            "new on every run (outputs/<date>/<time>), so it would always start from scratch: name the run, "
+            "hydra.run.dir=outputs/<name> ckpt_path=auto (the same on every restart), or resume the newest run "
+            "with ckpt_path=last"
+        )
 
 
 def check_resumable(path: str | os.PathLike, model: dict[str, Any]) -> None:

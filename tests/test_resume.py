@@ -80,3 +80,12 @@ def test_a_checkpoint_written_before_settings_were_recorded_resumes_and_its_toke
     refused = train_cli(*common, "tokenizer.vocab_size=300", f"ckpt_path={last}", "hydra.run.dir=new", cwd=tmp_path)
     assert refused.returncode == 1
     assert "other settings (tokenizer: checkpoint a tokenizer of 320 tokens (sha256 " in refused.stderr
+
+
+def test_ckpt_path_auto_in_a_run_directory_named_by_the_clock_is_refused_with_the_fix(train_cli, tmp_path, cache_dir):
+    """The same command run again would get a new outputs/<date>/<time> and silently start from scratch."""
+    result = train_cli(*TINY, *FAST, "ckpt_path=auto", f"paths.cache_dir={cache_dir}", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    error = result.stderr[result.stderr.index("Error: ") :]
+    assert "ckpt_path=auto" in error and "hydra.run.dir=outputs/<name> ckpt_path=auto" in error, error
+    assert "ckpt_path=last" in error and not list(tmp_path.glob("outputs/**/checkpoints"))
