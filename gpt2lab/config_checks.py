@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 import torch
 from hydra.utils import execution_whitelist, instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationValidationError
 
 from gpt2lab.config import TRUSTED_TARGETS
 from gpt2lab.data.datamodule import TokenBlockDataset
@@ -100,10 +101,19 @@ def _vocabulary(cfg: DictConfig) -> None:
 def _data_and_batch(cfg: DictConfig) -> None:
     """The data module's and tokenizer's constructor checks (batch size, window length, tokenizer kind):
     they read no data. A context that comes from elsewhere (model=hf with its own) is known only later."""
-    if cfg.data.get("max_length") is None:
+    if _context(cfg) is None:
         return
     with execution_whitelist(TRUSTED_TARGETS):
         instantiate(_plain(cfg.data), tokenizer=instantiate(_plain(cfg.tokenizer)))
+
+
+def _context(cfg: DictConfig) -> int | None:
+    """data.max_length, or None while it is not known: model=hf's context comes from the model's own config
+    (${model.context_length} is null until train.py reads it)."""
+    try:
+        return cfg.data.get("max_length")
+    except InterpolationValidationError:
+        return None
 
 
 def _plain(node: DictConfig) -> dict:
@@ -136,7 +146,7 @@ def _device_precision(cfg: DictConfig) -> None:
 def _windows(cfg: DictConfig, token_counts: Mapping[str, int]) -> None:
     """The context against the data: each of train and validation must hold a window of context + 1 tokens,
     and the train split a micro-batch of windows for every device (TokenBlockDataset's own arithmetic)."""
-    context, batch = cfg.data.max_length, cfg.data.batch_size
+    context, batch = _context(cfg), cfg.data.batch_size
     if context is None:
         return
     problems = []
