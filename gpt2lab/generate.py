@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from gpt2lab.model import GPT2Model
 
 log = logging.getLogger("gpt2lab.generate")
-NO_TORCH_TARGETS = ("hydra.experimental.callback.*",)  # onnx= without PyTorch
+NO_TORCH_TARGETS = ("hydra.experimental.callback.*", "gpt2lab.secrets.*")  # onnx= without PyTorch (secrets needs none)
 PROMPTS_PER_BATCH = 16
 
 
