@@ -97,6 +97,8 @@ def task_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def data_overrides(name: str, corpus_file: Path, task_files: dict[str, Path]) -> list[str]:
     """Local data for the preset: its own format read from files, or running text for the others (the Hub and the
     offline corpus are not what these tests are about)."""
+    if name == "chat":  # fine-tuning from the Hub's GPT-2; from pretrained weights: tests/test_hf.py
+        return ["data.source=files", f"data.path={task_files[name]}", "model.init_from=null"]
     if name in TASK_DATA:
         return ["data.source=files", f"data.path={task_files[name]}"]
     return ["data=files", f"data.path={corpus_file}"]
