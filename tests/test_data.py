@@ -287,3 +287,14 @@ def test_a_tokenizer_that_knows_the_text_does_not_warn(tmp_path, corpus_file, ca
         dm.setup()
     assert dm.stats["validation"]["unknown"] < 0.01 * dm.stats["validation"]["tokens"]
     assert "<|unk|>" not in caplog.text
+
+
+def test_a_file_that_does_not_parse_is_refused_with_the_parsers_message(tmp_path):
+    """A truncated JSONL line: the error says what the parser found and where, not only that reading failed."""
+    path = tmp_path / "records.jsonl"
+    lines = [json.dumps({"text": f"document {i}"}) for i in range(20)]
+    path.write_text("\n".join([*lines, '{"text": "cut off']) + "\n")
+    with pytest.raises(
+        ConfigError, match=r"data.path='.*records.jsonl': could not read it as json: JSON parse error.*row 20"
+    ):
+        load_corpus("files", path=str(path), text_column="text")

@@ -244,7 +244,9 @@ def _load_files(
     try:
         raw = datasets.load_dataset(builder, data_files={"train": files}, cache_dir=cache_dir, **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
-        raise ConfigError(f"data.path={path!r}: could not read it as {builder}: {e}") from e
+        # DatasetGenerationError says only that it failed; its cause is the parser's own message (what, which row)
+        detail = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e
+        raise ConfigError(f"data.path={path!r}: could not read it as {builder}: {detail}") from e
     if builder != "text" and text_column is not None and text_column not in raw["train"].column_names:
         raise ConfigError(
             f"data.text_column={text_column!r} is not a column of {path}; its columns are {raw['train'].column_names}"
