@@ -476,7 +476,7 @@ def test_a_template_reply_of_several_paragraphs_is_not_cut_at_a_blank_line(chat_
             "chat",
             {"messages": [{"content": "hi"}]},
             {},
-            r"bad.jsonl.*record \d+ \(from 0\).*message 0 has no 'role': each message is \{\"role\"",
+            r"bad.jsonl.*record \d+ \(from 0, in the files' order\).*message 0 has no 'role': each message is \{\"role\"",
         ),
         (
             "chat",
@@ -501,3 +501,13 @@ def test_a_text_file_is_not_records(tmp_path, cache_dir, train_cli):
     result = train_cli(*args, cwd=tmp_path)
     assert result.returncode == 1
     assert "Error: data.path='notes.txt': a task format (data.format) reads records" in result.stderr
+
+
+def test_a_bad_record_is_numbered_in_the_files_order_whichever_split_it_went_to(tmp_path, cache_dir):
+    """Record 30 is the file's 31st line, wherever the random split put it: the number finds it in the file."""
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = {"messages": [{"rol": "user", "content": "hi"}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [good] * 30 + [bad] + [good] * 9) + "\n")
+    with pytest.raises(ConfigError, match=r"record 30 \(from 0, in the files' order\), in the \w+ split, message 0"):
+        datamodule(path, "chat", cache_dir)

@@ -211,7 +211,10 @@ def check_records(splits: Mapping[str, datasets.Dataset], fmt: TaskFormat, sourc
         for batch in ds.iter(batch_size=1000):
             rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
             for row in rows:
-                fmt.segments(row, f"{source}: record {row['_record']} (from 0) of the {split} split")
+                # numbered in the files' order, where the user can find it; the split only says where it went
+                fmt.segments(
+                    row, f"{source}: record {row['_record']} (from 0, in the files' order), in the {split} split"
+                )
 
 
 def encode_examples(
