@@ -346,7 +346,9 @@ class Preemption(pl.Callback):
         dirpath = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
         if dirpath:
             self.checkpoint = Path(dirpath) / "last.ckpt"
-            trainer.save_checkpoint(self.checkpoint)  # every rank takes part, as for any checkpoint
+            # every rank takes part, as for any checkpoint; the whole state, to resume from (said explicitly: left
+            # unset, Lightning logs "`weights_only` was not set" beside the stop message)
+            trainer.save_checkpoint(self.checkpoint)
         auto_requeue, warning_signal = self._slurm or (False, None)
         warned = self.signal == getattr(warning_signal, "name", None)
         if self.requeue and auto_requeue and warned and trainer.is_global_zero:
@@ -407,6 +409,19 @@ class StepBoundaryCheckpoint(ModelCheckpoint):
             return  # mid-accumulation: no optimizer step since the last batch
         self._step_seen = trainer.global_step
         super().on_train_batch_end(trainer, pl_module, *args, **kw)
+
+    # Only the clock saves here. ModelCheckpoint would also write last.ckpt at the end of training (when it had not
+    # saved one yet), at the end of each training epoch and after validation: at the end of an epoch cut short by
+    # max_steps that file records the epoch as finished, and a run resumed from it would start the next epoch
+    # instead of the rest of this one. Validation's last.ckpt is model_checkpoint's.
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
