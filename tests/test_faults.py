@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
 import os
 import types
 from pathlib import Path
@@ -116,9 +117,19 @@ def test_sigusr1_under_slurm_stops_with_last_ckpt_and_requeues_the_job(train_cli
     assert stopped.returncode == 138 and not calls.exists(), stopped.stderr[-3000:]
     assert torch.load(last, weights_only=False)["global_step"] == 3
 
-    stopped = train_cli(
-        *common, f"hydra.run.dir={run}", "ckpt_path=auto", *warn, "+callbacks.stop.step=5", cwd=tmp_path, env=env
-    )
+    lightning_log = logging.getLogger("pytorch_lightning")  # Lightning's own lines, whatever handler prints them
+    lightning_records: list[logging.LogRecord] = []
+    catch = logging.Handler()
+    catch.emit = lightning_records.append
+    lightning_log.addHandler(catch)
+    try:
+        stopped = train_cli(
+            *common, f"hydra.run.dir={run}", "ckpt_path=auto", *warn, "+callbacks.stop.step=5", cwd=tmp_path, env=env
+        )
+    finally:
+        lightning_log.removeHandler(catch)
+    # the stop writes the full state to resume from, and says only that
+    assert not [r for r in lightning_records if "weights_only" in r.getMessage()]
     assert stopped.returncode == 138, stopped.stderr[-3000:]
     assert calls.read_text() == "requeue 4242\n"
     output = stopped.stdout + stopped.stderr

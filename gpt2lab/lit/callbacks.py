@@ -348,7 +348,7 @@ class Preemption(pl.Callback):
             self.checkpoint = Path(dirpath) / "last.ckpt"
             # every rank takes part, as for any checkpoint; the whole state, to resume from (said explicitly: left
             # unset, Lightning logs "`weights_only` was not set" beside the stop message)
-            trainer.save_checkpoint(self.checkpoint)
+            trainer.save_checkpoint(self.checkpoint, weights_only=False)
         auto_requeue, warning_signal = self._slurm or (False, None)
         warned = self.signal == getattr(warning_signal, "name", None)
         if self.requeue and auto_requeue and warned and trainer.is_global_zero:
