@@ -511,3 +511,11 @@ def test_a_bad_record_is_numbered_in_the_files_order_whichever_split_it_went_to(
     path.write_text("\n".join(json.dumps(r) for r in [good] * 30 + [bad] + [good] * 9) + "\n")
     with pytest.raises(ConfigError, match=r"record 30 \(from 0, in the files' order\), in the \w+ split, message 0"):
         datamodule(path, "chat", cache_dir)
+
+
+def test_a_records_file_without_data_source_files_names_data_source_not_data_files(tmp_path, train_cli):
+    """data=files would throw the chat format away: the fix keeps data=chat and reads the file."""
+    result = train_cli("data=chat", "data.path=chat.jsonl", cwd=tmp_path)
+    assert result.returncode == 1
+    error = "Error: data.path='chat.jsonl' is read by data=files only, and data.source is 'hub': add data.source=files"
+    assert error in result.stderr, result.stderr[-2000:]

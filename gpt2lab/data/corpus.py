@@ -77,9 +77,11 @@ def load_corpus(
         )
     for key, value in (("path", path), ("name", name), ("config_name", config_name), ("max_bytes", max_bytes)):
         if value is not None and SOURCE_KEYS[key] not in (source, offline_fallback):
+            # a task format (columns) keeps its data= option and switches source; data=files would read plain text
+            fix = f"data.source={SOURCE_KEYS[key]}" if columns else f"data={SOURCE_KEYS[key]}"
             raise ConfigError(
                 f"data.{key}={value!r} is read by data={SOURCE_KEYS[key]} only, and data.source is {source!r}: "
-                f"add data={SOURCE_KEYS[key]}"
+                f"add {fix}"
             )
     for key, value in (("val_split", val_split), ("test_split", test_split)):
         if not 0.0 <= value < 1.0:
