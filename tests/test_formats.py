@@ -9,6 +9,7 @@ import math
 import random
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -519,3 +520,17 @@ def test_a_records_file_without_data_source_files_names_data_source_not_data_fil
     assert result.returncode == 1
     error = "Error: data.path='chat.jsonl' is read by data=files only, and data.source is 'hub': add data.source=files"
     assert error in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(
+    not hasattr(datasets, "Json"), reason="datasets without its Json feature reads mixed kinds otherwise"
+)
+def test_a_content_that_is_not_text_among_text_is_named_without_blaming_a_good_record(tmp_path, cache_dir):
+    """One content 5 among texts: datasets then decodes every content as JSON (the text "28." as 28.0), so the
+    error names the field and the fix rather than the first good record that decodes to a number."""
+    turns = [{"role": "user", "content": "What is 10 + 18?"}, {"role": "assistant", "content": "28."}]
+    bad = [{"role": "user", "content": 5}, {"role": "assistant", "content": "5."}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": m}) for m in [turns] * 30 + [bad]) + "\n")
+    with pytest.raises(ConfigError, match=r"messages\[\]\.content holds values of several kinds.*\(\"5\", not 5\)"):
+        datamodule(path, "chat", cache_dir)

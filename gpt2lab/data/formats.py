@@ -204,9 +204,30 @@ class TaskFormat:
         return "".join(text for text, special, _ in self.segments(record, where) if not special)
 
 
+def _mixed_fields(feature: Any, path: str = "") -> list[str]:
+    """The fields datasets read as its ``Json`` feature: their values mix kinds across the records (text and
+    numbers, null, lists), and each is then decoded as JSON, so that the text ``"28."`` comes back as 28.0."""
+    json_feature = getattr(datasets, "Json", None)  # datasets with a Json feature (5.x)
+    if json_feature is not None and isinstance(feature, json_feature):
+        return [path]
+    if isinstance(feature, Mapping):
+        return [f for key, value in feature.items() for f in _mixed_fields(value, f"{path}.{key}" if path else key)]
+    inner = feature[0] if isinstance(feature, list) and feature else getattr(feature, "feature", None)  # lists
+    return _mixed_fields(inner, f"{path}[]") if inner is not None else []
+
+
 def check_records(splits: Mapping[str, datasets.Dataset], fmt: TaskFormat, source: str) -> None:
     """Every record renders (columns of the right kind, messages with a known role and content), before any
     tokenizer is trained: a bad record is reported with its split, its number and the fix."""
+    # A message of other keys makes the whole message JSON, decoded faithfully (the checks below name it); a
+    # single value of mixed kinds is decoded as JSON text, where valid text may read as a number: no record
+    # number could be trusted.
+    mixed = [f for f in _mixed_fields(next(iter(splits.values())).features) if not f.endswith("[]")]
+    if mixed:
+        raise ConfigError(
+            f"{source}: {', '.join(mixed)} holds values of several kinds across the records (text, and numbers, null, "
+            'lists or objects): each must be text, a JSON string in quotes ("5", not 5); fix those records'
+        )
     for split, ds in splits.items():
         for batch in ds.iter(batch_size=1000):
             rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
