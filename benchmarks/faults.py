@@ -40,7 +40,7 @@ STALLED = "faults: the checkpoint write stalls half-way"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir", nargs="?", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=None, help="for the random kill step (default: from the clock)")
     args = parser.parse_args()

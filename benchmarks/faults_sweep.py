@@ -5,7 +5,7 @@ one worker's trial has reported its first validation loss, that worker is SIGKIL
 trial by its heartbeat, re-run it with the same parameters and fill the study. Prints one JSON line for
 ``benchmarks/faults.py``'s table: checkpoints in the sweep that ``torch.load(weights_only=True)`` cannot read, and
 trials lost (requested trials not COMPLETE or PRUNED at the end). Exits 0 once the case has run, whatever it found;
-1 when it could not run it (a worker failed).
+1 when it could not run it (a worker failed, or the kill came after the trial had ended).
 
 Usage: python benchmarks/faults_sweep.py [workdir]   (about a minute on 2 CPU cores)
 """
@@ -57,7 +57,7 @@ def main(work: Path) -> int:
         "-m", "--config-dir", str(work / "conf"), "hparams_search=lr", "data=files", f"data.path={work / 'corpus.txt'}",
         "tokenizer=bpe", "tokenizer.vocab_size=320", "tokenizer.show_progress=false", "model.context_length=32",
         "model.d_model=32", "model.num_heads=2", "model.num_layers=2", "model.d_ff=64", "data.batch_size=8",
-        "trainer.max_steps=12", "trainer.val_check_interval=4", "trainer.limit_val_batches=2",
+        "trainer.max_steps=40", "trainer.val_check_interval=4", "trainer.limit_val_batches=2",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"paths.cache_dir={work / 'cache'}",
         f"hydra.sweep.dir={sweep}", "hydra.sweeper.study_name=faults", f"hydra.sweeper.n_trials={N_TRIALS}",
         "hydra.sweeper.n_trials_per=study", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=5",
@@ -88,6 +88,9 @@ def main(work: Path) -> int:
         return 1
 
     trials = optuna.load_study(study_name="faults", storage=url).trials
+    if trials[killed_trial].state.name != "FAIL":  # the trial ended between the poll and the kill: nothing tested
+        print(f"{CASE}: trial {killed_trial} ended before the kill reached it; run again", file=sys.stderr)
+        return 1
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
     retries = [t for t in finished if t.system_attrs.get("failed_trial") == killed_trial]
     unloadable = 0
