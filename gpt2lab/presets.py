@@ -629,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
         "--recommend", nargs="*", metavar="KEY=VALUE", help="goal=learning|quality|code|chat|summarization and "
         "time_budget_hours=H: the preset that fits, and why",
     )  # fmt: skip
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     words = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
     try:

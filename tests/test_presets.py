@@ -170,9 +170,14 @@ def test_presets_ls_measures_once_and_then_reads_the_cache(run_main, tmp_path, m
         raise AssertionError("measured again instead of reading the cache")
 
     monkeypatch.setattr(presets, "_measure", no_measuring)
-    second = run_main("gpt2lab.presets", "--only", "tiny", cwd=tmp_path, env={"GPT2LAB_CACHE_DIR": str(cache)})
+    second_env = {"GPT2LAB_CACHE_DIR": str(cache)}
+    second = run_main("gpt2lab.presets", "--only", "tiny", cwd=tmp_path, env=second_env)
     assert second.returncode == 0, second.stderr
     assert "Measuring" not in second.stderr and "cached" in second.stdout and estimate in second.stdout
+    # overrides may follow the options, as on any command line: the same probe, 100 steps of 4.1K tokens
+    third = run_main("gpt2lab.presets", "--only", "tiny", "trainer.max_steps=100", cwd=tmp_path, env=second_env)
+    assert third.returncode == 0, third.stderr
+    assert "410K (4.1K)" in third.stdout and "cached" in third.stdout
     # another micro-batch is another probe
     assert probe_key(compose_preset("tiny", ["data.batch_size=8"])) != probe_key(cfg)
 
