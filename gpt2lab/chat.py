@@ -16,10 +16,15 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
+from gpt2lab.config import (
+    TRUSTED_TARGETS,
+    config_path,
+    given_on_command_line,
+    null_group_overrides,
+    register_schemas,
+)
 from gpt2lab.errors import ConfigError, report_errors
 from gpt2lab.generate import Completions, TextGenerator, check_inference, left_padded
 
@@ -120,9 +125,7 @@ class Chat:
 
 def chat(cfg: DictConfig) -> None:
     settings = OmegaConf.to_container(cfg.inference, resolve=True)
-    given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    stop_given = any(o.lstrip("+~").startswith("inference.stop") for o in given)
-    repl(TextGenerator(cfg.ckpt, cfg.device, cfg.paths.log_dir), settings, stop_given)
+    repl(TextGenerator(cfg.ckpt, cfg.device, cfg.paths.log_dir), settings, given_on_command_line("inference.stop"))
 
 
 def repl(generator: TextGenerator, settings: dict[str, Any], stop_given: bool = True) -> None:

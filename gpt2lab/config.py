@@ -346,3 +346,13 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="generate_schema", node=GenerateSchema, replace=True)
     ConfigStore.instance().store(name="chat_schema", node=ChatSchema, replace=True)
     ConfigStore.instance().store(name="export_schema", node=ExportSchema, replace=True)
+
+
+def given_on_command_line(*keys: str) -> bool:
+    """Whether the command line sets any of ``keys`` (a group, ``tokenizer``, or a value, ``inference.stop``),
+    itself or below it (``tokenizer.name=...``), rather than leaving it to the config files."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    names = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    return any(name == key or name.startswith(f"{key}.") for name in names for key in keys)

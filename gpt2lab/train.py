@@ -17,7 +17,6 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import execution_whitelist, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -27,7 +26,13 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from tokenizers import Tokenizer
 
 from gpt2lab.checkpoint import check_same_run, check_steps_left, load_checkpoint, resolve_ckpt_path, run_settings
-from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
+from gpt2lab.config import (
+    TRUSTED_TARGETS,
+    config_path,
+    given_on_command_line,
+    null_group_overrides,
+    register_schemas,
+)
 from gpt2lab.config_checks import raise_if_invalid
 from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError, report_errors
@@ -135,11 +140,9 @@ def _train(cfg: DictConfig) -> TrainedRun:
     trainer = make_trainer(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()], **share)
     if trainer.strategy.root_device.type == "cpu" and trainer.world_size == 1:
         use_free_cores()  # a busy machine: fewer threads than cores (DDP ranks get their share from Lightning)
-    if gpt2:
-        instantiate(cfg.model)  # architecture checks (heads divide width, ...) before any data is read
 
     tokenizer_spec = instantiate(cfg.tokenizer)
-    pretrained_tokenizer = bool(tokenizer_source) and not _chose_tokenizer()
+    pretrained_tokenizer = bool(tokenizer_source) and not given_on_command_line("tokenizer")
     if pretrained_tokenizer:  # pretrained weights come with their tokenizer
         tokenizer_spec = TokenizerSpec(kind="pretrained", name=tokenizer_source)
         log.info(
@@ -274,12 +277,6 @@ def _why_no_metric(cfg: DictConfig, trainer: pl.Trainer) -> str:
     if trainer.global_step == 0:
         return "no training step was taken (check trainer.max_steps, max_epochs and max_time)"
     return f"the run logged no metric of that name (optimized_metric={cfg.optimized_metric}; see metrics.csv)"
-
-
-def _chose_tokenizer() -> bool:
-    """Whether the command line picks the tokenizer (``tokenizer=...``, ``tokenizer.name=...``)."""
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    return any(o.lstrip("+~").startswith(("tokenizer=", "tokenizer.")) for o in overrides)
 
 
 def _wanted(callback: pl.Callback, trainer_cfg: DictConfig, gpt2: bool = True) -> bool:
