@@ -33,7 +33,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from gpt2lab.config import TRUSTED_TARGETS, config_path, group_options, null_group_overrides, register_schemas
+from gpt2lab.config import (
+    TRUSTED_TARGETS,
+    config_path,
+    group_options,
+    hydra_string,
+    null_group_overrides,
+    register_schemas,
+)
 from gpt2lab.errors import ConfigError
 
 Overrides = Mapping[str, Any] | Sequence[str] | None
@@ -177,8 +184,7 @@ def _hydra_value(value: Any) -> str:
         return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list | tuple):
         return "[" + ",".join(_hydra_value(v) for v in value) + "]"
-    text = str(value)
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return hydra_string(str(value))
 
 
 def _dataset_overrides(dataset: str | os.PathLike) -> list[str]:

@@ -317,6 +317,12 @@ def null_group_overrides(args: list[str]) -> list[str]:
     return [f"~{a.partition('=')[0]}" if a.endswith("=null") and a.partition("=")[0] in groups else a for a in args]
 
 
+def hydra_string(text: str) -> str:
+    """``text`` as a quoted string of Hydra's override grammar, read back as exactly ``text``. Hydra reads a
+    backslash as itself except before a quote or the closing quote: only those are doubled."""
+    return "'" + re.sub(r"(\\+)(?='|$)", r"\1\1", text).replace("'", "\\'") + "'"
+
+
 def literal_overrides(args: list[str], keys: tuple[str, ...]) -> list[str]:
     """``key=<any text>`` taken as that text: quoted for Hydra's override grammar, which would otherwise parse
     ``prompt="def f(n):"`` (the shell has removed the quotes) as an expression and fail on the parentheses."""
@@ -324,9 +330,7 @@ def literal_overrides(args: list[str], keys: tuple[str, ...]) -> list[str]:
     for arg in args:
         key, sep, value = arg.partition("=")
         if sep and key in keys and not (len(value) > 1 and value[0] == value[-1] and value[0] in "'\""):
-            # Hydra reads a backslash as itself except before a quote or the closing quote: double only those
-            value = "'" + re.sub(r"(\\+)(?='|$)", r"\1\1", value).replace("'", "\\'") + "'"
-            arg = f"{key}={value}"
+            arg = f"{key}={hydra_string(value)}"
         quoted.append(arg)
     return quoted
 

@@ -262,8 +262,9 @@ def main() -> None:
 
 
 def quoted(text: str) -> str:
-    """``text`` in quotes for Hydra's override grammar (as ``gpt2lab.config.literal_overrides`` quotes a prompt,
-    which needs torch to import): ``prompt=def f(n):`` would otherwise trip on the parentheses."""
+    """``text`` in quotes for Hydra's override grammar, as ``gpt2lab.config.hydra_string`` quotes it (a copy: this
+    runs where torch, which gpt2lab.config imports, is not installed): ``prompt=def f(n):`` would otherwise trip
+    on the parentheses."""
     if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
         return text
     return "'" + re.sub(r"(\\+)(?='|$)", r"\1\1", text).replace("'", "\\'") + "'"

@@ -124,3 +124,13 @@ def test_import_gpt2lab_stays_light():
     code = "import sys, gpt2lab; print(sorted({'torch', 'hydra', 'pytorch_lightning'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
     assert callable(gpt2lab.train_model) and callable(gpt2lab.load_preset)
+
+
+@pytest.mark.parametrize("text", ["a\\nb", "it's", "ends with \\", "def f(x):", "C:\\data\\my.txt"])
+def test_text_in_overrides_reaches_the_config_as_typed(text):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from gpt2lab.api import _as_overrides
+
+    (override,) = _as_overrides({"sample.prompt": text})
+    assert OverridesParser.create().parse_override(override).value() == text
