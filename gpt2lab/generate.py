@@ -66,6 +66,13 @@ class TextGenerator:
         from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        try:  # a device torch cannot use fails here, by name, not in the middle of loading the weights
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise ConfigError(
+                f"device={device!r} cannot be used here ({str(e).splitlines()[0][:120]}): "
+                "use device=auto (the GPU if there is one, else the CPU), cpu, or cuda:N"
+            ) from None
         self.path = find_checkpoint(model_path, log_dir)
         model, tokenizer = load_checkpoint(self.path, device=device)
         if tokenizer is None:
@@ -197,11 +204,26 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return prompts
 
 
+def check_output(path: Path) -> None:
+    """``output=`` can be appended to: its directory is made now, before any time is spent generating."""
+    if path.is_dir():
+        raise ConfigError(f"output={str(path)!r} is a directory: name a file, e.g. output={path / 'samples.jsonl'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.open("a").close()
+    except OSError as e:
+        raise ConfigError(
+            f"output={str(path)!r} cannot be written ({e.strerror}): name a file in a writable directory"
+        ) from None
+
+
 def generate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Generate as ``conf/generate.yaml`` describes; returns the samples written to ``output``."""
     settings = OmegaConf.to_container(cfg.inference, resolve=True)
     check_inference(settings)
     prompts = read_prompts(cfg)
+    if cfg.output:
+        check_output(Path(cfg.output).expanduser())
     if cfg.onnx is None:
         generator = TextGenerator(cfg.ckpt, cfg.device, cfg.paths.log_dir)
     elif cfg.ckpt is not None:
@@ -224,7 +246,7 @@ def generate(cfg: DictConfig) -> list[dict[str, Any]]:
         for sample in samples:
             print(f"--- {sample['prompt']!r} [{sample['sequence']}]\n{sample['prompt']}{sample['completion']}")
     if cfg.output:
-        with open(cfg.output, "a") as f:
+        with Path(cfg.output).expanduser().open("a") as f:
             for sample in samples:
                 f.write(json.dumps(sample | {"settings": settings}) + "\n")
         log.info("Appended %d samples to %s", len(samples), cfg.output)

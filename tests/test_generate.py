@@ -33,7 +33,7 @@ def test_a_prompt_as_typed_in_a_shell_streams_its_continuation(generate_cli, tra
 
 def test_prompts_file_with_several_sequences_each_written_to_output(generate_cli, trained_run, tmp_path):
     (tmp_path / "prompts.txt").write_text("import os\n\nclass Foo:\n")
-    out = tmp_path / "samples.jsonl"
+    out = tmp_path / "new" / "samples.jsonl"  # its directory is made
     result = generate_cli(
         f"ckpt={trained_run}", "prompts_file=prompts.txt", "inference.num_return_sequences=3",
         "inference.max_new_tokens=8", f"output={out}", cwd=tmp_path,
@@ -70,6 +70,9 @@ def test_stop_strings_and_end_of_text_end_a_completion(trained_run):
         (["prompt=x", "inference.temperature=0"], "inference.temperature=0.0: expected > 0 when sampling"),
         (["prompt=x", "inference.max_new_tokens=0"], "inference.max_new_tokens=0: expected at least 1"),
         (["prompt=x", "ckpt=last", "paths.log_dir=nowhere"], "ckpt=last: no run under nowhere/"),
+        (["prompt=x", "device=foo"], "device='foo' cannot be used here .*use device=auto"),
+        (["prompt=x", "output=empty.txt/x.jsonl"], "output='empty.txt/x.jsonl' cannot be written"),
+        (["prompt=x", "output=."], "output='.' is a directory: name a file"),
     ],
 )
 def test_bad_input_is_one_error_line(generate_cli, trained_run, tmp_path, args, message):
