@@ -315,10 +315,34 @@ def test_init_from_bad_directories_are_refused(tmp_path, pretrained_dir, llama_d
 
 
 def test_bad_input_through_the_command_line(train_cli, tmp_path, corpus_file):
+    """Each mistake is one Error line naming the key and the fix, never a traceback."""
     common = [*RUN, f"data.path={corpus_file}", f"hydra.run.dir={tmp_path / 'run'}"]
-    result = train_cli(*common, "model.init_from=/nonexistent/dir", cwd=tmp_path)
-    assert result.returncode == 1
-    assert "Error: model.init_from='/nonexistent/dir': no such directory" in result.stderr
-    result = train_cli(*common, "model=module", "model.module._target_=torch.nn.Identity", "model.context_length=8",
-                       cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 1 and "Error: " in result.stderr, result.stderr[-2000:]
+    module = ["model=module", "model.context_length=8"]
+    cases = [
+        (["model.init_from=/nonexistent/dir"], "model.init_from='/nonexistent/dir': no such directory"),
+        ([*module, "model.module._target_=torch.nn.Identity"],
+         "model.module._target_=torch.nn.Identity is not a trusted target: trust its package with "
+         "GPT2LAB_TRUSTED_TARGETS='torch.*'"),
+        ([*module, "model.module._target_=test_import.NoSuchLM"],
+         "model.module._target_=test_import.NoSuchLM cannot be imported (test_import has no NoSuchLM): check the "
+         "class's name and module"),
+        ([*module, "model.module._target_=othermod.TinyLM"],
+         "model.module._target_=othermod.TinyLM is not a trusted target"),
+        # The constructor's arguments: the one forgotten is named, with the signature and how to set it
+        ([*module, "model.module._target_=test_import.LogitsOnly"],
+         "model.module: test_import.LogitsOnly(vocab_size: int, dim: int = 16) cannot be built from no arguments "
+         "(missing a required argument: 'vocab_size'): set its arguments as +model.module.<name>=<value>"),
+        ([*module, "model.module._target_=test_import.LogitsOnly", "+model.module.vocab_size=${model.vocab_size}",
+          "+model.module.width=8"], "(got an unexpected keyword argument 'width')"),
+        # A forward gpt2lab cannot drive: the signature it needs
+        ([*module, "model.module._target_=test_import.NeedsTemperature", "+model.module.vocab_size=${model.vocab_size}"],
+         "NeedsTemperature.forward(input_ids, temperature) cannot be driven: gpt2lab has no value for its required "
+         "argument temperature. It drives forward(input_ids, attention_mask=None, position_ids=None, labels=None)"),
+    ]  # fmt: skip
+    for args, message in cases:
+        with execution_whitelist("test_import.*"):
+            result = train_cli(*common, *args, cwd=tmp_path)
+        assert result.returncode == 1, args
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and message in errors[0], (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr

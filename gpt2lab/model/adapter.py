@@ -11,6 +11,7 @@ cross-entropy of the logits against the next tokens, so that every model is scor
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -203,12 +204,13 @@ def build_model(spec: GPT2Config | Mapping[str, Any]) -> GPT2Model | CausalLM:
     try:
         model = hydra.utils.instantiate(spec, _convert_="all", _execution_whitelist_=TRUSTED_TARGETS)
     except InstantiationException as e:
-        cause = e.__cause__
-        if isinstance(cause, ConfigError):
-            raise cause from e
-        trust = " (trust your package: GPT2LAB_TRUSTED_TARGETS='<package>.*')" if "whitelist" in str(e) else ""
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"model: {first}{trust}" + (f" ({type(cause).__name__}: {cause})" if cause else "")) from e
+        raise _instantiation_error(spec, e) from e
+    except TypeError as e:  # a constructor's own TypeError comes through unwrapped: wrong arguments, or a bug
+        key, target = _target_spec(spec)
+        error = _arguments_error(key, target)
+        if error is None:
+            raise
+        raise error from e
     if not isinstance(model, CausalLM):
         raise ConfigError(
             f"model._target_={spec['_target_']} built a {type(model).__name__}, not a model gpt2lab can train: for "
@@ -216,3 +218,64 @@ def build_model(spec: GPT2Config | Mapping[str, Any]) -> GPT2Model | CausalLM:
         )
     model.spec = model.spec or spec
     return model
+
+
+def _target_spec(spec: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """The key of the class the user named, and its config: ``model.module`` for ``model=module``, else ``model``."""
+    module = spec.get("module")
+    if isinstance(module, Mapping) and "_target_" in module:
+        return "model.module", module
+    return "model", spec
+
+
+def _instantiation_error(spec: Mapping[str, Any], e: InstantiationException) -> ConfigError:
+    """Hydra's failure to build the model as one line naming the key and the fix."""
+    cause = e.__cause__
+    if isinstance(cause, ConfigError):
+        return cause
+    key, target = _target_spec(spec)
+    name = target.get("_target_")
+    if "whitelist" in str(e):
+        package = str(name).split(".")[0]
+        return ConfigError(
+            f"{key}._target_={name} is not a trusted target: trust its package with "
+            f"GPT2LAB_TRUSTED_TARGETS='{package}.*' (gpt2lab builds only the classes of packages you trust)"
+        )
+    if isinstance(cause, ImportError) or "Error locating target" in str(e):
+        innermost: BaseException = cause or e
+        while innermost.__cause__ is not None:
+            innermost = innermost.__cause__
+        why = next((line for line in str(innermost).splitlines() if line.strip()), type(innermost).__name__)
+        fix = "install its package, or run from the directory that holds it (or add that directory to PYTHONPATH)"
+        if isinstance(innermost, ModuleNotFoundError) and innermost.name == name and "." in str(name):
+            why = "{} has no {}".format(*str(name).rsplit(".", 1))  # the package imports; the class is not in it
+            fix = "check the class's name and module"
+        return ConfigError(f"{key}._target_={name} cannot be imported ({why}): {fix}")
+    error = _arguments_error(key, target)
+    if error is not None:
+        return error
+    first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return ConfigError(f"{key}: {first}" + (f" ({type(cause).__name__}: {cause})" if cause else ""))
+
+
+def _arguments_error(key: str, target: Mapping[str, Any]) -> ConfigError | None:
+    """The error for configured arguments that the class's constructor does not accept, or None if it does (the
+    failure was then inside the constructor, a bug to show with its traceback)."""
+    try:
+        cls = hydra.utils.get_object(target["_target_"])
+        signature = inspect.signature(cls)
+    except Exception:
+        return None
+    with contextlib.suppress(Exception):  # the annotations as written (``int``, not ``'int'``) where they resolve
+        signature = inspect.signature(cls, eval_str=True)
+    signature = signature.replace(return_annotation=inspect.Signature.empty)
+    given = {k: v for k, v in target.items() if not k.startswith("_")}
+    try:
+        signature.bind(**given)
+    except TypeError as e:
+        plus = "+" if key == "model.module" else ""
+        return ConfigError(
+            f"{key}: {target['_target_']}{signature} cannot be built from {sorted(given) or 'no arguments'} ({e}): "
+            f"set its arguments as {plus}{key}.<name>=<value> (the tokenizer's vocabulary is ${{model.vocab_size}})"
+        )
+    return None
