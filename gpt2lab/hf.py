@@ -72,11 +72,10 @@ def gpt2_tensor_names(num_layers: int) -> Iterator[tuple[str, str, bool]]:
 
 
 def to_transformers(model: GPT2Model) -> Any:
-    """A ``transformers.GPT2LMHeadModel`` computing the same logits as ``model`` (float32: within 1e-5)."""
+    """A ``transformers.GPT2LMHeadModel`` computing the same logits as ``model`` (float32: within 1e-5). A model
+    without biases (``use_bias=False``) gets zero biases, where transformers' GPT-2 has them: the same function."""
     transformers = _transformers()
     c = model.config
-    if not c.use_bias:
-        raise ConfigError("transformers' GPT-2 has biases everywhere; this model has model.use_bias=false")
     hf_config = transformers.GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.context_length, n_embd=c.d_model, n_layer=c.num_layers,
         n_head=c.num_heads, n_inner=c.d_ff, activation_function="gelu_new", layer_norm_epsilon=c.layer_norm_epsilon,
@@ -86,6 +85,10 @@ def to_transformers(model: GPT2Model) -> Any:
     hf = transformers.GPT2LMHeadModel(hf_config)
     ours = model.state_dict()
     ours["wte.weight"] = ours["wte.weight"][: c.vocab_size]  # no padding rows
+    for name, _, _ in gpt2_tensor_names(c.num_layers):
+        if name not in ours:  # use_bias=False: a zero bias of the layer's width
+            weight = ours[name.removesuffix("bias") + "weight"]
+            ours[name] = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
     state = {
         "transformer." + theirs: ours[name].T if transposed else ours[name]
         for name, theirs, transposed in gpt2_tensor_names(c.num_layers)

@@ -14,14 +14,25 @@ from gpt2lab.model import GPT2Config, GPT2Model
 transformers = pytest.importorskip("transformers")
 
 
-def test_transformers_copy_computes_the_same_logits_and_tokens():
-    from gpt2lab.hf import to_transformers
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_transformers_copy_computes_the_same_logits_and_tokens(use_bias):
+    """Also for a model without biases (model.use_bias=false), which transformers' GPT-2 gets as zero biases, so
+    that format=hf (and the default format=all) exports it."""
+    from gpt2lab.hf import from_transformers, to_transformers
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=1000, context_length=64, d_model=64, num_heads=4, num_layers=2, d_ff=256,
-                        dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)  # fmt: skip
+                        dropout=0.0, attention_dropout=0.0, residual_dropout=0.0, use_bias=use_bias)  # fmt: skip
     model = GPT2Model(config).eval()
+    with torch.no_grad():  # LayerNorm weights other than ones, so that a misplaced tensor shows
+        for name, p in model.named_parameters():
+            if name.endswith(".weight") and p.dim() == 1:
+                p.uniform_(0.5, 1.5)
     hf = to_transformers(model)
+    if not use_bias:
+        assert not hf.transformer.h[0].attn.c_attn.bias.any() and not hf.transformer.ln_f.bias.any()
+        back = from_transformers(hf, use_bias=False, dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
+        assert back.config == config
     x = torch.randint(0, 1000, (2, 30))
     assert (model(x)[0] - hf(x).logits).abs().max() < 1e-5
     ours = model.generate(x, 12, do_sample=False)
