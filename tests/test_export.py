@@ -239,6 +239,14 @@ def test_half_and_int8_graphs_are_validated_with_their_own_tolerance(trained, tm
         (["onnx.quantize=int4"], "onnx.quantize='int4': expected null or int8"),
         (["onnx.quantize=int8", "onnx.fp16=true"], "onnx.quantize=int8 and onnx.fp16=true: choose one"),
         (["format=torchscript", "torchscript.method=compile"], "torchscript.method='compile': expected one of auto"),
+        (
+            ["format=torchscript", "torchscript.method=script"],
+            "torchscript.method=script: torch.jit.script cannot compile gpt2lab's model",
+        ),
+        (
+            ["format=hf", "tolerance=1e-12"],
+            "the Hugging Face export (loaded by AutoModelForCausalLM) differs from gpt2lab's model by up to",
+        ),
         (["output_dir=exists"], "output_dir='exists' exists: choose a new directory, or overwrite=true"),
         (["output_dir=null"], "output_dir=... is required"),
     ],

@@ -51,7 +51,7 @@ class HFExporter:
         ids = torch.randint(0, model.config.vocab_size, (2, min(16, model.config.context_length)), generator=generator)
         with torch.no_grad():
             diff = (loaded(ids).logits - model(ids.to(model.wte.weight.device))[0].cpu()).abs().max().item()
-        check_close(diff, self.tolerance, f"the Hugging Face model loaded from {directory}")
+        check_close(diff, self.tolerance, "the Hugging Face export (loaded by AutoModelForCausalLM)")
         return diff
 
 

@@ -81,9 +81,11 @@ class TorchScriptExporter:
                     return torch.jit.script(wrapped), "script"
             except Exception as e:
                 if self.method == "script":
+                    why = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
                     raise ConfigError(
-                        f"torchscript.method=script: TorchScript cannot compile the model ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0]}); use torchscript.method=trace or auto"
+                        "torchscript.method=script: torch.jit.script cannot compile gpt2lab's model, whose generation "
+                        f"code (the KV cache) is more Python than TorchScript knows ({type(e).__name__}: {why}); use "
+                        "torchscript.method=trace, or auto (the default), which traces it"
                     ) from e
                 log.info("torch.jit.script failed (%s); tracing instead", type(e).__name__)
         example = torch.zeros(1, min(8, wrapped.model.config.context_length), dtype=torch.long)
