@@ -61,13 +61,9 @@ warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists 
 # Mid-epoch resume is exact: GPT2DataModule.train_dataloader starts the sampler after the batches the
 # checkpointed run had consumed (tests/test_train.py checks the final loss), so this warning is moot.
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
-warnings.filterwarnings(
-    "ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated"
-)  # Lightning vs torch>=2.10
 # A resumed run writes into its own new run directory by design (the checkpoint's run stays as it was), so
 # ModelCheckpoint's "dirpath has changed ... won't be reloaded" is expected, not a problem to report.
 warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
-logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "💡 Tip" not in r.getMessage())  # ads
 
 
 @dataclasses.dataclass

@@ -147,3 +147,6 @@ def test_one_console_script_for_every_verb(run_main, trained_run, tmp_path, cach
     assert result.returncode == 0, result.stderr[-3000:]
     (eval_file,) = (tmp_path / "outputs" / "evaluate").glob("*/*/eval.json")
     assert json.loads(eval_file.read_text())["split"] == "validation"
+    # Lightning's advert, its note on a default and its deprecation warning say nothing about the evaluation.
+    for noise in ("💡 Tip", "was configured so 100%", "LeafSpec"):
+        assert noise not in result.stdout + result.stderr

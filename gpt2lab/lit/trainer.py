@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,6 +24,10 @@ from gpt2lab.errors import ConfigError
 from gpt2lab.lit.ddp import external_rank
 
 log = logging.getLogger("gpt2lab.train")
+# For every entry point that builds a Trainer (train, evaluate): noise that says nothing about the run.
+# Lightning's pytree helper on torch >= 2.10:
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "💡 Tip" not in r.getMessage())  # ads
 
 
 def make_trainer(trainer_cfg: DictConfig, **overrides: Any) -> pl.Trainer:
