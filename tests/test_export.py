@@ -308,3 +308,22 @@ def test_a_model_other_than_gpt2labs_gpt2_is_refused(export_cli, trained_run, tm
     result = export_cli(f"ckpt={trained_run}", "output_dir=out", cwd=tmp_path)
     assert result.returncode == 1
     assert "holds a Linear (model=hf or model=module): export is written for gpt2lab's GPT-2" in result.stderr
+
+
+def test_model_card_gives_a_checkpoint_only_its_own_results(trained, trained_run, tmp_path):
+    """The run's validation and test numbers measured its best checkpoint (step 40): an earlier checkpoint's card
+    does not claim them, says how to measure it, and counts the tokens up to its own step."""
+    from gpt2lab.exporters.model_card import ModelCardGenerator
+
+    results = json.loads((trained_run / "results.json").read_text())
+    assert Path(results["best_checkpoint"]).name.startswith("step000040")
+    generator = ModelCardGenerator()
+    earlier = next((trained_run / "checkpoints").glob("step000020*.ckpt"))
+    card = generator.generate(trained[0], tmp_path, "torchscript", checkpoint=earlier)
+    evaluation = card.split("## Evaluation results")[1].split("## How to use")[0]
+    assert "split (training run)" not in evaluation and f"{results['metrics']['val/loss']:.4f}" not in evaluation
+    assert f"(step 40), not of this one (step 20): `python -m gpt2lab.evaluate ckpt={earlier}`" in evaluation
+    assert "| tokens trained on | 5,120 (20 steps) |" in card
+    for same in (Path(results["best_checkpoint"]), trained_run / "checkpoints" / "last.ckpt"):
+        card = generator.generate(trained[0], tmp_path, "torchscript", checkpoint=same)
+        assert f"| validation split (training run) | loss (nats/token) | {results['best_val_loss']:.4f} |" in card

@@ -6,6 +6,7 @@ path, so that they run as pasted on the machine that exported it."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ class ModelCardGenerator:
         rows |= {f"data.{k}": str(data[k]) for k in DATA_KEYS if data.get(k) is not None}
         rows |= {f"{split} split": f"{n:,} tokens" for split, n in run.tokens.items()}
         if run.tokens_seen:
-            rows["tokens trained on"] = f"{run.tokens_seen:,} ({run.results['global_step']:,} steps)"
+            rows["tokens trained on"] = f"{run.tokens_seen:,} ({run.step:,} steps)"
         rows["corpus fingerprint"] = f"`{run.fingerprint}`" if run.fingerprint else "not recorded (no train.log)"
         return "## Training data\n\n" + table(rows)
 
@@ -110,21 +111,40 @@ class ModelCardGenerator:
 
     def _evaluation(self, run: RunRecord) -> str:
         rows = []
-        for key, value in (run.results.get("metrics") or {}).items():
+        metrics = run.results.get("metrics") or {}
+        # The run's metrics are those of one checkpoint: the test split its best (train.py tests the best one), the
+        # validation split its last validation (the best one's too when their losses agree). Another checkpoint of
+        # the run gets only its own evaluations, not numbers of other weights.
+        best_loss = run.results.get("best_val_loss")
+        for key, value in metrics.items():
             split, _, metric = key.partition("/")
-            if split in ("val", "test") and metric in EVAL_METRICS:
+            if metric not in EVAL_METRICS or not run.measured:
+                continue
+            if split == "test" or (split == "val" and (best_loss is None or metrics.get("val/loss") == best_loss)):
                 rows.append((f"{'validation' if split == 'val' else 'test'} split (training run)", metric, value))
+        if run.measured and best_loss is not None and not any(r[0].startswith("validation") for r in rows):
+            rows += [
+                ("validation split (training run)", m, v)
+                for m, v in (("loss", best_loss), ("perplexity", math.exp(best_loss)))
+            ]
         for evaluation in run.evaluations:
             for metric in ("loss", "perplexity", "bits_per_byte"):
                 if evaluation.get(metric) is not None:
                     rows.append(
                         (f"{evaluation.get('split', '?')} split (gpt2lab.evaluate)", metric, evaluation[metric])
                     )
+        note = ""
+        if metrics and not run.measured and run.checkpoint:
+            note = (
+                f"The training run's results are those of its best checkpoint (step {run.best_step}), not of this "
+                f"one (step {run.step}): `python -m gpt2lab.evaluate ckpt={run.checkpoint}` measures it, and the "
+                "next export lists that here."
+            )
         if not rows:
-            return "## Evaluation results\n\nNo evaluation was recorded for this checkpoint."
+            return "## Evaluation results\n\n" + (note or "No evaluation was recorded for this checkpoint.")
         lines = ["| data | metric | value |", "|---|---|---|"]
         lines += [f"| {data} | {EVAL_METRICS[metric]} | {value:.4f} |" for data, metric, value in rows]
-        return "## Evaluation results\n\n" + "\n".join(lines)
+        return "## Evaluation results\n\n" + "\n".join(lines) + (f"\n\n{note}" if note else "")
 
     def _usage(self, model: GPT2Model, directory: Path, kind: str) -> str:
         c = model.config
@@ -159,8 +179,11 @@ class RunRecord:
             s: int(n)
             for s, n in re.findall(r"- (train|validation|test) +\d+ documents +\d+ characters +(\d+) tokens", log)
         }
-        match = re.search(r"step(\d+)", checkpoint.name) if checkpoint else None
-        self.step = int(match.group(1)) if match else self.results.get("global_step")
+        self.step = step_of(checkpoint, self.results.get("global_step")) if checkpoint else None
+        best = self.results.get("best_checkpoint")
+        self.best_step = step_of(Path(best), None) if best else self.results.get("global_step")
+        # Whether the run's own metrics measured these weights (the best checkpoint's step; last.ckpt at that step)
+        self.measured = self.step is not None and self.step == self.best_step
         # Evaluations of this very checkpoint: eval.json files of python -m gpt2lab.evaluate under the log directory.
         log_dir = Path((self.config.get("paths") or {}).get("log_dir") or "outputs")
         found = sorted(log_dir.glob("evaluate/**/eval.json")) if checkpoint and log_dir.is_dir() else []
@@ -170,7 +193,7 @@ class RunRecord:
     def tokens_seen(self) -> int | None:
         """Steps x batch x window x accumulation x devices: the tokens the optimizer saw."""
         data, trainer = self.config.get("data") or {}, self.config.get("trainer") or {}
-        factors = [self.results.get("global_step"), data.get("batch_size"), data.get("max_length")]
+        factors = [self.step, data.get("batch_size"), data.get("max_length")]
         if not all(isinstance(f, int) for f in factors):
             return None
         devices = trainer.get("devices") if isinstance(trainer.get("devices"), int) else 1
@@ -180,6 +203,12 @@ class RunRecord:
     def dataset(self) -> str | None:
         data = self.config.get("data") or {}
         return data.get("name") or data.get("source") or (Path(data["path"]).name if data.get("path") else None)
+
+
+def step_of(checkpoint: Path, default: int | None) -> int | None:
+    """The optimizer step in a checkpoint's name (``step000040-val_loss5.1.ckpt``), else ``default``."""
+    match = re.search(r"step(\d+)", checkpoint.name)
+    return int(match.group(1)) if match else default
 
 
 def read_json(path: Path) -> dict[str, Any]:
