@@ -209,7 +209,7 @@ class EvalSchema:
 @dataclasses.dataclass
 class EvaluateSchema:
     ckpt: Optional[str] = None  # noqa: UP045 - a .ckpt file, a run directory (its best), last or best
-    split: str = "test"  # train, validation or test
+    split: str = "test"  # train, validation, test or all
     data: Optional[DataSchema] = None  # noqa: UP045 - null: the data of the checkpoint's own run
     tokenizer: Optional[TokenizerSchema] = None  # noqa: UP045 - ignored: the checkpoint's tokenizer is used
     trainer: TrainerSchema = dataclasses.field(default_factory=TrainerSchema)

@@ -30,7 +30,13 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
-from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
+from gpt2lab.config import (
+    TRUSTED_TARGETS,
+    config_path,
+    given_on_command_line,
+    null_group_overrides,
+    register_schemas,
+)
 from gpt2lab.errors import ConfigError, report_errors
 from gpt2lab.lit.module import GPT2LitModule
 from gpt2lab.lit.trainer import make_trainer
@@ -122,6 +128,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     tokenizer.save(str(output_dir / "tokenizer.json"))
 
     data_cfg = cfg.data if cfg.data is not None else run_data_config(path)
+    split = cfg.split
+    if cfg.data is not None and cfg.data.get("source") == "files" and not given_on_command_line("split"):
+        # A file brought to be scored is scored whole: its "test split" would be the few documents that training
+        # on it would have held out (data.test_split).
+        split = "all"
+        log.info("split=all: every document of data.path=%s (split=test: only those it holds out)", cfg.data.path)
     with execution_whitelist(TRUSTED_TARGETS):
         datamodule = instantiate(
             data_cfg,
@@ -129,7 +141,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             tokenizer=TokenizerSpec(kind="file", path=str(output_dir / "tokenizer.json")),
         )
         datamodule.setup()
-        dataloader = datamodule.eval_dataloader(cfg.split, cfg.eval.stride)
+        dataloader = datamodule.eval_dataloader(split, cfg.eval.stride)
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
         trainer = make_trainer(cfg.trainer, logger=False, callbacks=callbacks, enable_checkpointing=False)
     metrics = Evaluator(model, dataloader, tokenizer=tokenizer, trainer=trainer).evaluate()
@@ -141,7 +153,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics["compressors"] = compressor_bits_per_byte(text)
     metrics |= {
         "checkpoint": str(path),
-        "split": cfg.split,
+        "split": split,
         "stride": cfg.eval.stride,
         "format": datamodule.format.name,
         "scored": datamodule.format.scored,  # which tokens the loss is over
@@ -149,7 +161,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         (output_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
-        log.info("Evaluation of %s on the %s split:\n%s", path, cfg.split, format_metrics(metrics))
+        log.info("Evaluation of %s on the %s split:\n%s", path, split, format_metrics(metrics))
         log.info("Saved %s", output_dir / "eval.json")
     return metrics
 

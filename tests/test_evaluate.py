@@ -56,6 +56,23 @@ def test_evaluate_a_run_directory_on_its_own_test_split(evaluate_cli, trained_ru
         assert row in result.stdout + result.stderr
 
 
+def test_a_file_named_on_the_command_line_is_scored_whole(evaluate_cli, trained_run, tmp_path):
+    from gpt2lab.data.pystdlib import pystdlib_documents
+
+    (tmp_path / "held_out.txt").write_text("\n\n".join(t[:2000].strip() for t in pystdlib_documents()[1][3:60:4]))
+    args = [f"ckpt={trained_run}", "data=files", "data.path=held_out.txt", "eval.compressors=false"]
+    runs = {}
+    for split in ([], ["split=test"]):
+        result = evaluate_cli(*args, *split, f"hydra.run.dir=eval{len(runs)}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics = json.loads((tmp_path / f"eval{len(runs)}" / "eval.json").read_text())
+        runs[metrics["split"]] = metrics
+    whole, test = runs["all"], runs["test"]  # data=files: split=all unless split= is given
+    # Every window of the file's documents, whichever split each fell in, is scored.
+    assert whole["tokens"] == (sum(s["tokens"] for s in whole["data"].values()) - 1) // 32 * 32
+    assert whole["tokens"] > 10 * test["tokens"] > 0
+
+
 def test_bytes_are_those_of_the_scored_text(trained_run, cache_dir):
     model, tokenizer = load_checkpoint(find_checkpoint(str(trained_run), "unused"))
     datamodule = datamodule_for(trained_run, cache_dir)
@@ -96,7 +113,7 @@ def test_compressors_measure_bits_per_byte():
         ([], "ckpt=... is required: a .ckpt file, a run directory, or last / best"),
         (["ckpt=last", "paths.log_dir=nowhere"], "ckpt=last: no run under nowhere/ has saved checkpoints"),
         (["ckpt=missing.ckpt"], "ckpt='missing.ckpt': no such file or directory"),
-        (["ckpt=RUN", "split=dev"], "split='dev': the data has no such split; it has train, validation, test"),
+        (["ckpt=RUN", "split=dev"], "split='dev': the data has no such split; it has train, validation, test, or all"),
         (["ckpt=RUN", "eval.stride=0"], r"eval.stride=0: expected 1 to the context length \(32\), or null"),
         (["ckpt=RUN", "eval.stride=33"], r"eval.stride=33: expected 1 to the context length \(32\), or null"),
         (["ckpt=NOTCKPT"], "'.*not.ckpt' is not a checkpoint: not a file written by torch.save"),

@@ -325,6 +325,9 @@ def test_the_token_cache_keeps_the_mask_and_is_keyed_by_format_and_window(record
     assert damaged_token_files(again._token_dir) is None
     with pytest.raises(ConfigError, match="eval.stride=8: strided windows are for running text"):
         again.eval_dataloader("validation", stride=8)
+    # split=all (evaluation): every split's windows of whole examples, one after the other
+    whole = again.eval_dataloader("all").dataset
+    assert [w.tolist() for w in whole] == [w.tolist() for d in again.datasets.values() for w in d]
 
 
 # -- the loss and bits per byte of masked windows, in training and in evaluation ------------------------------

@@ -508,11 +508,14 @@ class GPT2DataModule(pl.LightningDataModule):
         return self._loader(self.datasets["test"], self.eval_batch_size)
 
     def eval_dataloader(self, split: str, stride: int | None = None) -> DataLoader:
-        """The windows of ``split`` for evaluation: non-overlapping, or one every ``stride`` tokens."""
+        """The windows of ``split`` for evaluation: non-overlapping, or one every ``stride`` tokens. ``all``: every
+        split's, one after the other (a text brought to be scored, scored whole)."""
         split = "validation" if split in ("val", "valid") else split
-        if split not in self.datasets:
-            raise ConfigError(f"split={split!r}: the data has no such split; it has {', '.join(self.datasets)}")
-        blocks = self.datasets[split]
+        if split not in (*self.datasets, "all"):
+            raise ConfigError(
+                f"split={split!r}: the data has no such split; it has {', '.join(self.datasets)}, or all (every one)"
+            )
+        blocks = self.datasets[split] if split != "all" else self._all_splits()
         if self.format.masked and stride is not None:
             raise ConfigError(
                 f"eval.stride={stride}: strided windows are for running text; data.format={self.format.name} "
@@ -525,6 +528,16 @@ class GPT2DataModule(pl.LightningDataModule):
                 "(the model's context + 1): evaluate on more text"
             )
         return self._loader(dataset, self.eval_batch_size)
+
+    def _all_splits(self) -> TokenBlockDataset | MaskedWindowDataset:
+        parts = list(self.datasets.values())
+        if not self.format.masked:
+            return TokenBlockDataset(np.concatenate([p.tokens for p in parts]), self.max_length)
+        return MaskedWindowDataset(  # each split's windows of whole examples, one after the other
+            np.concatenate([p.tokens[: len(p) * p.window] for p in parts]),
+            np.concatenate([p.mask[: len(p) * p.window] for p in parts]),
+            self.max_length + 1,
+        )
 
     def _loader(self, ds: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         return DataLoader(
