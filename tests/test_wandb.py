@@ -1,5 +1,6 @@
 """logger=wandb, offline (no credentials here): each run's config, metric history, summary and samples table are
-read back from what wandb wrote, for a single run, a resumed run, a multirun with a failing job, and DDP."""
+read back from what wandb wrote, for a single run, a resumed run, a multirun with a failing job, an Optuna study,
+logger=many and DDP."""
 
 from __future__ import annotations
 
@@ -79,8 +80,10 @@ def args(corpus_file, cache_dir, *extra: str) -> list[str]:
 
 
 def test_a_run_logs_config_metrics_and_samples_offline_and_a_resumed_run_continues_it(
-    train_cli, tmp_path, corpus_file, cache_dir, no_credentials
+    train_cli, tmp_path, corpus_file, cache_dir, no_credentials, monkeypatch
 ):
+    # MFU is logged where the device's peak is known (GPUs): give this CPU one, so that it is logged here too.
+    monkeypatch.setattr("gpt2lab.lit.callbacks.peak_flops", lambda device, dtype: 1e12)
     first = tmp_path / "first"
     result = train_cli(*args(corpus_file, cache_dir, f"hydra.run.dir={first}"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -93,7 +96,7 @@ def test_a_run_logs_config_metrics_and_samples_offline_and_a_resumed_run_continu
     assert run["config"]["config"]["model"]["d_model"] == 32  # the resolved config
     assert run["config"]["data_stats"]["train"]["tokens"] > 0
     logged = {key for row in run["history"] for key in row}
-    assert {"train/loss", "val/loss", "val/bpb", "lr", "perf/tokens_per_sec", "test/loss"} <= logged
+    assert {"train/loss", "val/loss", "val/bpb", "lr", "perf/tokens_per_sec", "perf/mfu", "test/loss"} <= logged
     val_steps = [row["trainer/global_step"] for row in run["history"] if "val/loss" in row]
     csv_steps = [int(r["step"]) for r in csv.DictReader((first / "metrics.csv").open()) if r["val/loss"]]
     assert val_steps == csv_steps and len(val_steps) == 3  # step 0, then two validations in 8 steps
@@ -137,6 +140,81 @@ def test_each_multirun_job_is_its_own_run_in_one_group_and_a_failing_job_shows_a
     assert all(row["optimizer"]["lr"] == 3000 for row in [failed["config"]["config"]])
 
 
+LR_GRID = """# @package _global_
+defaults:
+  - override /hydra/sweeper: gpt2lab_optuna
+  - override /hydra/sweeper/sampler: grid
+test: false
+hydra:
+  sweep:
+    subdir: trial_${optuna_trial}
+  sweeper:
+    n_trials: 2
+    max_failure_rate: 1.0
+    params:
+      optimizer.lr: choice(0.004, 3000)
+"""
+
+
+def test_optuna_trials_are_runs_of_one_group_with_their_number_and_state(
+    train_cli, tmp_path, corpus_file, cache_dir, no_credentials
+):
+    (tmp_path / "conf" / "hparams_search").mkdir(parents=True)
+    (tmp_path / "conf" / "hparams_search" / "lr_grid.yaml").write_text(LR_GRID)
+    result = train_cli(
+        "-m", "--config-dir", str(tmp_path / "conf"), "hparams_search=lr_grid",
+        *args(corpus_file, cache_dir, "hydra.sweep.dir=study", "hydra.sweeper.study_name=s", "trainer.max_steps=20"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = {n: read_run(tmp_path / "study" / f"trial_{n}") for n in (0, 1)}
+    by_lr = {run["config"]["config"]["optimizer"]["lr"]: (n, run) for n, run in trials.items()}
+    assert set(by_lr) == {0.004, 3000}  # the grid sampler's order is its own
+    for lr, state, code in ((0.004, "COMPLETE", 0), (3000, "FAIL", 1)):  # lr 3000 diverges
+        number, run = by_lr[lr]
+        assert run["summary"]["optuna/trial"] == number and run["summary"]["optuna/state"] == state
+        assert run["exit_code"] == code
+        assert run["record"].job_type == "trial" and run["record"].run_group == "study"
+        assert run["record"].display_name == f"optimizer.lr={lr}"
+
+
+def test_logger_many_writes_csv_tensorboard_and_wandb_and_a_wandb_mode_set_by_the_user_is_kept(
+    train_cli, tmp_path, corpus_file, cache_dir, no_credentials
+):
+    run = tmp_path / "many"
+    result = train_cli(
+        *args(corpus_file, cache_dir, f"hydra.run.dir={run}", "logger.wandb.tags=baseline", "test=false"),
+        "logger=many",
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no wandb credentials" not in result.stdout + result.stderr  # offline because the user said so
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert any(r["val/loss"] for r in rows) and any(r["train/loss"] for r in rows)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert {"train/loss", "val/loss"} <= set(events.Tags()["scalars"])
+    logged = read_run(run)
+    assert logged["exit_code"] == 0 and logged["record"].tags == ["baseline"]  # a string is one tag
+    assert [r["trainer/global_step"] for r in logged["history"] if "val/loss" in r] == [
+        int(r["step"]) for r in rows if r["val/loss"]
+    ]
+
+
+def test_online_when_logged_in_and_the_server_answers(tmp_path, no_credentials, monkeypatch, caplog):
+    from gpt2lab.lit.loggers import wandb_logger
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr("gpt2lab.hub.reachable", lambda host, port: True)
+    logger = wandb_logger(log_model="all", save_dir=str(tmp_path))  # wandb.init waits for the first log
+    assert logger._wandb_init["mode"] == "online" and logger._log_model == "all"
+    monkeypatch.setattr("gpt2lab.hub.reachable", lambda host, port: False)
+    assert wandb_logger(save_dir=str(tmp_path))._wandb_init["mode"] == "offline"
+    assert "the wandb server at https://api.wandb.ai is unreachable" in caplog.text
+
+
 def test_an_optuna_trial_records_its_number_and_state(tmp_path, no_credentials):
     import wandb
 
@@ -150,21 +228,33 @@ def test_an_optuna_trial_records_its_number_and_state(tmp_path, no_credentials):
 
 
 @pytest.mark.parametrize(
-    "override, message",
+    "override, env, message",
     [
         (
             "logger.wandb.log_model=true",
+            {},
             "logger.wandb.log_model=True uploads checkpoints as artifacts, which an offline run",
         ),
-        ("logger.wandb.mode=online", "logger.wandb.mode=online, but no wandb credentials"),
-        ("logger.wandb.mode=cloud", "logger.wandb.mode='cloud': expected one of online, offline, disabled"),
+        (
+            "logger.wandb.log_model=all",
+            {"WANDB_MODE": "offline"},
+            "logger.wandb.log_model=all uploads checkpoints as artifacts, which an offline run cannot do (WANDB_MODE=offline)",
+        ),
+        ("logger.wandb.mode=online", {}, "logger.wandb.mode=online, but no wandb credentials"),
+        ("logger.wandb.mode=null", {"WANDB_MODE": "online"}, "WANDB_MODE=online, but no wandb credentials"),
+        ("logger.wandb.mode=cloud", {}, "logger.wandb.mode='cloud': expected one of online, offline, disabled"),
+        ("logger.wandb.mode=null", {"WANDB_MODE": "cloud"}, "WANDB_MODE='cloud': expected one of online, offline"),
+        ("+logger.wandb.projet=x", {}, "logger.wandb.projet: not a wandb setting (did you mean project?)"),
+        ("+logger.wandb.resume=must", {}, "logger.wandb.resume: gpt2lab sets it; a run resumed from a checkpoint"),
+        ("logger.wandb.id=abc/def", {}, "logger.wandb.id='abc/def': Run ID cannot contain the characters"),
+        ("logger.wandb.project=me/gpt2", {}, "logger.wandb.project='me/gpt2': Invalid project name"),
     ],
 )
 def test_wandb_settings_that_cannot_work_are_refused_at_start(
-    train_cli, tmp_path, corpus_file, cache_dir, no_credentials, override, message
+    train_cli, tmp_path, corpus_file, cache_dir, no_credentials, override, env, message
 ):
     run = tmp_path / "r"
-    result = train_cli(*args(corpus_file, cache_dir, f"hydra.run.dir={run}", override), cwd=tmp_path)
+    result = train_cli(*args(corpus_file, cache_dir, f"hydra.run.dir={run}", override), cwd=tmp_path, env=env)
     assert result.returncode == 1
     assert f"Error: {message}" in result.stderr
     assert "Traceback" not in result.stderr

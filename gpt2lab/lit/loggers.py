@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import csv
+import difflib
 import logging
 import netrc
 import os
@@ -32,6 +33,7 @@ from gpt2lab.secrets import redact
 log = logging.getLogger(__name__)
 
 MODES = ("online", "offline", "disabled")
+WANDB_FIELDS = ("project", "entity", "group", "job_type", "tags", "name", "mode", "log_model", "id", "save_dir")
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 # wandb names a run's directory <save_dir>/wandb/[offline-]run-<date>_<time>-<id>
 RUN_DIR = re.compile(r"^(?:offline-)?run-\d{8}_\d{6}-(?P<id>[a-z0-9]+)$")
@@ -42,7 +44,7 @@ def wandb_logger(
     entity: str | None = None,
     group: str | None = None,
     job_type: str | None = None,
-    tags: list[str] | tuple[str, ...] = (),
+    tags: list[str] | tuple[str, ...] | str = (),
     name: str | None = None,
     mode: str | None = None,
     log_model: bool | str = False,
@@ -50,17 +52,17 @@ def wandb_logger(
     save_dir: str = ".",
     **init_options: Any,
 ) -> WandbLogger:
-    """A ``WandbLogger`` for this Hydra job; ``init_options`` go to ``wandb.init``."""
-    if mode is not None and mode not in MODES:
-        raise ConfigError(
-            f"logger.wandb.mode={mode!r}: expected one of {', '.join(MODES)}, or null (online when possible)"
-        )
+    """A ``WandbLogger`` for this Hydra job; ``init_options`` go to ``wandb.init``. Every setting is checked
+    here, at the start of the run: wandb itself would raise only at its first log, after the data is ready."""
+    mode, mode_key = _chosen_mode(mode)
     if log_model not in (True, False, "all"):
         raise ConfigError(f"logger.wandb.log_model={log_model!r}: expected true, false or all")
+    _check_init_options(init_options)
+    _check_with_wandb(project=project, run_id=id)
     why_offline = _why_offline() if mode in (None, "online") else None
     if why_offline and mode == "online":
         raise ConfigError(
-            f"logger.wandb.mode=online, but {why_offline}. Log in (`wandb login`, or set WANDB_API_KEY), or log "
+            f"{mode_key}=online, but {why_offline}. Log in (`wandb login`, or set WANDB_API_KEY), or log "
             "offline and upload later: logger.wandb.mode=offline"
         )
     if why_offline and rank_zero_only.rank == 0:
@@ -72,7 +74,7 @@ def wandb_logger(
     if log_model and mode in ("offline", "disabled"):
         raise ConfigError(
             f"logger.wandb.log_model={log_model} uploads checkpoints as artifacts, which an {mode} run cannot do"
-            + (f" ({why_offline})" if why_offline else "")
+            + (f" ({why_offline})" if why_offline else f" ({mode_key}={mode})")
             + ": set logger.wandb.log_model=false (the checkpoints stay in the run directory), or log in and go online"
         )
     job = _hydra_job()
@@ -81,7 +83,7 @@ def wandb_logger(
         entity=entity,
         group=group or job.get("group"),
         job_type=job_type or job.get("job_type", "train"),
-        tags=list(tags) or None,
+        tags=[tags] if isinstance(tags, str) else list(tags) or None,  # tags=baseline: one tag, not 8 letters
         name=name or job.get("name"),
         mode=mode or "online",
         log_model=log_model,
@@ -92,6 +94,72 @@ def wandb_logger(
     if init_options.get("anonymous") is None:  # Lightning passes anonymous=None, which wandb>=0.19 warns about
         logger._wandb_init.pop("anonymous", None)
     return logger
+
+
+def _chosen_mode(mode: str | None) -> tuple[str | None, str]:
+    """The mode to log in and the setting that chose it: ``logger.wandb.mode``, else a ``WANDB_MODE`` the user
+    set (wandb's own names: dryrun is offline, run and shared are online), else None (online when possible).
+    The mode is always passed to ``wandb.init`` explicitly, and an explicit mode overrides ``WANDB_MODE`` there,
+    so the variable is read here."""
+    if mode is not None:
+        if mode not in MODES:
+            raise ConfigError(
+                f"logger.wandb.mode={mode!r}: expected one of {', '.join(MODES)}, or null (online when possible)"
+            )
+        return mode, "logger.wandb.mode"
+    env = os.environ.get("WANDB_MODE")
+    if not env:
+        return None, "logger.wandb.mode"
+    chosen = {"dryrun": "offline", "run": "online", "shared": "online"}.get(env, env)
+    if chosen not in MODES:
+        raise ConfigError(
+            f"WANDB_MODE={env!r}: expected one of {', '.join(MODES)}; unset it, or choose with logger.wandb.mode"
+        )
+    return chosen, "WANDB_MODE"
+
+
+def _check_init_options(options: dict[str, Any]) -> None:
+    """Keys added to ``logger.wandb`` (``+logger.wandb.notes=...``) must be arguments of ``wandb.init`` or of
+    Lightning's ``WandbLogger`` that this file does not set already; wandb would raise a TypeError at its
+    first log."""
+    import inspect
+
+    import wandb
+
+    # Set from the fields above (dir, version and offline are WandbLogger's aliases of save_dir, id and mode)
+    taken = {"entity", "project", "dir", "id", "version", "name", "tags", "group", "job_type", "mode", "offline"}
+    taken |= {"resume", "experiment", "self", "kwargs"}
+    extra = set(inspect.signature(wandb.init).parameters) | set(inspect.signature(WandbLogger.__init__).parameters)
+    extra -= taken | set(WANDB_FIELDS)
+    for key in options:
+        if key in extra:
+            continue
+        instead = {
+            "dir": "the directory is logger.wandb.save_dir (by default the run directory)",
+            "version": "the run to continue is logger.wandb.id",
+            "offline": "use logger.wandb.mode=offline",
+            "resume": "a run resumed from a checkpoint continues its wandb run, and logger.wandb.id names another",
+        }
+        if key in instead:
+            raise ConfigError(f"logger.wandb.{key}: gpt2lab sets it; {instead[key]}")
+        close = difflib.get_close_matches(key, [*WANDB_FIELDS, *extra], n=1)
+        raise ConfigError(
+            f"logger.wandb.{key}: not a wandb setting{f' (did you mean {close[0]}?)' if close else ''}. Use a field "
+            f"of conf/logger/wandb.yaml ({', '.join(WANDB_FIELDS)}) or add an argument of wandb.init: "
+            f"+logger.wandb.<name>=..., with <name> one of {', '.join(sorted(extra))}"
+        )
+
+
+def _check_with_wandb(project: str | None, run_id: str | None) -> None:
+    """wandb's own checks of the project name and run id (characters it refuses), now rather than at its
+    first log."""
+    import wandb
+
+    for key, field, value in (("project", "project", project), ("id", "run_id", run_id)):
+        try:
+            wandb.Settings(**{field: value})
+        except wandb.errors.UsageError as e:
+            raise ConfigError(f"logger.wandb.{key}={value!r}: {e}") from None
 
 
 def continue_wandb_run(loggers: list[Logger], ckpt_path: str | None) -> None:
@@ -162,9 +230,7 @@ def finish_wandb_run(outcome: str, optuna_trial: int | None = None) -> None:
 
 
 def _why_offline() -> str | None:
-    """Why wandb cannot log online from here (None: it can). The user's WANDB_MODE is left to wandb."""
-    if os.environ.get("WANDB_MODE"):
-        return None
+    """Why wandb cannot log online from here (None: it can)."""
     base_url = os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL)
     host = urlsplit(base_url).hostname or ""
     if not os.environ.get("WANDB_API_KEY") and not _netrc_has(host):
