@@ -94,6 +94,36 @@ def test_gpt2_weights_give_the_same_logits_with_and_without_biases(tmp_path):
         load_pretrained_gpt2(str(tmp_path / "biases"), use_bias=False)
 
 
+@pytest.mark.parametrize("layout", ["hub safetensors", "sharded safetensors", "pytorch_model.bin"])
+def test_gpt2_weights_in_the_hubs_file_layouts(tmp_path, layout):
+    """The files of the Hub's GPT-2s: tensors named as transformers' GPT2Model (no ``transformer.`` prefix, no
+    lm_head) beside each layer's causal-mask buffer ``attn.bias`` (1, 1, n, n), in one safetensors file, in shards
+    with an index, or in a pickle-free ``pytorch_model.bin`` read with weights_only."""
+    from safetensors.torch import save_file
+
+    hf = small_gpt2(seed=2)
+    n = hf.config.n_positions
+    state = {k: v.detach().clone().contiguous() for k, v in hf.transformer.state_dict().items()}
+    for i in range(hf.config.n_layer):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    hf.config.to_json_file(tmp_path / "config.json")
+    if layout == "hub safetensors":
+        save_file(state, str(tmp_path / "model.safetensors"))
+    elif layout == "sharded safetensors":
+        names = sorted(state)
+        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for file, keys in shards.items():
+            save_file({k: state[k] for k in keys}, str(tmp_path / file))
+        index = {"metadata": {}, "weight_map": {k: file for file, keys in shards.items() for k in keys}}
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    x = torch.randint(0, VOCAB, (2, 40))
+    with torch.no_grad():
+        assert (load_pretrained_gpt2(str(tmp_path)).eval()(x)[0] - hf(x).logits).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize(
     ("name", "n_embd", "n_layer", "n_head"),
     [("gpt2", 768, 12, 12), ("gpt2-medium", 1024, 24, 16), ("gpt2-large", 1280, 36, 20), ("gpt2-xl", 1600, 48, 25),
@@ -139,6 +169,30 @@ def test_fine_tuning_starts_from_the_pretrained_loss(compose_cfg, pretrained_dir
     assert results["metrics"]["val/loss"] < results["initial_val_loss"] + 0.1  # fine-tuning, not starting over
     model, _ = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert model.config.d_model == 32 and model.config.vocab_size == VOCAB
+
+
+def test_init_from_a_hub_name_reads_the_hugging_face_cache(compose_cfg, pretrained_dir, monkeypatch, tmp_path):
+    """model.init_from=gpt2 is the Hub's GPT-2: its files as huggingface_hub caches them (here a cache filled by
+    hand, the Hub switched off) give the architecture, the weights and the tokenizer, and the config records the
+    directory that was read."""
+    import shutil
+
+    from gpt2lab.hf import import_model_config
+
+    cache = tmp_path / "hub-cache"
+    snapshot = cache / "models--gpt2" / "snapshots" / ("0" * 40)
+    shutil.copytree(pretrained_dir, snapshot)
+    (cache / "models--gpt2" / "refs").mkdir()
+    (cache / "models--gpt2" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(pretrained_dir).eval()
+    x = torch.randint(0, VOCAB, (2, 40))
+    with torch.no_grad():
+        assert (load_pretrained_gpt2("gpt2").eval()(x)[0] - hf(x).logits).abs().max() < 1e-5
+    cfg = compose_cfg(*RUN, "model.init_from=gpt2", tiny=False)
+    assert import_model_config(cfg.model) == str(snapshot)  # the tokenizer's directory too
+    assert cfg.model.init_from == str(snapshot) and (cfg.model.d_model, cfg.model.vocab_size) == (32, VOCAB)
 
 
 # -- any transformers causal LM: model=hf --------------------------------------------------------------------------
