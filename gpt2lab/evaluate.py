@@ -161,7 +161,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         (output_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
-        log.info("Evaluation of %s on the %s split:\n%s", path, split, format_metrics(metrics))
+        on = "all of the data" if split == "all" else f"the {split} split"
+        log.info("Evaluation of %s on %s:\n%s", path, on, format_metrics(metrics))
         log.info("Saved %s", output_dir / "eval.json")
     return metrics
 

@@ -145,6 +145,9 @@ def test_find_checkpoint_last_and_best(trained_run):
     log_dir = trained_run.parent
     assert find_checkpoint("last", log_dir) == trained_run / "checkpoints" / "last.ckpt"
     assert find_checkpoint("best", log_dir).name.startswith("step000040")
+    best = find_checkpoint(str(trained_run), log_dir)
+    assert find_checkpoint(str(trained_run / "checkpoints"), log_dir) == best  # the run's checkpoints directory
+    assert find_checkpoint(str(best), log_dir) == best  # a .ckpt file, as it is
     with pytest.raises(ConfigError, match="no such file or directory"):
         find_checkpoint(str(log_dir / "nope.ckpt"), log_dir)
 
