@@ -274,15 +274,37 @@ def test_an_export_beyond_tolerance_fails_saying_by_how_much_and_leaves_nothing(
 
 
 def test_overwrite_replaces_an_export_through_the_console_script(run_main, trained_run, tmp_path):
+    """gpt2lab export ... overwrite=true benchmark=true: the old directory replaced, the speed table printed."""
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("an older export")
     result = run_main(
         "gpt2lab.cli", "export", f"ckpt={trained_run}", "format=torchscript", "output_dir=out", "overwrite=true",
-        cwd=tmp_path,
+        "benchmark=true", "hydra.run.dir=log", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "model.pt").is_file()
     assert "| torchscript | out/model.pt |" in result.stdout
+    assert "torchscript: torchscript against PyTorch eager on " in result.stdout
+    assert re.search(r"\| forward, batch 8 x \d+ tokens \(ms\) +\| [\d.,]+ \| [\d.,]+ \| [\d.]+x \|", result.stdout)
+    assert json.loads((tmp_path / "log" / "export.json").read_text())["torchscript"]["benchmark"]["rows"]
+
+
+@pytest.mark.slow
+def test_bench_export_measures_float32_and_int8_graphs(tmp_path):
+    """python -m gpt2lab.bench export: onnxruntime against PyTorch eager for a conf/model size, in float32 and with
+    int8 weights: forward at batch 1 and 8, and cached greedy decoding at batch 1."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gpt2lab.bench", "export", "--model", "gpt2-tiny", "--repeats", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for weights in ("ONNX float32", "ONNX int8 weights"):
+        assert f"gpt2-tiny (7.2M parameters, random weights), {weights}: onnxruntime against PyTorch eager" in (
+            result.stdout
+        )
+    rows = re.findall(r"^\| (forward, batch \d|greedy decoding, batch 1)[^|]*\|[^|]+\|[^|]+\| [\d.]+x \|$",
+                      result.stdout, re.M)  # fmt: skip
+    assert rows == ["forward, batch 1", "forward, batch 8", "greedy decoding, batch 1"] * 2
 
 
 def test_model_card_reads_the_corpus_from_the_training_log(trained, trained_run, tmp_path):
