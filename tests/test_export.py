@@ -349,3 +349,27 @@ def test_model_card_gives_a_checkpoint_only_its_own_results(trained, trained_run
     for same in (Path(results["best_checkpoint"]), trained_run / "checkpoints" / "last.ckpt"):
         card = generator.generate(trained[0], tmp_path, "torchscript", checkpoint=same)
         assert f"| validation split (training run) | loss (nats/token) | {results['best_val_loss']:.4f} |" in card
+
+
+def test_model_card_commands_run_as_pasted(exported, run_main, corpus_file, tmp_path):
+    """The cards' shell commands: generate with the ONNX export as pasted; fine-tuning the Hugging Face export as
+    pasted plus overrides that make the run short, which starts from the exported weights (step-0 loss well
+    under ln(vocabulary))."""
+    import shlex
+
+    def command(fmt: str) -> list[str]:
+        (block,) = re.findall(r"```bash\n(.*?)```", (exported / fmt / "README.md").read_text(), re.S)
+        return shlex.split(block, comments=True)
+
+    generate = command("onnx")
+    assert generate[:3] == ["python", "-m", "gpt2lab.generate"]
+    result = run_main("gpt2lab.generate", *generate[3:], cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("def"), result.stderr[-3000:]
+
+    train = command("hf")
+    assert train[:2] == ["gpt2lab", "train"]
+    short = ["data=files", f"data.path={corpus_file}", "trainer.max_steps=1", "trainer.val_check_interval=1",
+             "trainer.limit_val_batches=2", "sample=null", "test=false", "hydra.run.dir=run"]  # fmt: skip
+    result = run_main("gpt2lab.cli", *train[1:], *short, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["initial_val_loss"] < np.log(320) - 0.5

@@ -155,7 +155,7 @@ class ModelCardGenerator:
             "torchscript": TORCHSCRIPT_USAGE.format(directory=directory),
         }
         gpt2lab = {
-            "hf": "```bash\npython train.py model.init_from={directory}   # fine-tune it in gpt2lab\n```",
+            "hf": "```bash\ngpt2lab train model.init_from={directory}   # fine-tune it in gpt2lab\n```",
             "onnx": '```bash\npython -m gpt2lab.generate onnx={directory} prompt="def"   # onnxruntime: '
             "no PyTorch needed\n```",
             "torchscript": "",
