@@ -170,3 +170,24 @@ def test_one_console_script_for_every_verb(run_main, trained_run, tmp_path, cach
     # Lightning's advert, its note on a default and its deprecation warning say nothing about the evaluation.
     for noise in ("💡 Tip", "was configured so 100%", "LeafSpec"):
         assert noise not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_evaluation_under_ddp_scores_as_one_process(evaluate_cli, trained_run, tmp_path, cache_dir):
+    """trainer=ddp: two CPU processes (gloo) each score a share of the windows, and the totals add up."""
+    from conftest import cli_env
+
+    args = [f"ckpt={trained_run}", "split=validation", "eval.compressors=false", f"paths.cache_dir={cache_dir}"]
+    one = evaluate_cli(*args, "hydra.run.dir=one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2"]
+    two = subprocess.run(
+        [sys.executable, "-m", "gpt2lab.evaluate", *args, *ddp, "hydra.run.dir=two"],
+        cwd=tmp_path, env=cli_env(None), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, shared = (json.loads((tmp_path / run / "eval.json").read_text()) for run in ("one", "two"))
+    # Lightning's DistributedSampler repeats at most one window so that both ranks get as many
+    assert 0 <= shared["tokens"] - single["tokens"] <= 32
+    assert shared["loss"] == pytest.approx(single["loss"], rel=0.01)
+    assert shared["bits_per_byte"] == pytest.approx(single["bits_per_byte"], rel=0.01)
