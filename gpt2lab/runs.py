@@ -17,12 +17,14 @@ import argparse
 import csv
 import fnmatch
 import io
+import itertools
 import json
 import logging
 import math
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -42,6 +44,9 @@ COLUMNS = (
 RUN_MARKERS = ("results.json", "job_summary.json", "metrics.csv", "checkpoints", "config.yaml")
 HIDDEN_OVERRIDES = ("optuna_trial",)  # the job's name says it already
 ERROR_WIDTH = 60  # characters of an error in the text table
+LOG_RECORD = re.compile(r"^\[\d{4}-\d{2}-\d{2} [\d:,]+\]\[")  # a record of Hydra's log format: [date time][logger]
+LEGEND_WIDTH = 130  # characters of a run's label in a figure's legend (7 pt, 8 inches wide)
+LEGEND_LINE_HEIGHT = 0.16  # inches the figure grows by per run in its legend
 
 
 @dataclass
@@ -261,37 +266,42 @@ def plot_run_curves(metrics: dict[str, list[tuple[int, float]]], path: Path, tit
     panels += [
         (name, (key,)) for name, key in (("bits per byte", "val/bpb"), ("learning rate", "lr")) if metrics.get(key)
     ]
-    figure = _figure(len(panels))
-    for ax, (ylabel, keys) in zip(figure.axes, panels, strict=True):
-        for key in keys:
-            if metrics.get(key):
-                steps, values = zip(*metrics[key], strict=True)
-                ax.plot(steps, values, label=key, marker="o" if key.startswith("val/") else None, markersize=3)
-        ax.set(xlabel="step", ylabel=ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        figure.suptitle(title, fontsize=10)
-    _save(figure, path)
+    with _plain_style():
+        figure = _figure(len(panels))
+        for ax, (ylabel, keys) in zip(figure.axes, panels, strict=True):
+            for key in keys:
+                if metrics.get(key):
+                    steps, values = zip(*metrics[key], strict=True)
+                    ax.plot(steps, values, label=key, marker="o" if key.startswith("val/") else None, markersize=3)
+            ax.set(xlabel="step", ylabel=ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        if title:
+            figure.suptitle(title, fontsize=10)
+        _save(figure, path)
     return True
 
 
 def plot_val_curves(runs: list[Run], path: Path, metric: str = "val/loss") -> int:
     """The ``metric`` curves of several runs in one figure, each labelled with its name and the overrides that
-    differ; returns how many runs had a curve (0: nothing written)."""
+    differ; returns how many runs had a curve (0: nothing written). The legend goes below the axes, one line per
+    run, so that long labels (an Optuna study varies every key) leave the axes their size."""
     labels = varying_overrides([r.row for r in runs])
     curves = [(r, label) for r, label in zip(runs, labels, strict=True) if r.metrics.get(metric)]
     if not curves:
         return 0
-    figure = _figure(1, width=8)
-    ax = figure.axes[0]
-    for run, label in curves:
-        steps, values = zip(*run.metrics[metric], strict=True)
-        ax.plot(steps, values, marker="o", markersize=3, label=f"{run.name} {label}".strip())
-    ax.set(xlabel="step", ylabel=metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
-    _save(figure, path)
+    with _plain_style():
+        figure = _figure(1, width=8, height=3.4 + LEGEND_LINE_HEIGHT * len(curves))
+        ax = figure.axes[0]
+        for run, label in curves:
+            steps, values = zip(*run.metrics[metric], strict=True)
+            text = " ".join([run.name, *(_rounded(o) for o in label.split())])
+            text = textwrap.shorten(text, LEGEND_WIDTH, placeholder=" ...")
+            ax.plot(steps, values, marker="o", markersize=3, label=text)
+        ax.set(xlabel="step", ylabel=metric)
+        ax.grid(alpha=0.3)
+        figure.legend(loc="outside lower center", fontsize=7, frameon=False)
+        _save(figure, path)
     return len(curves)
 
 
@@ -314,7 +324,11 @@ def main(argv: list[str] | None = None) -> None:
         rows, written = run_table(args.directory, args.filter, args.sort, args.reverse, args.plot)
     except ConfigError as e:
         parser.exit(1, f"Error: {e}\n")
-    print(to_csv(rows) if args.csv else format_table(rows), end="\n" if not args.csv else "")
+    try:
+        print(to_csv(rows) if args.csv else format_table(rows), end="\n" if not args.csv else "", flush=True)
+    except BrokenPipeError:  # gpt2lab runs | head: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+        return
     if args.plot:
         print(f"Validation curves of {written} run(s): {args.plot}", file=sys.stderr)
 
@@ -379,13 +393,23 @@ def _is_live(path: Path) -> bool:
 
 
 def _logged_error(train_log: Path) -> str:
-    """The last ERROR line of a run's log (``gpt2lab.errors.report_errors`` logs the user's error there)."""
+    """The last ERROR record of a run's log (``gpt2lab.errors.report_errors`` logs the user's error there). An
+    exception that escaped the job is Hydra's ``Job failed`` record with the traceback under it: then the
+    traceback's last line, which names the exception."""
     try:
         lines = train_log.read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    errors = [line.split("] - ", 1)[-1] for line in lines if "][ERROR] - " in line]
-    return errors[-1][:300] if errors else ""
+    error = ""
+    for i, line in enumerate(lines):
+        if "][ERROR] - " not in line:
+            continue
+        error = line.split("] - ", 1)[-1]
+        below = itertools.takewhile(lambda text: not LOG_RECORD.match(text), lines[i + 1 :])
+        unindented = [text for text in below if text.strip() and not text[0].isspace()]
+        if unindented and unindented[0].startswith("Traceback") and len(unindented) > 1:
+            error = unindented[-1]
+    return error[:300]
 
 
 def _check_key(runs: list[Run], key: str, option: str) -> None:
@@ -437,10 +461,28 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _figure(panels: int, width: float = 4.5) -> Any:
+def _rounded(override: str) -> str:
+    """``optimizer.lr=0.000587194737873281`` as ``optimizer.lr=0.0005872``: a legend needs 4 digits, not 18."""
+    key, _, value = override.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        return override
+    return f"{key}={number:.4g}" if len(value) > 8 and "." in value else override
+
+
+def _plain_style() -> Any:
+    """Matplotlib's default style while drawing: a sweep's process may have set another globally (Optuna's
+    plots set ggplot)."""
+    import matplotlib.style
+
+    return matplotlib.style.context("default")
+
+
+def _figure(panels: int, width: float = 4.5, height: float = 3.4) -> Any:
     from matplotlib.figure import Figure  # the Agg canvas, without pyplot's global state
 
-    figure = Figure(figsize=(width * panels if panels > 1 else width, 3.4), layout="constrained")
+    figure = Figure(figsize=(width * panels if panels > 1 else width, height), layout="constrained")
     figure.subplots(1, panels, squeeze=False)
     return figure
 

@@ -8,10 +8,12 @@ import logging
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import TINY
 from filelock import FileLock
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
@@ -119,6 +121,25 @@ def test_plot_draws_the_selected_runs_validation_curves(outputs, tmp_path):
     assert "| 1 | optimizer.lr=3e-3 | finished |" in (sweep / "summary.md").read_text()
 
 
+def test_plot_of_runs_with_long_overrides_keeps_its_axes(trained_run, tmp_path):
+    """An Optuna study's overrides make labels wider than the figure: the legend goes below the axes, which keep
+    their size, and the labels are shortened."""
+    from matplotlib.image import imread
+
+    sweep = tmp_path / "study"
+    for n in range(8):  # every override differs between the trials, as in an Optuna study
+        overrides = [f"optimizer.lr=0.000{n}87194737873281", f"model.dropout=0.{n}6037443550700387"]
+        overrides += [f"scheduler.warmup_steps={20 + n}", f"data.batch_size={64 + n}", f"model.num_layers={2 + n}"]
+        _job(sweep, f"trial_{n}", [*overrides, f"hparams_search=optuna_{n}"], trained_run)
+    figure = tmp_path / "val.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when the layout squeezes the axes to nothing
+        assert run_table(sweep, plot=figure)[1] == 8
+    image = imread(figure)[..., :3].mean(axis=-1)
+    spines = ((image < 0.3).mean(axis=0) > 0.3).nonzero()[0]  # columns dark over a third of the height
+    assert spines[0] < 0.15 * image.shape[1] and spines[-1] > 0.85 * image.shape[1]  # the axes span the width
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -151,6 +172,32 @@ def test_the_command_line(outputs, tmp_path):
         [sys.executable, "-m", "gpt2lab.runs", str(tmp_path / "nowhere")], capture_output=True, text=True, check=False
     )
     assert bad.returncode == 1 and bad.stderr.startswith("Error: ") and "Traceback" not in bad.stderr
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(outputs):
+    """``gpt2lab runs outputs | head -1``: the pipe closes before the table is written."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpt2lab.runs", str(outputs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.close()  # before the process has imported anything, let alone printed
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and err == b"", err.decode()
+
+
+def test_a_run_that_raised_shows_its_exception(train_cli, tmp_path, corpus_file, cache_dir, monkeypatch):
+    """A bug (not bad input) ends the run with Hydra's 'Job failed' and a traceback in train.log: the error column
+    is the exception, from the traceback's last line."""
+
+    def training_step(self, batch, batch_idx):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr("gpt2lab.lit.module.GPT2LitModule.training_step", training_step)
+    run = tmp_path / "run"
+    args = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}"]
+    assert train_cli(*args, cwd=tmp_path).returncode == 1
+    (row,) = run_table(run)[0]
+    assert row["status"] == "failed"
+    assert row["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
 
 
 def test_a_run_ends_with_its_curves(trained_run):
