@@ -32,7 +32,14 @@ if TYPE_CHECKING:  # imported where a checkpoint is read, as torch is (gpt2lab.g
     from gpt2lab.data.formats import ChatTemplate
 
 log = logging.getLogger("gpt2lab.chat")
-SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int, "repetition_penalty": float}
+# The settings a /command changes, with their type and an example value
+SETTABLE = {
+    "temperature": (float, "0.7"),
+    "top_p": (float, "0.9"),
+    "top_k": (int, "40"),
+    "max_new_tokens": (int, "50"),
+    "repetition_penalty": (float, "1.1"),
+}
 HELP = (
     "Type a message and press Enter. Commands: "
     + ", ".join(f"/{name} <value>" for name in SETTABLE)
@@ -79,9 +86,15 @@ class Chat:
         if name not in SETTABLE:
             return f"unknown command /{name}. {HELP}"
         try:
-            new = self.settings | {name: SETTABLE[name](value)}
+            kind, example = SETTABLE[name]
+            new = self.settings | {name: kind(value)}
+        except ValueError:
+            return (
+                f"/{name} {value}: expected {'a whole number' if kind is int else 'a number'}, e.g. /{name} {example}"
+            )
+        try:
             check_inference(new)
-        except (ValueError, ConfigError) as e:
+        except ConfigError as e:
             return f"/{name} {value}: {e}"
         self.settings = new
         return f"({name} = {new[name]})"

@@ -89,6 +89,8 @@ def test_the_oldest_turns_make_room_for_the_reply(trained_run):
     assert len(chat.generator.tokenizer.encode(context).ids) <= 32 - 8
     assert chat.command("/reset") and chat.turns == []
     assert chat.command("/top_k 0").startswith("/top_k 0: inference.top_k=0: expected at least 1")
+    assert chat.command("/top_k 1.5") == "/top_k 1.5: expected a whole number, e.g. /top_k 40"
+    assert chat.command("/temperature") == "/temperature : expected a number, e.g. /temperature 0.7"
     assert chat.command("/quit") is None
 
 
