@@ -128,9 +128,18 @@ def run_decoder(decoder: CachedDecoder, feeds: dict[str, np.ndarray]) -> list[np
 
 
 def supported_opsets() -> range:
+    """The opsets torch.onnx can write: its own (18) and those onnxscript's version converter reaches, up to the
+    newest the installed onnx knows (beyond the converter's reach the exporter silently keeps 18)."""
     import onnx
 
-    return range(MIN_OPSET, onnx.defs.onnx_opset_version() + 1)
+    newest = onnx.defs.onnx_opset_version()
+    try:
+        from onnxscript.version_converter._version_converter import SUPPORTED_MAX_ONNX_OPSET
+
+        newest = min(newest, SUPPORTED_MAX_ONNX_OPSET)
+    except ImportError:  # another onnxscript layout: _export's check of the written opset still refuses
+        pass
+    return range(MIN_OPSET, newest + 1)
 
 
 class ONNXExporter:
@@ -160,7 +169,7 @@ class ONNXExporter:
         if opset_version not in opsets:
             raise ConfigError(
                 f"onnx.opset_version={opset_version}: the installed exporter writes opsets {opsets.start} to "
-                f"{opsets.stop - 1} (torch {torch.__version__}, onnx's newest {opsets.stop - 1})"
+                f"{opsets.stop - 1} (torch {torch.__version__}): choose one of those"
             )
         optimize = {True: "extended", False: "none", None: "none"}.get(optimize, optimize)  # type: ignore[arg-type]
         if optimize not in OPTIMIZE_LEVELS:
