@@ -236,6 +236,21 @@ def test_a_transformers_model_trains_resumes_and_evaluates(compose_cfg, llama_di
     assert "Error: " in generated.stderr and "generation, chat and the model check are written for" in generated.stderr
 
 
+@pytest.mark.slow
+def test_a_transformers_model_sweeps(llama_dir, corpus_file, tmp_path):
+    """python train.py -m model=hf ...: every job of a multirun trains the transformers model; the sweep's summary
+    lists them."""
+    from conftest import run_cli
+
+    args = [*RUN, "tokenizer=bpe", "tokenizer.vocab_size=320", f"data.path={corpus_file}", "model=hf",
+            f"model.name_or_path={llama_dir}", "model.pretrained=false", "model.context_length=32", "test=false",
+            "optimizer.lr=1e-3,3e-3", "hydra.sweep.dir=sweep"]  # fmt: skip
+    result = run_cli("-m", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = (tmp_path / "sweep" / "summary.csv").read_text()
+    assert summary.count("finished") == 2 and "optimizer.lr=0.003" in summary
+
+
 def test_pretrained_transformers_gpt2_scores_as_the_imported_one(compose_cfg, pretrained_dir, corpus_file):
     """model=hf on the pretrained directory: its weights and tokenizer, and the same step-0 loss as init_from."""
     losses = []
