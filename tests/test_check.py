@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,8 @@ def check_main(*args: str, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> in
 
 
 def test_a_healthy_tiny_model_passes_all_three_tiers(tmp_path):
-    results = run_all_tests(tiny_model(), FAST, tier=3, output_dir=tmp_path)
+    model = tiny_model()
+    results = run_all_tests(model, FAST, tier=3, output_dir=tmp_path)
     assert not failed(results), [(r.name, r.summary) for r in results if r.status == "fail"]
     assert [r.tier for r in results] == [1] * 8 + [2] * 3 + [3] * 2
     assert all(statuses(results)[name] == "pass" for name in ("gradient flow", "causality", "loss at init"))
@@ -59,6 +61,27 @@ def test_a_healthy_tiny_model_passes_all_three_tiers(tmp_path):
     assert all((tmp_path / f).stat().st_size > 1000 for f in files)
     finetune = next(r for r in results if r.name == "fine-tuning")
     assert finetune.details["loss_after"] < 0.95 * finetune.details["loss_before"]
+
+    # What each check measured, beyond its verdict
+    details = {r.name: r.details for r in results}
+    shapes = details["shape robustness"]
+    assert shapes["shapes"] == [[b, t] for b in (1, 2) for t in (1, 17, 32)]  # lengths 1, context/2 + 1, context
+    assert shapes["length 33"] == "refused (ValueError)"
+    assert len(details["gradient flow"]["grad_norms"]) == len(list(model.parameters()))
+    assert details["loss at init"]["ln_vocab"] == pytest.approx(math.log(96))
+    init = details["init statistics"]["per_layer_type"]
+    assert init["blocks.*.attn.qkv.weight"]["expected_std"] == 0.02
+    assert init["blocks.*.attn.proj.weight"]["expected_std"] == pytest.approx(0.02 / math.sqrt(2 * 2))  # residual
+    memory = details["memory footprint"]
+    assert memory["parameters"] == memory["gradients"] == 4 * model.num_parameters()  # fp32, no frozen layer
+    assert memory["adamw_state"] == 2 * memory["parameters"] and memory["activations"] > 0
+    assert memory["total"] == sum(memory[k] for k in ("parameters", "gradients", "adamw_state", "activations"))
+    assert details["forward tokens/s"]["tokens_per_s"] > 0 and details["forward tokens/s"]["batch"] == [2, 32]
+    entropy = details["attention patterns"]["normalised_entropy"]
+    assert len(entropy) == 2 and all(len(heads) == 2 and all(0.9 < e <= 1 for e in heads) for heads in entropy)
+    assert sum(details["feature attribution"]["share"]) == pytest.approx(1.0)
+    assert len(details["perturbation sensitivity"]["total_variation"]) == FAST.perturbations
+    assert len(details["learning-rate search"]["final_loss"]) == 4 and details["learning-rate search"]["best_lr"] > 0
 
 
 def test_a_layer_frozen_by_mistake_is_caught():
