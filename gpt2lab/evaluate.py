@@ -134,6 +134,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         # on it would have held out (data.test_split).
         split = "all"
         log.info("split=all: every document of data.path=%s (split=test: only those it holds out)", cfg.data.path)
+    if split == "all" and not given_on_command_line("data.val_split", "data.test_split"):
+        # Every document is scored, whichever split it falls in: halves rather than 5% slivers, so that a text of a
+        # few paragraphs still has the window per split that reading data needs.
+        data_cfg = OmegaConf.merge(data_cfg, {"val_split": 0.5, "test_split": 0.0})
     with execution_whitelist(TRUSTED_TARGETS):
         datamodule = instantiate(
             data_cfg,

@@ -12,6 +12,8 @@ from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
 from gpt2lab.errors import ConfigError
 from gpt2lab.evaluate import Evaluator, compressor_bits_per_byte
 
+SHORT_PARAGRAPH = 'def add(a, b):\n    """Return the sum of a and b, two numbers."""\n    return a + b  # the sum'
+
 
 @pytest.fixture
 def evaluate_cli(run_main, cache_dir):
@@ -71,6 +73,11 @@ def test_a_file_named_on_the_command_line_is_scored_whole(evaluate_cli, trained_
     # Every window of the file's documents, whichever split each fell in, is scored.
     assert whole["tokens"] == (sum(s["tokens"] for s in whole["data"].values()) - 1) // 32 * 32
     assert whole["tokens"] > 10 * test["tokens"] > 0
+    # A text of three short paragraphs is enough (its test split would be nothing: one document held out)
+    (tmp_path / "short.txt").write_text("\n\n".join([SHORT_PARAGRAPH] * 3))
+    result = evaluate_cli(*args[:2], "data.path=short.txt", *args[3:], "hydra.run.dir=short", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "short" / "eval.json").read_text())["tokens"] > 0
 
 
 def test_bytes_are_those_of_the_scored_text(trained_run, cache_dir):
@@ -118,6 +125,11 @@ def test_compressors_measure_bits_per_byte():
         (["ckpt=RUN", "eval.stride=33"], r"eval.stride=33: expected 1 to the context length \(32\), or null"),
         (["ckpt=NOTCKPT"], "'.*not.ckpt' is not a checkpoint: not a file written by torch.save"),
         (["ckpt=EMPTYDIR"], "ckpt=.*empty.: the directory has no checkpoints/last.ckpt; is it a run directory?"),
+        (
+            ["ckpt=RUN", "data=files", "data.path=short.txt", "split=test"],
+            r"the corpus has 5 documents, and data.val_split \+ data.test_split holds out 1, too few for a validation "
+            "and a test document: add text, raise data.val_split and data.test_split, or data.test_split=0",
+        ),
     ],
 )
 def test_bad_input_is_one_error_line(evaluate_cli, trained_run, tmp_path, args, message):
@@ -125,6 +137,7 @@ def test_bad_input_is_one_error_line(evaluate_cli, trained_run, tmp_path, args, 
 
     (tmp_path / "not.ckpt").write_text("text")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "short.txt").write_text("\n\n".join([SHORT_PARAGRAPH] * 5))
     replace = {"RUN": str(trained_run), "NOTCKPT": str(tmp_path / "not.ckpt"), "EMPTYDIR": str(tmp_path / "empty")}
     args = [
         a.replace("=" + a.split("=", 1)[1], "=" + replace.get(a.split("=", 1)[1], a.split("=", 1)[1])) for a in args

@@ -295,6 +295,12 @@ def _split(raw: datasets.DatasetDict, val_split: float, test_split: float, seed:
         parts = train.train_test_split(test_size=carve, seed=seed, shuffle=True)
         train, held_out = parts["train"], parts["test"]
         if val is None and test is None:
+            if test_split > 0 and len(held_out) < 2:
+                raise ConfigError(
+                    f"the corpus has {len(train) + len(held_out)} documents, and data.val_split + data.test_split "
+                    f"holds out {len(held_out)}, too few for a validation and a test document: add text, raise "
+                    "data.val_split and data.test_split, or data.test_split=0 (no test split)"
+                )
             if test_split > 0:
                 halves = held_out.train_test_split(test_size=test_split / carve, seed=seed, shuffle=True)
                 val, test = halves["train"], halves["test"]
