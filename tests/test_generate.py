@@ -90,3 +90,19 @@ def test_greedy_decoding_needs_no_temperature(generate_cli, trained_run, tmp_pat
         "inference.max_new_tokens=4", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_samples_callback_writes_every_nth_validation(train_cli, tmp_path, corpus_file, cache_dir):
+    from conftest import TINY
+
+    run = tmp_path / "run"
+    result = train_cli(
+        *TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}",
+        "callbacks.samples.every_n_validations=2", "callbacks.samples.prompts=[import,class]", "test=false",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    # validations at steps 4 and 8 (trainer.val_check_interval=4): the second one writes, with its step
+    assert [(s["step"], s["prompt"]) for s in samples] == [(8, "import"), (8, "class")]
+    assert all(s["completion"] for s in samples)
