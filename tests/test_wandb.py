@@ -244,6 +244,11 @@ def test_an_optuna_trial_records_its_number_and_state(tmp_path, no_credentials):
         ("logger.wandb.mode=null", {"WANDB_MODE": "online"}, "WANDB_MODE=online, but no wandb credentials"),
         ("logger.wandb.mode=cloud", {}, "logger.wandb.mode='cloud': expected one of online, offline, disabled"),
         ("logger.wandb.mode=null", {"WANDB_MODE": "cloud"}, "WANDB_MODE='cloud': expected one of online, offline"),
+        (
+            "logger.wandb.log_model=true",
+            {"WANDB_MODE": "dryrun"},
+            "logger.wandb.log_model=True uploads checkpoints as artifacts, which an offline run cannot do (WANDB_MODE=dryrun)",
+        ),
         ("+logger.wandb.projet=x", {}, "logger.wandb.projet: not a wandb setting (did you mean project?)"),
         ("+logger.wandb.resume=must", {}, "logger.wandb.resume: gpt2lab sets it; a run resumed from a checkpoint"),
         ("logger.wandb.id=abc/def", {}, "logger.wandb.id='abc/def': Run ID cannot contain the characters"),

@@ -54,7 +54,7 @@ def wandb_logger(
 ) -> WandbLogger:
     """A ``WandbLogger`` for this Hydra job; ``init_options`` go to ``wandb.init``. Every setting is checked
     here, at the start of the run: wandb itself would raise only at its first log, after the data is ready."""
-    mode, mode_key = _chosen_mode(mode)
+    mode, chosen_by = _chosen_mode(mode)
     if log_model not in (True, False, "all"):
         raise ConfigError(f"logger.wandb.log_model={log_model!r}: expected true, false or all")
     _check_init_options(init_options)
@@ -62,7 +62,7 @@ def wandb_logger(
     why_offline = _why_offline() if mode in (None, "online") else None
     if why_offline and mode == "online":
         raise ConfigError(
-            f"{mode_key}=online, but {why_offline}. Log in (`wandb login`, or set WANDB_API_KEY), or log "
+            f"{chosen_by}, but {why_offline}. Log in (`wandb login`, or set WANDB_API_KEY), or log "
             "offline and upload later: logger.wandb.mode=offline"
         )
     if why_offline and rank_zero_only.rank == 0:
@@ -74,7 +74,7 @@ def wandb_logger(
     if log_model and mode in ("offline", "disabled"):
         raise ConfigError(
             f"logger.wandb.log_model={log_model} uploads checkpoints as artifacts, which an {mode} run cannot do"
-            + (f" ({why_offline})" if why_offline else f" ({mode_key}={mode})")
+            + f" ({why_offline or chosen_by})"
             + ": set logger.wandb.log_model=false (the checkpoints stay in the run directory), or log in and go online"
         )
     job = _hydra_job()
@@ -97,7 +97,8 @@ def wandb_logger(
 
 
 def _chosen_mode(mode: str | None) -> tuple[str | None, str]:
-    """The mode to log in and the setting that chose it: ``logger.wandb.mode``, else a ``WANDB_MODE`` the user
+    """The mode to log in and the setting that chose it (``logger.wandb.mode=offline``, for messages):
+    ``logger.wandb.mode``, else a ``WANDB_MODE`` the user
     set (wandb's own names: dryrun is offline, run and shared are online), else None (online when possible).
     The mode is always passed to ``wandb.init`` explicitly, and an explicit mode overrides ``WANDB_MODE`` there,
     so the variable is read here."""
@@ -106,16 +107,16 @@ def _chosen_mode(mode: str | None) -> tuple[str | None, str]:
             raise ConfigError(
                 f"logger.wandb.mode={mode!r}: expected one of {', '.join(MODES)}, or null (online when possible)"
             )
-        return mode, "logger.wandb.mode"
+        return mode, f"logger.wandb.mode={mode}"
     env = os.environ.get("WANDB_MODE")
     if not env:
-        return None, "logger.wandb.mode"
+        return None, "logger.wandb.mode=null"
     chosen = {"dryrun": "offline", "run": "online", "shared": "online"}.get(env, env)
     if chosen not in MODES:
         raise ConfigError(
             f"WANDB_MODE={env!r}: expected one of {', '.join(MODES)}; unset it, or choose with logger.wandb.mode"
         )
-    return chosen, "WANDB_MODE"
+    return chosen, f"WANDB_MODE={env}"
 
 
 def _check_init_options(options: dict[str, Any]) -> None:
@@ -159,7 +160,7 @@ def _check_with_wandb(project: str | None, run_id: str | None) -> None:
         try:
             wandb.Settings(**{field: value})
         except wandb.errors.UsageError as e:
-            raise ConfigError(f"logger.wandb.{key}={value!r}: {e}") from None
+            raise ConfigError(f"logger.wandb.{key}={value!r}: {e}. Choose another logger.wandb.{key}") from None
 
 
 def continue_wandb_run(loggers: list[Logger], ckpt_path: str | None) -> None:
