@@ -150,3 +150,15 @@ def copy_to(model, device, dtype):
     import copy
 
     return copy.deepcopy(model).to(device=device, dtype=dtype)
+
+
+def test_the_earlier_call_still_works_and_the_stream_yields_what_generate_returns(model):
+    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(10))
+    # generate(input_ids, max_new_tokens, temperature, top_k, generator): the call from before the KV cache
+    first = model.generate(prompt, 6, 0.8, 20, torch.Generator().manual_seed(1))
+    assert torch.equal(first, model.generate(prompt, 6, 0.8, 20, torch.Generator().manual_seed(1)))
+    stream = model.generate_stream(prompt, 6, 0.8, 20, top_p=0.9, seed=4)
+    steps = [next(stream)]  # one step at a time, each (B,) as it is produced
+    steps += list(stream)
+    assert [tuple(s.shape) for s in steps] == [(2,)] * 6
+    assert torch.equal(torch.stack(steps, 1), model.generate(prompt, 6, 0.8, 20, top_p=0.9, seed=4)[:, 5:])
