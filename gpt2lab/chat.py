@@ -138,6 +138,7 @@ class Chat:
 
 def chat(cfg: DictConfig) -> None:
     settings = OmegaConf.to_container(cfg.inference, resolve=True)
+    check_inference(settings)  # before the checkpoint is read
     repl(TextGenerator(cfg.ckpt, cfg.device, cfg.paths.log_dir), settings, given_on_command_line("inference.stop"))
 
 

@@ -108,3 +108,23 @@ def test_interactive_mode_from_python(trained_run, monkeypatch, capsys):
     TextGenerator(str(trained_run), device="cpu").interactive_mode({"max_new_tokens": 5, "stop": [], "seed": 0})
     screen = capsys.readouterr().out
     assert screen.count("model> ") == 2 and "(max_new_tokens = 3)" in screen
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], r"ckpt=\.\.\. is required"),
+        (["ckpt=nope.ckpt"], "ckpt='nope.ckpt': no such file or directory"),
+        (["ckpt=RUN", "inference.top_p=1.5"], r"inference.top_p=1.5: expected in \(0, 1\]"),
+        (["ckpt=RUN", "inference.max_new_tokens=0"], "inference.max_new_tokens=0: expected at least 1"),
+        (["ckpt=RUN", "device=foo"], "device='foo' cannot be used here"),
+    ],
+)
+def test_bad_input_is_one_error_line_before_the_chat_starts(run_main, trained_run, tmp_path, args, message):
+    import re
+
+    args = [a.replace("RUN", str(trained_run)) for a in args]
+    result = run_main("gpt2lab.chat", *args, cwd=tmp_path)
+    assert result.returncode == 1
+    assert re.search("Error: " + message, result.stderr), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "you> " not in result.stdout
