@@ -10,7 +10,7 @@ import pytest
 
 from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
 from gpt2lab.errors import ConfigError
-from gpt2lab.evaluate import Evaluator, compressor_bits_per_byte
+from gpt2lab.evaluate import Evaluator, compressor_bits_per_byte, print_metrics
 
 SHORT_PARAGRAPH = 'def add(a, b):\n    """Return the sum of a and b, two numbers."""\n    return a + b  # the sum'
 
@@ -80,13 +80,17 @@ def test_a_file_named_on_the_command_line_is_scored_whole(evaluate_cli, trained_
     assert json.loads((tmp_path / "short" / "eval.json").read_text())["tokens"] > 0
 
 
-def test_bytes_are_those_of_the_scored_text(trained_run, cache_dir):
+def test_bytes_are_those_of_the_scored_text(trained_run, cache_dir, capsys):
     model, tokenizer = load_checkpoint(find_checkpoint(str(trained_run), "unused"))
     datamodule = datamodule_for(trained_run, cache_dir)
     loader = datamodule.eval_dataloader("validation")
     metrics = Evaluator(model, loader, device="cpu", tokenizer=tokenizer).evaluate()
     scored = loader.dataset.tokens[1 : 1 + metrics["tokens"]].tolist()
     assert metrics["bytes"] == len(tokenizer.decode(scored, skip_special_tokens=True).encode("utf-8"))
+    capsys.readouterr()
+    print_metrics(metrics)  # the Python API's table, as the command prints it
+    table = capsys.readouterr().out
+    assert f"loss {metrics['loss']:.4f}" in table and f"| model | {metrics['bits_per_byte']:.3f} |" in table
 
 
 def test_sliding_window_scores(trained_run, cache_dir):
