@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 import torch
 from hydra.utils import execution_whitelist, instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationValidationError
+from omegaconf.errors import InterpolationToMissingValueError, InterpolationValidationError, MissingMandatoryValue
 
 from gpt2lab.config import TRUSTED_TARGETS
 from gpt2lab.data.datamodule import TokenBlockDataset
@@ -59,6 +59,12 @@ def validate_config(cfg: DictConfig, token_counts: Mapping[str, int] | None = No
             cause = e
             while cause is not None and not isinstance(cause, ConfigError):
                 cause = cause.__cause__
+            missing = getattr(e, "full_key", None) if isinstance(e, MissingMandatoryValue) else None
+            if isinstance(e, InterpolationToMissingValueError):  # data.max_length: ${model.context_length}
+                missing = str(e).split("Missing mandatory value: ")[-1].split()[0]
+            if cause is None and missing:  # a ??? of a config group (model=module's model.context_length)
+                errors.append(f"{missing} has no value, and this run needs one: add {missing}=<value> to the command")
+                continue
             errors.append(str(cause) if cause is not None else f"{type(e).__name__}: {e}")
     return not errors, errors
 

@@ -114,9 +114,9 @@ def load_pretrained_gpt2(name_or_path: str, **overrides: Any) -> GPT2Model:
     """GPT-2 weights from a directory in Hugging Face format, or by Hub name (``gpt2`` ... ``gpt2-xl``,
     ``distilgpt2``), as a ``GPT2Model``; ``overrides`` as for ``from_transformers``."""
     directory = pretrained_dir(name_or_path, key="init_from")
-    config = gpt2_config(read_config(directory, "init_from"), GPT2Config(**overrides), source=name_or_path)[0]
+    config = gpt2_config(read_config(directory, "init_from"), GPT2Config(**overrides), name_or_path, "init_from")[0]
     model = GPT2Model(config)
-    load_gpt2_weights(model, read_weights(directory, "init_from"), source=name_or_path)
+    load_gpt2_weights(model, read_weights(directory, "init_from"), name_or_path, "init_from")
     return model
 
 
@@ -131,7 +131,8 @@ def import_model_config(model_cfg: DictConfig) -> str | None:
         directory = pretrained_dir(model_cfg.init_from, key="model.init_from")
         weights_file(directory, "model.init_from")  # a directory without weights fails now, not after the data
         base = GPT2Config(**{k: v for k, v in model_cfg.items() if k != "_target_"})
-        config, changed = gpt2_config(read_config(directory, "model.init_from"), base, source=model_cfg.init_from)
+        hf_config = read_config(directory, "model.init_from")
+        config, changed = gpt2_config(hf_config, base, model_cfg.init_from, "model.init_from")
         for key in GPT2_KEYS.keys() | {"d_ff"}:
             model_cfg[key] = getattr(config, key)
         model_cfg.init_from = str(directory)  # a Hub name, resolved: config.yaml records the files used
@@ -147,6 +148,11 @@ def import_model_config(model_cfg: DictConfig) -> str | None:
         )
     if model_cfg.get("_target_") != "gpt2lab.hf.causal_lm":
         return None
+    if OmegaConf.is_missing(model_cfg, "name_or_path"):
+        raise ConfigError(
+            "model=hf needs model.name_or_path=<a directory in Hugging Face format (config.json, and weights unless "
+            "model.pretrained=false), or a Hub name such as EleutherAI/pythia-70m>"
+        )
     hf_config = _auto_config(model_cfg.name_or_path)
     local = Path(model_cfg.name_or_path).expanduser()
     if model_cfg.pretrained and local.is_dir():
@@ -210,18 +216,27 @@ def read_config(directory: Path, key: str) -> dict[str, Any]:
         raise ConfigError(f"{key}={str(directory)!r}: config.json is not readable JSON ({e})") from e
 
 
-def gpt2_config(hf_config: Mapping[str, Any], base: GPT2Config, source: str) -> tuple[GPT2Config, list[str]]:
-    """``base`` with the architecture of a transformers GPT-2 config; also the changed keys, as ``key: old -> new``."""
+def gpt2_config(
+    hf_config: Mapping[str, Any], base: GPT2Config, source: str, key: str | None = None
+) -> tuple[GPT2Config, list[str]]:
+    """``base`` with the architecture of a transformers GPT-2 config; also the changed keys, as ``key: old -> new``.
+    ``key`` is the setting that named ``source`` (``model.init_from``), for the error messages."""
+    where = f"{key}={source!r}" if key else repr(source)
     model_type = hf_config.get("model_type")
+    if model_type == "gpt2lab":  # config.json of python -m gpt2lab.export's onnx and torchscript directories
+        raise ConfigError(
+            f"{where} is a gpt2lab ONNX or TorchScript export, whose weights keep gpt2lab's own names: pass the "
+            "format=hf export of the same checkpoint (python -m gpt2lab.export ckpt=... format=hf output_dir=...)"
+        )
     if model_type != "gpt2":
         raise ConfigError(
-            f"{source!r} holds a {model_type or 'model of unknown type'}, not a GPT-2: gpt2lab's own model loads GPT-2 "
+            f"{where} holds a {model_type or 'model of unknown type'}, not a GPT-2: gpt2lab's own model loads GPT-2 "
             f"weights only; train it as it is with model=hf model.name_or_path={source}"
         )
     for name, allowed in GPT2_FIXED.items():
         if name in hf_config and hf_config[name] not in allowed:
             raise ConfigError(
-                f"{source!r}: {name}={hf_config[name]!r} in its config.json, which gpt2lab's GPT-2 does not have "
+                f"{where}: {name}={hf_config[name]!r} in its config.json, which gpt2lab's GPT-2 does not have "
                 f"(it has {allowed[0]!r}); train it with model=hf model.name_or_path={source}"
             )
     values = {ours: hf_config[theirs] for ours, theirs in GPT2_KEYS.items() if hf_config.get(theirs) is not None}
@@ -265,16 +280,17 @@ def read_weights(directory: Path, key: str) -> dict[str, torch.Tensor]:
 
 def load_pretrained_weights(model: GPT2Model, directory: str) -> None:
     """``model.init_from``: the GPT-2 weights of a directory in Hugging Face format into ``model``."""
-    load_gpt2_weights(model, read_weights(Path(directory), "model.init_from"), source=directory)
+    load_gpt2_weights(model, read_weights(Path(directory), "model.init_from"), directory, "model.init_from")
 
 
 @torch.no_grad()
-def load_gpt2_weights(model: GPT2Model, state: Mapping[str, torch.Tensor], source: str) -> None:
+def load_gpt2_weights(model: GPT2Model, state: Mapping[str, torch.Tensor], source: str, key: str | None = None) -> None:
     """Copy transformers' GPT-2 tensors (``GPT2LMHeadModel`` or ``GPT2Model`` names) into ``model``: Conv1D weights
     transposed, the vocabulary into the first rows of the padded embedding. Every tensor must be there with the
     model's shape, except that the model may have more vocabulary rows (tokens added to the pretrained tokenizer,
     ``grow_vocab``): they start as the mean of the pretrained rows. With ``use_bias=False`` every bias must be zero
     (the model has no place for it)."""
+    where = f"{key}={source!r}" if key else repr(source)
     theirs = {k.removeprefix("transformer."): v for k, v in state.items()}
     head = theirs.pop("lm_head.weight", None)
     for name in [k for k in theirs if k.endswith((".attn.bias", ".attn.masked_bias")) and theirs[k].dim() != 1]:
@@ -284,13 +300,13 @@ def load_gpt2_weights(model: GPT2Model, state: Mapping[str, torch.Tensor], sourc
     embedding = None
     for name, their_name, transposed in gpt2_tensor_names(c.num_layers):
         if their_name not in theirs:
-            raise ConfigError(f"{source!r} has no tensor {their_name!r}, which GPT-2 has: is it a complete GPT-2?")
+            raise ConfigError(f"{where} has no tensor {their_name!r}, which GPT-2 has: is it a complete GPT-2?")
         tensor = theirs.pop(their_name)
         tensor = tensor.T if transposed else tensor
         if name not in ours:  # a bias of a model without biases
             if tensor.any():
                 raise ConfigError(
-                    f"{source!r}: {their_name} is not zero, and model.use_bias=false has no place for it; "
+                    f"{where}: {their_name} is not zero, and model.use_bias=false has no place for it; "
                     "keep model.use_bias=true (GPT-2 has biases)"
                 )
             continue
@@ -301,17 +317,15 @@ def load_gpt2_weights(model: GPT2Model, state: Mapping[str, torch.Tensor], sourc
         if tensor.shape != target.shape:
             shown = tuple(tensor.T.shape if transposed else tensor.shape)
             raise ConfigError(
-                f"{source!r}: tensor {their_name} has shape {shown}, but the model's {name} needs "
+                f"{where}: tensor {their_name} has shape {shown}, but the model's {name} needs "
                 f"{tuple(target.T.shape if transposed else target.shape)} (in transformers' layout)"
             )
         target.copy_(tensor)
     if left := sorted(theirs):
-        raise ConfigError(f"{source!r} has tensors GPT-2 does not: {', '.join(left[:5])}")
+        raise ConfigError(f"{where} has tensors GPT-2 does not: {', '.join(left[:5])}")
     rows = len(embedding)
     if head is not None and not torch.equal(head, ours["wte.weight"][:rows].to(head.dtype)):
-        raise ConfigError(
-            f"{source!r}: lm_head.weight is not tied to wte.weight, as gpt2lab's GPT-2 (and GPT-2) has it"
-        )
+        raise ConfigError(f"{where}: lm_head.weight is not tied to wte.weight, as gpt2lab's GPT-2 (and GPT-2) has it")
     # Rows for added tokens: an average token's embedding (as transformers' resize_token_embeddings does), so their
     # inputs look like text the model knows and their logits (tied) start at an ordinary level, neither dominating
     # the softmax nor out of reach

@@ -387,8 +387,16 @@ def test_bad_input_through_the_command_line(train_cli, tmp_path, corpus_file):
     """Each mistake is one Error line naming the key and the fix, never a traceback."""
     common = [*RUN, f"data.path={corpus_file}", f"hydra.run.dir={tmp_path / 'run'}"]
     module = ["model=module", "model.context_length=8"]
+    export = tmp_path / "onnx-export"  # what python -m gpt2lab.export writes beside model.onnx
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"model_type": "gpt2lab", "gpt2lab": {"d_model": 32}}))
+    (export / "model.safetensors").write_bytes(b"")
     cases = [
         (["model.init_from=/nonexistent/dir"], "model.init_from='/nonexistent/dir': no such directory"),
+        ([f"model.init_from={export}"], f"model.init_from='{export}' is a gpt2lab ONNX or TorchScript export, whose "
+         "weights keep gpt2lab's own names: pass the format=hf export of the same checkpoint"),
+        (["model=hf"], "model=hf needs model.name_or_path=<a directory in Hugging Face format"),
+        (["model=module"], "model.context_length has no value, and this run needs one: add model.context_length="),
         ([*module, "model.module._target_=torch.nn.Identity"],
          "model.module._target_=torch.nn.Identity is not a trusted target: trust its package with "
          "GPT2LAB_TRUSTED_TARGETS='torch.*'"),
