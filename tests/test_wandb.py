@@ -118,6 +118,8 @@ def test_a_run_logs_config_metrics_and_samples_offline_and_a_resumed_run_continu
     again = read_run(resumed)
     assert again["record"].run_id == run["record"].run_id  # the same wandb run goes on
     assert min(row["trainer/global_step"] for row in again["history"] if "train/loss" in row) > 7
+    table = json.loads((again["dir"] / "files" / again["summary"]["samples/path"]).read_text())
+    assert [r[0] for r in table["data"]] == [4, 4, 8, 8, 12, 12]  # the samples table goes on from the checkpoint
 
 
 def test_each_multirun_job_is_its_own_run_in_one_group_and_a_failing_job_shows_as_failed(

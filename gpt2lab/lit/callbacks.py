@@ -207,6 +207,15 @@ class Samples(pl.Callback):
         self._validations = 0
         self._rows: list[list[Any]] = []
 
+    def state_dict(self) -> dict[str, Any]:
+        """In each checkpoint: a resumed run's wandb table goes on from these rows (a logged table replaces the
+        last one, so without them the resumed run's table would start again)."""
+        return {"validations": self._validations, "rows": self._rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._validations = state_dict.get("validations", 0)
+        self._rows = [list(row) for row in state_dict.get("rows", [])]
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self.prompts:
             return
