@@ -106,3 +106,13 @@ def test_the_samples_callback_writes_every_nth_validation(train_cli, tmp_path, c
     # validations at steps 4 and 8 (trainer.val_check_interval=4): the second one writes, with its step
     assert [(s["step"], s["prompt"]) for s in samples] == [(8, "import"), (8, "class")]
     assert all(s["completion"] for s in samples)
+
+
+def test_a_multirun_generates_once_per_setting(generate_cli, trained_run, tmp_path):
+    result = generate_cli(
+        "-m", f"ckpt={trained_run}", "prompt=def", "inference.temperature=0.5,1.0", "inference.max_new_tokens=4",
+        "inference.seed=0", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("def") == 2
+    assert "Warning" not in result.stderr, result.stderr[-3000:]  # the sweep summary: nothing to optimise here

@@ -60,7 +60,7 @@ class SweepSummary(Callback):
         self._started = time.time()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if config.hydra.mode != RunMode.MULTIRUN:
+        if config.hydra.mode != RunMode.MULTIRUN or "optimized_metric" not in config:  # generate, chat: no objective
             return
         job_dir = Path(config.hydra.runtime.output_dir)
         outcome = job_outcome(job_return, config.optimized_metric)
