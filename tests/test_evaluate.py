@@ -208,3 +208,15 @@ def test_evaluation_under_ddp_scores_as_one_process(evaluate_cli, trained_run, t
     assert 0 <= shared["tokens"] - single["tokens"] <= 32
     assert shared["loss"] == pytest.approx(single["loss"], rel=0.01)
     assert shared["bits_per_byte"] == pytest.approx(single["bits_per_byte"], rel=0.01)
+
+
+def test_a_multirun_returns_bits_per_byte_to_the_sweep(evaluate_cli, trained_run, tmp_path):
+    result = evaluate_cli(
+        "-m", f"ckpt={trained_run}", "split=validation", "eval.stride=null,16", "eval.compressors=false",
+        "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in ("0", "1"):  # optimized_metric (default bits_per_byte) is each job's objective in the sweep summary
+        objective = json.loads((tmp_path / "sweep" / job / "job_summary.json").read_text())["objective"]
+        assert objective == json.loads((tmp_path / "sweep" / job / "eval.json").read_text())["bits_per_byte"]
+    assert (tmp_path / "sweep" / "summary.csv").is_file()
