@@ -201,9 +201,10 @@ def test_a_large_model_is_probed_in_parts_on_a_cpu_and_scaled(tmp_path, monkeypa
     probe = presets.measure_throughput(cfg)
     # the model with 1 of its 12 blocks, and a block alone, on 16 of the 32 windows of 64 tokens (1024 tokens)
     assert timed["_time_model"] == (1, 16) and timed["_time_block"] == (12, 16)
-    assert "extrapolated to 12" in probe.method and "scaled to 32 x 16" in probe.method
+    accumulate = cfg.trainer.accumulate_grad_batches
+    assert "extrapolated to 12" in probe.method and f"scaled to 32 x {accumulate}" in probe.method
     (fb1, opt1, _), (fb, opt, _) = timed["_time_model_s"], timed["_time_block_s"]
-    assert probe.step_s == pytest.approx(16 * (fb1 + 11 * fb) * 32 / 16 + opt1 + 11 * opt)
+    assert probe.step_s == pytest.approx(accumulate * (fb1 + 11 * fb) * 32 / 16 + opt1 + 11 * opt)
 
 
 # -- gpt2lab presets cp ------------------------------------------------------------------------------------------
