@@ -35,6 +35,8 @@ from gpt2lab.config import (
 from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError, report_errors
 from gpt2lab.model import GPT2Model
+from gpt2lab.model.adapter import CausalLM, is_gpt2
+from gpt2lab.model.adapter import build_model as build_model_from_config
 
 log = logging.getLogger("gpt2lab.check")
 
@@ -50,32 +52,38 @@ class CheckSchema:
     task_name: str = "check"
 
 
-NOT_GPT2 = (
-    "the check-up reads gpt2lab's GPT-2 layers (its attention, embeddings and residual blocks), and {what}: "
-    "check a model=gpt2* size or a checkpoint of one"
-)
+GPT2_VOCAB = 50257  # conf/model/gpt2*.yaml leave vocab_size to the tokenizer; the check builds none
 
 
 class CheckFailed(ConfigError):
     """A check failed: the model, not the command, is at fault; the message names the checks."""
 
 
-def build_model(cfg: DictConfig, device: str) -> tuple[GPT2Model, Tokenizer | None, dict[str, Any]]:
-    """The model to check: ``ckpt``'s if given, else a fresh one from ``model``; and a description of it."""
+def build_model(cfg: DictConfig, device: str) -> tuple[GPT2Model | CausalLM, Tokenizer | None, dict[str, Any]]:
+    """The model to check: ``ckpt``'s if given, else a fresh one from ``model`` (gpt2lab's GPT-2, or the
+    ``CausalLM`` of ``model=hf`` / ``model=module``, built as training builds it); and a description of it."""
     if cfg.ckpt:
         path = find_checkpoint(cfg.ckpt, cfg.paths.log_dir)
         model, tokenizer = load_checkpoint(path, device=device)
-        if not isinstance(model, GPT2Model):
-            raise ConfigError(NOT_GPT2.format(what=f"ckpt={cfg.ckpt} holds a {type(model).__name__}"))
         log.info("Checking the checkpoint %s (its own model: the model group is not used)", path)
-        return model, tokenizer, {"checkpoint": str(path), "config": dataclasses.asdict(model.config)}
+        return model, tokenizer, {"checkpoint": str(path), "config": _described(model)}
     choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
-    if cfg.model._target_ != "gpt2lab.model.GPT2Config":
-        raise ConfigError(NOT_GPT2.format(what=f"model={choice or cfg.model._target_} is not one"))
     torch.manual_seed(cfg.check.seed)
-    with execution_whitelist(TRUSTED_TARGETS), torch.device(device):
-        model = GPT2Model(instantiate(cfg.model, _convert_="all"))
-    return model, None, {"model": choice or "from config", "config": dataclasses.asdict(model.config)}
+    if is_gpt2(cfg.model):
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = GPT2_VOCAB
+            log.info("model.vocab_size: GPT-2's %d (the default run's BPE has 1024: model.vocab_size=1024)", GPT2_VOCAB)
+        with execution_whitelist(TRUSTED_TARGETS), torch.device(device):
+            model = GPT2Model(instantiate(cfg.model, _convert_="all"))
+    else:
+        model = build_model_from_config(cfg.model).to(device)
+    return model, None, {"model": choice or "from config", "config": _described(model)}
+
+
+def _described(model: GPT2Model | CausalLM) -> dict[str, Any]:
+    if isinstance(model, GPT2Model):
+        return dataclasses.asdict(model.config)
+    return OmegaConf.to_container(model.config, resolve=True)
 
 
 def choose_device(device: str) -> str:
@@ -102,7 +110,8 @@ def check(cfg: DictConfig) -> list[CheckResult]:
     model, tokenizer, about = build_model(cfg, device)
     if config.prompt and tokenizer is None:
         log.warning("check.prompt: ignored, a model built from config has no tokenizer (random tokens are used)")
-    trained = bool(cfg.ckpt)
+    # Pretrained weights (model=hf's default) are not at initialisation either: no init expectations for them
+    trained = bool(cfg.ckpt) or (not is_gpt2(cfg.model) and bool(cfg.model.get("pretrained")))
     about |= {"parameters": f"{model.num_parameters():,}", "device": device, "tier": cfg.tier}
     log.info("Model: %s parameters on %s; tiers 1 to %d", about["parameters"], device, cfg.tier)
     output_dir = Path(cfg.paths.output_dir)

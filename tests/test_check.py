@@ -187,9 +187,77 @@ def test_the_command_line_writes_its_reports_to_a_run_directory(tmp_path):
     assert (report.parent / "check.json").is_file() and (report.parent / "check.log").is_file()
 
 
-def test_a_model_that_is_not_gpt2_is_refused_naming_what_to_check(run_main, tmp_path):
-    result = run_main("gpt2lab.check", "model=hf", "model.name_or_path=/nowhere", cwd=tmp_path)
-    assert result.returncode == 1
-    assert (
-        "Error: the check-up reads gpt2lab's GPT-2 layers" in result.stderr and "model=hf is not one" in result.stderr
+class CausalBag(nn.Module):
+    """A model=module of one's own: each position sees the mean of the embeddings up to it."""
+
+    def __init__(self, vocab_size: int = 96, dim: int = 16) -> None:
+        super().__init__()
+        self.embed, self.out = nn.Embedding(vocab_size, dim), nn.Linear(dim, vocab_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        seen = torch.arange(1, x.shape[1] + 1, device=x.device).view(1, -1, 1)
+        return self.out(x + self.context(x) / seen)
+
+    def context(self, x: torch.Tensor) -> torch.Tensor:
+        return x.cumsum(1)
+
+
+class PeekingBag(CausalBag):
+    """The same, summing from the end: every position sees the tokens after it."""
+
+    def context(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(1).cumsum(1).flip(1)
+
+
+def test_a_model_of_your_own_is_checked_through_its_logits(tmp_path):
+    from gpt2lab.model.adapter import CausalLM
+
+    torch.manual_seed(0)
+    results = run_all_tests(CausalLM(CausalBag(), context_length=32), FAST, tier=3, output_dir=tmp_path)
+    assert not failed(results), [(r.name, r.summary) for r in results if r.status == "fail"]
+    found = statuses(results)
+    assert found["attention patterns"] == "skip"  # read from gpt2lab's attention layers, which it has none of
+    assert all(
+        found[name] == "pass" for name in ("gradient flow", "causality", "feature attribution", "learning-rate search")
     )
+    shapes = next(r for r in results if r.name == "shape robustness")
+    assert "logits (B, T, 96)" in shapes.summary  # its vocabulary, read from its logits
+    (causality,) = [
+        r for r in run_all_tier1_tests(CausalLM(PeekingBag(), context_length=32), FAST) if r.name == "causality"
+    ]
+    assert causality.status == "fail" and "sees the future" in causality.summary
+
+
+def test_model_module_from_the_command_line(monkeypatch, tmp_path, capsys):
+    from hydra.utils import execution_whitelist
+
+    module = ["model=module", "model.module._target_=test_check.CausalBag", "model.context_length=32"]
+    with execution_whitelist("test_check.*"):
+        status = check_main(*module, *FAST_OVERRIDES[len(TINY) :], "tier=2", run_dir=tmp_path, monkeypatch=monkeypatch)
+    assert status == 0, capsys.readouterr().err[-2000:]
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert report["about"]["model"] == "module" and report["about"]["config"]["module"]["_target_"].endswith(
+        "CausalBag"
+    )
+    found = {r["name"]: r["status"] for r in report["results"]}
+    assert found["causality"] == "pass" and found["attention patterns"] == "skip"
+
+
+def test_model_hf_is_checked_as_training_builds_it(monkeypatch, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=100, max_position_embeddings=64)  # fmt: skip
+    config.save_pretrained(tmp_path / "llama")
+    model = [
+        "model=hf",
+        f"model.name_or_path={tmp_path / 'llama'}",
+        "model.pretrained=false",
+        "model.context_length=32",
+    ]
+    run = tmp_path / "check"
+    assert check_main(*model, *FAST_OVERRIDES[len(TINY) :], run_dir=run, monkeypatch=monkeypatch) == 0
+    results = {r["name"]: r for r in json.loads((run / "check.json").read_text())["results"]}
+    assert all(r["status"] == "pass" for r in results.values())
+    assert "logits (B, T, 100)" in results["shape robustness"]["summary"]  # its own vocabulary
+    assert results["loss at init"]["details"]["ln_vocab"] == pytest.approx(math.log(100))  # freshly initialised

@@ -1,4 +1,8 @@
-"""The model check-up: tiers of checks on a GPT-2 built from config or loaded from a checkpoint.
+"""The model check-up: tiers of checks on a model built from config or loaded from a checkpoint.
+
+gpt2lab's GPT-2 gets every check; a ``CausalLM`` (``model=hf``, ``model=module``) every check that needs only
+its logits and its token embedding: the attention heatmaps (read from GPT-2's attention layers) are skipped and
+its initialisation is reported without a reference.
 
 Tier 1 (``critical.py``) must pass before training; tier 2 (``analysis.py``) shows where the model looks
 and what its prediction depends on; tier 3 (``training.py``) trains copies of it briefly. ``run_all_tests``
@@ -20,6 +24,7 @@ from gpt2lab.checkup import analysis, critical, training
 from gpt2lab.checkup.report import failed, format_table, write_reports
 from gpt2lab.checkup.subject import FAIL, PASS, SKIP, WARN, CheckConfig, CheckResult, Subject
 from gpt2lab.model import GPT2Model
+from gpt2lab.model.adapter import CausalLM
 
 TIERS: dict[int, list[Callable[[Subject], CheckResult]]] = {
     1: critical.CHECKS,
@@ -35,7 +40,7 @@ __all__ = [
 
 def run_tier(
     tier: int,
-    model: GPT2Model,
+    model: GPT2Model | CausalLM,
     config: CheckConfig | Mapping | None = None,
     trained: bool = False,
     tokenizer: Tokenizer | None = None,
@@ -61,24 +66,30 @@ def run_tier(
     return results
 
 
-def run_all_tier1_tests(model: GPT2Model, config: CheckConfig | Mapping | None = None, **options) -> list[CheckResult]:
+def run_all_tier1_tests(
+    model: GPT2Model | CausalLM, config: CheckConfig | Mapping | None = None, **options
+) -> list[CheckResult]:
     """Tier 1: shapes, gradient flow, output stability, loss at init, causality, initialisation, memory,
     tokens/s. ``options``: ``trained``, ``tokenizer``, ``output_dir`` (see ``run_tier``)."""
     return run_tier(1, model, config, **options)
 
 
-def run_all_tier2_tests(model: GPT2Model, config: CheckConfig | Mapping | None = None, **options) -> list[CheckResult]:
+def run_all_tier2_tests(
+    model: GPT2Model | CausalLM, config: CheckConfig | Mapping | None = None, **options
+) -> list[CheckResult]:
     """Tier 2: attention patterns, feature attribution, perturbation sensitivity."""
     return run_tier(2, model, config, **options)
 
 
-def run_all_tier3_tests(model: GPT2Model, config: CheckConfig | Mapping | None = None, **options) -> list[CheckResult]:
+def run_all_tier3_tests(
+    model: GPT2Model | CausalLM, config: CheckConfig | Mapping | None = None, **options
+) -> list[CheckResult]:
     """Tier 3: fine-tuning on a fixed batch, a 4-trial learning-rate search."""
     return run_tier(3, model, config, **options)
 
 
 def run_all_tests(
-    model: GPT2Model, config: CheckConfig | Mapping | None = None, tier: int = 3, **options
+    model: GPT2Model | CausalLM, config: CheckConfig | Mapping | None = None, tier: int = 3, **options
 ) -> list[CheckResult]:
     """Tiers 1 to ``tier``, in order."""
     return [result for t in range(1, tier + 1) for result in run_tier(t, model, config, **options)]

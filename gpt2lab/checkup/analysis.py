@@ -13,8 +13,8 @@ import math
 import torch
 from matplotlib.figure import Figure
 
-from gpt2lab.checkup.subject import FAIL, PASS, WARN, CheckResult, Subject, finite, fmt
-from gpt2lab.model import MultiHeadAttention
+from gpt2lab.checkup.subject import FAIL, PASS, SKIP, WARN, CheckResult, Subject, finite, fmt
+from gpt2lab.model import GPT2Model, MultiHeadAttention
 
 RECONSTRUCTION_TOLERANCE = 1e-3  # relative: float rounding between SDPA's kernels and the plain softmax
 MAX_TICK_LABELS = 40
@@ -65,6 +65,11 @@ def attention_probabilities(s: Subject, ids: torch.Tensor) -> tuple[list[torch.T
 def attention_patterns(s: Subject) -> CheckResult:
     """Per-head entropy of the attention probabilities (normalised by that of uniform attention over the
     visible tokens: 1 is uniform, 0 attends to one token), and a heatmap per layer."""
+    if not any(isinstance(m, MultiHeadAttention) for m in s.model.modules()):
+        return CheckResult(
+            "attention patterns", 2, SKIP,
+            "the probabilities are read from gpt2lab's GPT-2 attention layers (MultiHeadAttention); this model has none",
+        )  # fmt: skip
     ids, labels = prompt_ids(s)
     probabilities, errors = attention_probabilities(s, ids)
     if not all(finite(p) for p in probabilities):
@@ -148,7 +153,12 @@ def feature_attribution(s: Subject) -> CheckResult:
         embedded["x"] = out.detach().requires_grad_()  # a leaf, also when the embedding is frozen
         return embedded["x"]
 
-    hook = s.model.wte.register_forward_hook(keep)
+    embedding = input_embedding(s.model)
+    if embedding is None:
+        return CheckResult(
+            "feature attribution", 2, SKIP, "no token embedding found (no get_input_embeddings(), no nn.Embedding)"
+        )
+    hook = embedding.register_forward_hook(keep)
     try:
         with s.mode(training=False) as model:
             logits = model(ids)[0][0, -1]
@@ -169,6 +179,17 @@ def feature_attribution(s: Subject) -> CheckResult:
     tops = ", ".join(f"{i} ({share[i]:.0%})" for i in top)
     summary = f"next token {target_name}: {share[-1]:.0%} of the saliency on the last token; top positions {tops}"
     return CheckResult("feature attribution", 2, PASS, summary, details, files)
+
+
+def input_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module that turns token ids into vectors: GPT-2's ``wte``, a transformers model's
+    ``get_input_embeddings()``, else the first ``nn.Embedding`` (a ``model=module`` of yours)."""
+    if isinstance(model, GPT2Model):
+        return model.wte
+    inner = getattr(model, "module", model)
+    if callable(getattr(inner, "get_input_embeddings", None)):
+        return inner.get_input_embeddings()
+    return next((m for m in inner.modules() if isinstance(m, torch.nn.Embedding)), None)
 
 
 def plot_saliency(s: Subject, share: torch.Tensor, labels: list[str], target: str) -> list[str]:

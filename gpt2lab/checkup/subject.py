@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from tokenizers import Tokenizer
 
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT2Model
+from gpt2lab.model.adapter import CausalLM
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 
@@ -68,7 +70,7 @@ class Subject:
     """The model under check and what is known about it: whether its weights are trained (a checkpoint:
     the at-initialisation expectations do not apply), its tokenizer if any, where figures go."""
 
-    model: GPT2Model
+    model: GPT2Model | CausalLM
     config: CheckConfig
     trained: bool = False
     tokenizer: Tokenizer | None = None
@@ -79,12 +81,23 @@ class Subject:
         return next(self.model.parameters()).device
 
     @property
+    def gpt2(self) -> bool:
+        """gpt2lab's own GPT-2, whose layers and initialisation the checks know; else a ``CausalLM``
+        (``model=hf``, ``model=module``), checked through its logits only."""
+        return isinstance(self.model, GPT2Model)
+
+    @functools.cached_property
     def vocab_size(self) -> int:
-        return self.model.config.vocab_size
+        """The logits per token: the config's, else (a ``CausalLM`` built without one) one forward's."""
+        if self.gpt2 or self.model.vocab_size:
+            return self.model.config.vocab_size if self.gpt2 else self.model.vocab_size
+        with self.mode(training=False) as model, torch.no_grad():
+            return model(torch.zeros(1, 1, dtype=torch.long, device=self.device))[0].shape[-1]
 
     @property
     def context(self) -> int:
-        return self.model.config.context_length
+        """The longest input: GPT-2's context, a ``CausalLM``'s training window."""
+        return self.model.config.context_length if self.gpt2 else self.model.context_length
 
     @property
     def probe_length(self) -> int:
@@ -103,7 +116,7 @@ class Subject:
         return path
 
     @contextlib.contextmanager
-    def mode(self, training: bool) -> Iterator[GPT2Model]:
+    def mode(self, training: bool) -> Iterator[GPT2Model | CausalLM]:
         """The model in train or eval mode for one check, put back as it was after, without gradients."""
         was_training = self.model.training
         self.model.train(training)

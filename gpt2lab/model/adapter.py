@@ -73,7 +73,7 @@ class CausalLM(nn.Module):
         except AttributeError:
             module = self.__dict__.get("_modules", {}).get("module")
             raise NotGPT2Error(
-                f"this model ({_name(module)}) has no {name!r}: generation, chat and the model check are written for "
+                f"this model ({_name(module)}) has no {name!r}: generation and chat are written for "
                 "gpt2lab's own GPT-2; a model of model=hf or model=module trains, resumes and evaluates"
             ) from None
 
