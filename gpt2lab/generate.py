@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -114,16 +115,29 @@ def complete(
     input_ids, mask = (torch.tensor(rows, device=device) for rows in left_padded(tokenizer, prompts, settings))
     n = settings.get("num_return_sequences", 1)
     completions = Completions(tokenizer, len(prompts) * n, settings, out)
-    tokens = model.generate_stream(
-        input_ids, settings["max_new_tokens"], settings.get("temperature", 1.0), settings.get("top_k"),
-        top_p=settings.get("top_p"), repetition_penalty=settings.get("repetition_penalty", 1.0),
-        do_sample=settings.get("do_sample", True), attention_mask=mask, eos_token_id=completions.eos,
-        num_return_sequences=n, seed=settings.get("seed"),
-    )  # fmt: skip
-    for step in tokens:
-        if completions.add(step.tolist()):
-            break
+    with eager():
+        tokens = model.generate_stream(
+            input_ids, settings["max_new_tokens"], settings.get("temperature", 1.0), settings.get("top_k"),
+            top_p=settings.get("top_p"), repetition_penalty=settings.get("repetition_penalty", 1.0),
+            do_sample=settings.get("do_sample", True), attention_mask=mask, eos_token_id=completions.eos,
+            num_return_sequences=n, seed=settings.get("seed"),
+        )  # fmt: skip
+        for step in tokens:
+            if completions.add(step.tolist()):
+                break
     return completions.finish()
+
+
+def eager() -> AbstractContextManager:
+    """Decode a model compiled for training (``compile: true``; the end-of-run sample, ``callbacks.samples``)
+    without compiling: torch.compile would compile the model again for each shape decoding uses (the prompt,
+    each one-token step), which took over a minute for GPT-2 124M on an H200, and ``torch.compiler.disable``
+    around the call does not stop a compiled module inside it. The training graphs are kept. torch < 2.6 has
+    no ``set_stance``: there decoding compiles as before."""
+    import torch
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance else nullcontext()
 
 
 def left_padded(

@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from gpt2lab.generate import TextGenerator
+from gpt2lab.generate import TextGenerator, complete
 
 
 @pytest.fixture
@@ -55,6 +56,26 @@ def test_stop_strings_and_end_of_text_end_a_completion(trained_run):
     stop = free[1:3]  # a string the greedy completion contains
     (stopped,) = generator.generate_text("def", settings | {"stop": [stop]}, out=None)
     assert stopped == free[: free.index(stop)]
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="torch < 2.6 has no force_eager stance")
+def test_a_model_compiled_for_training_decodes_without_compiling_again(trained_run):
+    # compile: true compiles the model in place; the end-of-run sample and callbacks.samples decode with it, and
+    # each decoding shape (the prompt, the one-token step) would be compiled anew: over a minute on a GPU
+    from torch._dynamo.utils import counters
+
+    generator = TextGenerator(str(trained_run), device="cpu")
+    model, window = generator.model, torch.randint(0, 100, (2, generator.model.config.context_length))
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile(backend="eager")  # dynamo's capture without inductor: what is counted is the same
+    model(window, window)
+    assert counters["stats"]["unique_graphs"] == 1
+    (text,) = complete(model, generator.tokenizer, ["def"], {"max_new_tokens": 5, "do_sample": False})
+    assert text and counters["stats"]["unique_graphs"] == 1
+    model(window, window)  # training goes on with its graph
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize(

@@ -226,8 +226,8 @@ class Samples(pl.Callback):
             return
         from gpt2lab.generate import complete
 
-        try:  # eager: a compiled model would recompile for every decoding shape
-            texts = torch.compiler.disable(complete)(pl_module.model, pl_module.tokenizer, self.prompts, self.settings)
+        try:  # complete() decodes eagerly: a compiled model would compile again for every decoding shape
+            texts = complete(pl_module.model, pl_module.tokenizer, self.prompts, self.settings)
         except RuntimeError as e:  # e.g. weights gone NaN: the run's own check reports that
             log.warning("No samples at step %d: %s", trainer.global_step, e)
             return
