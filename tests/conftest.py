@@ -117,28 +117,14 @@ def compose_cfg(tmp_path: Path, cache_dir: Path, corpus_file: Path) -> Callable[
     GlobalHydra.instance().clear()
 
 
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, corpus_file, cache_dir):
-    """A tiny model trained for 40 steps (long enough to use its context), and its run directory."""
+def train_in_process(run: Path, overrides: list[str]) -> Path:
+    """Train ``conf/train.yaml`` with ``overrides`` in this process, into the run directory ``run``."""
     from gpt2lab.train import train
 
-    run = tmp_path_factory.mktemp("trained") / "run"
     register_schemas()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose(
-            "train",
-            overrides=[
-                *TINY,
-                f"data.path={corpus_file}",
-                f"paths.cache_dir={cache_dir}",
-                "trainer.max_steps=40",
-                "trainer.val_check_interval=20",
-                "sample=null",
-                "test=false",
-            ],  # fmt: skip
-            return_hydra_config=True,
-        )
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(run)
@@ -146,6 +132,23 @@ def trained_run(tmp_path_factory, corpus_file, cache_dir):
     train(cfg)
     GlobalHydra.instance().clear()
     return run
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, corpus_file, cache_dir):
+    """A tiny model trained for 40 steps (long enough to use its context), and its run directory."""
+    return train_in_process(
+        tmp_path_factory.mktemp("trained") / "run",
+        [
+            *TINY,
+            f"data.path={corpus_file}",
+            f"paths.cache_dir={cache_dir}",
+            "trainer.max_steps=40",
+            "trainer.val_check_interval=20",
+            "sample=null",
+            "test=false",
+        ],
+    )
 
 
 def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:

@@ -14,15 +14,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONF, TINY
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from conftest import TINY, train_in_process
 
 from gpt2lab.chat import Chat, repl
 from gpt2lab.checkpoint import load_checkpoint, saved_chat_template
-from gpt2lab.config import register_schemas
 from gpt2lab.data import GPT2DataModule
 from gpt2lab.data.datamodule import damaged_token_files
 from gpt2lab.data.formats import ChatTemplate, TaskFormat, encode_examples, pack, split_batch
@@ -369,31 +364,17 @@ def test_evaluate_reports_the_summary_loss(record_files, cache_dir, tmp_path, tr
 # -- the chat template: tokenizer, checkpoint, gpt2lab.chat ---------------------------------------------------
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory, record_files, cache_dir) -> Path:
-    from gpt2lab.train import train
-
-    run = tmp_path_factory.mktemp("chat") / "run"
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose(
-            "train",
-            overrides=[
-                "data=chat",
-                "data.source=files",
-                f"data.path={record_files['chat']}",
-                *FORMAT_RUN,
-                f"paths.cache_dir={cache_dir}",
-                "test=false",
-            ],  # fmt: skip
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run)
-        del cfg.hydra
-    train(cfg)
-    GlobalHydra.instance().clear()
-    return run
+    return train_in_process(
+        tmp_path_factory.mktemp("chat") / "run",
+        [
+            "data=chat",
+            "data.source=files",
+            f"data.path={record_files['chat']}",
+            *FORMAT_RUN,
+            f"paths.cache_dir={cache_dir}",
+            "test=false",
+        ],
+    )
 
 
 def test_the_chat_template_round_trips_through_the_checkpoint(chat_run):

@@ -1,13 +1,11 @@
 """Sweeps that lose nothing: a worker killed mid-trial, workers sharing one SQLite study, a trial out of memory."""
 
 import signal
-import subprocess
-import sys
 import weakref
 
 import optuna
 import pytest
-from conftest import REPO, cli_env
+from conftest import start_cli
 from helpers import OutOfMemoryAtStep
 from hydra.utils import execution_whitelist
 from test_sweep import XY, _study, _sweep_args, objective, sampler_config, stand_in_sweep
@@ -18,17 +16,6 @@ from gpt2lab.sweep.optuna_sweeper import OptunaSweeper, open_storage
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeats and retries
 FINISHED = ("COMPLETE", "PRUNED")
 RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback
-
-
-def start_worker(args: list[str], cwd, log) -> subprocess.Popen:
-    with log.open("w") as out:
-        return subprocess.Popen(
-            [sys.executable, str(REPO / "train.py"), *args],
-            cwd=cwd,
-            env=cli_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # this test's own ask
@@ -77,9 +64,13 @@ def test_a_sweep_worker_killed_mid_trial_loses_no_trial(tmp_path, corpus_file, c
     sweep = tmp_path / "study"
     shared = ["hydra.sweeper.n_trials=4", "hydra.sweeper.n_trials_per=study", "hydra.sweeper.heartbeat_interval=1",
               "hydra.sweeper.grace_period=10", "trainer.max_steps=6", "trainer.val_check_interval=3"]  # fmt: skip
-    survivor = start_worker(_sweep_args(corpus_file, cache_dir, sweep, *shared), tmp_path, tmp_path / "survivor.log")
+    survivor = start_cli(
+        *_sweep_args(corpus_file, cache_dir, sweep, *shared), cwd=tmp_path, output=tmp_path / "survivor.log"
+    )
     kill = ["+callbacks.kill._target_=helpers.KillAtStep", "+callbacks.kill.step=3"]  # SIGKILL in its first trial
-    killed = start_worker(_sweep_args(corpus_file, cache_dir, sweep, *shared, *kill), tmp_path, tmp_path / "killed.log")
+    killed = start_cli(
+        *_sweep_args(corpus_file, cache_dir, sweep, *shared, *kill), cwd=tmp_path, output=tmp_path / "killed.log"
+    )
     assert killed.wait(timeout=600) == -signal.SIGKILL
     assert survivor.wait(timeout=600) == 0, (tmp_path / "survivor.log").read_text()[-3000:]
 
@@ -106,7 +97,7 @@ def test_four_workers_on_one_sqlite_study_record_every_trial(tmp_path, corpus_fi
              "hydra.sweeper.n_startup_trials=1", "trainer.max_steps=2", "trainer.val_check_interval=1",
              "trainer.limit_val_batches=1"]  # fmt: skip  # heartbeats and pruning reports: many writes at once
     args = _sweep_args(corpus_file, cache_dir, sweep, *short)
-    workers = [start_worker(args, tmp_path, tmp_path / f"worker{i}.log") for i in range(4)]
+    workers = [start_cli(*args, cwd=tmp_path, output=tmp_path / f"worker{i}.log") for i in range(4)]
     for i, w in enumerate(workers):
         assert w.wait(timeout=900) == 0, (tmp_path / f"worker{i}.log").read_text()[-3000:]
     trials = _study(sweep / "optuna.db").trials
