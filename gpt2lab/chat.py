@@ -26,7 +26,7 @@ from gpt2lab.config import (
     register_schemas,
 )
 from gpt2lab.errors import ConfigError, report_errors
-from gpt2lab.generate import Completions, TextGenerator, check_inference, left_padded
+from gpt2lab.generate import TextGenerator, check_inference, complete
 
 if TYPE_CHECKING:  # imported where a checkpoint is read, as torch is (gpt2lab.generate)
     from gpt2lab.data.formats import ChatTemplate
@@ -111,29 +111,12 @@ class Chat:
         return text
 
     def complete_turn(self, prompt: str, out: Any = None) -> str:
-        """The assistant's turn after ``prompt``, as ``generate.complete`` decodes, ending at the template's
-        end-of-turn token (or a stop string, or after max_new_tokens)."""
-        import torch
-
+        """The assistant's turn after ``prompt``, ending at the template's end-of-turn token (end-of-text, which
+        separates examples, never comes first), at a stop string, or after max_new_tokens."""
         assert self.template is not None
-        model, tokenizer = self.generator.model, self.generator.tokenizer
+        tokenizer = self.generator.tokenizer
         end = tokenizer.token_to_id(self.template.end)
-        device = model.wte.weight.device
-        input_ids, mask = (
-            torch.tensor(rows, device=device) for rows in left_padded(tokenizer, [prompt], self.settings)
-        )
-        completions = Completions(tokenizer, 1, self.settings, out)
-        completions.eos = end  # the turn ends here; end-of-text, which separates examples, never comes first
-        s = self.settings
-        tokens = model.generate_stream(
-            input_ids, s["max_new_tokens"], s.get("temperature", 1.0), s.get("top_k"), top_p=s.get("top_p"),
-            repetition_penalty=s.get("repetition_penalty", 1.0), do_sample=s.get("do_sample", True),
-            attention_mask=mask, eos_token_id=end, seed=s.get("seed"),
-        )  # fmt: skip
-        for step in tokens:
-            if completions.add(step.tolist()):
-                break
-        return completions.finish()[0]
+        return complete(self.generator.model, tokenizer, [prompt], self.settings, out=out, end_token=end)[0]
 
 
 def chat(cfg: DictConfig) -> None:

@@ -104,10 +104,16 @@ class TextGenerator:
 
 
 def complete(
-    model: GPT2Model, tokenizer: Tokenizer, prompts: list[str], config: Mapping[str, Any], out: TextIO | None = None
+    model: GPT2Model,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    config: Mapping[str, Any],
+    out: TextIO | None = None,
+    end_token: int | None = None,
 ) -> list[str]:
-    """Continue each prompt, ``num_return_sequences`` times; a completion ends at end-of-text, at one of the
-    ``stop`` strings (which it then ends before), or after ``max_new_tokens``."""
+    """Continue each prompt, ``num_return_sequences`` times; a completion ends at ``end_token`` (by default
+    end-of-text; a chat template's end-of-turn in ``gpt2lab.chat``), at one of the ``stop`` strings (which it then
+    ends before), or after ``max_new_tokens``."""
     import torch
 
     settings = dict(config)
@@ -115,6 +121,8 @@ def complete(
     input_ids, mask = (torch.tensor(rows, device=device) for rows in left_padded(tokenizer, prompts, settings))
     n = settings.get("num_return_sequences", 1)
     completions = Completions(tokenizer, len(prompts) * n, settings, out)
+    if end_token is not None:
+        completions.eos = end_token
     with eager():
         tokens = model.generate_stream(
             input_ids, settings["max_new_tokens"], settings.get("temperature", 1.0), settings.get("top_k"),
