@@ -37,7 +37,7 @@ from hydra.utils import execution_whitelist, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gpt2lab.config import TRUSTED_TARGETS, config_path, group_options, register_schemas
+from gpt2lab.config import TRUSTED_TARGETS, config_path, group_options, hydra_string, register_schemas
 from gpt2lab.config_checks import validate_config
 from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError
@@ -112,9 +112,10 @@ def compose_train(overrides: tuple[str, ...]) -> DictConfig:
 
 
 def _grammar(value: Any) -> str:
-    """A value in Hydra's override grammar: text quoted, so that a path with spaces or ``=`` arrives as typed."""
+    """A value in Hydra's override grammar: text quoted (``config.hydra_string``), so that a path with spaces,
+    ``=`` or backslashes arrives as typed."""
     if isinstance(value, str) and not re.fullmatch(r"[\w./+-]+", value):
-        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return hydra_string(value)
     return str(value)
 
 

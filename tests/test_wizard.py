@@ -157,3 +157,11 @@ def test_train_py_runs_the_experiment_the_wizard_wrote(corpus_file, cache_dir, t
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run / "results.json").read_text())["global_step"] == 4
     assert Path(json.loads((run / "results.json").read_text())["best_checkpoint"]).is_file()
+
+
+@pytest.mark.parametrize("path", [r"C:\data\my file.txt", "my data/a=b.txt", "it's.txt", "plain/path.txt"])
+def test_an_answer_reaches_the_config_as_typed(path):
+    # a Windows path's backslashes, spaces, = and quotes: the config the checks see holds the path typed
+    with wizard.hydra_initialized():
+        cfg = wizard.Session("tiny", {"data.path": path}).compose()
+    assert cfg.data.path == path
