@@ -295,10 +295,13 @@ class OptunaSweeper(OptunaSweeperImpl):
     def _configure_trials(
         self, trials: list[optuna.trial.Trial], space: dict[str, Any], fixed_params: dict[str, Any], fixed: list[str]
     ) -> list[list[str]]:
-        """The trials' overrides, as Optuna's sweeper makes them; it also records each fixed value as a user
-        attribute of the trial, in the study's storage (the SQLite file in the sweep directory by default):
-        recorded again with secrets masked, as in the files beside it. The jobs get the real values."""
-        overrides = super()._configure_trials(trials, space, fixed_params, fixed)
+        """The trials' overrides, as Optuna's sweeper makes them. It would record each fixed value as a user
+        attribute of the trial, in the study's storage (the SQLite file in the sweep directory by default): the
+        values are given to it as fixed overrides instead (the same overrides, in the same order), and recorded
+        here with secrets masked, as in the files beside it, so a secret never reaches the storage. The jobs get
+        the real values."""
+        as_overrides = [f"{name}={value}" for name, value in fixed_params.items()]
+        overrides = super()._configure_trials(trials, space, {}, [*as_overrides, *fixed])
         for trial in trials:
             for name, value in fixed_params.items():
                 trial.set_user_attr(name, MASK if is_secret_key(name) else redact(value))
@@ -360,7 +363,6 @@ class OptunaSweeper(OptunaSweeperImpl):
             run_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else None
             outcome = job_outcome(ret, self.config.optimized_metric)
             try:
-                trial.set_user_attr("overrides", list(ret.overrides or []))
                 trial.set_user_attr("run_dir", str(run_dir or ""))
                 if run_dir is not None and (run_dir / "results.json").is_file():
                     trial.set_user_attr("steps", json.loads((run_dir / "results.json").read_text())["global_step"])
