@@ -61,12 +61,23 @@ def validate_config(cfg: DictConfig, token_counts: Mapping[str, int] | None = No
                 cause = cause.__cause__
             missing = getattr(e, "full_key", None) if isinstance(e, MissingMandatoryValue) else None
             if isinstance(e, InterpolationToMissingValueError):  # data.max_length: ${model.context_length}
-                missing = str(e).split("Missing mandatory value: ")[-1].split()[0]
+                missing = _first_missing(cfg)
             if cause is None and missing:  # a ??? of a config group (model=module's model.context_length)
                 errors.append(f"{missing} has no value, and this run needs one: add {missing}=<value> to the command")
                 continue
             errors.append(str(cause) if cause is not None else f"{type(e).__name__}: {e}")
     return not errors, errors
+
+
+def _first_missing(cfg: DictConfig) -> str | None:
+    """The first key of the run's config set to ``???`` itself (not one interpolating it), outside ``hydra.``."""
+    for key in sorted(OmegaConf.missing_keys(cfg)):
+        parent, _, leaf = key.rpartition(".")
+        if not key.startswith("hydra.") and OmegaConf.is_missing(
+            OmegaConf.select(cfg, parent) if parent else cfg, leaf
+        ):
+            return key
+    return None
 
 
 def raise_if_invalid(cfg: DictConfig, token_counts: Mapping[str, int] | None = None) -> None:
