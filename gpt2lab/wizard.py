@@ -537,15 +537,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def ask_preset(presets: list[str]) -> str:
     """The first question: the preset the defaults come from, with each one's first comment line."""
+    from gpt2lab.presets import read_header  # its description line, also from an installed gpt2lab
+
     print("Presets:")
-    root = config_path()
     for preset in presets:
-        about = ""
-        if not root.startswith("pkg://"):
-            comments = [ln[1:].strip() for ln in (Path(root) / "preset" / f"{preset}.yaml").read_text().splitlines()
-                        if ln.startswith("#") and "@package" not in ln]  # fmt: skip
-            about = comments[0] if comments else ""
-        print(f"  {preset:18s} {about[:90]}")
+        print(f"  {preset:18s} {read_header(preset).description[:90]}")
     while True:
         answer = input(f"  Start from which preset? ({', '.join(presets)}) [tiny]: ").strip() or "tiny"
         if answer in presets:
