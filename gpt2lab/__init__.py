@@ -12,7 +12,7 @@ def __getattr__(name: str) -> Any:
     """``from gpt2lab import train_model, load_preset``, imported on first use: ``import gpt2lab`` (which every
     ``gpt2lab.*`` import runs) stays free of Hydra, torch and Lightning."""
     if name in __all__:
-        from gpt2lab import api
+        from gpt2lab.train import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'gpt2lab' has no attribute {name!r}")

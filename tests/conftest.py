@@ -21,7 +21,13 @@ from omegaconf import DictConfig, open_dict
 from gpt2lab.config import register_schemas
 from gpt2lab.data.pystdlib import pystdlib_documents
 
-ENTRY_POINTS = ("gpt2lab.train", "gpt2lab.evaluate", "gpt2lab.generate", "gpt2lab.chat", "gpt2lab.cli")
+ENTRY_POINTS = (
+    "gpt2lab.train.__main__",
+    "gpt2lab.evaluate.__main__",
+    "gpt2lab.generate.__main__",
+    "gpt2lab.chat.__main__",
+    "gpt2lab.cli",
+)
 for _module in ENTRY_POINTS:
     importlib.import_module(_module)
 # The warning filters of an entry point's process (``run_main`` applies them): those its modules set on import
@@ -119,7 +125,7 @@ def compose_cfg(tmp_path: Path, cache_dir: Path, corpus_file: Path) -> Callable[
 
 def train_in_process(run: Path, overrides: list[str]) -> Path:
     """Train ``conf/train.yaml`` with ``overrides`` in this process, into the run directory ``run``."""
-    from gpt2lab.train import train
+    from gpt2lab.train.run import train
 
     register_schemas()
     GlobalHydra.instance().clear()
@@ -201,6 +207,8 @@ def run_main(
 
     def _run(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         entry = importlib.import_module(module)
+        if hasattr(entry, "__path__"):  # a package: its command is its __main__
+            entry = importlib.import_module(f"{module}.__main__")
         root = logging.getLogger()
         handlers, level = root.handlers[:], root.level
         capsys.readouterr()  # only this run's output

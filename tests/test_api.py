@@ -18,11 +18,11 @@ from hydra.utils import execution_whitelist
 from omegaconf import OmegaConf
 from torch import nn
 
-import gpt2lab.api
+import gpt2lab.train.api
 from gpt2lab import load_preset, train_model
 from gpt2lab.checkpoint import load_checkpoint
 from gpt2lab.errors import ConfigError
-from gpt2lab.generate import sample_text
+from gpt2lab.inference.generator import sample_text
 
 QUIET = ["sample=null", "test=false"]
 
@@ -88,7 +88,7 @@ def test_an_nn_module_object_trains_in_place(corpus_file, cache_dir, tmp_path, m
     assert torch.equal(reloaded.module.out.weight, module.out.weight)
 
     # In another session the key names nothing: the error says how to load the weights, and that works
-    monkeypatch.setattr(gpt2lab.api, "_MODULES", weakref.WeakValueDictionary())
+    monkeypatch.setattr(gpt2lab.train.api, "_MODULES", weakref.WeakValueDictionary())
     with execution_whitelist("test_api.*"), pytest.raises(ConfigError, match="in another Python session"):
         load_checkpoint(results["best_model_path"])
     rebuilt = Bigram()
@@ -130,7 +130,7 @@ def test_import_gpt2lab_stays_light():
 def test_text_in_overrides_reaches_the_config_as_typed(text):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from gpt2lab.api import _as_overrides
+    from gpt2lab.train.api import _as_overrides
 
     (override,) = _as_overrides({"sample.prompt": text})
     assert OverridesParser.create().parse_override(override).value() == text

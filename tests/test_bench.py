@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY
 from hydra.core.global_hydra import GlobalHydra
 
-from gpt2lab.bench import main
+from gpt2lab.bench.training import main
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_memory_search_fits_a_line_and_steps_down_on_out_of_memory(monkeypatch):
     memory here (as fragmentation can make it), so the search steps down 10% and confirms 13."""
     import torch
 
-    from gpt2lab import bench
+    from gpt2lab.bench import training as bench
     from gpt2lab.errors import ConfigError
 
     tried = []

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import gpt2lab.check
+import gpt2lab.checkup.run
 from gpt2lab.checkup import CheckConfig, failed, run_all_tests, run_all_tier1_tests, run_all_tier2_tests
 from gpt2lab.model import DecoderBlock, GPT2Config, GPT2Model
 

@@ -7,8 +7,8 @@ import torch
 from hydra.utils import execution_whitelist, instantiate
 
 from gpt2lab.config import TRUSTED_TARGETS
-from gpt2lab.config_checks import validate_config
 from gpt2lab.errors import ConfigError
+from gpt2lab.train.checks import validate_config
 
 
 def test_the_default_tiny_config_passes(compose_cfg):

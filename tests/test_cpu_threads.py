@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from gpt2lab import cpu_threads
+from gpt2lab.lit import cpu_threads
 
 
 @pytest.fixture

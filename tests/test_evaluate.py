@@ -10,7 +10,7 @@ import pytest
 
 from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
 from gpt2lab.errors import ConfigError
-from gpt2lab.evaluate import Evaluator, compressor_bits_per_byte, print_metrics
+from gpt2lab.evaluate.evaluator import Evaluator, compressor_bits_per_byte, print_metrics
 
 SHORT_PARAGRAPH = 'def add(a, b):\n    """Return the sum of a and b, two numbers."""\n    return a + b  # the sum'
 

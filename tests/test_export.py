@@ -24,7 +24,7 @@ from omegaconf import open_dict
 
 from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
 from gpt2lab.config import register_schemas
-from gpt2lab.exporters import onnx_generation
+from gpt2lab.inference import onnx as onnx_generation
 from gpt2lab.model import generation
 
 pytest.importorskip("onnxruntime")
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory) -> Path:
     """The tiny trained run exported in every format (``format=all``), as the command line composes it."""
-    from gpt2lab.export import export
+    from gpt2lab.exporters.export import export
 
     root = tmp_path_factory.mktemp("exported")
     register_schemas()
@@ -119,7 +119,7 @@ def test_onnx_decoding_gives_gpt2labs_greedy_tokens_with_padding_and_past_the_co
 
 
 def test_onnx_generation_runs_without_torch_and_matches_gpt2lab(exported, trained_run, tmp_path):
-    from gpt2lab.generate import TextGenerator
+    from gpt2lab.inference.generator import TextGenerator
 
     settings = ["inference.do_sample=false", "inference.max_new_tokens=12"]
     prelude = "import sys; sys.modules['torch'] = None; from gpt2lab.generate import main; main()"
@@ -203,7 +203,7 @@ def test_model_card_has_front_matter_run_results_and_snippets_that_run(exported,
 def test_python_api_returns_sizes_differences_and_a_benchmark(trained, tmp_path):
     import onnx
 
-    from gpt2lab.exporters.benchmark import format_benchmark
+    from gpt2lab.bench.export import format_benchmark
     from gpt2lab.exporters.onnx import ONNXExporter, supported_opsets
     from gpt2lab.exporters.torchscript import TorchScriptExporter
 
@@ -328,7 +328,7 @@ def test_model_card_reads_the_corpus_from_the_training_log(trained, trained_run,
 
 
 def test_a_model_other_than_gpt2labs_gpt2_is_refused(export_cli, trained_run, tmp_path, monkeypatch):
-    import gpt2lab.export
+    import gpt2lab.exporters.export
 
     monkeypatch.setattr(gpt2lab.export, "load_checkpoint", lambda path: (torch.nn.Linear(2, 2), None))
     result = export_cli(f"ckpt={trained_run}", "output_dir=out", cwd=tmp_path)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from gpt2lab.generate import TextGenerator, complete
+from gpt2lab.inference.generator import TextGenerator, complete
 
 
 @pytest.fixture

@@ -120,7 +120,7 @@ def test_chat_fine_tuning_of_pretrained_gpt2_gives_the_chat_tokens_mean_rows(
     from gpt2lab.data.formats import split_batch
     from gpt2lab.hf import load_pretrained_weights
     from gpt2lab.model.cross_entropy import IGNORE_INDEX
-    from gpt2lab.train import train_run
+    from gpt2lab.train.run import train_run
 
     cfg = compose_cfg(*chat_args(pretrained_dir, chat_file, f"model.init_from={pretrained_dir}"), tiny=False)
     caplog.set_level("INFO")
@@ -173,7 +173,7 @@ def run_datamodule(cfg, tokenizer):
 
 def test_init_from_without_added_tokens_keeps_the_weights_vocabulary(compose_cfg, pretrained_dir, corpus_file, caplog):
     """Plain text from the same directory: no rows added, the model has the weights' 300."""
-    from gpt2lab.train import train_run
+    from gpt2lab.train.run import train_run
 
     keep = [o for o in chat_args(pretrained_dir, corpus_file) if not o.startswith("data")]
     cfg = compose_cfg("data=files", f"data.path={corpus_file}", *keep, f"model.init_from={pretrained_dir}",
@@ -186,7 +186,7 @@ def test_init_from_without_added_tokens_keeps_the_weights_vocabulary(compose_cfg
 def test_transformers_model_grows_with_its_own_resize(compose_cfg, pretrained_dir, chat_file, caplog):
     """model=hf on the pretrained directory with data=chat: transformers' resize_token_embeddings gives the 4 chat
     tokens rows (the pretrained rows untouched), and it trains."""
-    from gpt2lab.train import train_run
+    from gpt2lab.train.run import train_run
 
     cfg = compose_cfg(*chat_args(pretrained_dir, chat_file, "model=hf", f"model.name_or_path={pretrained_dir}",
                                  "model.context_length=64", "trainer.max_steps=2"), tiny=False)  # fmt: skip

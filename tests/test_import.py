@@ -19,7 +19,7 @@ from gpt2lab.hf import from_transformers, gpt2_config, load_pretrained_gpt2
 from gpt2lab.model import GPT2Config
 from gpt2lab.model.adapter import CausalLM
 from gpt2lab.tokenizers import TokenizerSpec, train_bpe
-from gpt2lab.train import train
+from gpt2lab.train.run import train
 
 transformers = pytest.importorskip("transformers")
 

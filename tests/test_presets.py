@@ -17,10 +17,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import execution_whitelist
 from omegaconf import OmegaConf
 
-from gpt2lab import presets
 from gpt2lab.config import TRUSTED_TARGETS, register_schemas
 from gpt2lab.errors import ConfigError
-from gpt2lab.presets import (
+from gpt2lab.presets import catalog as presets
+from gpt2lab.presets.catalog import (
     GOALS,
     compose_preset,
     model_config,
@@ -111,7 +111,7 @@ def test_the_presets_are_the_documented_ones():
 # -- every preset composes and trains ----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_composes_and_trains_a_few_steps(name, compose_cfg, corpus_file, task_files):
-    from gpt2lab.train import train
+    from gpt2lab.train.run import train
 
     full = compose_cfg(f"preset={name}", tiny=False)
     cfg = compose_cfg(f"preset={name}", *SHRINK, *data_overrides(name, corpus_file, task_files), tiny=False)
@@ -293,7 +293,7 @@ def test_bad_durations_name_the_key_and_the_forms(text):
 
 
 def test_time_budget_sets_max_steps_from_the_probe_and_max_time(compose_cfg, cache_dir):
-    from gpt2lab.train import train
+    from gpt2lab.train.run import train
 
     cfg = compose_cfg("trainer.time_budget=4s", "sample=null", "test=false")
     path = presets.cache_file(cfg)
@@ -356,7 +356,7 @@ def test_the_probe_refuses_models_it_cannot_build(compose_cfg):
 def test_time_budget_stops_training_cleanly_at_max_time(compose_cfg):
     """A probe that promised far more steps than the budget holds: max_time ends training at the budget plus its
     margin, with the last checkpoint written and results reported."""
-    from gpt2lab.train import train
+    from gpt2lab.train.run import train
 
     cfg = compose_cfg("trainer.time_budget=2s", "sample=null", "test=false", "trainer.val_check_interval=50")
     path = presets.cache_file(cfg)

@@ -22,7 +22,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit.callbacks import Curves
-from gpt2lab.runs import COLUMNS, format_table, main, run_table
+from gpt2lab.runs.table import COLUMNS, format_table, main, run_table
 from gpt2lab.sweep.summary import SweepSummary
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -210,7 +210,7 @@ def test_a_run_ends_with_its_curves(trained_run):
 
 
 def test_a_diverging_run_is_failed_and_still_drawn(compose_cfg, tmp_path):
-    from gpt2lab.train import train
+    from gpt2lab.train.run import train
 
     cfg = compose_cfg("optimizer.lr=3e3", "scheduler.warmup_steps=1", "sample=null", "test=false")
     with pytest.raises(ConfigError, match="training diverged"):

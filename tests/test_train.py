@@ -15,7 +15,7 @@ from gpt2lab.checkpoint import load_checkpoint
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit.callbacks import ProgressBar
 from gpt2lab.lit.module import GPT2LitModule
-from gpt2lab.train import train
+from gpt2lab.train.run import train
 
 
 def cli_args(corpus_file: Path, cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -243,7 +243,7 @@ def test_sharded_runs_give_each_stage_its_own_module(compose_cfg, monkeypatch, c
     # best checkpoint file.
     from pytorch_lightning.strategies import SingleDeviceStrategy
 
-    import gpt2lab.train as train_module
+    import gpt2lab.train.run as train_module
 
     monkeypatch.setattr(train_module, "FSDPStrategy", SingleDeviceStrategy)
     seen = []

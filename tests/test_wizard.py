@@ -13,8 +13,8 @@ from conftest import REPO, cli_env
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from gpt2lab import wizard
 from gpt2lab.config import register_schemas
+from gpt2lab.wizard import wizard
 
 FLAGS = ["--preset", "tiny", "--data", "files", "--tokenizer", "bpe", "--vocab-size", "320", "--model", "gpt2-tiny",
          "--context-length", "64", "--trainer", "cpu", "--precision", "32-true", "--batch-size", "8", "--accumulate",

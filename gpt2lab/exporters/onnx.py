@@ -225,7 +225,7 @@ class ONNXExporter:
         if self.validate:
             result["max_abs_diff"] = validate(decoder, path, self.tolerance, self.fp16)
         if self.benchmark:
-            from gpt2lab.exporters.benchmark import benchmark_onnx
+            from gpt2lab.bench.export import benchmark_onnx
 
             result["benchmark"] = benchmark_onnx(model, path)
         return result

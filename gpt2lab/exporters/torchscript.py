@@ -68,7 +68,7 @@ class TorchScriptExporter:
         if self.validate:
             result["max_abs_diff"] = validate(wrapped, path, self.tolerance)
         if self.benchmark:
-            from gpt2lab.exporters.benchmark import benchmark_torchscript
+            from gpt2lab.bench.export import benchmark_torchscript
 
             result["benchmark"] = benchmark_torchscript(model, path)
         return result

@@ -224,7 +224,7 @@ class Samples(pl.Callback):
             return
         if isinstance(trainer.strategy, FSDPStrategy):  # the weights are sharded over the ranks
             return
-        from gpt2lab.generate import complete
+        from gpt2lab.inference.generator import complete
 
         try:  # complete() decodes eagerly: a compiled model would compile again for every decoding shape
             texts = complete(pl_module.model, pl_module.tokenizer, self.prompts, self.settings)
@@ -267,7 +267,7 @@ class Curves(pl.Callback):
         if csv_logger is None:
             log.info("No %s: the run has no CSV logger (logger=csv) to read its metrics from", self.path.name)
             return
-        from gpt2lab.runs import plot_run_curves, read_metrics
+        from gpt2lab.runs.table import plot_run_curves, read_metrics
 
         try:
             csv_logger.save()  # Lightning flushes the rows only every 100 steps and after this hook

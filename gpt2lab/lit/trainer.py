@@ -151,7 +151,7 @@ def apply_time_budget(cfg: DictConfig) -> None:
     budget = cfg.trainer.get("time_budget")
     if budget is None or (cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available()):
         return  # (no GPU for a GPU run: make_trainer says so next, with the fix, before anything is measured)
-    from gpt2lab.presets import measure_throughput, parse_duration, steps_for_budget  # the probe builds a model
+    from gpt2lab.presets.catalog import measure_throughput, parse_duration, steps_for_budget  # the probe builds a model
 
     seconds = parse_duration(str(budget), key="trainer.time_budget")
     probe = measure_throughput(cfg)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,10 +24,22 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from gpt2lab.config import TRUSTED_TARGETS
 from gpt2lab.errors import ConfigError
 from gpt2lab.model.cross_entropy import IGNORE_INDEX
 from gpt2lab.model.gpt2 import GPT2Config, GPT2Model
+
+# Hydra 1.4 instantiates only ``_target_``s its caller trusts. gpt2lab's configs point into these
+# packages; your own classes (a callback of yours, say) are added with GPT2LAB_TRUSTED_TARGETS="mypkg.*".
+TRUSTED_TARGETS = (
+    "gpt2lab.*",
+    "pytorch_lightning.*",
+    "lightning.*",
+    "lightning_fabric.*",
+    "torch.optim.*",
+    "optuna.*",
+    "datetime.timedelta",  # callbacks.time_checkpoint.train_time_interval
+    *(t.strip() for t in os.environ.get("GPT2LAB_TRUSTED_TARGETS", "").split(",") if t.strip()),
+)
 
 GPT2_TARGET = "gpt2lab.model.GPT2Config"
 # Arguments gpt2lab can make up for a forward that requires them: a (B, T) mask of ones, positions 0..T-1.

@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from gpt2lab.runs import find_runs, format_table, plot_val_curves, to_csv
+from gpt2lab.runs.table import find_runs, format_table, plot_val_curves, to_csv
 from gpt2lab.secrets import redact
 
 log = logging.getLogger(__name__)

@@ -9,13 +9,9 @@ named first in ``conf/train.yaml``'s defaults list.
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 import inspect
-import os
-import re
 import types
 import typing
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
@@ -27,19 +23,6 @@ from gpt2lab.model import GPT2Config
 from gpt2lab.tokenizers import TokenizerSpec
 
 PRIMITIVES = (int, float, bool, str)
-
-# Hydra 1.4 instantiates only ``_target_``s its caller trusts. gpt2lab's configs point into these
-# packages; your own classes (a callback of yours, say) are added with GPT2LAB_TRUSTED_TARGETS="mypkg.*".
-TRUSTED_TARGETS = (
-    "gpt2lab.*",
-    "pytorch_lightning.*",
-    "lightning.*",
-    "lightning_fabric.*",
-    "torch.optim.*",
-    "optuna.*",
-    "datetime.timedelta",  # callbacks.time_checkpoint.train_time_interval
-    *(t.strip() for t in os.environ.get("GPT2LAB_TRUSTED_TARGETS", "").split(",") if t.strip()),
-)
 
 
 def _checked_type(hint: Any) -> Any:
@@ -286,55 +269,6 @@ class ExportSchema:
     task_name: str = "export"
 
 
-def config_path() -> str:
-    """Where the config tree is: ``conf/`` of a source checkout, else the copy installed as ``gpt2lab.conf``."""
-    source_tree = Path(__file__).resolve().parent.parent / "conf"
-    return str(source_tree) if (source_tree / "train.yaml").is_file() else "pkg://gpt2lab.conf"
-
-
-def config_groups() -> set[str]:
-    """The names of the config groups (``model``, ``scheduler``, ...): the directories of the config tree."""
-    path = config_path()
-    root = importlib.resources.files("gpt2lab.conf") if path.startswith("pkg://") else Path(path)
-    return {entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("_")}
-
-
-def group_options(group: str) -> list[str]:
-    """The options of a config group (``conf/preset/*.yaml``: ``small``, ``tiny``, ...), sorted, read now (a preset
-    added since start-up is listed)."""
-    path = config_path()
-    root = importlib.resources.files("gpt2lab.conf") if path.startswith("pkg://") else Path(path)
-    directory = root / group
-    if not directory.is_dir():
-        return []
-    return sorted(entry.name[: -len(".yaml")] for entry in directory.iterdir() if entry.name.endswith(".yaml"))
-
-
-def null_group_overrides(args: list[str]) -> list[str]:
-    """``group=null`` read as ``~group`` (drop the group's default): Hydra only knows the latter, and stops
-    with a traceback on the former, which is what users of Hydra-based tools type."""
-    groups = config_groups()
-    return [f"~{a.partition('=')[0]}" if a.endswith("=null") and a.partition("=")[0] in groups else a for a in args]
-
-
-def hydra_string(text: str) -> str:
-    """``text`` as a quoted string of Hydra's override grammar, read back as exactly ``text``. Hydra reads a
-    backslash as itself except before a quote or the closing quote: only those are doubled."""
-    return "'" + re.sub(r"(\\+)(?='|$)", r"\1\1", text).replace("'", "\\'") + "'"
-
-
-def literal_overrides(args: list[str], keys: tuple[str, ...]) -> list[str]:
-    """``key=<any text>`` taken as that text: quoted for Hydra's override grammar, which would otherwise parse
-    ``prompt="def f(n):"`` (the shell has removed the quotes) as an expression and fail on the parentheses."""
-    quoted = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if sep and key in keys and not (len(value) > 1 and value[0] == value[-1] and value[0] in "'\""):
-            arg = f"{key}={hydra_string(value)}"
-        quoted.append(arg)
-    return quoted
-
-
 def _if_hub(source: str, value: Any, otherwise: Any = None) -> Any:
     """``${if_hub:${.source},<for the Hub>,<else>}``: a data config's Hub dataset (and its columns) while
     data.source is hub, ``otherwise`` (null) once it is another: a task format's config names a Hub dataset for
@@ -350,13 +284,3 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="generate_schema", node=GenerateSchema, replace=True)
     ConfigStore.instance().store(name="chat_schema", node=ChatSchema, replace=True)
     ConfigStore.instance().store(name="export_schema", node=ExportSchema, replace=True)
-
-
-def given_on_command_line(*keys: str) -> bool:
-    """Whether the command line sets any of ``keys`` (a group, ``tokenizer``, or a value, ``inference.stop``),
-    itself or below it (``tokenizer.name=...``), rather than leaving it to the config files."""
-    from hydra.core.hydra_config import HydraConfig
-
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    names = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
-    return any(name == key or name.startswith(f"{key}.") for name in names for key in keys)

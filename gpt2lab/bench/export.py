@@ -68,7 +68,7 @@ def sizes(model: GPT2Model, repeats: int) -> tuple[int, int, int]:
 def benchmark_onnx(model: GPT2Model, path: str | Path, repeats: int = 5) -> dict[str, Any]:
     """onnxruntime (the exported graph at ``path``) against ``model`` in PyTorch eager."""
     from gpt2lab.exporters.onnx import graph_shape
-    from gpt2lab.exporters.onnx_generation import ONNXDecoder, stream_tokens
+    from gpt2lab.inference.onnx import ONNXDecoder, stream_tokens
 
     decoder = ONNXDecoder(path, graph_shape(model), model.config.context_length, threads=torch.get_num_threads())
     sequence, prompt, new = sizes(model, repeats)
@@ -122,7 +122,7 @@ def format_benchmark(result: dict[str, Any], title: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpt2lab.bench_decode import build_model
+    from gpt2lab.bench.decode import build_model
     from gpt2lab.exporters.onnx import ONNXExporter
 
     parser = argparse.ArgumentParser(prog="python -m gpt2lab.bench export", description=__doc__.split("\n\n")[0])

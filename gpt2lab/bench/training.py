@@ -132,7 +132,7 @@ def config_error_text(e: BaseException) -> str:
 
 def measure(overrides: list[str], micro_batch: int, steps: int, warmup: int, accumulate: int) -> dict[str, Any]:
     """One short training run through ``gpt2lab.train.train``; the StepTimer's figures."""
-    from gpt2lab.train import train
+    from gpt2lab.train.run import train
 
     workdir = Path(tempfile.mkdtemp(prefix="gpt2lab-bench-"))
     try:
@@ -149,7 +149,7 @@ def measure(overrides: list[str], micro_batch: int, steps: int, warmup: int, acc
                 "test=false",
                 "sample=null",
                 f"paths.output_dir={workdir}",
-                "+callbacks.step_timer._target_=gpt2lab.bench.StepTimer",
+                "+callbacks.step_timer._target_=gpt2lab.bench.training.StepTimer",
                 f"+callbacks.step_timer.out={workdir / 'bench.json'}",
                 f"+callbacks.step_timer.warmup={warmup}",
             ]
@@ -208,7 +208,7 @@ def run_reference(
     the script's own loop (``gpt2lab.reference_loop``)."""
     env = {**os.environ, "B": str(micro_batch), "STEPS": str(steps)}
     if variant == REFERENCE_LOOP_VARIANT:
-        command = [sys.executable, "-m", "gpt2lab.reference_loop", str(script), *(overrides or [])]
+        command = [sys.executable, "-m", "gpt2lab.bench.reference_loop", str(script), *(overrides or [])]
     else:
         command = [sys.executable, str(script), variant]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -253,11 +253,11 @@ HEADER = (
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["decode"]:  # decoding speed beside transformers: gpt2lab/bench_decode.py
-        from gpt2lab.bench_decode import main as decode_main
+        from gpt2lab.bench.decode import main as decode_main
 
         return decode_main(argv[1:])
     if argv[:1] == ["export"]:  # onnxruntime against PyTorch eager on the CPU: gpt2lab/exporters/benchmark.py
-        from gpt2lab.exporters.benchmark import main as export_main
+        from gpt2lab.bench.export import main as export_main
 
         return export_main(argv[1:])
     parser = argparse.ArgumentParser(

@@ -25,7 +25,7 @@ def main() -> None:
         given = f"unknown command {sys.argv[1]!r}; " if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
         print(f"usage: gpt2lab <command> [key=value ...] [--help]\n{given}commands:\n{listed}", file=sys.stderr)
         raise SystemExit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
-    module = importlib.import_module(f"gpt2lab.{sys.argv[1]}")
+    module = importlib.import_module(f"gpt2lab.{sys.argv[1]}.__main__")
     # The module's own file as the program: Lightning's DDP launcher re-runs sys.argv[0] for the other ranks.
     sys.argv = [module.__file__, *sys.argv[2:]]
     module.main()

@@ -41,9 +41,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt2lab.config import config_path, null_group_overrides, register_schemas
-from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit.callbacks import format_duration, precision_dtype
+from gpt2lab.lit.cpu_threads import use_free_cores
 from gpt2lab.model import DecoderBlock, GPT2Config, GPT2Model
 
 PROBE_VERSION = 2  # part of the cache key: a change to how the probe measures invalidates old results

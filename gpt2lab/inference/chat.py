@@ -26,7 +26,7 @@ from gpt2lab.config import (
     register_schemas,
 )
 from gpt2lab.errors import ConfigError, report_errors
-from gpt2lab.generate import TextGenerator, check_inference, complete
+from gpt2lab.inference.generator import TextGenerator, check_inference, complete
 
 if TYPE_CHECKING:  # imported where a checkpoint is read, as torch is (gpt2lab.generate)
     from gpt2lab.data.formats import ChatTemplate

@@ -98,7 +98,7 @@ class TextGenerator:
 
     def interactive_mode(self, config: Mapping[str, Any]) -> None:
         """Talk to the model in the terminal, as ``python -m gpt2lab.chat`` does."""
-        from gpt2lab.chat import repl
+        from gpt2lab.inference.chat import repl
 
         repl(self, dict(config))
 
@@ -251,7 +251,7 @@ def generate(cfg: DictConfig) -> list[dict[str, Any]]:
     elif cfg.ckpt is not None:
         raise ConfigError("give ckpt=... or onnx=..., not both")
     else:
-        from gpt2lab.exporters.onnx_generation import ONNXTextGenerator  # onnxruntime: no torch
+        from gpt2lab.inference.onnx import ONNXTextGenerator  # onnxruntime: no torch
 
         generator = ONNXTextGenerator(cfg.onnx)
     log.info("Model: %s", generator.path)

@@ -203,7 +203,7 @@ def _module_overrides(module: nn.Module, context_length: int | None) -> list[str
     _MODULES[key] = module
     return [
         "model=module",
-        "model.module._target_=gpt2lab.api.registered_module",
+        "model.module._target_=gpt2lab.train.api.registered_module",
         f"+model.module.key={key}",
         f"model.context_length={context_length}",
     ]
@@ -215,7 +215,7 @@ def _run(cfg: DictConfig) -> Any:
     the run directory, writes ``.hydra/``, sets up the job's logging and ``${hydra:...}``, then calls train."""
     from hydra._internal.callbacks import Callbacks  # Hydra's own runner uses it; no public equivalent
 
-    from gpt2lab.train import TrainedRun, train_run  # Lightning and torch load here, not on ``import gpt2lab``
+    from gpt2lab.train.run import TrainedRun, train_run  # Lightning and torch load here, not on ``import gpt2lab``
 
     if "hydra" not in cfg:
         raise ConfigError(
@@ -260,7 +260,7 @@ def _run(cfg: DictConfig) -> Any:
 def _module_classes(cfg: DictConfig) -> list[str]:
     """The class of a module passed as an object: trusted, since its caller built it (a class named in the config
     instead needs GPT2LAB_TRUSTED_TARGETS, as on the command line)."""
-    if OmegaConf.select(cfg, "model.module._target_") != "gpt2lab.api.registered_module":
+    if OmegaConf.select(cfg, "model.module._target_") != "gpt2lab.train.api.registered_module":
         return []
     module = _MODULES.get(OmegaConf.select(cfg, "model.module.key"))
     return [] if module is None else [f"{type(module).__module__}.{type(module).__qualname__}"]

@@ -27,7 +27,9 @@ BANDWIDTH = {"h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12}
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype) -> GPT2Model:
     """A randomly initialised model of the size ``conf/model/<name>.yaml`` describes."""
-    from gpt2lab.bench import compose_config  # the model group as train.py composes it (sizes inherit from gpt2)
+    from gpt2lab.bench.training import (
+        compose_config,
+    )  # the model group as train.py composes it (sizes inherit from gpt2)
 
     fields = OmegaConf.to_container(compose_config([f"model={name}", "~preset"]).model, resolve=True)
     fields.pop("_target_")

@@ -24,7 +24,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gpt2lab.errors import ConfigError
-from gpt2lab.generate import Completions, TextGenerator, left_padded
+from gpt2lab.inference.generator import Completions, TextGenerator, left_padded
 
 
 class ONNXDecoder:

@@ -38,9 +38,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt2lab.config import TRUSTED_TARGETS, config_path, group_options, hydra_string, register_schemas
-from gpt2lab.config_checks import validate_config
-from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError
+from gpt2lab.lit.cpu_threads import use_free_cores
+from gpt2lab.train.checks import validate_config
 
 STEPS = ("Dataset", "Tokenizer", "Model check", "Training parameters", "Validation and summary")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def ask_preset(presets: list[str]) -> str:
     """The first question: the preset the defaults come from, with each one's first comment line."""
-    from gpt2lab.presets import read_header  # its description line, also from an installed gpt2lab
+    from gpt2lab.presets.catalog import read_header  # its description line, also from an installed gpt2lab
 
     print("Presets:")
     for preset in presets:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from gpt2lab.bench import CONFIG_ERRORS, REFERENCE_LOOP_VARIANT, compose_config, config_error_text
+from gpt2lab.bench.training import CONFIG_ERRORS, REFERENCE_LOOP_VARIANT, compose_config, config_error_text
 from gpt2lab.lit.module import inductor_options
 from gpt2lab.model import GPT2Model
 

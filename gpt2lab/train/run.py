@@ -33,13 +33,12 @@ from gpt2lab.config import (
     null_group_overrides,
     register_schemas,
 )
-from gpt2lab.config_checks import raise_if_invalid
-from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError, report_errors
-from gpt2lab.generate import sample_text
 from gpt2lab.hf import grow_vocab, import_model_config, load_pretrained_weights
+from gpt2lab.inference.generator import sample_text
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, Preemption, RunSettings, Samples, ThroughputLogger
+from gpt2lab.lit.cpu_threads import use_free_cores
 from gpt2lab.lit.ddp import use_job_command_for_ddp
 from gpt2lab.lit.loggers import continue_wandb_run, finish_wandb_run, keep_csv_history
 from gpt2lab.lit.trainer import (
@@ -52,6 +51,7 @@ from gpt2lab.model.adapter import is_gpt2
 from gpt2lab.secrets import redact_config
 from gpt2lab.sweep.summary import job_outcome
 from gpt2lab.tokenizers import TokenizerSpec, check_model_vocab
+from gpt2lab.train.checks import raise_if_invalid
 
 log = logging.getLogger("gpt2lab.train")
 DDP_LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")

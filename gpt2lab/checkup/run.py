@@ -32,8 +32,8 @@ from gpt2lab.config import (
     literal_overrides,
     null_group_overrides,
 )
-from gpt2lab.cpu_threads import use_free_cores
 from gpt2lab.errors import ConfigError, report_errors
+from gpt2lab.lit.cpu_threads import use_free_cores
 from gpt2lab.model import GPT2Model
 from gpt2lab.model.adapter import CausalLM, is_gpt2
 from gpt2lab.model.adapter import build_model as build_model_from_config

@@ -1,0 +1,1 @@
+"""Runs on disk: reading run directories, and the table and figures made from them."""
