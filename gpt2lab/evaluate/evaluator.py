@@ -16,13 +16,11 @@ import json
 import logging
 import lzma
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 from hydra.utils import execution_whitelist, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -32,12 +30,9 @@ from torch.utils.data import DataLoader
 from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
 from gpt2lab.config import (
     TRUSTED_TARGETS,
-    config_path,
     given_on_command_line,
-    null_group_overrides,
-    register_schemas,
 )
-from gpt2lab.errors import ConfigError, report_errors
+from gpt2lab.errors import ConfigError
 from gpt2lab.lit.module import GPT2LitModule
 from gpt2lab.lit.trainer import make_trainer
 from gpt2lab.model import GPT2Model
@@ -180,22 +175,3 @@ def run_data_config(checkpoint: Path) -> DictConfig:
             "name the data, e.g. data=files data.path=held_out.txt"
         )
     return OmegaConf.load(run_config).data
-
-
-register_schemas()
-
-
-def main() -> None:
-    """Entry point of ``python -m gpt2lab.evaluate``."""
-    sys.argv = null_group_overrides(sys.argv)
-    _main()
-
-
-@hydra.main(config_path=config_path(), config_name="evaluate", execution_whitelist=TRUSTED_TARGETS)
-@report_errors
-def _main(cfg: DictConfig) -> float | None:
-    return evaluate(cfg).get(cfg.optimized_metric)
-
-
-if __name__ == "__main__":
-    main()
