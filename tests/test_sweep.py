@@ -112,6 +112,37 @@ def test_optuna_study_resumes_and_exports_a_reproducible_best_trial(tmp_path, co
     assert reproduced == pytest.approx(study.best_value, abs=1e-5)
 
 
+def test_export_best_refuses_to_replace_a_recipe_unless_forced(tmp_path, capsys):
+    from gpt2lab.sweep.__main__ import main as sweep_main
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="t", storage=storage)
+    for lr in (0.01, 0.001):
+        trial = study.ask()
+        trial.set_user_attr("overrides", ["data=files", f"optimizer.lr={lr}", "hydra.sweeper.n_trials=2"])
+        study.tell(trial, lr)  # the smaller lr is the best trial
+    args = ["export-best", f"--storage={storage}", "--study-name=t", "--name=best", f"--out={tmp_path / 'conf'}"]
+    recipe = tmp_path / "conf" / "experiment" / "best.yaml"
+    sweep_main(args)
+    assert f"Wrote {recipe}; reproduce it with: python train.py experiment=best --config-dir {tmp_path / 'conf'}" in (
+        capsys.readouterr().out
+    )
+    text = recipe.read_text()
+    assert "override /data: files" in text and "lr: 0.001" in text and "n_trials" not in text
+
+    recipe.write_text("# my own recipe\n")
+    with pytest.raises(SystemExit) as refused:
+        sweep_main(args)
+    assert refused.value.code == 1
+    assert capsys.readouterr().err == f"Error: {recipe} exists: choose another name, or pass --force to replace it\n"
+    assert recipe.read_text() == "# my own recipe\n"
+    sweep_main([*args, "--force"])
+    assert "lr: 0.001" in recipe.read_text()
+    with pytest.raises(SystemExit):
+        sweep_main([*args[:3], "--name=../x", args[4]])
+    assert "name '../x'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path, corpus_file, cache_dir):
     sweep = tmp_path / "study"

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gpt2lab.config.experiments import default_config_dir, searchpath_flag
 from gpt2lab.errors import ConfigError
 from gpt2lab.sweep.optuna_sweeper import export_best, report
-
-SOURCE_CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,7 +19,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     export.add_argument("--study-name", default="gpt2lab")
     export.add_argument("--name", required=True, help="experiment name: python train.py experiment=<name>")
-    export.add_argument("--out", default=str(SOURCE_CONF), help="config directory")
+    export.add_argument(
+        "--out",
+        default=None,
+        help="config directory (default: conf/ of a source checkout, else ./conf, used with --config-dir conf)",
+    )
+    export.add_argument("--force", action="store_true", help="replace conf/experiment/<name>.yaml if it exists")
     rep = sub.add_parser("report", help="trial states and training steps of a study")
     rep.add_argument("--storage", required=True)
     rep.add_argument("--study-name", default="gpt2lab")
@@ -29,11 +33,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "report":
             print(report(args.storage, args.study_name))
             return
-        path = export_best(args.storage, args.study_name, args.name, Path(args.out))
+        out = Path(args.out) if args.out is not None else default_config_dir()
+        path = export_best(args.storage, args.study_name, args.name, out, overwrite=args.force)
     except (ConfigError, KeyError) as e:
         parser.exit(1, f"Error: {e}\n")
-    config_dir = "" if Path(args.out).resolve() == SOURCE_CONF else f" --config-dir {args.out}"
-    print(f"Wrote {path}; reproduce it with: python train.py experiment={args.name}{config_dir}")
+    print(f"Wrote {path}; reproduce it with: python train.py experiment={args.name}{searchpath_flag(out)}")
 
 
 if __name__ == "__main__":

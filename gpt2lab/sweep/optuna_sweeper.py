@@ -57,6 +57,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from gpt2lab.config import config_groups
+from gpt2lab.config.experiments import check_experiment_name, write_experiment
 from gpt2lab.errors import ConfigError
 from gpt2lab.secrets import MASK, is_secret_key, redact
 from gpt2lab.sweep.summary import job_outcome
@@ -481,8 +482,10 @@ class OptunaPruning(pl.Callback):
             raise optuna.TrialPruned(f"pruned at step {step} with {self.monitor}={value:.4f}")
 
 
-def export_best(storage: str, study_name: str, name: str, out_dir: Path) -> Path:
-    """Write the best trial's overrides as ``<out_dir>/experiment/<name>.yaml``."""
+def export_best(storage: str, study_name: str, name: str, out_dir: Path, overwrite: bool = False) -> Path:
+    """Write the best trial's overrides as ``<out_dir>/experiment/<name>.yaml`` (through the one experiment writer:
+    an existing file is refused, naming it, unless ``overwrite``)."""
+    check_experiment_name(name)  # before the study is read
     study = optuna.load_study(study_name=study_name, storage=storage)
     try:
         best = study.best_trial
@@ -503,10 +506,8 @@ def export_best(storage: str, study_name: str, name: str, out_dir: Path) -> Path
     if groups:
         lines += ["defaults:"] + [f"  - override /{k}: {v}" for k, v in groups]
     body = OmegaConf.to_yaml(OmegaConf.from_dotlist([f"{k}={v}" for k, v in values])) if values else ""
-    path = out_dir / "experiment" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n\n" + body)
-    return path
+    text = "\n".join(lines) + "\n\n" + body
+    return write_experiment(name, text, out_dir, overwrite=overwrite, to_replace="pass --force")
 
 
 def report(storage: str, study_name: str) -> str:
