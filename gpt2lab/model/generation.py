@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from gpt2lab.model.gpt2 import GPT2Model
+from torch import nn
 
 log = logging.getLogger(__name__)
+
+
+class CachedModel(Protocol):
+    """What decoding needs of a model: ``GPT2Model`` is one. Written as a protocol so that this module, which
+    ``gpt2.py`` imports for its ``generate``, does not import the model back."""
+
+    config: Any  # GPT2Config: context_length, num_layers, num_heads, d_model
+    wte: nn.Embedding  # the token embedding: the device and dtype of the weights
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]: ...
 
 
 class KVCache:
@@ -115,7 +125,7 @@ class DecodeStep:
     model, batch size and capacity, and kept (``decode_step``), so that the next generation replays it.
     """
 
-    def __init__(self, model: GPT2Model, batch_size: int, capacity: int, static: bool) -> None:
+    def __init__(self, model: CachedModel, batch_size: int, capacity: int, static: bool) -> None:
         self.model, self.static = model, static
         weight = model.wte.weight
         c = model.config
@@ -181,7 +191,7 @@ class _DecodeSteps(dict):
         return (_DecodeSteps, ())
 
 
-def decode_step(model: GPT2Model, batch_size: int, capacity: int) -> DecodeStep:
+def decode_step(model: CachedModel, batch_size: int, capacity: int) -> DecodeStep:
     """The model's static ``DecodeStep`` for this batch size and capacity, built on first use and kept on the
     model. A model moved to another device or dtype since gets a new one."""
     steps = model.__dict__.setdefault("_decode_steps", _DecodeSteps())
@@ -228,7 +238,7 @@ def penalize_repetition(
 
 @torch.no_grad()
 def stream_tokens(
-    model: GPT2Model,
+    model: CachedModel,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
