@@ -1,24 +1,82 @@
-"""Finding, checking and loading gpt2lab checkpoints (Lightning ``.ckpt`` files)."""
+"""gpt2lab checkpoints (Lightning ``.ckpt`` files): the payload gpt2lab adds to them, and finding, checking and
+loading them.
+
+Lightning writes the weights, optimizer and loop state; gpt2lab adds one entry, ``checkpoint["gpt2lab"]``
+(``Payload``): the tokenizer, the chat template of a chat-format run, and the RNG states, so that a checkpoint
+alone rebuilds the model with its tokenizer and a resumed run draws the same dropout masks. It is written
+(``write_payload``, from the LightningModule's ``on_save_checkpoint``) and read (``read_payload``) here only."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
+import random
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
 from gpt2lab.errors import ConfigError
-from gpt2lab.lit.module import CHECKPOINT_KEY
 from gpt2lab.model import GPT2Model
 from gpt2lab.model.adapter import CausalLM, build_model
 
 log = logging.getLogger(__name__)
+CHECKPOINT_KEY = "gpt2lab"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclasses.dataclass
+class Payload:
+    """What gpt2lab keeps in a checkpoint beside Lightning's state."""
+
+    tokenizer: Tokenizer | None = None
+    chat_template: dict[str, Any] | None = None  # ChatTemplate.to_dict() of a data.format=chat run
+    rng: dict[str, Any] | None = None  # read back only: written as the RNG states at the time of writing
+
+
+def write_payload(checkpoint: dict[str, Any], payload: Payload) -> None:
+    """Add ``payload`` to a checkpoint Lightning is writing, with the RNG states of this moment."""
+    checkpoint[CHECKPOINT_KEY] = {
+        "format": CHECKPOINT_FORMAT,
+        "tokenizer": payload.tokenizer.to_str() if payload.tokenizer is not None else None,
+        "chat_template": payload.chat_template,
+        "rng": rng_states(),
+    }
+
+
+def read_payload(checkpoint: dict[str, Any]) -> Payload:
+    """The payload of a loaded checkpoint (empty for a checkpoint written without one)."""
+    extra = checkpoint.get(CHECKPOINT_KEY, {})
+    tokenizer = Tokenizer.from_str(extra["tokenizer"]) if extra.get("tokenizer") else None
+    return Payload(tokenizer, extra.get("chat_template"), extra.get("rng"))
+
+
+def rng_states() -> dict[str, Any]:
+    # Plain lists and tensors only, so that checkpoints load with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def resolve_ckpt_path(
@@ -248,7 +306,7 @@ def _vocabulary(tokenizer_json: str) -> str:
 
 def saved_chat_template(path: str | os.PathLike) -> dict[str, Any] | None:
     """The chat template a ``data.format=chat`` run saved in its checkpoint (``ChatTemplate.to_dict``), or None."""
-    return read_checkpoint(path).get(CHECKPOINT_KEY, {}).get("chat_template")
+    return read_payload(read_checkpoint(path)).chat_template
 
 
 def load_checkpoint(
@@ -260,6 +318,4 @@ def load_checkpoint(
     model = build_model(checkpoint["hyper_parameters"]["model"])
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
-    tokenizer_json = checkpoint.get(CHECKPOINT_KEY, {}).get("tokenizer")
-    tokenizer = Tokenizer.from_str(tokenizer_json) if tokenizer_json else None
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), read_payload(checkpoint).tokenizer

@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-import gpt2lab.data.datamodule as dm_module
-from gpt2lab.data import GPT2DataModule, ResumableRandomSampler, TokenBlockDataset, load_corpus
+from gpt2lab.data import GPT2DataModule, ResumableRandomSampler, TokenBlockDataset, load_corpus, token_files
 from gpt2lab.data.pystdlib import pystdlib_documents
 from gpt2lab.errors import ConfigError
 
@@ -192,7 +191,7 @@ def test_token_files_are_cached_and_reused(tmp_path, corpus_file, monkeypatch):
     assert dm.datasets["train"].tokens.dtype == np.uint16
     eos = dm.tokenizer.token_to_id("<|endoftext|>")
     assert int((np.asarray(dm.datasets["train"].tokens) == eos).sum()) == stats["train"]["documents"]
-    monkeypatch.setattr(dm_module.GPT2DataModule, "_write_token_files", lambda *a: pytest.fail("tokenized twice"))
+    monkeypatch.setattr(token_files, "write_token_files", lambda *a: pytest.fail("tokenized twice"))
     again = make_dm(tmp_path, path=str(corpus_file))
     again.setup()
     assert again.stats == stats
@@ -273,7 +272,7 @@ def test_a_tokenizer_that_leaves_text_unknown_warns_also_from_the_cache(tmp_path
     warning = f"{100 * validation['unknown'] / validation['tokens']:.1f}% of the validation tokens are <|unk|>"
     assert warning in logged and "raise tokenizer.vocab_size (now 5) or use tokenizer=bpe" in logged
 
-    monkeypatch.setattr(dm_module.GPT2DataModule, "_write_token_files", lambda *a: pytest.fail("tokenized twice"))
+    monkeypatch.setattr(token_files, "write_token_files", lambda *a: pytest.fail("tokenized twice"))
     assert warning in setup_and_log()  # from the cache
     for split in meta["splits"].values():  # token files cached before meta.json kept the count
         del split["unknown"]

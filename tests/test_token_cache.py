@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import REPO
 
 from gpt2lab.data import GPT2DataModule
-from gpt2lab.data.datamodule import damaged_token_files
+from gpt2lab.data.token_files import damaged_token_files
 
 
 def datamodule(corpus_file: Path, cache: Path) -> GPT2DataModule:

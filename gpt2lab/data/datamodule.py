@@ -1,137 +1,30 @@
-"""Token files on disk, fixed-length windows over them, and the LightningDataModule that serves them."""
+"""The LightningDataModule: corpus, tokenizer, token files (``token_files``) and windows over them (``windows``)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
-from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from filelock import FileLock, Timeout
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from gpt2lab.data import formats
-from gpt2lab.data.corpus import Corpus, load_corpus
+from gpt2lab.data import formats, token_files
+from gpt2lab.data.corpus import load_corpus
 from gpt2lab.data.formats import OVERLONG, MaskedWindowDataset, TaskFormat
+from gpt2lab.data.windows import ResumableRandomSampler, SlidingWindowDataset, TokenBlockDataset
 from gpt2lab.errors import ConfigError
-from gpt2lab.tokenizers import EOS_TOKEN, PAD_TOKEN, TokenizerSpec, fingerprint, validate_tokenizer
+from gpt2lab.tokenizers import TokenizerSpec, fingerprint, validate_tokenizer
 from gpt2lab.tokenizers.build import unknown_token_id
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 MAX_UNKNOWN = 0.01  # fraction of the validation tokens that may be unknown before a run warns
-
-
-class TokenBlockDataset(Dataset):
-    """Non-overlapping windows of ``block_size + 1`` tokens (inputs plus the shifted targets)."""
-
-    def __init__(self, tokens: np.ndarray, block_size: int) -> None:
-        self.tokens = tokens
-        self.block_size = block_size
-
-    def __len__(self) -> int:
-        return max(len(self.tokens) - 1, 0) // self.block_size
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        start = i * self.block_size
-        return torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
-
-
-class SlidingWindowDataset(Dataset):
-    """Windows of ``block_size + 1`` tokens every ``stride`` tokens, for evaluation: each token is predicted
-    with up to a full context. Item ``i`` is ``(window, first_scored)``: the window's labels before
-    ``first_scored`` were scored by the window before it and serve as context only. With ``stride ==
-    block_size`` these are ``TokenBlockDataset``'s windows, every label scored."""
-
-    def __init__(self, tokens: np.ndarray, block_size: int, stride: int) -> None:
-        if not 1 <= stride <= block_size:
-            raise ConfigError(f"eval.stride={stride}: expected 1 to the context length ({block_size}), or null")
-        self.tokens = tokens
-        self.block_size = block_size
-        self.stride = stride
-
-    def __len__(self) -> int:
-        n = len(self.tokens) - 1 - self.block_size  # where the last full window may start
-        return n // self.stride + 1 if n >= 0 else 0
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        start = i * self.stride
-        window = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
-        return window, 0 if i == 0 else self.block_size - self.stride
-
-
-class ResumableRandomSampler(DistributedSampler):
-    """This rank's share of a seeded permutation per epoch, able to start part-way through, so that a
-    resumed run sees the same batches, in the same order, as an uninterrupted one.
-
-    Each epoch is ``torch.randperm`` seeded by ``seed + epoch`` (Lightning calls ``set_epoch``), less
-    the tail that does not split evenly, and rank ``r`` takes every ``num_replicas``-th index from
-    ``r``: ``DistributedSampler(shuffle=True, drop_last=True)``. With one replica that is the whole
-    permutation. It is a ``DistributedSampler`` so that Lightning uses it as is under DDP; any other
-    sampler gets wrapped in ``DistributedSamplerWrapper``, which splits the sampler's own order across
-    ranks and so cannot start mid-epoch. ``len()`` stays the full epoch, so that Lightning's count of
-    the epoch's batches is the same in a resumed run as in the run it resumes."""
-
-    def __init__(self, dataset: Sized, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.start = 0  # samples of this rank's current epoch already consumed (set on resume)
-
-    def __iter__(self) -> Iterator[int]:
-        order = list(super().__iter__())[self.start :]
-        self.start = 0
-        return iter(order)
-
-
-def damaged_token_files(token_dir: Path) -> str | None:
-    """What is wrong with cached token files (``"missing"`` when there are none), or None when they are whole:
-    each file has the size ``meta.json`` recorded and, where it recorded one, the same content hash. A file
-    cut short (a full disk, a killed copy) or altered would otherwise be trained on as it is."""
-    try:
-        meta = json.loads((token_dir / "meta.json").read_text())
-    except FileNotFoundError:
-        return "missing"
-    except (OSError, ValueError) as e:
-        return f"meta.json unreadable: {e}"
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    expected = meta.get("files") or {  # caches written before hashes were recorded: sizes only
-        f"{split}.bin": {"bytes": s["tokens"] * itemsize} for split, s in meta["splits"].items()
-    }
-    for name, want in expected.items():
-        path = token_dir / name
-        size = path.stat().st_size if path.is_file() else None
-        if size != want["bytes"]:
-            return f"{name} has {'no file' if size is None else f'{size:,} bytes'}, {want['bytes']:,} expected"
-        if "blake2b" in want and _file_hash(path) != want["blake2b"]:
-            return f"{name} does not have the content recorded in meta.json"
-    return None
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 23):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _publish(tmp: Path, out: Path, meta: dict[str, Any]) -> None:
-    """Write ``meta.json`` into the finished ``tmp`` directory and rename it to ``out``: atomic, so a half-written
-    cache is never picked up. When another process finished first, its files are identical: ``tmp`` goes."""
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        for p in tmp.iterdir():
-            p.unlink()
-        tmp.rmdir()
 
 
 class GPT2DataModule(pl.LightningDataModule):
@@ -251,7 +144,7 @@ class GPT2DataModule(pl.LightningDataModule):
             log.info("Waiting for another process to write the token files %s", self._token_dir)
             lock.acquire()
         try:
-            problem = damaged_token_files(self._token_dir)
+            problem = token_files.damaged_token_files(self._token_dir)
             if problem is None:
                 log.info("Loaded cached token files from %s", self._token_dir)
             else:
@@ -261,128 +154,18 @@ class GPT2DataModule(pl.LightningDataModule):
                     )
                     shutil.rmtree(self._token_dir)
                 if self.format.masked:
-                    self._write_example_files(corpus, tokenizer, self._token_dir)
+                    token_files.write_example_files(
+                        corpus, tokenizer, self._token_dir, self.format, self.max_length + 1, self.packing,
+                        self.overlong, self.preprocessing_num_workers,
+                    )  # fmt: skip
                 else:
-                    self._write_token_files(corpus, tokenizer, self._token_dir)
+                    token_files.write_token_files(corpus, tokenizer, self._token_dir, self.preprocessing_num_workers)
         finally:
             lock.release()
         self.stats = json.loads((self._token_dir / "meta.json").read_text())["splits"]
         self.tokenizer = tokenizer
         self._log_stats()
         self._warn_unknown()
-
-    def _write_token_files(self, corpus: Corpus, tokenizer: Tokenizer, out: Path) -> None:
-        eos = tokenizer.token_to_id(EOS_TOKEN)
-        unk = unknown_token_id(tokenizer)
-        dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.uint32
-        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        stats, files = {}, {}
-        for split, ds in corpus.splits.items():
-            log.info("Tokenizing the %s split (%d documents)", split, len(ds))
-            encoded = ds.map(
-                lambda b: {
-                    "ids": [e.ids + [eos] for e in tokenizer.encode_batch(b["text"])],
-                    "chars": [len(t) for t in b["text"]],
-                },
-                batched=True,
-                batch_size=256,
-                num_proc=self.preprocessing_num_workers,
-                remove_columns=["text"],
-                desc=f"Tokenizing {split}",
-            )
-            n_tokens = n_unknown = 0
-            digest = hashlib.blake2b(digest_size=16)
-            with open(tmp / f"{split}.bin", "wb") as f:
-                for batch in encoded.iter(batch_size=1024):
-                    arr = np.concatenate([np.asarray(ids, dtype=dtype) for ids in batch["ids"]])
-                    f.write(arr.tobytes())
-                    digest.update(arr.tobytes())
-                    n_tokens += len(arr)
-                    n_unknown += 0 if unk is None else int(np.count_nonzero(arr == unk))
-            files[f"{split}.bin"] = {"bytes": n_tokens * np.dtype(dtype).itemsize, "blake2b": digest.hexdigest()}
-            stats[split] = {
-                "documents": len(ds),
-                "characters": int(sum(encoded["chars"])),
-                "tokens": n_tokens,
-                "unknown": n_unknown,
-            }
-        meta = {"dtype": np.dtype(dtype).name, "tokenizer": fingerprint(tokenizer), "splits": stats, "files": files}
-        _publish(tmp, out, meta)
-
-    def _write_example_files(self, corpus: Corpus, tokenizer: Tokenizer, out: Path) -> None:
-        """A task format's token files: per split, the packed windows (``<split>.bin``) and which of their tokens
-        the loss covers (``<split>.mask.bin``, one byte per token), both recorded in meta.json for
-        ``damaged_token_files``."""
-        window = self.max_length + 1
-        pad = tokenizer.token_to_id(PAD_TOKEN)
-        pad = tokenizer.token_to_id(EOS_TOKEN) if pad is None else pad  # never scored, so any token does
-        unk = unknown_token_id(tokenizer)
-        dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.uint32
-        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        stats, files = {}, {}
-        for split, ds in corpus.splits.items():
-            log.info("Tokenizing the %s split (%d %s records)", split, len(ds), self.format.name)
-            encoded = ds.map(
-                formats.encode_examples,
-                fn_kwargs=dict(fmt=self.format, tokenizer=tokenizer, window=window, overlong=self.overlong),
-                batched=True,
-                batch_size=256,
-                num_proc=self.preprocessing_num_workers,
-                remove_columns=ds.column_names,
-                desc=f"Tokenizing {split}",
-            )
-            status = np.asarray(encoded["status"])
-            lengths = np.asarray(encoded["length"], dtype=np.int64)
-            kept = np.flatnonzero(lengths > 0)
-            window_of, offset_of, n_windows = formats.pack(lengths[kept], window, self.packing)
-            start = np.full(len(lengths), -1, dtype=np.int64)
-            start[kept] = window_of * window + offset_of
-            # Written in place on disk (a split may be larger than memory), then hashed as it was written.
-            size = max(n_windows * window, 1)  # np.memmap cannot map an empty file
-            tokens = np.memmap(tmp / f"{split}.bin", dtype=dtype, mode="w+", shape=(size,))
-            mask = np.memmap(tmp / f"{split}.mask.bin", dtype=np.uint8, mode="w+", shape=(size,))
-            tokens[:], mask[:] = pad, 0
-            row = 0
-            for batch in encoded.select_columns(["ids", "mask"]).iter(batch_size=1024):
-                for ids, scored in zip(batch["ids"], batch["mask"], strict=True):
-                    if start[row] >= 0:
-                        tokens[start[row] : start[row] + len(ids)] = ids
-                        mask[start[row] : start[row] + len(ids)] = scored
-                    row += 1
-            n_scored = int(mask.sum(dtype=np.int64))
-            n_unknown = 0 if unk is None else int(np.count_nonzero((tokens == unk) & mask.astype(bool)))
-            tokens.flush()
-            mask.flush()
-            del tokens, mask
-            for name, itemsize in ((f"{split}.bin", np.dtype(dtype).itemsize), (f"{split}.mask.bin", 1)):
-                path = tmp / name
-                if n_windows == 0:
-                    path.write_bytes(b"")
-                files[name] = {"bytes": n_windows * window * itemsize, "blake2b": _file_hash(path)}
-            counts = {s: int(np.count_nonzero(status == i)) for i, s in enumerate(formats.EXAMPLE_STATUS)}
-            stats[split] = {
-                "documents": len(ds),
-                "characters": int(sum(encoded["chars"])),
-                "tokens": n_windows * window,  # the windows' tokens, padding included
-                "unknown": n_unknown,
-                "windows": n_windows,
-                "examples": len(kept),
-                "real_tokens": int(lengths.sum()),
-                "scored_tokens": n_scored,
-                "truncated": counts["truncated"],
-                "dropped_too_long": counts["too long"],
-                "dropped_nothing_to_score": counts["nothing to score"],
-            }
-        meta = {
-            "dtype": np.dtype(dtype).name,
-            "tokenizer": fingerprint(tokenizer),
-            "format": self.format.settings() | {"window": window, "packing": self.packing, "overlong": self.overlong},
-            "splits": stats,
-            "files": files,
-        }
-        _publish(tmp, out, meta)
 
     def _warn_unknown(self) -> None:
         """Warn when the tokenizer maps more than MAX_UNKNOWN of the validation text to its unknown token."""

@@ -12,11 +12,9 @@ import dataclasses
 import difflib
 import logging
 import math
-import random
 from typing import Any
 
 import hydra.utils
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -24,6 +22,7 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from tokenizers import Tokenizer
 
+from gpt2lab.checkpoint import Payload, read_payload, set_rng_states, write_payload
 from gpt2lab.config import TRUSTED_TARGETS
 from gpt2lab.data.formats import split_batch
 from gpt2lab.errors import ConfigError
@@ -33,8 +32,6 @@ from gpt2lab.model.cross_entropy import IGNORE_INDEX
 from gpt2lab.tokenizers import token_byte_lengths
 
 log = logging.getLogger(__name__)
-CHECKPOINT_KEY = "gpt2lab"
-CHECKPOINT_FORMAT = 1
 
 
 def warmup_cosine(
@@ -124,28 +121,6 @@ def inductor_options(mode: str | None, options: dict[str, Any] | None = None) ->
     """TorchInductor options for torch.compile: a mode is a named set of them, and explicit ``options`` go on top
     (torch.compile itself takes a mode or options, not both)."""
     return {**torch._inductor.list_mode_options(mode or "default"), **(options or {})}
-
-
-def _rng_states() -> dict[str, Any]:
-    # Plain lists and tensors only, so that checkpoints load with torch.load(weights_only=True).
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    states = {
-        "torch": torch.get_rng_state(),
-        "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    name, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class GPT2LitModule(pl.LightningModule):
@@ -392,23 +367,18 @@ class GPT2LitModule(pl.LightningModule):
 
     # -- checkpoints: the tokenizer and the RNG travel with the weights ---------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "format": CHECKPOINT_FORMAT,
-            "tokenizer": self.tokenizer.to_str() if self.tokenizer is not None else None,
-            "chat_template": self.chat_template,
-            "rng": _rng_states(),
-        }
+        write_payload(checkpoint, Payload(self.tokenizer, self.chat_template))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        extra = checkpoint.get(CHECKPOINT_KEY, {})
-        if extra.get("tokenizer"):
-            self.tokenizer = Tokenizer.from_str(extra["tokenizer"])
-        self.chat_template = extra.get("chat_template")
-        self._pending_rng = extra.get("rng")
+        payload = read_payload(checkpoint)
+        if payload.tokenizer is not None:
+            self.tokenizer = payload.tokenizer
+        self.chat_template = payload.chat_template
+        self._pending_rng = payload.rng
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restore the RNG right before the first resumed step (after dataloaders and sanity checks
         # have drawn from it), so dropout masks match those of an uninterrupted run.
         if self._pending_rng is not None:
-            _set_rng_states(self._pending_rng)
+            set_rng_states(self._pending_rng)
             self._pending_rng = None
