@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests`` (the CI suite), ``nox -s slow``, ``nox -s lint``.
+"""Developer sessions: ``nox -s tests`` (the CI suite), ``nox -s slow``, ``nox -s lint``, ``nox -s docs``.
 
 Sessions reuse the current interpreter's environment (``python=False``): PyTorch is large, and the
 project is installed once with ``pip install -e ".[dev]"`` (after ``pip install torch==2.13.0`` on CPU).
@@ -26,3 +26,10 @@ def slow(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=False)
+def docs(session: nox.Session) -> None:
+    """The manual (``docs/``, ``mkdocs.yml``) built into ``site/``: ``--strict`` fails on a broken link or anchor and
+    on a page missing from the nav."""
+    session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})
