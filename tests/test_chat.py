@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+from gpt2lab.generate import TextGenerator  # with interactive_mode, the terminal chat
 from gpt2lab.inference.chat import Chat
-from gpt2lab.inference.generator import TextGenerator
 
 
 def read_until(fd: int, marker: bytes | tuple[bytes, ...], seen: bytearray, timeout: float = 120) -> bytes:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import gpt2lab.checkup.run
+import gpt2lab.check.__main__
 from gpt2lab.checkup import CheckConfig, failed, run_all_tests, run_all_tier1_tests, run_all_tier2_tests
 from gpt2lab.model import DecoderBlock, GPT2Config, GPT2Model
 
@@ -43,7 +43,7 @@ def check_main(*args: str, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> in
     """``python -m gpt2lab.check ARGS`` in this process, writing to ``run_dir``; its exit status."""
     monkeypatch.setattr(sys, "argv", ["check", *args, f"hydra.run.dir={run_dir}"])
     try:
-        gpt2lab.check.main()
+        gpt2lab.check.__main__.main()
     except SystemExit as e:
         return e.code
     return 0

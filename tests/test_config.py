@@ -121,7 +121,7 @@ def test_a_prompt_on_the_command_line_reaches_the_config_as_typed(text):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from gpt2lab.config import literal_overrides
-    from gpt2lab.inference.generator import quoted
+    from gpt2lab.generate import quoted
 
     parser = OverridesParser.create()
     assert parser.parse_override(literal_overrides([f"prompt={text}"], ("prompt",))[0]).value() == text

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, train_in_process
 
+from gpt2lab.chat import Chat, repl
 from gpt2lab.checkpoint import load_checkpoint, saved_chat_template
 from gpt2lab.data import GPT2DataModule
 from gpt2lab.data.token_files import damaged_token_files
 from gpt2lab.data.formats import ChatTemplate, TaskFormat, encode_examples, pack, split_batch
 from gpt2lab.errors import ConfigError
-from gpt2lab.inference.chat import Chat, repl
-from gpt2lab.inference.generator import TextGenerator
+from gpt2lab.generate import TextGenerator  # with interactive_mode, the terminal chat
 from gpt2lab.model.cross_entropy import IGNORE_INDEX
 from gpt2lab.tokenizers import EOS_TOKEN, token_byte_lengths
 

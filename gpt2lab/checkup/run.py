@@ -1,4 +1,5 @@
-"""``python -m gpt2lab.check [model=... | ckpt=...] [tier=1|2|3]``: a model's check-up before training.
+"""A model's check-up before training, as a function of ``conf/check.yaml`` (``python -m gpt2lab.check [model=... |
+ckpt=...] [tier=1|2|3]`` is its command).
 
 Builds the model ``model=...`` describes (or loads ``ckpt=...``), runs tiers 1..``tier`` of
 ``gpt2lab/checkup/``, prints a pass/warn/fail table per tier and writes ``check.md``, ``check.json`` and the
@@ -10,11 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -24,15 +23,8 @@ from tokenizers import Tokenizer
 
 from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
 from gpt2lab.checkup import TIERS, CheckConfig, CheckResult, failed, format_table, run_all_tests, write_reports
-from gpt2lab.config import (
-    TRUSTED_TARGETS,
-    ModelBaseSchema,
-    PathsSchema,
-    config_path,
-    literal_overrides,
-    null_group_overrides,
-)
-from gpt2lab.errors import ConfigError, report_errors
+from gpt2lab.config import TRUSTED_TARGETS, ModelBaseSchema, PathsSchema
+from gpt2lab.errors import ConfigError
 from gpt2lab.lit.cpu_threads import use_free_cores
 from gpt2lab.model import GPT2Model
 from gpt2lab.model.adapter import CausalLM, is_gpt2
@@ -50,6 +42,11 @@ class CheckSchema:
     device: str = "auto"
     check: CheckConfig = dataclasses.field(default_factory=CheckConfig)
     task_name: str = "check"
+
+
+def register_check_schema() -> None:
+    """``conf/check.yaml``'s schema (``check_schema`` in its defaults), for the command and for composing it."""
+    ConfigStore.instance().store(name="check_schema", node=CheckSchema, replace=True)
 
 
 GPT2_VOCAB = 50257  # conf/model/gpt2*.yaml leave vocab_size to the tokenizer; the check builds none
@@ -122,22 +119,3 @@ def check(cfg: DictConfig) -> list[CheckResult]:
     if failed(results):
         raise CheckFailed(f"failed checks: {', '.join(failed(results))} (details in {reports[0]})")
     return results
-
-
-ConfigStore.instance().store(name="check_schema", node=CheckSchema, replace=True)
-
-
-def main() -> None:
-    """Entry point of ``python -m gpt2lab.check``."""
-    sys.argv = literal_overrides(null_group_overrides(sys.argv), ("check.prompt",))
-    _main()
-
-
-@hydra.main(config_path=config_path(), config_name="check", execution_whitelist=TRUSTED_TARGETS)
-@report_errors
-def _main(cfg: DictConfig) -> None:
-    check(cfg)
-
-
-if __name__ == "__main__":
-    main()

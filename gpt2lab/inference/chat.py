@@ -1,37 +1,26 @@
-"""``python -m gpt2lab.chat ckpt=...``: talk to a trained model in the terminal.
+"""The chat session: a conversation with a trained model, without its terminal (``python -m gpt2lab.chat`` is
+that: ``gpt2lab/chat/``).
 
-Each reply streams token by token and continues the conversation so far, which is kept as context; when
-it would no longer fit in the model's context with room for a reply, the oldest turns are dropped. A model
-trained with ``data.format=chat`` has its chat template in the checkpoint: the conversation is rendered with
-it (``<|user|>...<|end|><|assistant|>``), as in training, and a reply ends at its end-of-turn token. A
-model trained without a chat format simply continues the text. Commands: ``/temperature 0.7``,
-``/top_p 0.9``, ``/top_k 40``, ``/max_new_tokens 50``, ``/reset``, ``/help``, ``/quit``. Ctrl-C stops the
-reply being generated; Ctrl-D (or ``/quit``) leaves.
+Each reply continues the conversation so far, which is kept as context; when it would no longer fit in the
+model's context with room for a reply, the oldest turns are dropped. A model trained with ``data.format=chat`` has
+its chat template in the checkpoint: the conversation is rendered with it (``<|user|>...<|end|><|assistant|>``), as
+in training, and a reply ends at its end-of-turn token. A model trained without a chat format simply continues the
+text. Commands: ``/temperature 0.7``, ``/top_p 0.9``, ``/top_k 40``, ``/max_new_tokens 50``, ``/reset``,
+``/help``, ``/quit``.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from gpt2lab.config import (
-    TRUSTED_TARGETS,
-    config_path,
-    given_on_command_line,
-    null_group_overrides,
-    register_schemas,
-)
-from gpt2lab.errors import ConfigError, report_errors
+from gpt2lab.errors import ConfigError
 from gpt2lab.inference.generator import TextGenerator, check_inference, complete
 
-if TYPE_CHECKING:  # imported where a checkpoint is read, as torch is (gpt2lab.generate)
+if TYPE_CHECKING:  # imported where a checkpoint is read, as torch is
     from gpt2lab.data.formats import ChatTemplate
 
-log = logging.getLogger("gpt2lab.chat")
 # The settings a /command changes, with their type and an example value
 SETTABLE = {
     "temperature": (float, "0.7"),
@@ -56,6 +45,29 @@ class Chat:
         self.generator, self.settings, self.template = generator, settings, template
         self.turns: list[str] = []  # without a template: the text of each turn
         self.messages: list[dict[str, str]] = []  # with one: the {role, content} messages
+
+    @classmethod
+    def with_model_template(cls, generator: TextGenerator, settings: dict[str, Any], stop_given: bool = True) -> Chat:
+        """The session ``python -m gpt2lab.chat`` holds: one streamed sequence per reply, rendered with the chat
+        template of the model's checkpoint if it has one. ``stop_given``: the stop strings are the user's;
+        otherwise a model with a template ends its turns at its end-of-turn token alone, not at conf/chat.yaml's
+        blank line (which ends a plain model's reply)."""
+        from gpt2lab.checkpoint import saved_chat_template
+        from gpt2lab.data.formats import ChatTemplate
+
+        settings = settings | {"num_return_sequences": 1, "stream": True}
+        check_inference(settings)
+        template = saved_chat_template(generator.path)
+        if template and not stop_given:
+            settings["stop"] = []
+        return cls(generator, settings, ChatTemplate.from_dict(template) if template else None)
+
+    def greeting(self) -> str:
+        """What the session says first: the model, its template, and the commands."""
+        how = (
+            f" (its chat template, {self.template.name}: a reply ends at {self.template.end})" if self.template else ""
+        )
+        return f"Chatting with {self.generator.path}{how}. {HELP}"
 
     def context(self, message: str) -> str:
         """The text the reply continues: as many of the latest turns as fit with room for the reply."""
@@ -99,18 +111,19 @@ class Chat:
         self.settings = new
         return f"({name} = {new[name]})"
 
-    def reply(self, message: str) -> str:
-        """Stream the model's reply to ``message`` to stdout and remember both."""
+    def reply(self, message: str, out: TextIO | None = None) -> str:
+        """The model's reply to ``message`` (streamed to ``out`` as it is written, when given); both are
+        remembered."""
         context = self.context(message)
         if self.template is None:
-            (text,) = self.generator.generate_text(context, self.settings, out=sys.stdout)
+            (text,) = self.generator.generate_text(context, self.settings, out=out)
             self.turns += [message + "\n", text + "\n"]
             return text
-        text = self.complete_turn(context, out=sys.stdout)
+        text = self.complete_turn(context, out=out)
         self.messages += [{"role": "user", "content": message}, {"role": "assistant", "content": text}]
         return text
 
-    def complete_turn(self, prompt: str, out: Any = None) -> str:
+    def complete_turn(self, prompt: str, out: TextIO | None = None) -> str:
         """The assistant's turn after ``prompt``, ending at the template's end-of-turn token (end-of-text, which
         separates examples, never comes first), at a stop string, or after max_new_tokens."""
         assert self.template is not None
@@ -119,65 +132,10 @@ class Chat:
         return complete(self.generator.model, tokenizer, [prompt], self.settings, out=out, end_token=end)[0]
 
 
-def chat(cfg: DictConfig) -> None:
+def chat_session(cfg: DictConfig, stop_given: bool = True) -> Chat:
+    """The session ``conf/chat.yaml`` describes (``ckpt``, ``device``, ``inference``), its settings checked before
+    the checkpoint is read. ``stop_given``: as for ``Chat.with_model_template``."""
     settings = OmegaConf.to_container(cfg.inference, resolve=True)
-    check_inference(settings)  # before the checkpoint is read
-    repl(TextGenerator(cfg.ckpt, cfg.device, cfg.paths.log_dir), settings, given_on_command_line("inference.stop"))
-
-
-def repl(generator: TextGenerator, settings: dict[str, Any], stop_given: bool = True) -> None:
-    """The terminal conversation (``TextGenerator.interactive_mode``) until /quit or Ctrl-D. ``stop_given``:
-    the stop strings are the user's; otherwise a model with a chat template ends its turns at its end-of-turn
-    token alone, not at conf/chat.yaml's blank line (which ends a plain model's reply)."""
-    settings = settings | {"num_return_sequences": 1, "stream": True}
-    from gpt2lab.checkpoint import saved_chat_template
-    from gpt2lab.data.formats import ChatTemplate
-
     check_inference(settings)
-    template = saved_chat_template(generator.path)
-    if template and not stop_given:
-        settings["stop"] = []
-    session = Chat(generator, settings, ChatTemplate.from_dict(template) if template else None)
-    how = f" (its chat template, {template['name']}: a reply ends at {template['end']})" if template else ""
-    print(f"Chatting with {session.generator.path}{how}. {HELP}", flush=True)
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:  # Ctrl-D
-            print()
-            return
-        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, as in Python's REPL
-            print("\n(Ctrl-D or /quit to leave)")
-            continue
-        if not line:
-            continue
-        if line.startswith("/"):
-            answer = session.command(line)
-            if answer is None:
-                return
-            print(answer, flush=True)
-            continue
-        try:
-            print("model> ", end="", flush=True)
-            session.reply(line)
-        except KeyboardInterrupt:  # Ctrl-C while the model writes: stop this reply, keep the conversation
-            print("\n(stopped)", flush=True)
-
-
-register_schemas()
-
-
-def main() -> None:
-    """Entry point of ``python -m gpt2lab.chat``."""
-    sys.argv = null_group_overrides(sys.argv)
-    _main()
-
-
-@hydra.main(config_path=config_path(), config_name="chat", execution_whitelist=TRUSTED_TARGETS)
-@report_errors
-def _main(cfg: DictConfig) -> None:
-    chat(cfg)
-
-
-if __name__ == "__main__":
-    main()
+    generator = TextGenerator(cfg.ckpt, cfg.device, cfg.paths.log_dir)
+    return Chat.with_model_template(generator, settings, stop_given)

@@ -1,38 +1,26 @@
-"""``python -m gpt2lab.generate ckpt=... prompt="..."``: continue text with a trained model.
-
-Prompts come from ``prompt=`` or ``prompts_file=`` (one per line) and are decoded together, left-padded,
-with the KV cache of ``gpt2lab/model/generation.py``; settings are the ``inference`` group's. One sequence
-streams to the terminal as it is produced; ``output=samples.jsonl`` keeps every completion. ``onnx=<dir>``
-instead of ``ckpt=`` decodes an ONNX export with onnxruntime (``gpt2lab/exporters/onnx_generation.py``), also
-where PyTorch is not installed: nothing imported here imports torch. See README, "Generate" and "Export".
+"""The text generator: a trained model and its tokenizer continuing prompts, decoded together, left-padded, with the
+KV cache of ``gpt2lab/model/generation.py``; ``complete`` is the one decoding loop (the ``generate`` command, the
+chat session, the end-of-training sample and the samples callback all go through it), ``Completions`` the text of
+each row as its tokens arrive (stop strings, end-of-text, streaming), shared with the ONNX generator
+(``gpt2lab.inference.onnx``). Nothing here imports torch at import time: the ONNX generator builds on it where
+PyTorch is not installed.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import re
 import sys
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-import hydra
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
-from gpt2lab.errors import ConfigError, report_errors
+from gpt2lab.errors import ConfigError
 from gpt2lab.tokenizers import EOS_TOKEN
 
-# torch is imported where a checkpoint is used, not here: ``onnx=<export dir>`` decodes with onnxruntime, and
-# runs where PyTorch is not installed (gpt2lab/exporters/onnx_generation.py).
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where a checkpoint is used
     from gpt2lab.model import GPT2Model
 
-log = logging.getLogger("gpt2lab.generate")
-NO_TORCH_TARGETS = ("hydra.experimental.callback.*", "gpt2lab.secrets.*")  # onnx= without PyTorch (secrets needs none)
 PROMPTS_PER_BATCH = 16
 
 
@@ -95,12 +83,6 @@ class TextGenerator:
     def complete(self, prompts: list[str], config: Mapping[str, Any], out: TextIO | None = None) -> list[str]:
         """One batch of ``generate_text``."""
         return complete(self.model, self.tokenizer, prompts, config, out=out)
-
-    def interactive_mode(self, config: Mapping[str, Any]) -> None:
-        """Talk to the model in the terminal, as ``python -m gpt2lab.chat`` does."""
-        from gpt2lab.inference.chat import repl
-
-        repl(self, dict(config))
 
 
 def complete(
@@ -208,116 +190,3 @@ def sample_text(
     """The prompt and a short sampled continuation (seed 0): the sample printed at the end of training."""
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": 0}
     return prompt + complete(model, tokenizer, [prompt or EOS_TOKEN], settings)[0]
-
-
-def read_prompts(cfg: DictConfig) -> list[str]:
-    if cfg.prompt is not None and cfg.prompts_file is not None:
-        raise ConfigError("give prompt=... or prompts_file=..., not both")
-    if cfg.prompts_file is None:
-        if cfg.prompt is None:
-            raise ConfigError('no prompt: give prompt="..." or prompts_file=<a text file, one prompt per line>')
-        return [str(cfg.prompt)]
-    path = Path(cfg.prompts_file).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"prompts_file={cfg.prompts_file!r}: no such file (a text file, one prompt per line)")
-    prompts = [line for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ConfigError(f"prompts_file={cfg.prompts_file!r} has no prompts: write one prompt per line")
-    return prompts
-
-
-def check_output(path: Path) -> None:
-    """``output=`` can be appended to: its directory is made now, before any time is spent generating."""
-    if path.is_dir():
-        raise ConfigError(f"output={str(path)!r} is a directory: name a file, e.g. output={path / 'samples.jsonl'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.open("a").close()
-    except OSError as e:
-        raise ConfigError(
-            f"output={str(path)!r} cannot be written ({e.strerror}): name a file in a writable directory"
-        ) from None
-
-
-def generate(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Generate as ``conf/generate.yaml`` describes; returns the samples written to ``output``."""
-    settings = OmegaConf.to_container(cfg.inference, resolve=True)
-    check_inference(settings)
-    prompts = read_prompts(cfg)
-    if cfg.output:
-        check_output(Path(cfg.output).expanduser())
-    if cfg.onnx is None:
-        generator = TextGenerator(cfg.ckpt, cfg.device, cfg.paths.log_dir)
-    elif cfg.ckpt is not None:
-        raise ConfigError("give ckpt=... or onnx=..., not both")
-    else:
-        from gpt2lab.inference.onnx import ONNXTextGenerator  # onnxruntime: no torch
-
-        generator = ONNXTextGenerator(cfg.onnx)
-    log.info("Model: %s", generator.path)
-    single = len(prompts) * settings["num_return_sequences"] == 1
-    if single and settings["stream"]:
-        print(prompts[0], end="", flush=True)  # the completion streams after it
-    completions = generator.generate_text(prompts, settings, out=sys.stdout if single else None)
-    n = settings["num_return_sequences"]
-    samples = [
-        {"prompt": prompts[i // n], "completion": text, "sequence": i % n, "checkpoint": str(generator.path)}
-        for i, text in enumerate(completions)
-    ]
-    if not single or not settings["stream"]:
-        for sample in samples:
-            print(f"--- {sample['prompt']!r} [{sample['sequence']}]\n{sample['prompt']}{sample['completion']}")
-    if cfg.output:
-        with Path(cfg.output).expanduser().open("a") as f:
-            for sample in samples:
-                f.write(json.dumps(sample | {"settings": settings}) + "\n")
-        log.info("Appended %d samples to %s", len(samples), cfg.output)
-    return samples
-
-
-def main() -> None:
-    """Entry point of ``python -m gpt2lab.generate``. ``onnx=<export dir>`` runs also where PyTorch is not
-    installed: the config tree is then composed from its YAML alone (gpt2lab.config, the typed schema, imports
-    torch), so an unknown key still fails, but a value of the wrong type only when it is used."""
-    try:
-        from gpt2lab.config import (
-            TRUSTED_TARGETS,
-            config_path,
-            literal_overrides,
-            null_group_overrides,
-            register_schemas,
-        )
-    except ImportError:
-        if not any(arg.startswith("onnx=") for arg in sys.argv[1:]):
-            raise
-        sys.argv = [f"prompt={quoted(arg[7:])}" if arg.startswith("prompt=") else arg for arg in sys.argv]
-        ConfigStore.instance().store(name="generate_schema", node={}, replace=True)
-        # conf/hydra/default.yaml's callbacks (distributed ranks, sweep summaries, the run directory's lock) need
-        # torch, and a generation needs none of them.
-        no_op = "hydra.experimental.callback.Callback"
-        names = ("external_ranks", "sweep_summary", "run_directory")
-        sys.argv += [f"hydra.callbacks.{name}._target_={no_op}" for name in names]
-        app = hydra.main(config_path="pkg://gpt2lab.conf", config_name="generate", execution_whitelist=NO_TORCH_TARGETS)
-        app(_main)()
-        return
-    sys.argv = literal_overrides(null_group_overrides(sys.argv), ("prompt",))
-    register_schemas()
-    hydra.main(config_path=config_path(), config_name="generate", execution_whitelist=TRUSTED_TARGETS)(_main)()
-
-
-def quoted(text: str) -> str:
-    """``text`` in quotes for Hydra's override grammar, as ``gpt2lab.config.hydra_string`` quotes it (a copy: this
-    runs where torch, which gpt2lab.config imports, is not installed): ``prompt=def f(n):`` would otherwise trip
-    on the parentheses."""
-    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
-        return text
-    return "'" + re.sub(r"(\\+)(?='|$)", r"\1\1", text).replace("'", "\\'") + "'"
-
-
-@report_errors
-def _main(cfg: DictConfig) -> None:
-    generate(cfg)
-
-
-if __name__ == "__main__":
-    main()
