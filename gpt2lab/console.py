@@ -28,10 +28,12 @@ def table(
     *,
     markdown: bool = False,
     align: str | Sequence[str] = "left",
+    wrap: dict[str, int] | None = None,
 ) -> str:
     """``rows`` under their ``columns``, one line each: aligned plain text for a terminal (the header, a rule,
-    the rows), or a Markdown table. ``align``: ``left``/``right`` for every column, or one per column. Cells are
-    shown as ``str`` gives them; format numbers before."""
+    the rows), or a Markdown table. ``align``: ``left``/``right`` for every column, or one per column. ``wrap``:
+    the columns whose text wraps, at that many characters (plain text only). Cells are shown as ``str`` gives
+    them; format numbers before."""
     aligns = [align] * len(columns) if isinstance(align, str) else list(align)
     grid = Table(
         box=box.MARKDOWN if markdown else box.SIMPLE_HEAD,
@@ -42,7 +44,8 @@ def table(
         highlight=False,
     )
     for name, how in zip(columns, aligns, strict=True):
-        grid.add_column(name, justify=how, no_wrap=True)
+        width = None if markdown else (wrap or {}).get(name)
+        grid.add_column(name, justify=how, no_wrap=width is None, max_width=width)
     for row in rows:
         grid.add_row(*(str(cell).replace("|", "\\|") if markdown else str(cell) for cell in row))
     out = io.StringIO()

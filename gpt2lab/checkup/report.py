@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import textwrap
 from pathlib import Path
 from typing import Any
 
 from gpt2lab.checkup.subject import FAIL, CheckResult, fmt
+from gpt2lab.console import table
 
 TIER_NAMES = {1: "critical", 2: "analysis", 3: "training"}
 SUMMARY_WIDTH = 90
@@ -17,15 +17,13 @@ SUMMARY_WIDTH = 90
 
 def format_table(results: list[CheckResult]) -> str:
     """One table per tier: check, status, seconds, summary (wrapped)."""
-    lines = []
-    width = max(len(r.name) for r in results)
+    tables = []
     for tier in sorted({r.tier for r in results}):
-        lines += ["", f"Tier {tier}: {TIER_NAMES.get(tier, '')}"]
-        for r in (r for r in results if r.tier == tier):
-            summary = textwrap.wrap(r.summary, SUMMARY_WIDTH) or [""]
-            lines.append(f"  {r.name:<{width}}  {r.status.upper():<4}  {r.seconds:5.1f} s  {summary[0]}")
-            lines += [" " * (width + 19) + more for more in summary[1:]]
-    return "\n".join(lines[1:])
+        rows = [(r.name, r.status.upper(), f"{r.seconds:.1f} s", r.summary) for r in results if r.tier == tier]
+        aligns = ["left", "left", "right", "left"]
+        grid = table(["check", "status", "time", "summary"], rows, align=aligns, wrap={"summary": SUMMARY_WIDTH})
+        tables.append(f"Tier {tier}: {TIER_NAMES.get(tier, '')}\n{grid}")
+    return "\n\n".join(tables)
 
 
 def failed(results: list[CheckResult]) -> list[str]:
@@ -51,13 +49,9 @@ def markdown(results: list[CheckResult], about: dict[str, Any]) -> str:
     lines = ["# Model check-up", ""]
     lines += [f"- {key}: {value}" for key, value in about.items()]
     for tier in sorted({r.tier for r in results}):
-        lines += ["", f"## Tier {tier}: {TIER_NAMES.get(tier, '')}", "", "| check | status | time | summary |"]
-        lines.append("|---|---|---|---|")
-        lines += [
-            f"| {r.name} | {r.status} | {r.seconds:.1f} s | {r.summary.replace('|', chr(92) + '|')} |"
-            for r in results
-            if r.tier == tier
-        ]
+        rows = [(r.name, r.status, f"{r.seconds:.1f} s", r.summary) for r in results if r.tier == tier]
+        grid = table(["check", "status", "time", "summary"], rows, markdown=True)
+        lines += ["", f"## Tier {tier}: {TIER_NAMES.get(tier, '')}", "", grid]
     for r in results:
         section = details_markdown(r)
         if section or r.files:
@@ -69,24 +63,25 @@ def markdown(results: list[CheckResult], about: dict[str, Any]) -> str:
 def details_markdown(r: CheckResult) -> list[str]:
     """Tables for the details that read as tables; other details stay in check.json."""
     if "per_layer_type" in r.details:
-        rows = ["| parameters | count | mean | std | min | max | expected std |", "|---|---|---|---|---|---|---|"]
-        for kind, row in r.details["per_layer_type"].items():
-            expected = fmt(row["expected_std"]) if "expected_std" in row else ""
-            rows.append(
-                f"| {kind} | {row['count']:,} | {fmt(row['mean'])} | {fmt(row['std'])} | {fmt(row['min'])} "
-                f"| {fmt(row['max'])} | {expected} |"
-            )
-        return rows
+        columns = ["parameters", "count", "mean", "std", "min", "max", "expected std"]
+        rows = [
+            (kind, f"{row['count']:,}", *(fmt(row[k]) for k in ("mean", "std", "min", "max")),
+             fmt(row["expected_std"]) if "expected_std" in row else "")
+            for kind, row in r.details["per_layer_type"].items()
+        ]  # fmt: skip
+        return table(columns, rows, markdown=True).splitlines()
     if "adamw_state" in r.details:
         keys = ("parameters", "gradients", "adamw_state", "activations", "total")
         mib = lambda n: f"{n / 2**20:,.1f}"  # noqa: E731
-        return ["| | MiB |", "|---|---|", *(f"| {k} | {mib(r.details[k])} |" for k in keys)]
+        return table(
+            ["", "MiB"], [(k, mib(r.details[k])) for k in keys], markdown=True, align=["left", "right"]
+        ).splitlines()
     if "normalised_entropy" in r.details:
         entropy = r.details["normalised_entropy"]
         heads = len(entropy[0])
-        rows = ["| layer | " + " | ".join(f"head {h}" for h in range(heads)) + " |", "|---" * (heads + 1) + "|"]
-        rows += [f"| {i} | " + " | ".join(f"{e:.2f}" for e in row) + " |" for i, row in enumerate(entropy)]
-        return ["Normalised attention entropy (1: uniform over the visible tokens, 0: one token):", "", *rows, ""]
+        columns = ["layer", *(f"head {h}" for h in range(heads))]
+        rows = table(columns, [(i, *(f"{e:.2f}" for e in row)) for i, row in enumerate(entropy)], markdown=True)
+        return ["Normalised attention entropy (1: uniform over the visible tokens, 0: one token):", "", rows, ""]
     if "grad_norms" in r.details and r.details["grad_norms"]:
         norms = r.details["grad_norms"]
         finite = [v for v in norms.values() if math.isfinite(v)]

@@ -32,6 +32,7 @@ from gpt2lab.config import (
     TRUSTED_TARGETS,
     given_on_command_line,
 )
+from gpt2lab.console import table
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit.module import GPT2LitModule
 from gpt2lab.lit.trainer import make_trainer
@@ -100,12 +101,10 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         f"{metrics['tokens']:,} tokens"
         + (f", {metrics['bytes']:,} bytes" if metrics.get("bytes") else "")
         + (f"   {metrics['tokens_per_sec']:,.0f} tokens/s" if metrics.get("tokens_per_sec") else ""),
-        "",
-        "| bits per byte | |",
-        "|---|---|",
     ]
     rows = {"model": metrics.get("bits_per_byte"), **metrics.get("compressors", {})}
-    lines += [f"| {name} | {value:.3f} |" for name, value in rows.items() if value is not None]
+    shown = [(name, f"{value:.3f}") for name, value in rows.items() if value is not None]
+    lines += ["", table(["", "bits per byte"], shown, markdown=True, align=["left", "right"])]
     return "\n".join(lines)
 
 
