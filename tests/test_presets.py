@@ -18,20 +18,11 @@ from hydra.utils import execution_whitelist
 from omegaconf import OmegaConf
 
 from gpt2lab.config import TRUSTED_TARGETS, register_schemas
+from gpt2lab.console import format_duration, parse_duration
 from gpt2lab.errors import ConfigError
-from gpt2lab.presets import catalog as presets
-from gpt2lab.presets.catalog import (
-    GOALS,
-    compose_preset,
-    model_config,
-    parse_duration,
-    preset_names,
-    probe_key,
-    read_header,
-    recipe,
-    run_seconds,
-    steps_for_budget,
-)
+from gpt2lab.presets import probe as throughput
+from gpt2lab.presets.catalog import GOALS, compose_preset, preset_names, read_header, recipe
+from gpt2lab.presets.probe import model_config, probe_key, run_seconds, steps_for_budget
 
 PRESETS = ["tiny", "small", "medium", "large", "code_generation", "chat", "summarization"]
 TASK_DATA = {"chat", "summarization"}  # presets whose data is records (data.format), not running text
@@ -163,13 +154,13 @@ def test_presets_ls_measures_once_and_then_reads_the_cache(run_main, tmp_path, m
     cfg = compose_preset("tiny")
     probe = stored[probe_key(cfg)]  # keyed by this device and the probed config
     assert probe["preset"] == "tiny" and probe["step_s"] > 0 and probe["eval_batch_s"] > 0
-    estimate = presets.duration(run_seconds(cfg, presets.Probe(**probe)))
+    estimate = format_duration(run_seconds(cfg, throughput.Probe(**probe)))
     assert estimate in row  # the table shows the measured estimate, not a constant
 
     def no_measuring(cfg):
         raise AssertionError("measured again instead of reading the cache")
 
-    monkeypatch.setattr(presets, "_measure", no_measuring)
+    monkeypatch.setattr(throughput, "_measure", no_measuring)
     second_env = {"GPT2LAB_CACHE_DIR": str(cache)}
     second = run_main("gpt2lab.presets", "--only", "tiny", cwd=tmp_path, env=second_env)
     assert second.returncode == 0, second.stderr
@@ -186,19 +177,19 @@ def test_a_large_model_is_probed_in_parts_on_a_cpu_and_scaled(tmp_path, monkeypa
     monkeypatch.setenv("GPT2LAB_CACHE_DIR", str(tmp_path))
     shrink = ["model.d_model=64", "model.num_heads=2", "model.d_ff=128", "model.context_length=64"]
     cfg = compose_preset("small", [*shrink, "tokenizer.vocab_size=512"])
-    monkeypatch.setattr(presets, "CPU_PROBE_FLOPS", 0)  # as if this small model were GPT-2 sized
-    monkeypatch.setattr(presets.torch.cuda, "is_available", lambda: False)  # the CPU's probe, on any machine
+    monkeypatch.setattr(throughput, "CPU_PROBE_FLOPS", 0)  # as if this small model were GPT-2 sized
+    monkeypatch.setattr(throughput.torch.cuda, "is_available", lambda: False)  # the CPU's probe, on any machine
     timed = {}
-    for name in ("_time_model", "_time_block"):
-        real = getattr(presets, name)
+    real = throughput._time_step
 
-        def record(config, batch, *args, real=real, name=name, **kwargs):
-            timed[name] = (config.num_layers, batch)
-            timed[name + "_s"] = real(config, batch, *args, **kwargs)
-            return timed[name + "_s"]
+    def record(config, batch, *args, block=False, **kwargs):
+        name = "_time_block" if block else "_time_model"
+        timed[name] = (config.num_layers, batch)
+        timed[name + "_s"] = real(config, batch, *args, block=block, **kwargs)
+        return timed[name + "_s"]
 
-        monkeypatch.setattr(presets, name, record)
-    probe = presets.measure_throughput(cfg)
+    monkeypatch.setattr(throughput, "_time_step", record)
+    probe = throughput.measure_throughput(cfg)
     # the model with 1 of its 12 blocks, and a block alone, on 16 of the 32 windows of 64 tokens (1024 tokens)
     assert timed["_time_model"] == (1, 16) and timed["_time_block"] == (12, 16)
     accumulate = cfg.trainer.accumulate_grad_batches
@@ -213,7 +204,8 @@ def conf_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the config tree that ``presets cp`` writes into (the checkout's stays as it is)."""
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
-    monkeypatch.setattr(presets, "config_path", lambda: str(conf))
+    monkeypatch.setattr("gpt2lab.config.tree.config_path", lambda: str(conf))
+    monkeypatch.setattr("gpt2lab.config.experiments.config_path", lambda: str(conf))
     return conf
 
 
@@ -249,9 +241,9 @@ def _seed_cache(step_seconds: dict[str, float]) -> None:
     """Probes as a measurement would have stored them, with known step times (the choice is what is tested)."""
     for name, step_s in step_seconds.items():
         cfg = compose_preset(name)
-        path = presets.cache_file(cfg)
+        path = throughput.cache_file(cfg)
         path.parent.mkdir(parents=True, exist_ok=True)
-        cache = presets._read_cache(path)
+        cache = throughput._read_cache(path)
         cache[probe_key(cfg)] = {"device": "test", "step_s": step_s, "eval_batch_s": step_s / 10, "method": "seeded"}
         path.write_text(json.dumps(cache))
 
@@ -296,12 +288,12 @@ def test_time_budget_sets_max_steps_from_the_probe_and_max_time(compose_cfg, cac
     from gpt2lab.train.run import train
 
     cfg = compose_cfg("trainer.time_budget=4s", "sample=null", "test=false")
-    path = presets.cache_file(cfg)
+    path = throughput.cache_file(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cache = presets._read_cache(path)  # a measured step of 0.5 s: the budget fits 7 steps and their validation
+    cache = throughput._read_cache(path)  # a measured step of 0.5 s: the budget fits 7 steps and their validation
     cache[probe_key(cfg)] = {"device": "test", "step_s": 0.5, "eval_batch_s": 0.025, "method": "seeded"}
     path.write_text(json.dumps(cache))
-    expected, _ = steps_for_budget(cfg, 4 * 0.95, presets.Probe(**cache[probe_key(cfg)]))
+    expected, _ = steps_for_budget(cfg, 4 * 0.95, throughput.Probe(**cache[probe_key(cfg)]))
     train(cfg)
     written = OmegaConf.load(Path(cfg.paths.output_dir) / "config.yaml")
     assert written.trainer.max_steps == expected == 7
@@ -334,7 +326,7 @@ def test_the_trainer_never_sees_time_budget(compose_cfg):
         (["ls", "--only", "tiny,huge"], "Error: preset 'huge': no such preset"),
         (["cp", "huge", "mine"], "Error: preset 'huge': no such preset"),
         (["cp", "small"], "Error: presets cp takes two names"),
-        (["cp", "small", "../escape"], "Error: '../escape': expected a file name"),
+        (["cp", "small", "../escape"], "Error: name '../escape': use letters, digits"),
         (["--recommend", "goal=fame", "time_budget_hours=1"], "Error: goal='fame': expected one of learning"),
         (["--recommend", "goal=learning", "time_budget_hours=lots"], "Error: time_budget_hours='lots'"),
         (["ls", "model.num_layer=2"], "Key 'num_layer' not in 'ModelSchema'"),
@@ -359,9 +351,9 @@ def test_time_budget_stops_training_cleanly_at_max_time(compose_cfg):
     from gpt2lab.train.run import train
 
     cfg = compose_cfg("trainer.time_budget=2s", "sample=null", "test=false", "trainer.val_check_interval=50")
-    path = presets.cache_file(cfg)
+    path = throughput.cache_file(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cache = presets._read_cache(path)
+    cache = throughput._read_cache(path)
     cache[probe_key(cfg)] = {"device": "test", "step_s": 1e-5, "eval_batch_s": 1e-6, "method": "seeded"}
     path.write_text(json.dumps(cache))
     train(cfg)

@@ -29,6 +29,13 @@ def config_path() -> str:
     return str(source_tree) if (source_tree / "train.yaml").is_file() else "pkg://gpt2lab.conf"
 
 
+def config_root() -> Path:
+    """The config tree as a directory, to read its files: ``conf/`` of a source checkout, else the installed
+    ``gpt2lab.conf``."""
+    path = config_path()
+    return Path(str(importlib.resources.files("gpt2lab.conf"))) if path.startswith("pkg://") else Path(path)
+
+
 def config_groups() -> set[str]:
     """The names of the config groups (``model``, ``scheduler``, ...): the directories of the config tree."""
     path = config_path()
