@@ -13,34 +13,23 @@ and the same Hydra callbacks (the run directory is checked and locked). Only ``s
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
 import uuid
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.utils import JobReturn, run_job
-from hydra.errors import HydraException
 from hydra.types import HydraContext, RunMode
 from hydra.utils import execution_whitelist
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from gpt2lab.config import (
-    TRUSTED_TARGETS,
-    config_path,
-    group_options,
-    hydra_string,
-    null_group_overrides,
-    register_schemas,
-)
+from gpt2lab.config import TRUSTED_TARGETS, compose_train, config_tree, group_options, hydra_string
 from gpt2lab.errors import ConfigError
 
 Overrides = Mapping[str, Any] | Sequence[str] | None
@@ -131,30 +120,11 @@ def registered_module(key: str) -> nn.Module:
 
 
 # -- composing -----------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _initialized() -> Iterator[None]:
-    """Hydra initialized on gpt2lab's config tree, with the job name the command line has (``train``: its log is
-    train.log)."""
-    register_schemas()
-    GlobalHydra.instance().clear()
-    path = config_path()
-    if path.startswith("pkg://"):
-        context = initialize_config_module(path.removeprefix("pkg://"), job_name="train")
-    else:
-        context = initialize_config_dir(path, job_name="train")
-    with context:
-        yield
-
-
 def _compose(overrides: list[str]) -> DictConfig:
-    with _initialized():
-        try:
-            cfg = compose("train", overrides=null_group_overrides(overrides), return_hydra_config=True)
-        except (HydraException, OmegaConfBaseException) as e:
-            # The message the command line prints for the same input (Hydra's run_and_report): the error, and
-            # OmegaConf's cause when there is one (the schema's "Key ... not in ...", with its suggestions).
-            cause = f"\n{e.__cause__}" if isinstance(e.__cause__, OmegaConfBaseException) else ""
-            raise ConfigError(f"{e}{cause}") from None
+    """``conf/train.yaml`` with Hydra's node, ready to run as the command line runs it (``hydra.mode``: RUN). Composed
+    on gpt2lab's own tree even where Hydra was initialized on another (a script's own Hydra app)."""
+    with config_tree():
+        cfg = compose_train(overrides, hydra_node=True)
     with open_dict(cfg):
         cfg.hydra.mode = cfg.hydra.mode or RunMode.RUN
     return cfg
@@ -213,8 +183,6 @@ def _module_overrides(module: nn.Module, context_length: int | None) -> list[str
 def _run(cfg: DictConfig) -> Any:
     """Run ``cfg`` as ``hydra.main`` runs ``python train.py``'s: Hydra's callbacks around ``run_job``, which makes
     the run directory, writes ``.hydra/``, sets up the job's logging and ``${hydra:...}``, then calls train."""
-    from hydra._internal.callbacks import Callbacks  # Hydra's own runner uses it; no public equivalent
-
     from gpt2lab.train.run import TrainedRun, train_run  # Lightning and torch load here, not on ``import gpt2lab``
 
     if "hydra" not in cfg:
@@ -232,8 +200,8 @@ def _run(cfg: DictConfig) -> Any:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
-        with _initialized(), execution_whitelist(TRUSTED_TARGETS):
-            callbacks = Callbacks(cfg)
+        with config_tree(), execution_whitelist(TRUSTED_TARGETS):
+            callbacks = _hydra_callbacks(cfg)
             ret = JobReturn()
             context = HydraContext(
                 config_loader=GlobalHydra.instance().config_loader(),
@@ -255,6 +223,15 @@ def _run(cfg: DictConfig) -> Any:
         root.handlers[:] = handlers
         root.setLevel(level)
     return runs[-1]
+
+
+def _hydra_callbacks(cfg: DictConfig) -> Any:
+    """The ``hydra.callbacks`` of ``cfg``, built as ``hydra.main`` builds them around a run. Hydra has no public API
+    for this (its own runner and ``hydra.types.HydraContext`` use the private class), and ``run_job`` needs them:
+    the one use of a private module of Hydra in gpt2lab."""
+    from hydra._internal.callbacks import Callbacks
+
+    return Callbacks(cfg)
 
 
 def _module_classes(cfg: DictConfig) -> list[str]:
