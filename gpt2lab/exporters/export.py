@@ -1,5 +1,5 @@
-"""``python -m gpt2lab.export ckpt=... format=hf|onnx|torchscript|all output_dir=...``: a trained model out of
-gpt2lab.
+"""Exporting a trained model out of gpt2lab (``python -m gpt2lab.export ckpt=... format=hf|onnx|torchscript|all
+output_dir=...`` is its command).
 
 Each format's directory holds the tokenizer, ``config.json``, the weights in safetensors and a model card
 (``README.md``), beside its own files: ``hf`` is what ``transformers`` loads, ``onnx`` a decoder graph with a KV
@@ -13,16 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
-from gpt2lab.config import TRUSTED_TARGETS, config_path, null_group_overrides, register_schemas
-from gpt2lab.errors import ConfigError, report_errors
+from gpt2lab.errors import ConfigError
 from gpt2lab.exporters.directory import check_output_dir, write_tokenizer, write_weights
 from gpt2lab.exporters.model_card import ModelCardGenerator
 from gpt2lab.model import GPT2Model
@@ -54,7 +51,9 @@ def make_exporters(cfg: DictConfig, formats: list[str]) -> dict[str, Any]:
 
 
 def export(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """Export ``cfg.ckpt`` as ``conf/export.yaml`` describes; returns each format's result."""
+    """Export ``cfg.ckpt`` as ``conf/export.yaml`` describes; returns each format's result (``summary`` makes
+    the table the command prints of them). Every exporter is built, and the checkpoint checked, before anything
+    is written; the formats are staged in ``<output_dir>.partial`` and renamed once all are validated."""
     if cfg.format not in (*FORMATS, "all"):
         raise ConfigError(f"format={cfg.format!r}: expected one of {', '.join(FORMATS)} or all")
     path = find_checkpoint(cfg.ckpt, cfg.paths.log_dir)
@@ -98,7 +97,6 @@ def export(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     output = Path(cfg.paths.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "export.json").write_text(json.dumps({"checkpoint": str(path), **results}, indent=2))
-    print(summary(results))
     return results
 
 
@@ -123,22 +121,3 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
 
             lines += ["", format_benchmark(r["benchmark"], title=fmt)]
     return "\n".join(lines)
-
-
-register_schemas()
-
-
-def main() -> None:
-    """Entry point of ``python -m gpt2lab.export``."""
-    sys.argv = null_group_overrides(sys.argv)
-    _main()
-
-
-@hydra.main(config_path=config_path(), config_name="export", execution_whitelist=TRUSTED_TARGETS)
-@report_errors
-def _main(cfg: DictConfig) -> None:
-    export(cfg)
-
-
-if __name__ == "__main__":
-    main()
