@@ -122,7 +122,7 @@ def test_onnx_generation_runs_without_torch_and_matches_gpt2lab(exported, traine
     from gpt2lab.inference.generator import TextGenerator
 
     settings = ["inference.do_sample=false", "inference.max_new_tokens=12"]
-    prelude = "import sys; sys.modules['torch'] = None; from gpt2lab.generate import main; main()"
+    prelude = "import sys; sys.modules['torch'] = None; from gpt2lab.generate.__main__ import main; main()"
     result = subprocess.run(
         [sys.executable, "-c", prelude, f"onnx={exported / 'onnx'}", "prompt=def f(x):", *settings],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
@@ -330,7 +330,7 @@ def test_model_card_reads_the_corpus_from_the_training_log(trained, trained_run,
 def test_a_model_other_than_gpt2labs_gpt2_is_refused(export_cli, trained_run, tmp_path, monkeypatch):
     import gpt2lab.exporters.export
 
-    monkeypatch.setattr(gpt2lab.export, "load_checkpoint", lambda path: (torch.nn.Linear(2, 2), None))
+    monkeypatch.setattr(gpt2lab.exporters.export, "load_checkpoint", lambda path: (torch.nn.Linear(2, 2), None))
     result = export_cli(f"ckpt={trained_run}", "output_dir=out", cwd=tmp_path)
     assert result.returncode == 1
     assert "holds a Linear (model=hf or model=module): export is written for gpt2lab's GPT-2" in result.stderr
