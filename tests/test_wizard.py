@@ -13,8 +13,9 @@ from conftest import REPO, cli_env
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from gpt2lab.config import register_schemas
-from gpt2lab.wizard import wizard
+from gpt2lab.config import config_tree, register_schemas
+from gpt2lab.wizard.__main__ import main
+from gpt2lab.wizard.questions import Session
 
 FLAGS = ["--preset", "tiny", "--data", "files", "--tokenizer", "bpe", "--vocab-size", "320", "--model", "gpt2-tiny",
          "--context-length", "64", "--trainer", "cpu", "--precision", "32-true", "--batch-size", "8", "--accumulate",
@@ -77,7 +78,7 @@ def test_in_a_terminal_the_wizard_asks_refuses_with_the_reason_and_writes_the_fl
     assert child.exitstatus == 0
 
     flags = tmp_path / "flags"
-    wizard.main([*FLAGS, "--data-path", str(corpus_file), "--name", "my_run", "--config-dir", str(flags)])
+    main([*FLAGS, "--data-path", str(corpus_file), "--name", "my_run", "--config-dir", str(flags)])
     assert (flags / "experiment" / "my_run.yaml").read_text() == (typed / "experiment" / "my_run.yaml").read_text()
 
 
@@ -103,7 +104,7 @@ def test_typed_answers_are_checked_on_the_spot_and_write_the_flags_file(corpus_f
         return reply
 
     monkeypatch.setattr("builtins.input", typed)
-    wizard.main(["--config-dir", str(tmp_path / "typed")])
+    main(["--config-dir", str(tmp_path / "typed")])
     assert next(replies, None) is None
     out = capsys.readouterr().out
     assert "✗ data.path='/nonexistent/corpus.txt': no such file or directory" in out
@@ -112,16 +113,16 @@ def test_typed_answers_are_checked_on_the_spot_and_write_the_flags_file(corpus_f
 
     # The same answers as flags: the same file, byte for byte
     flags = tmp_path / "flags"
-    wizard.main([*FLAGS, "--data-path", str(corpus_file), "--name", "my_run", "--config-dir", str(flags)])
+    main([*FLAGS, "--data-path", str(corpus_file), "--name", "my_run", "--config-dir", str(flags)])
     written = (tmp_path / "typed" / "experiment" / "my_run.yaml").read_text()
     assert (flags / "experiment" / "my_run.yaml").read_text() == written
     assert "- override /data: files\n" in written and f"path: {corpus_file}\n" in written
 
     # An experiment of that name is not replaced, unless --force
     with pytest.raises(SystemExit) as refused:
-        wizard.main([*FLAGS, "--data-path", str(corpus_file), "--name", "my_run", "--config-dir", str(flags)])
+        main([*FLAGS, "--data-path", str(corpus_file), "--name", "my_run", "--config-dir", str(flags)])
     assert refused.value.code == 1 and "exists: choose another name, or pass --force" in capsys.readouterr().err
-    wizard.main([*FLAGS, "--data-path", str(corpus_file), "--batch-size", "4", "--name", "my_run", "--force",
+    main([*FLAGS, "--data-path", str(corpus_file), "--batch-size", "4", "--name", "my_run", "--force",
                  "--config-dir", str(flags)])  # fmt: skip
     assert "batch_size: 4\n" in (flags / "experiment" / "my_run.yaml").read_text()
 
@@ -137,7 +138,7 @@ def test_a_flag_the_config_refuses_stops_with_the_reason(corpus_file, tmp_path, 
 def test_train_py_runs_the_experiment_the_wizard_wrote(corpus_file, cache_dir, tmp_path, train_cli, monkeypatch):
     monkeypatch.setenv("GPT2LAB_CACHE_DIR", str(cache_dir))
     conf = tmp_path / "conf"
-    wizard.main([*FLAGS, "--data-path", str(corpus_file), "--name", "wizard_run", "--config-dir", str(conf)])
+    main([*FLAGS, "--data-path", str(corpus_file), "--name", "wizard_run", "--config-dir", str(conf)])
     searchpath = f"hydra.searchpath=[file://{conf}]"
 
     register_schemas()
@@ -162,6 +163,6 @@ def test_train_py_runs_the_experiment_the_wizard_wrote(corpus_file, cache_dir, t
 @pytest.mark.parametrize("path", [r"C:\data\my file.txt", "my data/a=b.txt", "it's.txt", "plain/path.txt"])
 def test_an_answer_reaches_the_config_as_typed(path):
     # a Windows path's backslashes, spaces, = and quotes: the config the checks see holds the path typed
-    with wizard.hydra_initialized():
-        cfg = wizard.Session("tiny", {"data.path": path}).compose()
+    with config_tree():
+        cfg = Session("tiny", {"data.path": path}).compose()
     assert cfg.data.path == path
