@@ -1,52 +1,80 @@
-"""Callbacks gpt2lab adds to Lightning's own."""
+"""Callbacks gpt2lab adds to Lightning's own that report on a run as it trains: the progress bar, throughput and
+MFU with the time left, samples of the model's writing, and the curves at the end.
+
+The callbacks that save and stop a run live in ``gpt2lab.lit.checkpoints``; they are importable from here as
+well, under the names ``conf/callbacks/`` and saved run configs give them (``gpt2lab.lit.callbacks.<Name>``)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import signal
-import subprocess
-import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.plugins.environments import SLURMEnvironment
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning_fabric.utilities.throughput import get_available_flops
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from tokenizers import Tokenizer
 
+from gpt2lab.console import format_duration
 from gpt2lab.errors import ConfigError
+from gpt2lab.lit.checkpoints import (
+    AtomicCheckpointIO,
+    Preemption,
+    RunSettings,
+    StepBoundaryCheckpoint,
+    requeue_slurm_job,
+)
+from gpt2lab.lit.curves import plot_run_curves, read_metrics
+from gpt2lab.lit.speed import peak_flops, precision_dtype, synchronize
+from gpt2lab.model import GPT2Model
+from gpt2lab.model.generation import eager_decoding
+from gpt2lab.tokenizers import EOS_TOKEN
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "Curves",
+    "Preemption",
+    "ProgressBar",
+    "RunSettings",
+    "Samples",
+    "StepBoundaryCheckpoint",
+    "ThroughputLogger",
+    "complete_prompts",
+    "format_duration",
+    "peak_flops",
+    "precision_dtype",
+    "requeue_slurm_job",
+]
 
 log = logging.getLogger(__name__)
 
-# Dense bf16/fp16 tensor-core peaks (datasheets, without the 2:4 sparsity doubling). Lightning's own table
-# lists the H200 at its sparse figure and does not match the plain "NVIDIA H200" device name.
-DENSE_16BIT_FLOPS = {"h200": 989.5e12, "h100 pcie": 756e12, "h100": 989.5e12, "a100": 312e12, "l4": 121e12}
 
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, showing training metrics without a host sync per step.
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """The device's peak FLOP/s for ``dtype`` matmuls, the denominator of MFU; None if unknown."""
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        name = torch.cuda.get_device_name(device).lower()
-        for chip, flops in DENSE_16BIT_FLOPS.items():
-            if all(word in name for word in chip.split()):
-                return flops
-    return get_available_flops(device, dtype)
+    A value logged with ``self.log(..., prog_bar=True)`` is turned into a Python number after every batch,
+    whether or not the bar redraws then (Lightning issue #21232). That waits for the GPU once per step,
+    which cost about 3% of a GPT-2 small step on an H200. So the training step logs its metrics without
+    ``prog_bar``, and this bar reads ``metrics`` only when it redraws, every ``refresh_rate`` batches.
+    """
 
+    def __init__(self, refresh_rate: int = 1, leave: bool = False, metrics: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=leave)
+        self.metrics = list(metrics)
 
-def precision_dtype(precision: str) -> torch.dtype:
-    """The matmul dtype of a Lightning precision setting (``bf16-mixed`` -> bfloat16)."""
-    precision = str(precision)
-    return torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        for key in self.metrics:
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                items[key] = value.item() if isinstance(value, torch.Tensor) else value
+        return items
 
 
 class ThroughputLogger(pl.Callback):
@@ -98,14 +126,14 @@ class ThroughputLogger(pl.Callback):
     def _estimate(self, trainer: pl.Trainer, batch: torch.Tensor) -> None:
         """Two host syncs in the whole run: where the estimate's window starts and where it ends."""
         if self._estimate_start is None:
-            _synchronize(trainer.strategy.root_device)
+            synchronize(trainer.strategy.root_device)
             self._estimate_start = (trainer.global_step, time.perf_counter())
             return
         start_step, start = self._estimate_start
         steps = trainer.global_step - start_step
         if steps != self.estimate_after:
             return
-        _synchronize(trainer.strategy.root_device)
+        synchronize(trainer.strategy.root_device)
         per_step = (time.perf_counter() - start) / steps
         total = trainer.max_steps if trainer.max_steps not in (None, -1) else trainer.estimated_stepping_batches
         seconds = per_step * max(total - trainer.global_step, 0)
@@ -147,43 +175,6 @@ class ThroughputLogger(pl.Callback):
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def format_duration(seconds: float) -> str:
-    """``3 min 05 s``, ``2 h 10 min``: how long, at a glance."""
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class ProgressBar(TQDMProgressBar):
-    """Lightning's TQDM bar, showing training metrics without a host sync per step.
-
-    A value logged with ``self.log(..., prog_bar=True)`` is turned into a Python number after every batch,
-    whether or not the bar redraws then (Lightning issue #21232). That waits for the GPU once per step,
-    which cost about 3% of a GPT-2 small step on an H200. So the training step logs its metrics without
-    ``prog_bar``, and this bar reads ``metrics`` only when it redraws, every ``refresh_rate`` batches.
-    """
-
-    def __init__(self, refresh_rate: int = 1, leave: bool = False, metrics: list[str] | tuple[str, ...] = ()) -> None:
-        super().__init__(refresh_rate=refresh_rate, leave=leave)
-        self.metrics = list(metrics)
-
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        items = super().get_metrics(trainer, pl_module)
-        for key in self.metrics:
-            value = trainer.callback_metrics.get(key)
-            if value is not None:
-                items[key] = value.item() if isinstance(value, torch.Tensor) else value
-        return items
-
-
 class Samples(pl.Callback):
     """Every ``every_n_validations`` validations of a fit, continuations of ``prompts`` (decoded as
     ``python -m gpt2lab.generate`` does, ``seed`` fixed so that the steps compare) are appended with the step
@@ -200,6 +191,17 @@ class Samples(pl.Callback):
         top_k: int | None = 50,
         seed: int = 0,
     ) -> None:
+        for key, value, ok in (  # checked here, as the run starts, rather than at its first validation
+            ("every_n_validations", every_n_validations, every_n_validations >= 1),
+            ("max_new_tokens", max_new_tokens, max_new_tokens >= 1),
+            ("temperature", temperature, temperature > 0),
+            ("top_k", top_k, top_k is None or top_k >= 1),
+        ):
+            if not ok:
+                expected = "> 0" if key == "temperature" else "at least 1" + (", or null" if key == "top_k" else "")
+                raise ConfigError(f"callbacks.samples.{key}={value}: expected {expected}")
+        if any(not prompt for prompt in prompts):
+            raise ConfigError(f"callbacks.samples.prompts={list(prompts)}: a prompt is empty (the model needs text)")
         self.path = Path(dirpath) / "samples.jsonl"
         self.prompts = list(prompts)
         self.every = every_n_validations
@@ -224,10 +226,8 @@ class Samples(pl.Callback):
             return
         if isinstance(trainer.strategy, FSDPStrategy):  # the weights are sharded over the ranks
             return
-        from gpt2lab.inference.generator import complete
-
-        try:  # complete() decodes eagerly: a compiled model would compile again for every decoding shape
-            texts = complete(pl_module.model, pl_module.tokenizer, self.prompts, self.settings)
+        try:
+            texts = complete_prompts(pl_module.model, pl_module.tokenizer, self.prompts, self.settings)
         except RuntimeError as e:  # e.g. weights gone NaN: the run's own check reports that
             log.warning("No samples at step %d: %s", trainer.global_step, e)
             return
@@ -242,6 +242,28 @@ class Samples(pl.Callback):
                 logger.log_table(
                     "samples", columns=["step", "prompt", "completion"], data=self._rows, step=trainer.global_step
                 )
+
+
+def complete_prompts(
+    model: GPT2Model, tokenizer: Tokenizer, prompts: list[str], settings: Mapping[str, Any]
+) -> list[str]:
+    """The continuation of each prompt, sampled as ``python -m gpt2lab.generate`` samples it with these
+    ``settings`` (``max_new_tokens``, ``temperature``, ``top_k``, ``seed``): prompts left-padded into one batch,
+    each ending at end-of-text. Decoded eagerly: a model compiled for training would compile again for every
+    decoding shape."""
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    encoded = [tokenizer.encode(prompt).ids for prompt in prompts]
+    width = max(len(ids) for ids in encoded)
+    device = model.wte.weight.device
+    input_ids = torch.tensor([[0] * (width - len(ids)) + ids for ids in encoded], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    with eager_decoding():
+        tokens = model.generate(
+            input_ids, settings["max_new_tokens"], settings["temperature"], settings["top_k"],
+            attention_mask=mask, eos_token_id=eos, seed=settings["seed"],
+        )  # fmt: skip
+    rows = [row[: row.index(eos)] if eos in row else row for row in tokens[:, width:].tolist()]
+    return [tokenizer.decode(row) for row in rows]
 
 
 class Curves(pl.Callback):
@@ -267,8 +289,6 @@ class Curves(pl.Callback):
         if csv_logger is None:
             log.info("No %s: the run has no CSV logger (logger=csv) to read its metrics from", self.path.name)
             return
-        from gpt2lab.runs.table import plot_run_curves, read_metrics
-
         try:
             csv_logger.save()  # Lightning flushes the rows only every 100 steps and after this hook
             metrics = read_metrics(Path(csv_logger.experiment.metrics_file_path))
@@ -280,182 +300,3 @@ class Curves(pl.Callback):
             log.info("Curves: %s", self.path)
         else:
             log.info("No %s: no loss was logged before the run ended (trainer.log_every_n_steps)", self.path.name)
-
-
-class Preemption(pl.Callback):
-    """SIGTERM (Kubernetes, spot instances, torchrun, SLURM's time limit), SLURM's warning signal (SIGUSR1, from
-    ``#SBATCH --signal=USR1@90``) and Ctrl-C stop training at the end of the optimizer step in progress, on every
-    rank, with ``last.ckpt`` written, so that ``ckpt_path=auto`` (the same command run again) goes on from there.
-    Under SLURM, the warning signal then requeues the job (``scontrol requeue``), as Lightning's
-    ``SLURMEnvironment(auto_requeue=True)`` asks, unless ``requeue=False``. A second Ctrl-C stops at once, without a checkpoint.
-
-    The handlers only note the signal. After each optimizer step the ranks agree (one all-reduce under DDP, no
-    device sync on one process) and, if any was signalled, all set Lightning's ``received_sigterm`` at that same
-    step; Lightning then raises ``SIGTERMException`` on each. Lightning's own handlers are replaced while
-    training: its SIGTERM handler broadcasts from inside the handler, at whatever point each rank happens to be,
-    which hangs DDP when a rank gets the signal twice (its launcher forwards it too); its SLURM handler saves an
-    ``hpc_ckpt_N.ckpt`` from inside the handler, mid-step, into ``trainer.default_root_dir`` (the working
-    directory), which Lightning then resumes by itself in any later SLURM job started there, whatever its
-    ``ckpt_path``. So Lightning's requeueing is switched off and done here, after ``last.ckpt``. ``signal``,
-    ``checkpoint`` and ``requeued`` (the SLURM job id) say what happened, for the run's last line
-    (``gpt2lab.train``)."""
-
-    def __init__(self, requeue: bool = True) -> None:
-        self.requeue = requeue  # false: under SLURM, SIGUSR1 only stops the run
-        self.signal: str | None = None
-        self.checkpoint: Path | None = None
-        self.requeued: str | None = None
-        self._previous: dict[int, Any] = {}
-        self._checked_step = 0
-        self._slurm: tuple[bool, signal.Signals] | None = None  # SLURM's (auto_requeue, requeue_signal)
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        environment = trainer._accelerator_connector.cluster_environment
-        if isinstance(environment, SLURMEnvironment):
-            if self._slurm is None:  # setup runs for each stage (validate, fit, test): read the user's setting once
-                self._slurm = (environment.auto_requeue, environment.requeue_signal or signal.SIGUSR1)
-            environment.auto_requeue = False  # Lightning registers no SLURM handler of its own (see above)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.signal = self.checkpoint = self.requeued = None
-        self._checked_step = trainer.global_step
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def on_stop_signal(signum: int, frame: Any) -> None:
-            self.signal = self.signal or signal.Signals(signum).name
-
-        def on_sigint(signum: int, frame: Any) -> None:
-            if self.signal == "SIGINT":  # asked twice: now
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                raise KeyboardInterrupt
-            self.signal = "SIGINT"
-            log.warning("Ctrl-C: stopping after this step, with last.ckpt written (Ctrl-C again: stop at once)")
-
-        warning_signal = self._slurm[1] if self._slurm else signal.SIGUSR1
-        for signum, handler in ((signal.SIGTERM, on_stop_signal), (warning_signal, on_stop_signal)):
-            self._previous.setdefault(signum, signal.signal(signum, handler))
-        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if trainer.global_step == self._checked_step:
-            return  # mid-accumulation: no optimizer step since the last check
-        self._checked_step = trainer.global_step
-        stop = self.signal is not None
-        if trainer.world_size > 1:
-            stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
-        if stop:
-            self.signal = self.signal or "SIGTERM"  # another rank was signalled
-            trainer._signal_connector.received_sigterm = True  # Lightning stops here, raising SIGTERMException
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore()
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
-            return
-        dirpath = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
-        if dirpath:
-            self.checkpoint = Path(dirpath) / "last.ckpt"
-            # every rank takes part, as for any checkpoint; the whole state, to resume from (said explicitly: left
-            # unset, Lightning logs "`weights_only` was not set" beside the stop message)
-            trainer.save_checkpoint(self.checkpoint, weights_only=False)
-        auto_requeue, warning_signal = self._slurm or (False, None)
-        warned = self.signal == getattr(warning_signal, "name", None)
-        if self.requeue and auto_requeue and warned and trainer.is_global_zero:
-            self.requeued = requeue_slurm_job()  # after the checkpoint: SLURM ends the job's tasks as it requeues
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-
-def requeue_slurm_job() -> str | None:
-    """``scontrol requeue`` this SLURM job (an array job's own task), as Lightning's SLURM handler does; the job id
-    if SLURM accepted it, else None, with the reason logged."""
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job_id = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID")
-    if not job_id:
-        log.warning("Not requeued: SLURM_JOB_ID is not set")
-        return None
-    try:
-        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        log.warning("Not requeued: scontrol requeue %s failed (%s: %s)", job_id, type(e).__name__, e)
-        return None
-    if result.returncode != 0:
-        log.warning("Not requeued: scontrol requeue %s: %s", job_id, (result.stderr or result.stdout).strip())
-        return None
-    return job_id
-
-
-class RunSettings(pl.Callback):
-    """Records in each checkpoint the settings a run resuming from it must share (tokenizer, data, batch layout:
-    ``gpt2lab.checkpoint.run_settings``), where ``check_same_run`` reads them; ``train.py`` adds it to every run."""
-
-    def __init__(self, settings: dict[str, Any]) -> None:
-        self.settings = settings
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.settings)
-
-
-class StepBoundaryCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint``, whose saves at the end of a training batch (``train_time_interval``,
-    ``every_n_train_steps``) happen only right after an optimizer step: a checkpoint taken part-way through a
-    gradient-accumulation window would lose the gradients accumulated so far (they are not saved), and a run
-    resumed from it would differ from one never stopped. Its time check, which under DDP broadcasts rank 0's
-    clock, then runs once per optimizer step instead of once per micro-batch."""
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        self._step_seen = trainer.global_step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kw: Any) -> None:
-        if trainer.global_step == self._step_seen:
-            return  # mid-accumulation: no optimizer step since the last batch
-        self._step_seen = trainer.global_step
-        super().on_train_batch_end(trainer, pl_module, *args, **kw)
-
-    # Only the clock saves here. ModelCheckpoint would also write last.ckpt at the end of training (when it had not
-    # saved one yet), at the end of each training epoch and after validation: at the end of an epoch cut short by
-    # max_steps that file records the epoch as finished, and a run resumed from it would start the next epoch
-    # instead of the rest of this one. Validation's last.ckpt is model_checkpoint's.
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file and renames it into place, so a run killed while
-    saving leaves the previous ``last.ckpt`` intact instead of a truncated one."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-            tmp.unlink(missing_ok=True)
-            raise ConfigError(_unwritable_checkpoint(path, e)) from e
-
-
-def _unwritable_checkpoint(path: Path, error: BaseException) -> str:
-    try:
-        usage = shutil.disk_usage(path.parent)
-        space = f"{path.parent} has {usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.1f} GiB"
-    except OSError:
-        space = f"{path.parent} cannot be read"
-    return (
-        f"could not write the checkpoint {path.name} ({type(error).__name__}: {error}); {space}. The checkpoints "
-        f"already there are intact: free space or set callbacks.model_checkpoint.dirpath to a disk with room, then "
-        f"resume with ckpt_path={path.parent / 'last.ckpt'}"
-    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -203,6 +204,15 @@ def decode_step(model: CachedModel, batch_size: int, capacity: int) -> DecodeSte
     if key not in steps:
         steps[key] = DecodeStep(model, batch_size, capacity, static=True)
     return steps[key]
+
+
+def eager_decoding() -> AbstractContextManager:
+    """Decode a model compiled for training (``compile: true``) without compiling: torch.compile would compile the
+    model again for each shape decoding uses (the prompt, each one-token step), which took over a minute for GPT-2
+    124M on an H200, and ``torch.compiler.disable`` around the call does not stop a compiled module inside it. The
+    training graphs are kept. torch < 2.6 has no ``set_stance``: there decoding compiles as before."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance else nullcontext()
 
 
 def filter_logits(
