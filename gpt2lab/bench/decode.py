@@ -10,46 +10,27 @@ cache with a compiled forward (GPUs).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from gpt2lab.config import compose_train, group_options
+from gpt2lab.lit.speed import median_seconds
 from gpt2lab.model import GPT2Config, GPT2Model
 
-CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 # Peak memory bandwidth (datasheets): at batch 1 every new token reads all the weights once.
 BANDWIDTH = {"h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12}
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype) -> GPT2Model:
-    """A randomly initialised model of the size ``conf/model/<name>.yaml`` describes."""
-    from gpt2lab.bench.training import (
-        compose_config,
-    )  # the model group as train.py composes it (sizes inherit from gpt2)
-
-    fields = OmegaConf.to_container(compose_config([f"model={name}", "~preset"]).model, resolve=True)
+    """A randomly initialised model of the size ``conf/model/<name>.yaml`` describes, composed as ``train.py``
+    composes the model group (the sizes inherit from ``gpt2``), without dropout."""
+    fields = OmegaConf.to_container(compose_train([f"model={name}", "~preset"]).model, resolve=True)
     fields.pop("_target_")
     fields |= {"vocab_size": fields.get("vocab_size") or 50257, "dropout": 0.0, "attention_dropout": 0.0}
     fields |= {"residual_dropout": 0.0}
     return GPT2Model(GPT2Config(**fields)).to(device=device, dtype=dtype).eval()
-
-
-def median_seconds(run: Callable[[], object], repeats: int, device: torch.device) -> float:
-    run()  # warm-up: allocator, kernels, compilation
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    if not (CONF / f"{args.model}.yaml").is_file():
+    if args.model not in group_options("model"):
         parser.error(f"--model {args.model}: no conf/model/{args.model}.yaml")
     torch.manual_seed(0)
     model = build_model(args.model, device, dtype)
@@ -105,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         row = []
         for batch in args.batch:
             x = torch.randint(0, model.config.vocab_size, (batch, args.prompt), device=device)
-            row.append(batch * args.new / median_seconds(lambda decode=decode, x=x: decode(x), args.repeats, device))
+            (seconds,) = median_seconds(lambda decode=decode, x=x: decode(x), repeats=args.repeats, device=device)
+            row.append(batch * args.new / seconds)
         rates[label] = row
         print(f"| {label} | " + " | ".join(f"{r:,.0f} tokens/s" for r in row) + " |", flush=True)
     ours = [label for label in rates if label.startswith("gpt2lab")]

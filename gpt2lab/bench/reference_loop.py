@@ -1,6 +1,6 @@
 """gpt2lab's model in the reference script's own training loop.
 
-``python -m gpt2lab.reference_loop reference_step.py [overrides]`` builds the model that the overrides
+``python -m gpt2lab.bench.reference_loop reference_step.py [overrides]`` builds the model that the overrides
 describe (compiled as ``compile``/``compile_mode``/``compile_options`` say) and times it with the reference
 script's ``bench`` function: same loop, same random tokens, same optimizer. Against the reference's own
 row it measures the model code alone; against the ``python -m gpt2lab.bench`` row, the Lightning path.
@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from gpt2lab.bench.training import CONFIG_ERRORS, REFERENCE_LOOP_VARIANT, compose_config, config_error_text
+from gpt2lab.bench.training import REFERENCE_LOOP_VARIANT
+from gpt2lab.config import compose_train
+from gpt2lab.errors import ConfigError
 from gpt2lab.lit.module import inductor_options
 from gpt2lab.model import GPT2Model
 
@@ -27,19 +29,22 @@ REFERENCE_VOCAB = 50257  # the reference draws its random tokens below this
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or not Path(argv[0]).is_file():
-        print("usage: python -m gpt2lab.reference_loop reference_step.py [overrides]", file=sys.stderr)
+        print("usage: python -m gpt2lab.bench.reference_loop reference_step.py [overrides]", file=sys.stderr)
         return 2
     spec = importlib.util.spec_from_file_location("reference_step", argv[0])
     reference = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reference)
     try:
-        cfg = compose_config(argv[1:])
-    except CONFIG_ERRORS as e:
-        print(config_error_text(e), file=sys.stderr)
+        cfg = compose_train(argv[1:])
+    except ConfigError as e:
+        print(f"Error: {e}", file=sys.stderr)
         return 2
     config = instantiate(cfg.model, vocab_size=cfg.model.vocab_size or REFERENCE_VOCAB)
     if config.vocab_size < REFERENCE_VOCAB:
-        print(f"model.vocab_size={config.vocab_size}: the reference's tokens need {REFERENCE_VOCAB}", file=sys.stderr)
+        print(
+            f"Error: model.vocab_size={config.vocab_size}: the reference's tokens need {REFERENCE_VOCAB}",
+            file=sys.stderr,
+        )
         return 2
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)

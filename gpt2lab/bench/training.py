@@ -27,14 +27,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir, initialize_config_module
-from hydra.errors import HydraException
-from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
-from gpt2lab.config import config_path, register_schemas
+from gpt2lab.config import compose_train
+from gpt2lab.console import table
 from gpt2lab.errors import ConfigError
-from gpt2lab.lit.callbacks import peak_flops, precision_dtype
+from gpt2lab.lit.speed import peak_flops, precision_dtype, synchronize
 
 DEFAULT_OVERRIDES = ["preset=small"]
 MEMORY_MODELS = ["gpt2", "gpt2-medium", "gpt2-large"]
@@ -65,8 +62,8 @@ class StepTimer(pl.Callback):
         return a.elapsed_time(b) / 1e3 if isinstance(a, torch.cuda.Event) else b - a
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        synchronize(trainer.strategy.root_device)
         if torch.cuda.is_available():
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         self._started = time.perf_counter()
 
@@ -77,13 +74,11 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self._first_step_s is None and not trainer.fit_loop._should_accumulate():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # once, after the first step: compilation and warm-up end here
+            synchronize(trainer.strategy.root_device)  # once, after the first step: compilation and warm-up end here
             self._first_step_s = time.perf_counter() - self._started
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize(trainer.strategy.root_device)
         steps = [self._seconds(a, b) for a, b in zip(self._marks, self._marks[1:], strict=False)][self.warmup :]
         if not trainer.is_global_zero or not steps:
             return
@@ -112,31 +107,13 @@ class StepTimer(pl.Callback):
         self.out.write_text(json.dumps(result))
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The training config for ``overrides``, composed as ``train.py`` would."""
-    register_schemas()
-    path = config_path()
-    init = initialize_config_module("gpt2lab.conf") if path.startswith("pkg://") else initialize_config_dir(path)
-    with init:
-        return compose("train", overrides=overrides)
-
-
-CONFIG_ERRORS = (HydraException, OmegaConfBaseException)
-
-
-def config_error_text(e: BaseException) -> str:
-    """A composition error as one message; the cause carries Hydra's "Did you mean" for a misspelt key."""
-    cause = f"\n{e.__cause__}" if e.__cause__ else ""
-    return f"Error: {e}{cause}"
-
-
 def measure(overrides: list[str], micro_batch: int, steps: int, warmup: int, accumulate: int) -> dict[str, Any]:
     """One short training run through ``gpt2lab.train.train``; the StepTimer's figures."""
     from gpt2lab.train.run import train
 
     workdir = Path(tempfile.mkdtemp(prefix="gpt2lab-bench-"))
     try:
-        cfg = compose_config(
+        cfg = compose_train(
             [
                 *overrides,
                 f"data.batch_size={micro_batch}",
@@ -205,7 +182,7 @@ def run_reference(
 ) -> dict[str, Any]:
     """One variant of the reference script (``nano``, ``nano_compile``, ``hf``, ``hf_compile``), in a
     subprocess on the same GPU; its JSON line. ``gpt2lab-model`` is gpt2lab's model (from ``overrides``) in
-    the script's own loop (``gpt2lab.reference_loop``)."""
+    the script's own loop (``gpt2lab.bench.reference_loop``)."""
     env = {**os.environ, "B": str(micro_batch), "STEPS": str(steps)}
     if variant == REFERENCE_LOOP_VARIANT:
         command = [sys.executable, "-m", "gpt2lab.bench.reference_loop", str(script), *(overrides or [])]
@@ -220,107 +197,76 @@ def run_reference(
 
 
 def environment() -> str:
-    import pytorch_lightning
-
+    """The device, its count and the versions that matter, for the first line of the output."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "CPU"
     cuda = f", CUDA {torch.version.cuda}" if torch.cuda.is_available() else ""
     return (
         f"{device} x{max(torch.cuda.device_count(), 1)}; torch {torch.__version__}{cuda}, "
-        f"Lightning {pytorch_lightning.__version__}, Python {platform.python_version()}"
+        f"Lightning {pl.__version__}, Python {platform.python_version()}"
     )
 
 
-def _row(name: str, r: dict[str, Any], baseline: float | None = None) -> str:
+COLUMNS = (
+    "run", "micro-batch", "params", "tokens/s", "MFU", "step ms (median)", "peak GB", "compile+warm-up s",
+    "vs reference",
+)  # fmt: skip
+MEMORY_COLUMNS = ("model", "gradient checkpointing", "largest micro-batch", "static GB", "activations GB/sequence")
+
+
+def row(name: str, r: dict[str, Any], baseline: float | None = None) -> list[Any]:
+    """A row of the table for gpt2lab's figures or the reference script's (whose keys differ)."""
     if "error" in r:
-        return f"| {name} | {r.get('B', '')} | | failed: {r['error']} | | | | | |"
+        return [name, r.get("B", ""), "", f"failed: {r['error']}", "", "", "", "", ""]
     tok = r.get("tokens_per_sec") or r.get("tok_s")
     mfu = r.get("mfu") if "mfu" in r else r.get("mfu_989")
-    ratio = f"{tok / baseline:.2f}x" if baseline else ""
     params = r.get("params_M") or round(r.get("parameters", 0) / 1e6, 1)
-    return (
-        f"| {name} | {r.get('micro_batch') or r.get('B')} | {params}M | {tok:,} | "
-        f"{'' if mfu is None else f'{mfu:.1%}'} | {r['step_ms']} | {r.get('peak_mem_gb') or r.get('peak_mem_GB') or ''} | "
-        f"{r.get('compile_s', r.get('warmup_s', ''))} | {ratio} |"
-    )
+    return [
+        name, r.get("micro_batch") or r.get("B"), f"{params}M", f"{tok:,}", "" if mfu is None else f"{mfu:.1%}",
+        r["step_ms"], r.get("peak_mem_gb") or r.get("peak_mem_GB") or "", r.get("compile_s", r.get("warmup_s", "")),
+        f"{tok / baseline:.2f}x" if baseline else "",
+    ]  # fmt: skip
 
 
-HEADER = (
-    "| run | micro-batch | params | tokens/s | MFU | step ms (median) | peak GB | compile+warm-up s | vs reference |\n"
-    "|---|---|---|---|---|---|---|---|---|"
-)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["decode"]:  # decoding speed beside transformers: gpt2lab/bench_decode.py
-        from gpt2lab.bench.decode import main as decode_main
-
-        return decode_main(argv[1:])
-    if argv[:1] == ["export"]:  # onnxruntime against PyTorch eager on the CPU: gpt2lab/exporters/benchmark.py
-        from gpt2lab.bench.export import main as export_main
-
-        return export_main(argv[1:])
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt2lab.bench",
-        description="Training-step throughput (and memory) of a gpt2lab config, through the real training path.",
-    )
-    parser.add_argument("overrides", nargs="*", help="config overrides, as for train.py (default: preset=small)")
-    parser.add_argument("-b", "--micro-batch", type=int, nargs="+", help="micro-batch sizes (default: data.batch_size)")
-    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, allocator)")
-    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--reference", type=Path, help="the plain-PyTorch baseline script (reference_step.py)")
-    parser.add_argument(
-        "--reference-variants",
-        nargs="+",
-        default=["nano_compile"],
-        metavar="VARIANT",
-        help="the reference script's variants (nano, nano_compile, hf, hf_compile), the first one the baseline of "
-        f"the ratio; {REFERENCE_LOOP_VARIANT}: gpt2lab's model in the reference's own loop",
-    )
-    parser.add_argument("--memory", action="store_true", help="largest micro-batch per model size, +/- checkpointing")
-    parser.add_argument("--models", nargs="+", default=MEMORY_MODELS, help="model sizes for --memory")
-    parser.add_argument("--json", type=Path, help="also write all results to this file")
-    argv = sys.argv[1:] if argv is None else argv
-    # Overrides (key=value) may stand anywhere, even right after -b's numbers.
-    words = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = parser.parse_intermixed_args([a for a in argv if a not in words])
-    overrides = words + args.overrides or DEFAULT_OVERRIDES
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command line before anything is composed or run, as its error message; None if
+    nothing."""
     for name, least in {"micro_batch": 1, "steps": 1, "warmup": 0, "accumulate": 1}.items():
         value = getattr(args, name)
         if value is not None and min(value if isinstance(value, list) else [value]) < least:
-            print(f"Error: --{name.replace('_', '-')} must be at least {least}", file=sys.stderr)
-            return 2
+            return f"--{name.replace('_', '-')} must be at least {least}"
     if args.json and not args.json.parent.is_dir():
-        print(f"Error: --json {args.json}: the directory {args.json.parent} does not exist", file=sys.stderr)
+        return f"--json {args.json}: the directory {args.json.parent} does not exist"
+    if args.reference and not args.reference.is_file():
+        return (
+            f"--reference {args.reference}: no such file (the baseline script is reference_step.py; gpt2lab's "
+            "developers keep it in ../shared/gpu/ beside the repository)"
+        )
+    if args.memory and not torch.cuda.is_available():
+        return "--memory measures GPU memory; this machine has no CUDA GPU"
+    return None
+
+
+def bench(args: argparse.Namespace) -> int:
+    """``python -m gpt2lab.bench`` with its parsed command line: each micro-batch measured (the reference's
+    variants first, on rank 0), ``--memory``'s search, then the tables; the exit status."""
+    problem = check_arguments(args)
+    overrides = args.overrides
+    cfg = None
+    try:
+        cfg = None if problem else compose_train(overrides)
+    except ConfigError as e:
+        problem = str(e)
+    micro_batches = args.micro_batch or ([cfg.data.batch_size] if cfg else [])
+    several_devices = cfg and (str(cfg.trainer.devices) not in ("1", "[0]") or cfg.trainer.num_nodes > 1)
+    if several_devices and (len(micro_batches) > 1 or args.memory):
+        problem = (
+            "with several devices, measure one --micro-batch per invocation (each run relaunches its ranks); "
+            "--memory is single-device"
+        )
+    if problem:
+        print(f"Error: {problem}", file=sys.stderr)
         return 2
     is_rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
-
-    try:
-        cfg = compose_config(overrides)
-    except CONFIG_ERRORS as e:
-        print(config_error_text(e), file=sys.stderr)
-        return 2
-    micro_batches = args.micro_batch or [cfg.data.batch_size]
-    if args.reference and not args.reference.is_file():
-        print(
-            f"Error: --reference {args.reference}: no such file (the baseline script is reference_step.py; "
-            "gpt2lab's developers keep it in ../shared/gpu/ beside the repository)",
-            file=sys.stderr,
-        )
-        return 2
-    if args.memory and not torch.cuda.is_available():
-        print("Error: --memory measures GPU memory; this machine has no CUDA GPU", file=sys.stderr)
-        return 2
-    several_devices = str(cfg.trainer.devices) not in ("1", "[0]") or cfg.trainer.num_nodes > 1
-    if several_devices and (len(micro_batches) > 1 or args.memory):
-        print(
-            "Error: with several devices, measure one --micro-batch per invocation (each run relaunches its "
-            "ranks); --memory is single-device",
-            file=sys.stderr,
-        )
-        return 2
-
     results: dict[str, Any] = {"environment": environment(), "overrides": overrides, "runs": [], "reference": []}
     if is_rank_zero:
         print(f"# {results['environment']}\n# overrides: {' '.join(overrides)}", flush=True)
@@ -331,48 +277,41 @@ def main(argv: list[str] | None = None) -> int:
                     results["reference"].append(run_reference(args.reference, variant, mb, args.steps, overrides))
             results["runs"].append(measure(overrides, mb, args.steps, args.warmup, args.accumulate))
         if args.memory:
-            capacity = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
-            memory = results["memory"] = []
-            for model in args.models:
-                for checkpointing in (False, True):
-                    row = largest_micro_batch(
-                        [
-                            *overrides,
-                            f"model={model}",
-                            f"model.gradient_checkpointing={checkpointing}",
-                            "compile=false",
-                        ],
-                        capacity,
-                    )
-                    memory.append({"model": model, "gradient_checkpointing": checkpointing, **row})
-                    print(f"\n{json.dumps(memory[-1])}", flush=True)
+            results["memory"] = memory_table(overrides, args.models)
     except ConfigError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
     if not is_rank_zero:
         return 0
-
-    print(HEADER)
+    rows = []
     refs = {(r.get("name"), r.get("B")): r for r in results["reference"]}
     for mb, run in zip(micro_batches, results["runs"], strict=True):
         for variant in args.reference_variants if args.reference else []:
-            ref = refs.get((variant, mb), {"error": "no result", "name": variant})
-            print(_row(f"reference {variant}", ref))
+            rows.append(row(f"reference {variant}", refs.get((variant, mb), {"error": "no result", "name": variant})))
         base = refs.get((args.reference_variants[0], mb), {}).get("tok_s") if args.reference else None
         if run:
-            print(_row(f"gpt2lab x{run['world_size']}", run, base))
+            rows.append(row(f"gpt2lab x{run['world_size']}", run, base))
+    print(table(COLUMNS, rows, markdown=True))
     if results.get("memory"):
-        print("\n| model | gradient checkpointing | largest micro-batch | static GB | activations GB/sequence |")
-        print("|---|---|---|---|---|")
-        for m in results["memory"]:
-            print(
-                f"| {m['model']} | {m['gradient_checkpointing']} | {m['largest_micro_batch']} | "
-                f"{m.get('static_gb', '')} | {m.get('activation_gb_per_sequence', '')} |"
-            )
+        memory = [[m.get(key, "") for key in MEMORY_KEYS] for m in results["memory"]]
+        print("\n" + table(MEMORY_COLUMNS, memory, markdown=True))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+MEMORY_KEYS = ("model", "gradient_checkpointing", "largest_micro_batch", "static_gb", "activation_gb_per_sequence")
+
+
+def memory_table(overrides: list[str], models: list[str]) -> list[dict[str, Any]]:
+    """``--memory``: the largest micro-batch of each model size, without and with gradient checkpointing (each row
+    printed as JSON as it is found: the search takes minutes)."""
+    capacity = torch.cuda.get_device_properties(0).total_memory / 2**30
+    memory = []
+    for model in models:
+        for checkpointing in (False, True):
+            settings = [f"model={model}", f"model.gradient_checkpointing={checkpointing}", "compile=false"]
+            found = largest_micro_batch([*overrides, *settings], capacity)
+            memory.append({"model": model, "gradient_checkpointing": checkpointing, **found})
+            print(f"\n{json.dumps(memory[-1])}", flush=True)
+    return memory

@@ -117,7 +117,7 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
         lines.append(f"| {fmt} | {r['output_path']} | {r['file_size_mb']:,.1f} MB | {diff} |")
     for fmt, r in results.items():
         if r.get("benchmark"):
-            from gpt2lab.bench.export import format_benchmark
+            from gpt2lab.exporters.speed import format_benchmark
 
             lines += ["", format_benchmark(r["benchmark"], title=fmt)]
     return "\n".join(lines)

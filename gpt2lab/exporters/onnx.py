@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2lab.errors import ConfigError
+from gpt2lab.exporters.speed import eager, forward_rows, machine, median_ms, sizes
 from gpt2lab.exporters.validation import ExportMismatch, check_close
 from gpt2lab.model import GPT2Model
 
@@ -225,8 +226,6 @@ class ONNXExporter:
         if self.validate:
             result["max_abs_diff"] = validate(decoder, path, self.tolerance, self.fp16)
         if self.benchmark:
-            from gpt2lab.bench.export import benchmark_onnx
-
             result["benchmark"] = benchmark_onnx(model, path)
         return result
 
@@ -325,3 +324,22 @@ def validate(decoder: CachedDecoder, path: Path, tolerance: float, fp16: bool = 
             diff = max(diff, float(np.abs(a - b.astype(np.float32)).max()))
     check_close(diff, tolerance, f"onnxruntime ({path.name})")
     return diff
+
+
+def benchmark_onnx(model: GPT2Model, path: str | Path, repeats: int = 5) -> dict[str, Any]:
+    """onnxruntime (the exported graph at ``path``) against ``model`` in PyTorch eager: the forward pass, and greedy
+    decoding with the KV cache (``exporters.speed``)."""
+    from gpt2lab.inference.onnx import ONNXDecoder, stream_tokens
+
+    decoder = ONNXDecoder(path, graph_shape(model), model.config.context_length, threads=torch.get_num_threads())
+    rows = forward_rows(model, lambda ids: decoder.prefill(ids.numpy(), np.ones(ids.shape, np.int64)), repeats)
+    _, prompt, new = sizes(model, repeats)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
+    ones = np.ones((1, prompt), np.int64)
+    ms = median_ms(
+        lambda: eager(model, ids, new),
+        lambda: list(stream_tokens(decoder, ids.numpy(), ones, new, do_sample=False)),
+        min(repeats, 3),
+    )
+    rows[f"greedy decoding, batch 1, {prompt} + {new} tokens (tokens/s)"] = {k: 1e3 * new / v for k, v in ms.items()}
+    return {"runtime": "onnxruntime", "machine": machine(), "rows": rows}

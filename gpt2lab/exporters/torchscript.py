@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from gpt2lab.errors import ConfigError
+from gpt2lab.exporters.speed import eager, forward_rows, machine
 from gpt2lab.exporters.validation import check_close
 from gpt2lab.model import GPT2Model
 
@@ -68,8 +69,6 @@ class TorchScriptExporter:
         if self.validate:
             result["max_abs_diff"] = validate(wrapped, path, self.tolerance)
         if self.benchmark:
-            from gpt2lab.bench.export import benchmark_torchscript
-
             result["benchmark"] = benchmark_torchscript(model, path)
         return result
 
@@ -107,3 +106,10 @@ def validate(wrapped: LogitsModel, path: Path, tolerance: float) -> float:
             diff = max(diff, (program(ids) - wrapped(ids)).abs().max().item())
     check_close(diff, tolerance, f"TorchScript ({path.name})")
     return diff
+
+
+def benchmark_torchscript(model: GPT2Model, path: str | Path, repeats: int = 5) -> dict[str, Any]:
+    """The TorchScript program at ``path`` against ``model`` in PyTorch eager: the forward pass (``exporters.speed``)."""
+    program = torch.jit.load(str(path))
+    rows = forward_rows(model, lambda ids: eager(program, ids), repeats)
+    return {"runtime": "torchscript", "machine": machine(), "rows": rows}

@@ -1,0 +1,84 @@
+"""An export's speed beside PyTorch eager on this machine's CPU, in one process and with the same threads: what
+``benchmark=true`` adds to an export (``ONNXExporter``, ``TorchScriptExporter``) and ``python -m gpt2lab.bench
+export`` prints for random models.
+
+The rows: the median latency of one forward pass at batch 1 and 8 over 128 tokens and, for ONNX, greedy decoding
+tokens/s at batch 1 with the KV cache (gpt2lab's ``generate`` against the graph's onnxruntime loop).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2lab.lit.speed import median_seconds
+from gpt2lab.model import GPT2Model
+
+BATCHES = (1, 8)
+SEQUENCE = 128
+LABEL_WIDTH = 50  # characters of a row's label: the numbers of every table line up
+
+
+def median_ms(pytorch: Callable[[], object], exported: Callable[[], object], repeats: int) -> dict[str, float]:
+    """The median milliseconds of each, timed in turns (after one warm-up each), so that a burst of load from
+    other processes falls on both."""
+    seconds = median_seconds(pytorch, exported, repeats=repeats)
+    return {name: 1e3 * s for name, s in zip(("pytorch", "exported"), seconds, strict=True)}
+
+
+@torch.inference_mode()
+def eager(model: Any, ids: torch.Tensor, new_tokens: int = 0) -> object:
+    """A forward pass of ``model`` over ``ids``, or greedy decoding of ``new_tokens`` with gpt2lab's KV cache."""
+    return model.generate(ids, new_tokens, do_sample=False) if new_tokens else model(ids)
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, the threads used and how busy the machine was (1-minute load average) when measured."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [
+        line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+    ]
+    name = names[0] if cpuinfo.is_file() and names else platform.processor() or platform.machine()
+    return {"cpu": name, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
+
+
+def sizes(model: GPT2Model, repeats: int) -> tuple[int, int, int]:
+    """Sequence, prompt and new tokens that fit the model's context."""
+    context = model.config.context_length
+    sequence = min(SEQUENCE, context)
+    prompt = min(32, context // 4)
+    return sequence, prompt, min(64 if repeats > 1 else 8, context - prompt)
+
+
+def forward_rows(model: GPT2Model, exported: Callable[[torch.Tensor], object], repeats: int) -> dict[str, Any]:
+    """The forward pass of the export (``exported(ids)``) against ``model``'s, at each of ``BATCHES``."""
+    sequence = sizes(model, repeats)[0]
+    rows: dict[str, dict[str, float]] = {}
+    generator = torch.Generator().manual_seed(0)
+    for batch in BATCHES:
+        ids = torch.randint(0, model.config.vocab_size, (batch, sequence), generator=generator)
+        rows[f"forward, batch {batch} x {sequence} tokens (ms)"] = median_ms(
+            lambda ids=ids: eager(model, ids), lambda ids=ids: exported(ids), repeats
+        )
+    return rows
+
+
+def format_benchmark(result: dict[str, Any], title: str = "") -> str:
+    """A markdown table: PyTorch eager, the export, and the export's speed-up."""
+    m = result["machine"]
+    lines = [
+        f"{title + ': ' if title else ''}{result['runtime']} against PyTorch eager on {m['cpu']} "
+        f"({m['threads']} threads of {m['cores']} cores, load average {m['load']:.1f} when measured)",
+        "",
+        f"| {'':<{LABEL_WIDTH}} | PyTorch eager | {result['runtime']} | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for what, r in result["rows"].items():
+        faster = r["pytorch"] / r["exported"] if "(ms)" in what else r["exported"] / r["pytorch"]
+        lines.append(f"| {what:<{LABEL_WIDTH}} | {r['pytorch']:,.1f} | {r['exported']:,.1f} | {faster:.2f}x |")
+    return "\n".join(lines)
