@@ -257,7 +257,7 @@ def stalled_train(save_number: int, train_args: list[str]) -> None:
 
     TorchCheckpointIO.save_checkpoint = slow_save
     sys.argv = [str(REPO / "train.py"), *train_args]
-    from gpt2lab.train.run import main as train_main
+    from gpt2lab.train.__main__ import main as train_main
 
     train_main()
 

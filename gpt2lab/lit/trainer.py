@@ -1,11 +1,9 @@
 """The Lightning ``Trainer`` from a ``trainer`` config node, for every entry point (train, evaluate, ...), and the
-checks of a trainer config that must come before anything runs: launch, FSDP world, out-of-memory advice, and
-``trainer.time_budget``, which turns a wall-clock budget into ``max_steps`` and ``max_time``."""
+checks of a trainer config that must come before anything runs: launch, FSDP world, out-of-memory advice."""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from typing import Any
@@ -32,7 +30,7 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "
 
 def make_trainer(trainer_cfg: DictConfig, **overrides: Any) -> pl.Trainer:
     """``pl.Trainer(**trainer_cfg, **overrides)``; a value Lightning rejects is reported with the fix."""
-    if "time_budget" in trainer_cfg:  # gpt2lab's key (apply_time_budget), not a Trainer argument
+    if "time_budget" in trainer_cfg:  # gpt2lab's key (gpt2lab.train.plan.time_budget), not a Trainer argument
         # A plain copy without it: a node typed by TrainerSchema would get the field back from the schema
         values = OmegaConf.to_container(trainer_cfg, resolve=True)
         trainer_cfg = OmegaConf.create({k: v for k, v in values.items() if k != "time_budget"})
@@ -135,41 +133,3 @@ def parallel_job_share() -> dict[str, Any]:
     torch.set_num_threads(threads)
     log.info("Parallel job %s of %d: %d CPU thread(s)", hydra_cfg.job.num, n_jobs, threads)
     return {}
-
-
-# The schedule is fitted to this share of the budget: the first steps' warm-up (and torch.compile's compilation)
-# and checkpoint writes take the rest. max_time stops training at the budget plus a margin whatever happens.
-BUDGET_SHARE = 0.95
-MAX_TIME_MARGIN = 0.05
-
-
-def apply_time_budget(cfg: DictConfig) -> None:
-    """``trainer.time_budget=2h``: set ``trainer.max_steps`` from the measured time of a step of this run's model on
-    this device (``gpt2lab.presets``' probe, cached per device and config), so that warmup and cosine decay (whose
-    ``scheduler.max_steps`` follows ``trainer.max_steps``) end within the budget; and ``trainer.max_time`` to the
-    budget plus a small margin, so that training also stops cleanly there if the estimate was short."""
-    budget = cfg.trainer.get("time_budget")
-    if budget is None or (cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available()):
-        return  # (no GPU for a GPU run: make_trainer says so next, with the fix, before anything is measured)
-    from gpt2lab.presets.catalog import measure_throughput, parse_duration, steps_for_budget  # the probe builds a model
-
-    seconds = parse_duration(str(budget), key="trainer.time_budget")
-    probe = measure_throughput(cfg)
-    steps, why = steps_for_budget(cfg, seconds * BUDGET_SHARE, probe)
-    scheduler = cfg.get("scheduler")
-    warmup = scheduler.get("warmup_steps") if scheduler else None
-    if warmup and warmup * 2 > steps:  # a warmup longer than half the run would leave no decay
-        cfg.scheduler.warmup_steps = max(1, steps // 10)
-        why += f"; scheduler.warmup_steps {warmup} -> {cfg.scheduler.warmup_steps} (a tenth of the steps)"
-    limit = seconds + max(10.0, MAX_TIME_MARGIN * seconds)
-    days, rest = divmod(math.ceil(limit), 86400)
-    max_time = f"{days:02d}:{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    if cfg.trainer.get("max_time") not in (None, max_time):
-        log.info("trainer.time_budget replaces trainer.max_time=%s", cfg.trainer.max_time)
-    cfg.trainer.max_steps = steps
-    cfg.trainer.max_time = max_time
-    log.info(
-        "trainer.time_budget=%s: trainer.max_steps=%d (%s), so that warmup and cosine decay end within %d%% of the "
-        "budget; trainer.max_time=%s stops training there in any case",
-        budget, steps, why, round(BUDGET_SHARE * 100), max_time,
-    )  # fmt: skip

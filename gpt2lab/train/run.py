@@ -1,4 +1,9 @@
-"""``python train.py``: compose the config, build data, model and Trainer, fit, test, report."""
+"""Training, as stages read top to bottom: resolve the plan (``gpt2lab.train.plan``), build the Trainer, prepare the
+data, build the model, resume or load initial weights, record the plan, fit and test, report the results.
+
+``train`` is the task of ``python train.py`` (``gpt2lab/train/__main__.py``) and of its sweeps, to which it returns
+the metric they optimize; ``train_run`` returns the whole run, for the Python API (``gpt2lab/train/api.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,11 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.utils import JobReturn, JobStatus
@@ -26,32 +29,20 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from tokenizers import Tokenizer
 
 from gpt2lab.checkpoint import check_same_run, check_steps_left, load_checkpoint, resolve_ckpt_path, run_settings
-from gpt2lab.config import (
-    TRUSTED_TARGETS,
-    config_path,
-    given_on_command_line,
-    null_group_overrides,
-    register_schemas,
-)
-from gpt2lab.errors import ConfigError, report_errors
-from gpt2lab.hf import grow_vocab, import_model_config, load_pretrained_weights
+from gpt2lab.config import TRUSTED_TARGETS
+from gpt2lab.data import GPT2DataModule
+from gpt2lab.errors import ConfigError
+from gpt2lab.hf import load_pretrained_weights
 from gpt2lab.inference.generator import sample_text
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import AtomicCheckpointIO, Preemption, RunSettings, Samples, ThroughputLogger
 from gpt2lab.lit.cpu_threads import use_free_cores
 from gpt2lab.lit.ddp import use_job_command_for_ddp
 from gpt2lab.lit.loggers import continue_wandb_run, finish_wandb_run, keep_csv_history
-from gpt2lab.lit.trainer import (
-    apply_time_budget,
-    make_trainer,
-    out_of_memory_message,
-    parallel_job_share,
-)
-from gpt2lab.model.adapter import is_gpt2
+from gpt2lab.lit.trainer import make_trainer, out_of_memory_message, parallel_job_share
 from gpt2lab.secrets import redact_config
 from gpt2lab.sweep.summary import job_outcome
-from gpt2lab.tokenizers import TokenizerSpec, check_model_vocab
-from gpt2lab.train.checks import raise_if_invalid
+from gpt2lab.train.plan import Plan, resolve_plan
 
 log = logging.getLogger("gpt2lab.train")
 DDP_LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -110,23 +101,25 @@ def train_run(cfg: DictConfig) -> TrainedRun:
 
 
 def _train(cfg: DictConfig) -> TrainedRun:
-    started = time.time()
-    use_job_command_for_ddp()
+    """The run's stages, top to bottom; each reads the plan and what the stages before it built."""
     pl.seed_everything(cfg.seed, workers=True)
-    if cfg.scheduler is not None and not cfg.scheduler.get("_target_"):  # scheduler=null: no scheduler group
-        cfg.scheduler = None
-        log.info("Learning rate: constant optimizer.lr=%s (no scheduler)", cfg.optimizer.lr)
-    raise_if_invalid(cfg)  # every impossible setting at once, before any work (gpt2lab/config_checks.py)
-    if torch.cuda.is_available():  # CPU runs keep exact fp32 matmuls
-        torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
-    output_dir = Path(cfg.paths.output_dir)
-    resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir)  # a missing checkpoint fails here
-    # model.init_from / model=hf: their source checked, and the architecture, context or vocabulary it sets
-    tokenizer_source = import_model_config(cfg.model)
-    gpt2 = is_gpt2(cfg.model)
-    apply_time_budget(cfg)  # trainer.time_budget: max_steps and max_time from a measured step time
+    plan = resolve_plan(cfg)  # checked and resolved; read-only from here on
+    trainer = build_trainer(plan)
+    datamodule = prepare_data(plan)
+    plan = plan.with_vocabulary(datamodule.tokenizer)
+    module = build_model(plan, datamodule.tokenizer)
+    plan = resume_or_initialize(plan, trainer, module, datamodule.tokenizer)
+    record_plan(plan, trainer, datamodule)
+    fitted = fit_and_test(plan, trainer, module, datamodule)
+    return report_results(plan, trainer, module, datamodule.tokenizer, fitted)
 
-    callbacks = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c) if _wanted(c, cfg.trainer, gpt2)]
+
+def build_trainer(plan: Plan) -> pl.Trainer:
+    """The Trainer, with the run's callbacks (those its switches leave on, and Optuna's pruning in a sweep) and
+    loggers. Lightning refuses a bad accelerator, precision or strategy here, before any data is read."""
+    cfg = plan.cfg
+    use_job_command_for_ddp()  # Lightning's DDP launcher starts the other ranks with this job's command line
+    callbacks = [c for c in (instantiate(c) for c in cfg.callbacks.values() if c) if _wanted(c, cfg.trainer, plan.gpt2)]
     if cfg.optuna_trial is not None:
         from gpt2lab.sweep.optuna_sweeper import OptunaPruning  # Optuna is imported only for sweeps
 
@@ -136,26 +129,21 @@ def _train(cfg: DictConfig) -> TrainedRun:
     trainer = make_trainer(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()], **share)
     if trainer.strategy.root_device.type == "cpu" and trainer.world_size == 1:
         use_free_cores()  # a busy machine: fewer threads than cores (DDP ranks get their share from Lightning)
+    return trainer
 
-    tokenizer_spec = instantiate(cfg.tokenizer)
-    pretrained_tokenizer = bool(tokenizer_source) and not given_on_command_line("tokenizer")
-    if pretrained_tokenizer:  # pretrained weights come with their tokenizer
-        tokenizer_spec = TokenizerSpec(kind="pretrained", name=tokenizer_source)
-        log.info(
-            "Tokenizer: %s's, which its weights were trained with (tokenizer=... chooses another)", tokenizer_source
-        )
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer_spec)
+
+def prepare_data(plan: Plan) -> GPT2DataModule:
+    """The data module with its tokenizer built and its corpus tokenized (each step cached on disk)."""
+    datamodule = instantiate(plan.cfg.data, tokenizer=plan.tokenizer)
     datamodule.prepare_data()
-    tokenizer = datamodule.tokenizer
-    if pretrained_tokenizer:  # tokens a data format added to it (data.format=chat's) get rows of their own
-        grow_vocab(cfg.model, tokenizer)
-    vocab_size = cfg.model.vocab_size or tokenizer.get_vocab_size()
-    check_model_vocab(tokenizer, vocab_size)  # the datamodule has validated the tokenizer itself
-    if gpt2:
-        model_config = instantiate(cfg.model, vocab_size=vocab_size)
-    else:  # built by GPT2LitModule, whose checkpoints record it; its arguments may read ${model.vocab_size}
-        cfg.model.vocab_size = vocab_size
-        model_config = cfg.model
+    return datamodule
+
+
+def build_model(plan: Plan, tokenizer: Tokenizer) -> GPT2LitModule:
+    """The LightningModule with fresh weights: gpt2lab's GPT-2 from its config at the plan's vocabulary, or the model
+    ``model=hf`` / ``model=module`` names, which GPT2LitModule builds and its checkpoints record."""
+    cfg = plan.cfg
+    model_config = instantiate(cfg.model, vocab_size=plan.vocab_size) if plan.gpt2 else cfg.model
     module = GPT2LitModule(
         model_config,
         cfg.optimizer,
@@ -166,40 +154,67 @@ def _train(cfg: DictConfig) -> TrainedRun:
         compile_optimize_ddp=cfg.compile_optimize_ddp,
     )
     module.tokenizer = tokenizer
+    log.info("Model: %s parameters (%s)", f"{module.model.num_parameters():,}", model_config)
+    return module
+
+
+def resume_or_initialize(plan: Plan, trainer: pl.Trainer, module: GPT2LitModule, tokenizer: Tokenizer) -> Plan:
+    """The checkpoint the run goes on from, checked against this run (model, tokenizer, data, batch layout, steps
+    left), with its wandb run and metrics.csv continued; else ``model.init_from``'s pretrained weights, if any.
+    Returns the plan with the checkpoint file it resumes from."""
+    cfg = plan.cfg
     # Now that the model is known, `last` can pass over checkpoints of other models
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir, model=module.hparams.model)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=plan.output_dir, model=module.hparams.model)
     settings = run_settings(cfg, trainer.world_size)
     trainer.callbacks.append(RunSettings(settings))  # recorded in each checkpoint, for a run resuming from it
     if ckpt_path:
         check_same_run(ckpt_path, settings, tokenizer, strict=cfg.resume.strict)  # tokenizer, data, batch layout
         check_steps_left(ckpt_path, cfg.trainer.max_steps)
         log.info("Resuming from %s", ckpt_path)
-        cfg.ckpt_path = ckpt_path  # config.yaml records the file, not `last`
         continue_wandb_run(trainer.loggers, ckpt_path)
         keep_csv_history(trainer.loggers, ckpt_path)
-    elif gpt2 and cfg.model.init_from:
+    elif plan.gpt2 and cfg.model.init_from:
         load_pretrained_weights(module.model, cfg.model.init_from)
         log.info("Weights: GPT-2 from %s", cfg.model.init_from)
-    log.info("Model: %s parameters (%s)", f"{module.model.num_parameters():,}", model_config)
+    return plan.resuming(ckpt_path)
 
+
+def record_plan(plan: Plan, trainer: pl.Trainer, datamodule: GPT2DataModule) -> None:
+    """The run directory's ``tokenizer.json`` and ``config.yaml`` (the plan's config, resolved, secrets masked), and
+    the same config with the data's token counts as the loggers' hyperparameters."""
+    config = redact_config(plan.cfg, resolve=True)  # resolved, then redacted: ${oc.env:...} resolves to the secret
     if trainer.is_global_zero:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(output_dir / "tokenizer.json"))
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact_config(cfg, resolve=True)))
-    for lg in trainer.loggers:  # resolved, then redacted: ${oc.env:...} resolves to the secret
-        lg.log_hyperparams({"config": redact_config(cfg, resolve=True), "data_stats": datamodule.stats})
+        plan.output_dir.mkdir(parents=True, exist_ok=True)
+        datamodule.tokenizer.save(str(plan.output_dir / "tokenizer.json"))
+        (plan.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    for lg in trainer.loggers:
+        lg.log_hyperparams({"config": config, "data_stats": datamodule.stats})
 
+
+@dataclasses.dataclass
+class Fitted:
+    """What fit and test leave for the results."""
+
+    metrics: dict[str, float]  # the last logged value of each metric: fit's, then test's over them
+    best: str  # the best checkpoint's path; "" when none was saved
+    initial_val_loss: float | None  # the step-0 validation loss (validate_at_start)
+    sharded: bool  # under FSDP the trained module holds shards: whole weights are in the checkpoint only
+
+
+def fit_and_test(plan: Plan, trainer: pl.Trainer, module: GPT2LitModule, datamodule: GPT2DataModule) -> Fitted:
+    """The step-0 validation (a reference for the run's progress), ``fit``, and the test with the best checkpoint.
+    Out of GPU memory is told with the knobs to turn; a stop by signal with where the run stands."""
+    cfg = plan.cfg
     # FSDP wraps a module's decoder blocks in place, and a later stage that finds them wrapped leaves the rest of
     # the model sharded: under FSDP each stage gets its own copy of the unwrapped module.
     sharded = isinstance(trainer.strategy, FSDPStrategy)
     unwrapped = copy.deepcopy(module) if sharded else module
     initial_val_loss = None
     try:
-        if cfg.validate_at_start and not ckpt_path:  # the step-0 loss, so a run's progress has a reference
-            initial_val_loss = trainer.validate(
-                copy.deepcopy(unwrapped) if sharded else module, datamodule=datamodule, verbose=False
-            )[0].get("val/loss")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if cfg.validate_at_start and not plan.resume_from:
+            first = copy.deepcopy(unwrapped) if sharded else module
+            initial_val_loss = trainer.validate(first, datamodule=datamodule, verbose=False)[0].get("val/loss")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=plan.resume_from)
         fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if cfg.test and "test" in datamodule.datasets and len(datamodule.datasets["test"]):
@@ -212,39 +227,49 @@ def _train(cfg: DictConfig) -> TrainedRun:
     except torch.cuda.OutOfMemoryError as e:
         raise ConfigError(out_of_memory_message(cfg, trainer)) from e
     except SIGTERMException:
-        raise SystemExit(_stopped_by_signal(trainer, callbacks)) from None
+        raise SystemExit(_stopped_by_signal(trainer)) from None
     metrics = fit_metrics | {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.optimized_metric not in metrics:
         log.warning("No %s at the end of training: %s", cfg.optimized_metric, _why_no_metric(cfg, trainer))
+    return Fitted(metrics, best, initial_val_loss, sharded)
 
-    if cfg.sample and trainer.is_global_zero and gpt2:
-        if not sharded:
+
+def report_results(
+    plan: Plan, trainer: pl.Trainer, module: GPT2LitModule, tokenizer: Tokenizer, fitted: Fitted
+) -> TrainedRun:
+    """A sample of the trained model's text, and ``results.json``: the best checkpoint, the metrics, the steps, the
+    time and the speed; the run as ``TrainedRun``."""
+    cfg = plan.cfg
+    if cfg.sample and trainer.is_global_zero and plan.gpt2:
+        if not fitted.sharded:
             log.info("Sample:\n%s", sample_text(module.model, tokenizer, **cfg.sample))
-        elif best:  # the sharded weights are whole only in the checkpoint
-            model = load_checkpoint(best, device=trainer.strategy.root_device)[0]
+        elif fitted.best:  # the sharded weights are whole only in the checkpoint
+            model = load_checkpoint(fitted.best, device=trainer.strategy.root_device)[0]
             log.info("Sample (best checkpoint):\n%s", sample_text(model, tokenizer, **cfg.sample))
-    throughput = next((c for c in callbacks if isinstance(c, ThroughputLogger)), None)
+    throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputLogger)), None)
+    best_score = trainer.checkpoint_callback.best_model_score if fitted.best else None
     results = {
-        "best_checkpoint": best,
-        "best_val_loss": _float_or_none(trainer.checkpoint_callback.best_model_score) if best else None,
-        "resumed_from": ckpt_path,
-        "initial_val_loss": initial_val_loss,
-        "metrics": metrics,
+        "best_checkpoint": fitted.best,
+        "best_val_loss": None if best_score is None else float(best_score),
+        "resumed_from": plan.resume_from,
+        "initial_val_loss": fitted.initial_val_loss,
+        "metrics": fitted.metrics,
         "global_step": trainer.global_step,
-        "duration_s": round(time.time() - started, 1),
+        "duration_s": round(time.time() - plan.started, 1),
         "tokens_per_sec": round(throughput.tokens_per_sec, 1) if throughput else None,
         "parameters": module.model.num_parameters(),
     }
     if trainer.is_global_zero:
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        log.info("Results in %s: %s", output_dir, json.dumps({k: v for k, v in results.items() if k != "metrics"}))
-    return TrainedRun(metrics.get(cfg.optimized_metric), results, module.model, tokenizer, output_dir)
+        (plan.output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        shown = {k: v for k, v in results.items() if k != "metrics"}
+        log.info("Results in %s: %s", plan.output_dir, json.dumps(shown))
+    return TrainedRun(fitted.metrics.get(cfg.optimized_metric), results, module.model, tokenizer, plan.output_dir)
 
 
-def _stopped_by_signal(trainer: pl.Trainer, callbacks: list[pl.Callback]) -> int:
+def _stopped_by_signal(trainer: pl.Trainer) -> int:
     """Say where a run stopped by SIGTERM, SIGUSR1 or Ctrl-C stands and how to go on; return its exit status, 128 +
     the signal's number as shells report it (143 for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C)."""
-    preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
+    preemption = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
     name = preemption.signal if preemption and preemption.signal else "SIGTERM"
     if preemption and preemption.checkpoint:
         log.warning(
@@ -261,10 +286,6 @@ def _stopped_by_signal(trainer: pl.Trainer, callbacks: list[pl.Callback]) -> int
     if preemption and preemption.requeued:
         log.warning("Requeued SLURM job %s: it runs this job script again, same job id", preemption.requeued)
     return 128 + getattr(signal, name)
-
-
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
 
 
 def _why_no_metric(cfg: DictConfig, trainer: pl.Trainer) -> str:
@@ -289,22 +310,3 @@ def _wanted(callback: pl.Callback, trainer_cfg: DictConfig, gpt2: bool = True) -
     if isinstance(callback, ModelCheckpoint) and trainer_cfg.fast_dev_run:
         return False  # a debug run leaves no checkpoint that ckpt_path=last could pick up
     return not any(isinstance(callback, kind) and flag is False for kind, flag in switches.items())
-
-
-register_schemas()
-
-
-def main() -> float | None:
-    """Entry point of ``python train.py`` and ``gpt2lab-train``."""
-    sys.argv = null_group_overrides(sys.argv)
-    return _main()
-
-
-@hydra.main(config_path=config_path(), config_name="train", execution_whitelist=TRUSTED_TARGETS)
-@report_errors
-def _main(cfg: DictConfig) -> float | None:
-    return train(cfg)
-
-
-if __name__ == "__main__":
-    main()
