@@ -1,16 +1,14 @@
 """The text generator: a trained model and its tokenizer continuing prompts, decoded together, left-padded, with the
-KV cache of ``gpt2lab/model/generation.py``; ``complete`` is the one decoding loop (the ``generate`` command, the
-chat session, the end-of-training sample and the samples callback all go through it), ``Completions`` the text of
-each row as its tokens arrive (stop strings, end-of-text, streaming), shared with the ONNX generator
-(``gpt2lab.inference.onnx``). Nothing here imports torch at import time: the ONNX generator builds on it where
-PyTorch is not installed.
+KV cache of ``gpt2lab/model/generation.py``. ``complete`` is the decoding loop of the ``generate`` command, the chat
+session and the end-of-training sample; ``Completions`` the text of each row as its tokens arrive (stop strings,
+end-of-text, streaming), shared with the ONNX generator (``gpt2lab.inference.onnx``). Nothing here imports torch at
+import time: the ONNX generator builds on it where PyTorch is not installed.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, TextIO
 
 from tokenizers import Tokenizer
@@ -98,6 +96,8 @@ def complete(
     ends before), or after ``max_new_tokens``."""
     import torch
 
+    from gpt2lab.model.generation import eager_decoding
+
     settings = dict(config)
     device = model.wte.weight.device
     input_ids, mask = (torch.tensor(rows, device=device) for rows in left_padded(tokenizer, prompts, settings))
@@ -105,7 +105,7 @@ def complete(
     completions = Completions(tokenizer, len(prompts) * n, settings, out)
     if end_token is not None:
         completions.eos = end_token
-    with eager():
+    with eager_decoding():  # a model compiled for training would compile again for every decoding shape
         tokens = model.generate_stream(
             input_ids, settings["max_new_tokens"], settings.get("temperature", 1.0), settings.get("top_k"),
             top_p=settings.get("top_p"), repetition_penalty=settings.get("repetition_penalty", 1.0),
@@ -116,18 +116,6 @@ def complete(
             if completions.add(step.tolist()):
                 break
     return completions.finish()
-
-
-def eager() -> AbstractContextManager:
-    """Decode a model compiled for training (``compile: true``; the end-of-run sample, ``callbacks.samples``)
-    without compiling: torch.compile would compile the model again for each shape decoding uses (the prompt,
-    each one-token step), which took over a minute for GPT-2 124M on an H200, and ``torch.compiler.disable``
-    around the call does not stop a compiled module inside it. The training graphs are kept. torch < 2.6 has
-    no ``set_stance``: there decoding compiles as before."""
-    import torch
-
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance else nullcontext()
 
 
 def left_padded(
