@@ -22,7 +22,9 @@ from pytorch_lightning.loggers import CSVLogger
 
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit.callbacks import Curves
-from gpt2lab.runs.table import COLUMNS, format_table, main, run_table
+from gpt2lab.runs.__main__ import main
+from gpt2lab.runs.reading import COLUMNS
+from gpt2lab.runs.report import format_table, run_table
 from gpt2lab.sweep.summary import SweepSummary
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -77,11 +79,12 @@ def test_the_table_lists_runs_and_jobs_with_their_status(outputs, trained_run):
     assert job["objective"] == 3.5 and job["overrides"] == "optimizer.lr=1e-3 seed=1"
     assert failed["error"] == "ValueError: model.num_heads=3 does not divide 32" and failed["steps"] is None
 
-    table = format_table(rows).splitlines()
-    assert table[0].split() == list(COLUMNS)
-    assert "seed=1" in table[4]  # the runs outside the sweep have no seed override
+    table = format_table(rows).splitlines()  # the header, a rule, the rows
+    assert table[0].split() == list(COLUMNS) and set(table[1]) == {"─"}
+    assert "seed=1" in table[5]  # the runs outside the sweep have no seed override
     sweep_table = format_table(rows[2:]).splitlines()
-    assert "multirun/2026-01-02/09-00-00/1  optimizer.lr=3e-3  finished" in sweep_table[2]  # only what differs
+    # only what differs
+    assert sweep_table[3].split()[:3] == ["multirun/2026-01-02/09-00-00/1", "optimizer.lr=3e-3", "finished"]
 
 
 def test_a_run_held_by_a_live_process_is_running(outputs, tmp_path):
@@ -118,7 +121,7 @@ def test_plot_draws_the_selected_runs_validation_curves(outputs, tmp_path):
     sweep = outputs / "multirun" / "2026-01-02" / "09-00-00"
     assert (sweep / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
     assert [r["status"] for r in csv.DictReader((sweep / "summary.csv").open())] == ["finished", "finished", "failed"]
-    assert "| 1 | optimizer.lr=3e-3 | finished |" in (sweep / "summary.md").read_text()
+    assert "| 1    | optimizer.lr=3e-3 | finished |" in (sweep / "summary.md").read_text()
 
 
 def test_plot_of_runs_with_long_overrides_keeps_its_axes(trained_run, tmp_path):

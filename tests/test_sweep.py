@@ -33,7 +33,7 @@ def test_grid_multirun_writes_a_summary_and_survives_a_failing_job(tmp_path, cor
             assert (sweep / r["name"] / "results.json").is_file()
             assert (sweep / r["name"] / "checkpoints" / "last.ckpt").is_file()
     table = (sweep / "summary.md").read_text()
-    assert "| model.num_heads=3 model.num_layers=1 | failed |" in table
+    assert "| model.num_heads=3 model.num_layers=1 | failed   |" in table  # columns padded to their width
     assert (sweep / "curves.png").read_bytes().startswith(b"\x89PNG")  # the finished jobs' validation curves
     assert all((sweep / r["name"] / "curves.png").is_file() for r in rows if r["status"] == "finished")
     assert "Sweep summary" in result.stdout + result.stderr

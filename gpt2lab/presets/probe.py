@@ -30,8 +30,8 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2lab.errors import ConfigError
-from gpt2lab.lit.callbacks import precision_dtype
 from gpt2lab.lit.cpu_threads import use_free_cores
+from gpt2lab.lit.speed import precision_dtype, synchronize
 from gpt2lab.model import DecoderBlock, GPT2Config, GPT2Model
 
 PROBE_VERSION = 2  # part of the cache key: a change to how the probe measures invalidates old results
@@ -218,8 +218,7 @@ def _time_step(
     autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def now() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         return time.perf_counter()
 
     times: list[Timings] = []
@@ -241,7 +240,7 @@ def _time_step(
             if i >= warmup:
                 times.append((t1 - t0, t2 - t1, t3 - t2))
     finally:
-        del module, optimizer
+        del module, loss_fn, optimizer
         if device.type == "cuda":
             torch.cuda.empty_cache()
     fb, opt, fwd = (reduce(list(column)) for column in zip(*times, strict=True))

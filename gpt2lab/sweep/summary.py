@@ -25,7 +25,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from gpt2lab.runs.table import find_runs, format_table, plot_val_curves, to_csv
+from gpt2lab.runs.plots import plot_val_curves
+from gpt2lab.runs.reading import find_runs
+from gpt2lab.runs.report import format_table, to_csv
 from gpt2lab.secrets import redact
 
 log = logging.getLogger(__name__)
