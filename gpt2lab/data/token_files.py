@@ -66,14 +66,24 @@ def publish(tmp: Path, out: Path, meta: dict[str, Any]) -> None:
         tmp.rmdir()
 
 
+def token_dtype(tokenizer: Tokenizer) -> type[np.unsignedinteger]:
+    """The smallest unsigned type that holds every token id: uint16 up to 65,536 tokens (GPT-2's 50,257 fit)."""
+    return np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def staging_dir(out: Path) -> Path:
+    """This process's directory beside ``out`` to write in, published whole by ``publish``."""
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
 def write_token_files(corpus: Corpus, tokenizer: Tokenizer, out: Path, num_proc: int | None = None) -> None:
     """Plain text's token files: per split, its documents' tokens, each document ended by an end-of-text
     (``<split>.bin``), their sizes and hashes in meta.json."""
     eos = tokenizer.token_to_id(EOS_TOKEN)
     unk = unknown_token_id(tokenizer)
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.uint32
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    dtype, tmp = token_dtype(tokenizer), staging_dir(out)
     stats, files = {}, {}
     for split, ds in corpus.splits.items():
         log.info("Tokenizing the %s split (%d documents)", split, len(ds))
@@ -118,9 +128,7 @@ def write_example_files(
     pad = tokenizer.token_to_id(PAD_TOKEN)
     pad = tokenizer.token_to_id(EOS_TOKEN) if pad is None else pad  # never scored, so any token does
     unk = unknown_token_id(tokenizer)
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.uint32
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    dtype, tmp = token_dtype(tokenizer), staging_dir(out)
     stats, files = {}, {}
     for split, ds in corpus.splits.items():
         log.info("Tokenizing the %s split (%d %s records)", split, len(ds), fmt.name)
