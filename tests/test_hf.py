@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from gpt2lab.model import GPT2Config, GPT2Model
 
@@ -146,8 +147,9 @@ def test_chat_fine_tuning_of_pretrained_gpt2_gives_the_chat_tokens_mean_rows(
     with torch.no_grad():
         assert (start(x)[0][..., :300] - hf(x).logits).abs().max() < 1e-5
 
-    # ... whose validation loss on the run's validation windows is the run's step-0 loss
-    datamodule = run_datamodule(cfg, run.tokenizer)
+    # ... whose validation loss on the run's validation windows is the run's step-0 loss (the data and model as the
+    # run resolved them, which config.yaml records: the window follows the architecture init_from set)
+    datamodule = run_datamodule(OmegaConf.load(Path(cfg.paths.output_dir) / "config.yaml"), run.tokenizer)
     nats = tokens = 0.0
     with torch.no_grad():
         for batch in datamodule.val_dataloader():

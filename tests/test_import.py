@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import TINY
 from hydra.utils import execution_whitelist, instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from gpt2lab.checkpoint import load_checkpoint
@@ -153,9 +154,11 @@ def test_fine_tuning_starts_from_the_pretrained_loss(compose_cfg, pretrained_dir
         == json.loads((pretrained_dir / "tokenizer.json").read_text())["model"]["vocab"]
     )
 
-    # The transformers model's loss on the windows the run validated (the val loader's first 2 batches)
+    # The transformers model's loss on the windows the run validated (the val loader's first 2 batches); the data
+    # as the run resolved it (the window follows the architecture init_from set), which config.yaml records
+    written = OmegaConf.load(run / "config.yaml")
     with execution_whitelist("gpt2lab.*"):
-        datamodule = instantiate(cfg.data, tokenizer=TokenizerSpec(kind="pretrained", name=str(pretrained_dir)))
+        datamodule = instantiate(written.data, tokenizer=TokenizerSpec(kind="pretrained", name=str(pretrained_dir)))
     datamodule.setup()
     hf = transformers.GPT2LMHeadModel.from_pretrained(pretrained_dir).eval()
     nats = tokens = 0
