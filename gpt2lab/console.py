@@ -18,7 +18,7 @@ from rich.table import Table
 
 from gpt2lab.errors import ConfigError
 
-DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?")
 WIDE = 100_000  # characters: a table is never wrapped or cut to the terminal; a pager or a file takes it whole
 
 

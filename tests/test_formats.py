@@ -19,8 +19,8 @@ from conftest import TINY, train_in_process
 from gpt2lab.chat import Chat, repl
 from gpt2lab.checkpoint import load_checkpoint, saved_chat_template
 from gpt2lab.data import GPT2DataModule
-from gpt2lab.data.token_files import damaged_token_files
 from gpt2lab.data.formats import ChatTemplate, TaskFormat, encode_examples, pack, split_batch
+from gpt2lab.data.token_files import damaged_token_files
 from gpt2lab.errors import ConfigError
 from gpt2lab.generate import TextGenerator  # with interactive_mode, the terminal chat
 from gpt2lab.model.cross_entropy import IGNORE_INDEX

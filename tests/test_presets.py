@@ -267,7 +267,16 @@ def test_recommend_picks_the_preset_the_budget_trains(tmp_path, monkeypatch, run
 # -- trainer.time_budget -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("90s", 90), ("10m", 600), ("2h", 7200), ("1h30m", 5400), ("01:30:00", 5400), ("00:01:30:00", 5400), ("45", 45)],
+    [
+        ("90s", 90),
+        ("10m", 600),
+        ("10min", 600),
+        ("2h", 7200),
+        ("1h30m", 5400),
+        ("01:30:00", 5400),
+        ("00:01:30:00", 5400),
+        ("45", 45),
+    ],
 )
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
