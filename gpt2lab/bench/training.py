@@ -211,6 +211,7 @@ COLUMNS = (
     "vs reference",
 )  # fmt: skip
 MEMORY_COLUMNS = ("model", "gradient checkpointing", "largest micro-batch", "static GB", "activations GB/sequence")
+MEMORY_KEYS = ("model", "gradient_checkpointing", "largest_micro_batch", "static_gb", "activation_gb_per_sequence")
 
 
 def row(name: str, r: dict[str, Any], baseline: float | None = None) -> list[Any]:
@@ -227,44 +228,41 @@ def row(name: str, r: dict[str, Any], baseline: float | None = None) -> list[Any
     ]  # fmt: skip
 
 
-def check_arguments(args: argparse.Namespace) -> str | None:
-    """What is wrong with the command line before anything is composed or run, as its error message; None if
-    nothing."""
+def micro_batches_to_measure(args: argparse.Namespace) -> list[int]:
+    """The micro-batch sizes of the command line (by default the config's ``data.batch_size``), once it is checked:
+    a ``ConfigError`` says what is wrong before anything runs."""
     for name, least in {"micro_batch": 1, "steps": 1, "warmup": 0, "accumulate": 1}.items():
         value = getattr(args, name)
         if value is not None and min(value if isinstance(value, list) else [value]) < least:
-            return f"--{name.replace('_', '-')} must be at least {least}"
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}")
     if args.json and not args.json.parent.is_dir():
-        return f"--json {args.json}: the directory {args.json.parent} does not exist"
+        raise ConfigError(f"--json {args.json}: the directory {args.json.parent} does not exist")
+    cfg = compose_train(args.overrides)
     if args.reference and not args.reference.is_file():
-        return (
+        raise ConfigError(
             f"--reference {args.reference}: no such file (the baseline script is reference_step.py; gpt2lab's "
             "developers keep it in ../shared/gpu/ beside the repository)"
         )
     if args.memory and not torch.cuda.is_available():
-        return "--memory measures GPU memory; this machine has no CUDA GPU"
-    return None
+        raise ConfigError("--memory measures GPU memory; this machine has no CUDA GPU")
+    micro_batches = args.micro_batch or [cfg.data.batch_size]
+    several_devices = str(cfg.trainer.devices) not in ("1", "[0]") or cfg.trainer.num_nodes > 1
+    if several_devices and (len(micro_batches) > 1 or args.memory):
+        raise ConfigError(
+            "with several devices, measure one --micro-batch per invocation (each run relaunches its ranks); "
+            "--memory is single-device"
+        )
+    return micro_batches
 
 
 def bench(args: argparse.Namespace) -> int:
     """``python -m gpt2lab.bench`` with its parsed command line: each micro-batch measured (the reference's
     variants first, on rank 0), ``--memory``'s search, then the tables; the exit status."""
-    problem = check_arguments(args)
     overrides = args.overrides
-    cfg = None
     try:
-        cfg = None if problem else compose_train(overrides)
+        micro_batches = micro_batches_to_measure(args)
     except ConfigError as e:
-        problem = str(e)
-    micro_batches = args.micro_batch or ([cfg.data.batch_size] if cfg else [])
-    several_devices = cfg and (str(cfg.trainer.devices) not in ("1", "[0]") or cfg.trainer.num_nodes > 1)
-    if several_devices and (len(micro_batches) > 1 or args.memory):
-        problem = (
-            "with several devices, measure one --micro-batch per invocation (each run relaunches its ranks); "
-            "--memory is single-device"
-        )
-    if problem:
-        print(f"Error: {problem}", file=sys.stderr)
+        print(f"Error: {e}", file=sys.stderr)
         return 2
     is_rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
     results: dict[str, Any] = {"environment": environment(), "overrides": overrides, "runs": [], "reference": []}
@@ -277,7 +275,7 @@ def bench(args: argparse.Namespace) -> int:
                     results["reference"].append(run_reference(args.reference, variant, mb, args.steps, overrides))
             results["runs"].append(measure(overrides, mb, args.steps, args.warmup, args.accumulate))
         if args.memory:
-            results["memory"] = memory_table(overrides, args.models)
+            results["memory"] = memory_search(overrides, args.models)
     except ConfigError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
@@ -300,10 +298,7 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-MEMORY_KEYS = ("model", "gradient_checkpointing", "largest_micro_batch", "static_gb", "activation_gb_per_sequence")
-
-
-def memory_table(overrides: list[str], models: list[str]) -> list[dict[str, Any]]:
+def memory_search(overrides: list[str], models: list[str]) -> list[dict[str, Any]]:
     """``--memory``: the largest micro-batch of each model size, without and with gradient checkpointing (each row
     printed as JSON as it is found: the search takes minutes)."""
     capacity = torch.cuda.get_device_properties(0).total_memory / 2**30
