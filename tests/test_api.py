@@ -66,6 +66,32 @@ class Bigram(nn.Module):
         return self.out(self.embed(idx))
 
 
+class WithDropout(Bigram):
+    """A model with dropout that notes, at each forward pass with gradients (a training step), whether its
+    dropout was on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop, self.dropout_on_in_training_steps = nn.Dropout(0.5), []
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.dropout_on_in_training_steps.append(self.drop.training)
+        return self.out(self.drop(self.embed(idx)))
+
+
+def test_a_model_handed_over_in_eval_mode_trains_with_its_dropout(corpus_file, cache_dir, tmp_path):
+    """Issue 27: transformers' from_pretrained returns its model in eval mode, and Lightning keeps a submodule's
+    mode, so model=hf trained without dropout. Any model gpt2lab trains is in train mode in its training steps."""
+    module = WithDropout().eval()
+    overrides = ["tokenizer=bpe", "tokenizer.vocab_size=320", "tokenizer.show_progress=false",
+                 "model.context_length=32", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
+                 "trainer.enable_progress_bar=false", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}",
+                 *QUIET]  # fmt: skip
+    train_model(model=module, dataset=corpus_file, max_steps=6, overrides=overrides)
+    assert module.dropout_on_in_training_steps == [True] * 6  # validation after step 3 did not leave it off
+
+
 def test_an_nn_module_object_trains_in_place(corpus_file, cache_dir, tmp_path, monkeypatch):
     module = Bigram()
     before = module.out.weight.detach().clone()

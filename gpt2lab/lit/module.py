@@ -138,7 +138,9 @@ class GPT2LitModule(pl.LightningModule):
         compile_optimize_ddp: bool = False,
     ) -> None:
         super().__init__()
-        self.model = build_model(model)
+        # Train mode from the start: transformers' from_pretrained returns its model in eval mode, a module handed
+        # to the Python API may come so, and Lightning (since 2.2) keeps each submodule in the mode it finds.
+        self.model = build_model(model).train()
         gpt2 = isinstance(self.model, GPT2Model)
         to_dict = lambda c: OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else c  # noqa: E731
         self.save_hyperparameters(
@@ -166,6 +168,11 @@ class GPT2LitModule(pl.LightningModule):
         template = getattr(self.trainer.datamodule, "chat_template", None)
         if template is not None:
             self.chat_template = template.to_dict()
+
+    def on_train_start(self) -> None:
+        # The training steps run with the model's dropout, whatever mode loading weights left it in; each
+        # validation switches it to eval and back to this.
+        self.model.train()
 
     def configure_model(self) -> None:
         """Compile the model in place, before the strategy wraps it, so state_dict keys stay those of the
