@@ -181,6 +181,13 @@ def best_checkpoint(run_dir: Path) -> Path:
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint onto the CPU, or fail with a message that says what is wrong with the file."""
     if not zipfile.is_zipfile(path):  # what torch.save writes
+        with open(path, "rb") as f:
+            begun = f.read(4) == b"PK\x03\x04"  # a zip archive's first entry, without the index at its end
+        if begun:
+            raise ConfigError(
+                f"{str(path)!r} is truncated or damaged: it begins as a checkpoint but ends after "
+                f"{os.path.getsize(path):,} bytes without its index (a full disk or an interrupted copy?)"
+            )
         raise ConfigError(f"{str(path)!r} is not a checkpoint: not a file written by torch.save (a .ckpt of a run)")
     try:
         # weights_only: never runs code from the file; mmap: reading the hyper-parameters does not read the weights
