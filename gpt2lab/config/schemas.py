@@ -107,7 +107,7 @@ class TrainerExtras:
     """``trainer`` keys that are gpt2lab's, not ``pl.Trainer`` arguments: ``make_trainer`` takes them out."""
 
     # 90s, 10m, 2h, 1h30m or HH:MM:SS: max_steps from a measured throughput, so that warmup and cosine decay end
-    # on time, and max_time at the budget (gpt2lab.lit.trainer.apply_time_budget)
+    # on time, and max_time at the budget (gpt2lab.train.plan.time_budget)
     time_budget: Optional[str] = None  # noqa: UP045
 
 

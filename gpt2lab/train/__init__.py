@@ -1,1 +1,2 @@
-"""Training: the run itself (``run``), its config checks (``checks``) and the Python API (``api``)."""
+"""Training: the run as stages (``run``), the plan they read (``plan``), its config checks (``checks``) and the
+Python API (``api``)."""

@@ -5,7 +5,7 @@ It gathers the checks that already live beside the code they protect (``GPT2Conf
 not divide the width, ``check_optimization`` a negative learning rate, ...) and adds those that need several
 groups at once: the vocabulary of the model against the tokenizer's, the context against the data's token
 counts (when they are known), the batch layout against the data, and the precision against the device.
-``train.py`` and the setup wizard (``gpt2lab/wizard.py``) both call it.
+A training run's plan (``gpt2lab/train/plan.py``) and the setup wizard (``gpt2lab/wizard/``) both call it.
 """
 
 from __future__ import annotations
