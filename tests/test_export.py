@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -78,6 +79,10 @@ def test_every_directory_holds_tokenizer_config_card_and_safetensors_weights(exp
             own,
         } <= files
         assert not [f for f in files if f.endswith((".bin", ".pkl", ".pickle", ".ckpt"))]
+    # One mode for every file, the one a new file gets here (safetensors wrote its weights 0600: issue 27 #17)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in exported.rglob("*") if p.is_file()} == {0o666 & ~umask}
     assert json.loads((exported.parent / "log" / "export.json").read_text())["onnx"]["max_abs_diff"] < 1e-4
     assert not (exported.parent / "all.partial").exists()
 

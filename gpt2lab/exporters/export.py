@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ def export(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             card = ModelCardGenerator(cfg.license).generate(model, final, fmt, checkpoint=path, export=result)
             (directory / "README.md").write_text(card)
             results[fmt] = result
+        usual_modes(staging)
         if root.exists():  # overwrite=true: the old export goes once the new one is complete
             shutil.rmtree(root)
         staging.rename(root)
@@ -98,6 +100,15 @@ def export(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     output.mkdir(parents=True, exist_ok=True)
     (output / "export.json").write_text(json.dumps({"checkpoint": str(path), **results}, indent=2))
     return results
+
+
+def usual_modes(directory: Path) -> None:
+    """Give every file and folder of ``directory`` the mode a new one gets here (0644 and 0755 under the usual
+    umask): safetensors writes its weights 0600 (through a private temporary file), the rest came 0644."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def graph_config(model: Any, fmt: str, result: dict[str, Any]) -> dict[str, Any]:
