@@ -30,6 +30,7 @@ from gpt2lab.config import given_on_command_line
 from gpt2lab.console import parse_duration
 from gpt2lab.hf import grow_vocab, import_model_config
 from gpt2lab.model.adapter import is_gpt2
+from gpt2lab.presets.probe import measure_throughput, steps_for_budget
 from gpt2lab.tokenizers import TokenizerSpec, check_model_vocab
 from gpt2lab.train.checks import raise_if_invalid
 
@@ -113,8 +114,6 @@ def time_budget(cfg: DictConfig) -> dict[str, Any]:
     budget = cfg.trainer.get("time_budget")
     if budget is None or (cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available()):
         return {}  # (no GPU for a GPU run: make_trainer says so next, with the fix, before anything is measured)
-    from gpt2lab.presets.probe import measure_throughput, steps_for_budget  # the probe builds a model
-
     seconds = parse_duration(str(budget), key="trainer.time_budget")
     steps, why = steps_for_budget(cfg, seconds * BUDGET_SHARE, measure_throughput(cfg))
     values: dict[str, Any] = {"trainer.max_steps": steps}

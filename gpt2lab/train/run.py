@@ -35,7 +35,8 @@ from gpt2lab.errors import ConfigError
 from gpt2lab.hf import load_pretrained_weights
 from gpt2lab.inference.generator import sample_text
 from gpt2lab.lit import GPT2LitModule
-from gpt2lab.lit.callbacks import AtomicCheckpointIO, Preemption, RunSettings, Samples, ThroughputLogger
+from gpt2lab.lit.callbacks import Samples, ThroughputLogger
+from gpt2lab.lit.checkpoints import AtomicCheckpointIO, Preemption, RunSettings
 from gpt2lab.lit.cpu_threads import use_free_cores
 from gpt2lab.lit.ddp import use_job_command_for_ddp
 from gpt2lab.lit.loggers import continue_wandb_run, finish_wandb_run, keep_csv_history
