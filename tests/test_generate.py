@@ -137,3 +137,18 @@ def test_a_multirun_generates_once_per_setting(generate_cli, trained_run, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("def") == 2
     assert "Warning" not in result.stderr, result.stderr[-3000:]  # the sweep summary: nothing to optimise here
+
+
+def test_one_stop_string_is_taken_as_a_list_of_one(generate_cli, trained_run, tmp_path):
+    """Issue 27 #10: inference.stop='\\n' was refused ("str is not a ListConfig"); one tag is one tag too."""
+    args = [f"ckpt={trained_run}", "prompt=def", "inference.max_new_tokens=40", "inference.do_sample=false"]
+    free = generate_cli(*args, "inference.repetition_penalty=1.0", cwd=tmp_path)
+    assert free.returncode == 0, free.stderr[-3000:]
+    stop = free.stdout[4:6]  # what the greedy continuation holds after "def "
+    one = generate_cli(*args, "inference.repetition_penalty=1.0", f"inference.stop={stop!r}", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.stdout.rstrip("\n") == free.stdout[: free.stdout.index(stop, 4)].rstrip("\n")
+    wrong = generate_cli(*args, "inference.stop=[1,2]", cwd=tmp_path)
+    assert (
+        wrong.returncode == 1 and "inference.stop=" in wrong.stderr and "a string or a list of strings" in wrong.stderr
+    )

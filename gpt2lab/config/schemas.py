@@ -214,7 +214,7 @@ class InferenceSchema:
     do_sample: bool = True
     num_return_sequences: int = 1
     stream: bool = True
-    stop: list[str] = dataclasses.field(default_factory=list)
+    stop: Any = dataclasses.field(default_factory=list)  # one string, or a list of them (checked at start)
     seed: Optional[int] = None  # noqa: UP045
 
 

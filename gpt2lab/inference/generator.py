@@ -8,7 +8,7 @@ import time: the ONNX generator builds on it where PyTorch is not installed.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from tokenizers import Tokenizer
@@ -36,11 +36,23 @@ def check_inference(settings: Mapping[str, Any]) -> None:
             raise ConfigError(f"inference.{key}={settings[key]!r}: expected a number")
         if key in settings and not ok(settings[key]):
             raise ConfigError(f"inference.{key}={settings[key]}: expected {expected}")
+    stop = settings.get("stop")
+    if not (
+        stop is None or isinstance(stop, str) or (isinstance(stop, Sequence) and all(isinstance(s, str) for s in stop))
+    ):
+        raise ConfigError(f"inference.stop={stop!r}: expected a string or a list of strings, e.g. '\\n\\n'")
     if settings.get("do_sample", True) and not settings.get("temperature", 1.0) > 0:
         raise ConfigError(
             f"inference.temperature={settings.get('temperature')}: expected > 0 when sampling "
             "(inference.do_sample=false decodes greedily)"
         )
+
+
+def stop_strings(settings: Mapping[str, Any]) -> list[str]:
+    """``inference.stop`` as a list: one string is one stop string (``inference.stop='\\n'``), as one tag is
+    one tag; ``\\n`` and ``\\t`` typed on a command line are a newline and a tab."""
+    stop = settings.get("stop") or []
+    return [s.replace("\\n", "\n").replace("\\t", "\t") for s in ([stop] if isinstance(stop, str) else stop) if s]
 
 
 class TextGenerator:
@@ -140,9 +152,7 @@ class Completions:
     def __init__(self, tokenizer: Tokenizer, rows: int, settings: Mapping[str, Any], out: TextIO | None) -> None:
         self.tokenizer, self.out = tokenizer, out
         self.eos = tokenizer.token_to_id(EOS_TOKEN)
-        self.stops = [
-            s.replace("\\n", "\n").replace("\\t", "\t") for s in settings.get("stop") or [] if s
-        ]  # "\n": newline
+        self.stops = stop_strings(settings)
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.texts, self.done = [""] * rows, [False] * rows
         self.streaming = out is not None and settings.get("stream", True) and rows == 1
