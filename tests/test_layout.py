@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "gpt2lab"
 # Lowest first. A module may import its own layer and the layers below; bench is imported by nothing outside it.
 LAYERS = [
-    ("foundations", ["errors", "console", "hub", "secrets"]),
+    ("foundations", ["errors", "console", "hub", "secrets", "hydra_internals"]),
     ("model, data, tokenizers", ["model", "data", "tokenizers"]),
     ("config, checkpoints, Hugging Face", ["config", "checkpoint", "hf"]),
     ("lit", ["lit"]),

@@ -37,6 +37,9 @@ def test_grid_multirun_writes_a_summary_and_survives_a_failing_job(tmp_path, cor
     assert (sweep / "curves.png").read_bytes().startswith(b"\x89PNG")  # the finished jobs' validation curves
     assert all((sweep / r["name"] / "curves.png").is_file() for r in rows if r["status"] == "finished")
     assert "Sweep summary" in result.stdout + result.stderr
+    # The sweep ends in the failed job's Error: line, not its traceback (issue 27 #9)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: model.num_heads=3 does not divide")
 
 
 def _study(storage_path):

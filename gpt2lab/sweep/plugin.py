@@ -1,4 +1,4 @@
-"""gpt2lab's Hydra sweeper plugin, registered through the ``hydra.plugins`` entry point (pyproject.toml).
+"""gpt2lab's Hydra sweeper plugins, registered through the ``hydra.plugins`` entry point (pyproject.toml).
 
 Kept thin and free of heavy imports: Hydra loads it on every run.
 """
@@ -6,6 +6,8 @@ Kept thin and free of heavy imports: Hydra loads it on every run.
 from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
+
+from gpt2lab.hydra_internals import BasicSweeper
 
 
 class GPT2LabOptunaSweeper(Sweeper):
@@ -21,3 +23,17 @@ class GPT2LabOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         return self.sweeper.sweep(arguments)
+
+
+class GPT2LabBasicSweeper(BasicSweeper):
+    """``hydra/sweeper=gpt2lab_basic``, gpt2lab's default (conf/hydra/default.yaml): Hydra's grid sweeper, except
+    that a sweep in which a job stopped on bad input ends with that job's ``Error:`` line (its overrides are on
+    the line above, the other jobs' outcomes in the sweep summary) instead of its traceback."""
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from gpt2lab.errors import ConfigError, refuse
+
+        try:
+            return super().sweep(arguments)
+        except ConfigError as e:
+            refuse(str(e))

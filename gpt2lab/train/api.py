@@ -31,6 +31,7 @@ from torch import nn
 
 from gpt2lab.config import TRUSTED_TARGETS, compose_train, config_tree, group_options, hydra_string
 from gpt2lab.errors import ConfigError
+from gpt2lab.hydra_internals import Callbacks
 
 Overrides = Mapping[str, Any] | Sequence[str] | None
 # Modules passed as objects to train_model(model=...), by the key their config names (see registered_module).
@@ -201,7 +202,7 @@ def _run(cfg: DictConfig) -> Any:
     handlers, level = root.handlers[:], root.level
     try:
         with config_tree(), execution_whitelist(TRUSTED_TARGETS):
-            callbacks = _hydra_callbacks(cfg)
+            callbacks = Callbacks(cfg)  # built as hydra.main builds them (gpt2lab.hydra_internals: why private)
             ret = JobReturn()
             context = HydraContext(
                 config_loader=GlobalHydra.instance().config_loader(),
@@ -223,15 +224,6 @@ def _run(cfg: DictConfig) -> Any:
         root.handlers[:] = handlers
         root.setLevel(level)
     return runs[-1]
-
-
-def _hydra_callbacks(cfg: DictConfig) -> Any:
-    """The ``hydra.callbacks`` of ``cfg``, built as ``hydra.main`` builds them around a run. Hydra has no public API
-    for this (its own runner and ``hydra.types.HydraContext`` use the private class), and ``run_job`` needs them:
-    the one use of a private module of Hydra in gpt2lab."""
-    from hydra._internal.callbacks import Callbacks
-
-    return Callbacks(cfg)
 
 
 def _module_classes(cfg: DictConfig) -> list[str]:
