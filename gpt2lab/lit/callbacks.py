@@ -23,19 +23,14 @@ from tokenizers import Tokenizer
 
 from gpt2lab.console import format_duration
 from gpt2lab.errors import ConfigError
-from gpt2lab.lit.checkpoints import (
-    AtomicCheckpointIO,
-    Preemption,
-    RunSettings,
-    StepBoundaryCheckpoint,
-    requeue_slurm_job,
-)
+from gpt2lab.lit.checkpoints import AtomicCheckpointIO, Preemption, RunSettings, StepBoundaryCheckpoint
 from gpt2lab.lit.curves import plot_run_curves, read_metrics
 from gpt2lab.lit.speed import peak_flops, precision_dtype, synchronize
 from gpt2lab.model import GPT2Model
 from gpt2lab.model.generation import eager_decoding
 from gpt2lab.tokenizers import EOS_TOKEN
 
+# The checkpoint callbacks are re-exported: conf/callbacks/ and saved run configs name them here.
 __all__ = [
     "AtomicCheckpointIO",
     "Curves",
@@ -46,10 +41,6 @@ __all__ = [
     "StepBoundaryCheckpoint",
     "ThroughputLogger",
     "complete_prompts",
-    "format_duration",
-    "peak_flops",
-    "precision_dtype",
-    "requeue_slurm_job",
 ]
 
 log = logging.getLogger(__name__)
