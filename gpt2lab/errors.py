@@ -39,10 +39,19 @@ def report_errors(task: Callable[[Any], R]) -> Callable[[Any], R]:
                 raise
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise ConfigError(message) from None  # the sweeper records it against this job and goes on
-            log.error("%s", message)
+            log_to_files(message)
             refuse(message)
 
     return wrapper
+
+
+def log_to_files(message: str) -> None:
+    """Record ``message`` in the run's log files (``train.log``, where ``gpt2lab runs`` finds a run's error), not
+    on the console, where ``refuse`` prints it once as the ``Error:`` line."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def user_error(e: BaseException) -> str | None:

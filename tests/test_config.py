@@ -96,6 +96,15 @@ def test_cli_rejects_a_typo_naming_the_key_before_reading_data(run_main, tmp_pat
     assert not (tmp_path / "outputs").exists()
 
 
+def test_bad_input_in_a_run_is_said_once_and_kept_in_its_log(run_main, tmp_path):
+    """Issue 27 #9: each error was printed twice, as a logger [ERROR] line and as the Error: line."""
+    result = run_main("gpt2lab.train", "model.num_heads=3", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 1
+    assert (result.stdout + result.stderr).count("model.num_heads=3") == 1, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: model.num_heads=3")
+    assert "[ERROR] - model.num_heads=3" in (tmp_path / "run" / "train.log").read_text()
+
+
 def test_cli_unknown_group_option_lists_the_choices(run_main, tmp_path):
     result = run_main("gpt2lab.train", "model=gpt3", cwd=tmp_path)
     assert result.returncode != 0
