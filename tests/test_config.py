@@ -2,7 +2,7 @@ import inspect
 
 import pytest
 import pytorch_lightning as pl
-from conftest import CONF, REPO
+from conftest import CONF, REPO, TINY
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf.errors import ValidationError
@@ -103,6 +103,18 @@ def test_bad_input_in_a_run_is_said_once_and_kept_in_its_log(run_main, tmp_path)
     assert (result.stdout + result.stderr).count("model.num_heads=3") == 1, result.stdout + result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("Error: model.num_heads=3")
     assert "[ERROR] - model.num_heads=3" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_ctrl_c_while_preparing_data_stops_without_a_traceback(run_main, tmp_path, corpus_file, monkeypatch):
+    """Issue 27 #9: Ctrl-C during start-up or data preparation printed a KeyboardInterrupt traceback."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gpt2lab.data.datamodule.load_corpus", interrupted)
+    result = run_main("gpt2lab.train", *TINY, f"data.path={corpus_file}", cwd=tmp_path)
+    assert result.returncode == 130 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "Stopped: train was interrupted (Ctrl-C)."
 
 
 def test_cli_unknown_group_option_lists_the_choices(run_main, tmp_path):

@@ -2,7 +2,8 @@
 
 Each verb's ``__main__`` is ``main = hydra_app("<verb>", task)``: the config tree and its schemas, ``group=null``
 read as ``~group`` (what users of Hydra tools type; Hydra itself only knows the latter), free text in the keys
-that take it quoted for Hydra's grammar, only trusted ``_target_``s built, and bad input as one ``Error:`` line.
+that take it quoted for Hydra's grammar, only trusted ``_target_``s built, bad input as one ``Error:`` line, and
+Ctrl-C before Lightning takes over (start-up, data preparation) as a short note rather than a traceback.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ def hydra_app(
         register_schemas()
         sys.argv = literal_overrides(null_group_overrides(sys.argv), literal_keys)
         app = hydra.main(config_path=config_path(), config_name=config_name, execution_whitelist=TRUSTED_TARGETS)
-        return app(report_errors(task))()
+        try:
+            return app(report_errors(task))()
+        except KeyboardInterrupt:  # before Lightning's own handling (start-up, data preparation): no traceback
+            print(f"\nStopped: {config_name} was interrupted (Ctrl-C).", file=sys.stderr)
+            raise SystemExit(130) from None
 
     main.__doc__ = (
         f"Entry point of ``gpt2lab {config_name}``: ``conf/{config_name}.yaml`` with the command line's overrides."
