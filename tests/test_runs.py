@@ -23,6 +23,7 @@ from pytorch_lightning.loggers import CSVLogger
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit.callbacks import Curves
 from gpt2lab.runs.__main__ import main
+from gpt2lab.runs.plots import line_style
 from gpt2lab.runs.reading import COLUMNS
 from gpt2lab.runs.report import format_table, run_table
 from gpt2lab.sweep.summary import SweepSummary
@@ -231,3 +232,38 @@ def test_no_metrics_no_curves(tmp_path, caplog):
     curves._draw(SimpleNamespace(is_global_zero=True, loggers=[]))
     assert not (tmp_path / "curves.png").exists()
     assert "No curves.png: no loss was logged" in caplog.text and "the run has no CSV logger" in caplog.text
+
+
+def test_a_ctrl_c_stop_is_stopped_not_killed(train_cli, tmp_path, corpus_file, cache_dir):
+    """Ctrl-C (and SIGTERM) stop a run cleanly, with last.ckpt written and the stop in train.log: that run is
+    ``stopped``, and can be resumed; only a process that died without a word is ``killed``."""
+    run = tmp_path / "run"
+    args = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}"]
+    stop = ["+callbacks.stop._target_=helpers.SignalAtStep", "+callbacks.stop.step=5", "+callbacks.stop.signal=SIGINT"]
+    stopped = train_cli(*args, "trainer.max_steps=12", "sample=null", *stop, cwd=tmp_path)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    (row,) = run_table(run)[0]
+    assert row["status"] == "stopped" and row["steps"] == 6 and row["error"] == "", row
+    assert _names(run_table(tmp_path, ["status=stopped"])[0]) == ["run"]
+    # Resumed in the same directory, its log goes on: a stop followed by more training, then silence, is a death
+    with (run / "train.log").open("a") as log:
+        log.write(f"[2026-12-06 06:03:45,001][gpt2lab.train][INFO] - Resuming from {run}/checkpoints/last.ckpt\n")
+    assert run_table(run)[0][0]["status"] == "killed"
+
+
+def test_plot_gives_each_run_its_own_line_style(trained_run, tmp_path, monkeypatch):
+    """Past matplotlib's 10 colours the runs of a figure still differ: no two lines share colour and dash."""
+    from matplotlib.colors import to_hex
+
+    sweep = tmp_path / "sweep"
+    for n in range(12):
+        _job(sweep, str(n), [f"optimizer.lr={n + 1}e-3"], trained_run)
+    drawn = []
+    monkeypatch.setattr("gpt2lab.runs.plots.save_figure", lambda figure, path: drawn.append(figure))
+    assert run_table(sweep, plot=tmp_path / "val.png")[1] == 12
+    (figure,) = drawn
+    lines = figure.axes[0].get_lines()
+    styles = {(to_hex(line.get_color()), line.get_linestyle()) for line in lines}
+    assert len(lines) == 12 and len(styles) == 12
+    styles = [(to_hex(s["color"]), s["linestyle"], s["marker"]) for s in map(line_style, range(200))]
+    assert len({style[:2] for style in styles[:40]}) == 40 and len(set(styles)) == 200  # then the markers differ

@@ -12,6 +12,9 @@ from gpt2lab.runs.reading import Run, varying_overrides
 
 LEGEND_WIDTH = 130  # characters of a run's label in a figure's legend (7 pt, 8 inches wide)
 LEGEND_LINE_HEIGHT = 0.16  # inches the figure grows by per run in its legend
+COLOURS = tuple(f"C{i}" for i in range(10))  # matplotlib's default colour cycle (tab10)
+DASHES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v")
 
 
 def plot_val_curves(runs: list[Run], path: Path, metric: str = "val/loss") -> int:
@@ -25,16 +28,25 @@ def plot_val_curves(runs: list[Run], path: Path, metric: str = "val/loss") -> in
     with plain_style():
         figure = new_figure(1, width=8, height=3.4 + LEGEND_LINE_HEIGHT * len(curves))
         ax = figure.axes[0]
-        for run, label in curves:
+        for i, (run, label) in enumerate(curves):
             steps, values = zip(*run.metrics[metric], strict=True)
             text = " ".join([run.name, *(_rounded(o) for o in label.split())])
             text = textwrap.shorten(text, LEGEND_WIDTH, placeholder=" ...")
-            ax.plot(steps, values, marker="o", markersize=3, label=text)
+            ax.plot(steps, values, markersize=3, label=text, **line_style(i))
         ax.set(xlabel="step", ylabel=metric)
         ax.grid(alpha=0.3)
-        figure.legend(loc="outside lower center", fontsize=7, frameon=False)
+        figure.legend(loc="outside lower center", fontsize=7, frameon=False, handlelength=3.5)
         save_figure(figure, path)
     return len(curves)
+
+
+def line_style(i: int) -> dict[str, str]:
+    """The ``i``-th run's colour, dash and marker: the colours go round first, then the dashes, then the markers.
+    No two of the first 40 runs of a figure share colour and dash, nor two of the first 200 all three
+    (matplotlib's cycle alone repeats its 10 colours from the 11th run on)."""
+    colour, rest = i % len(COLOURS), i // len(COLOURS)
+    dash, rest = rest % len(DASHES), rest // len(DASHES)
+    return {"color": COLOURS[colour], "linestyle": DASHES[dash], "marker": MARKERS[rest % len(MARKERS)]}
 
 
 def _rounded(override: str) -> str:

@@ -6,9 +6,10 @@ Everything is read from what a run leaves in its directory: ``results.json`` (wr
 ``.run.lock`` and, for a multirun job, ``job_summary.json`` (``gpt2lab.sweep.summary``). Fast: neither torch nor
 Lightning is imported.
 
-Status: ``finished`` (results.json), ``failed`` (an error was recorded, or the run ended before its first
-checkpoint), ``pruned`` (Optuna stopped it), ``killed`` (checkpoints but no results.json: the process died),
-``running`` (a live process holds its ``.run.lock``).
+Status: ``finished`` (results.json), ``stopped`` (a signal stopped it cleanly: Ctrl-C, SIGTERM or SLURM's warning,
+the last thing its train.log says), ``failed`` (an error was recorded, or the run ended before its first
+checkpoint), ``pruned`` (Optuna stopped it), ``killed`` (checkpoints but no results.json and no word of a stop:
+the process died), ``running`` (a live process holds its ``.run.lock``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ COLUMNS = (
 RUN_MARKERS = ("results.json", "job_summary.json", "metrics.csv", "checkpoints", "config.yaml")
 HIDDEN_OVERRIDES = ("optuna_trial",)  # the job's name says it already
 LOG_RECORD = re.compile(r"^\[\d{4}-\d{2}-\d{2} [\d:,]+\]\[")  # a record of Hydra's log format: [date time][logger]
+# What gpt2lab.train logs when a signal stopped the run at a step boundary (gpt2lab.train.run._stopped_by_signal),
+# and what may follow it in the same stop (SLURM's requeue).
+STOP_RECORD = re.compile(r"\]\[WARNING\] - Stopped by SIG\w+ at step \d+")
+AFTER_STOP = re.compile(r"\]\[WARNING\] - Requeued SLURM job ")
 
 
 @dataclass
@@ -88,6 +93,14 @@ class Run:
             return []
 
     @cached_property
+    def log_lines(self) -> list[str]:
+        """The lines of the run's ``train.log`` (empty if it has none)."""
+        try:
+            return (self.path / "train.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+
+    @cached_property
     def row(self) -> dict[str, Any]:
         status, error = self._status()
         best = self.results.get("best_val_loss")
@@ -121,7 +134,9 @@ class Run:
             return "finished", ""
         if _is_live(self.path):
             return "running", ""
-        error = _logged_error(self.path / "train.log")
+        if _stopped(self.log_lines):  # before the errors: a run resumed after a failure may then be stopped
+            return "stopped", ""
+        error = _logged_error(self.log_lines)
         if error:
             return "failed", error
         if any((self.path / "checkpoints").glob("*.ckpt")):
@@ -217,14 +232,19 @@ def _is_live(path: Path) -> bool:
     return False
 
 
-def _logged_error(train_log: Path) -> str:
-    """The last ERROR record of a run's log (``gpt2lab.errors.report_errors`` logs the user's error there). An
-    exception that escaped the job is Hydra's ``Job failed`` record with the traceback under it: then the
+def _stopped(lines: list[str]) -> bool:
+    """Whether the last thing a run's log records is a clean stop by a signal: ``Stopped by SIGINT at step N``
+    (Ctrl-C, SIGTERM, SLURM's warning signal), followed by nothing but its requeue. A log goes on when the run is
+    resumed in the same directory, so an earlier stop followed by more training is not one."""
+    records = [line for line in lines if LOG_RECORD.match(line)]
+    last_stop = max((i for i, line in enumerate(records) if STOP_RECORD.search(line)), default=None)
+    return last_stop is not None and all(AFTER_STOP.search(line) for line in records[last_stop + 1 :])
+
+
+def _logged_error(lines: list[str]) -> str:
+    """The last ERROR record of a run's log lines (``gpt2lab.errors.report_errors`` logs the user's error there).
+    An exception that escaped the job is Hydra's ``Job failed`` record with the traceback under it: then the
     traceback's last line, which names the exception."""
-    try:
-        lines = train_log.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
     error = ""
     for i, line in enumerate(lines):
         if "][ERROR] - " not in line:
