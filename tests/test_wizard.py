@@ -166,3 +166,21 @@ def test_an_answer_reaches_the_config_as_typed(path):
     with config_tree():
         cfg = Session("tiny", {"data.path": path}).compose()
     assert cfg.data.path == path
+
+
+def test_the_preset_list_shows_each_description_whole(monkeypatch, capsys):
+    """The first question lists the presets with their descriptions wrapped at word boundaries, none cut short
+    (the chat preset's was cut to 'no_robo')."""
+    from gpt2lab.presets.catalog import read_header
+    from gpt2lab.wizard.wizard import ask_preset
+
+    presets = ["chat", "code_generation", "summarization", "tiny"]
+    monkeypatch.setattr("builtins.input", lambda prompt: "chat")
+    assert ask_preset(presets) == "chat"
+    lines = capsys.readouterr().out.splitlines()
+    listed = " ".join(lines[1:]).split()
+    for preset in presets:
+        words = [preset, *read_header(preset).description.split()]
+        start = listed.index(preset)
+        assert listed[start : start + len(words)] == words  # every word, whole and in order
+    assert "(no_robots)," in listed and all(len(line) <= 100 for line in lines)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,7 @@ from gpt2lab.wizard.questions import (
 
 TOKENIZE_NOW_MAX_BYTES = 50_000_000  # local text up to this size is tokenized during the wizard (cached for training)
 CHECK_NOW_MAX_PARAMETERS = 50_000_000  # the check-up is offered by default up to this size (seconds on a CPU)
+PRESET_LINE_WIDTH = 100  # characters of a line of the preset list, descriptions wrapped to fit
 
 
 class Wizard:
@@ -223,10 +225,15 @@ class Wizard:
 
 
 def ask_preset(presets: list[str]) -> str:
-    """The first question: the preset the defaults come from, with each one's description."""
+    """The first question: the preset the defaults come from, with each one's whole description, wrapped at word
+    boundaries under the descriptions' column."""
     print("Presets:")
     for preset in presets:
-        print(f"  {preset:18s} {read_header(preset).description[:90]}")
+        lead = f"  {preset:18s} "
+        description = read_header(preset).description
+        width = PRESET_LINE_WIDTH - len(lead)
+        lines = textwrap.wrap(description, width, break_long_words=False, break_on_hyphens=False) or [""]
+        print(lead + f"\n{' ' * len(lead)}".join(lines))
     while True:
         answer = input(f"  Start from which preset? ({', '.join(presets)}) [tiny]: ").strip() or "tiny"
         if answer in presets:
