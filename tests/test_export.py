@@ -33,6 +33,11 @@ pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parent.parent
 
 
+def row(*cells: str) -> str:
+    """A regex for one Markdown table row of exactly these cells, as gpt2lab.console.table pads them."""
+    return "^\\|" + "".join(rf" +{re.escape(cell)} +\|" for cell in cells) + "$"
+
+
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory) -> Path:
     """The tiny trained run exported in every format (``format=all``), as the command line composes it."""
@@ -104,6 +109,28 @@ def test_hf_round_trip_gives_gpt2labs_logits_and_generates(exported, trained):
         assert (hf(ids).logits - model(ids)[0]).abs().max() < 1e-4
     out = hf.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert torch.equal(out, model.generate(ids, 5, do_sample=False))
+
+
+def test_hf_batched_generation_pads_on_the_left_and_continues_each_prompt(exported):
+    """Two prompts of different lengths in one batch: the tokenizer pads the shorter one on the left, so that each
+    row's greedy continuation is the one its prompt alone gives (right padding would continue the pads, and
+    transformers warns of it). Issue 27 #4."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(exported / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(exported / "hf")
+    assert tokenizer.padding_side == "left"
+    prompts = ["import os\n", "class Foo:\n    def __init__(self):"]
+    batch = tokenizer(prompts, padding=True, return_tensors="pt")
+    pads = (batch.attention_mask == 0).sum(1).tolist()
+    assert sorted(pads)[0] == 0 and max(pads) > 0 and batch.attention_mask[:, -1].all()
+    with torch.no_grad():
+        together = hf.generate(**batch, max_new_tokens=8, do_sample=False)
+        for i, prompt in enumerate(prompts):
+            alone = hf.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=8, do_sample=False)[0]
+            row = together[i, pads[i] :]
+            assert row[: len(alone)].tolist() == alone.tolist()
+            assert (row[len(alone) :] == tokenizer.pad_token_id).all()  # a row that ended early is padded after
 
 
 def test_onnx_decoding_gives_gpt2labs_greedy_tokens_with_padding_and_past_the_context(exported, trained):
@@ -197,7 +224,8 @@ def test_model_card_has_front_matter_run_results_and_snippets_that_run(exported,
         for section in ("Model details", "Training data", "Training procedure", "Evaluation results", "How to use",
                         "Limitations", "Citation"):  # fmt: skip
             assert f"## {section}" in card
-        assert f"{results['metrics']['val/loss']:.4f}" in card and "| tokens trained on | 10,240 (40 steps) |" in card
+        assert f"{results['metrics']['val/loss']:.4f}" in card
+        assert re.search(row("tokens trained on", "10,240 (40 steps)"), card, re.M)
         for snippet in re.findall(r"```python\n(.*?)```", card, re.S):
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
@@ -328,7 +356,8 @@ def test_model_card_reads_the_corpus_from_the_training_log(trained, trained_run,
     )
     ckpt = run / "checkpoints" / "last.ckpt"
     card = ModelCardGenerator(license="apache-2.0").generate(trained[0], tmp_path / "out", "onnx", checkpoint=ckpt)
-    assert "| corpus fingerprint | `0123abcd` |" in card and "| train split | 1,234 tokens |" in card
+    assert re.search(row("corpus fingerprint", "`0123abcd`"), card, re.M)
+    assert re.search(row("train split", "1,234 tokens"), card, re.M)
     assert yaml.safe_load(card.split("---")[1])["license"] == "apache-2.0"
 
 
@@ -352,12 +381,17 @@ def test_model_card_gives_a_checkpoint_only_its_own_results(trained, trained_run
     earlier = next((trained_run / "checkpoints").glob("step000020*.ckpt"))
     card = generator.generate(trained[0], tmp_path, "torchscript", checkpoint=earlier)
     evaluation = card.split("## Evaluation results")[1].split("## How to use")[0]
-    assert "split (training run)" not in evaluation and f"{results['metrics']['val/loss']:.4f}" not in evaluation
+    assert "| training run" not in evaluation and f"{results['metrics']['val/loss']:.4f}" not in evaluation
     assert f"(step 40), not of this one (step 20): `python -m gpt2lab.evaluate ckpt={earlier}`" in evaluation
-    assert "| tokens trained on | 5,120 (20 steps) |" in card
+    assert re.search(row("tokens trained on", "5,120 (20 steps)"), card, re.M)
+    metrics = results["metrics"]
+    assert metrics["val/loss"] == results["best_val_loss"]  # the last validation was the best one's
     for same in (Path(results["best_checkpoint"]), trained_run / "checkpoints" / "last.ckpt"):
         card = generator.generate(trained[0], tmp_path, "torchscript", checkpoint=same)
-        assert f"| validation split (training run) | loss (nats/token) | {results['best_val_loss']:.4f} |" in card
+        # 2 batches of 8 windows of 32 tokens: the run validated on that much of its validation split
+        scored = ("512, 2 batches (trainer.limit_val_batches=2)", "training run")
+        numbers = (f"{metrics['val/loss']:.4f}", f"{metrics['val/ppl']:.2f}", f"{metrics['val/bpb']:.4f}")
+        assert re.search(row("corpus.txt", "validation", "none (windows of 32)", *scored, *numbers), card, re.M)
 
 
 def test_model_card_commands_run_as_pasted(exported, run_main, corpus_file, tmp_path):
@@ -382,3 +416,49 @@ def test_model_card_commands_run_as_pasted(exported, run_main, corpus_file, tmp_
     result = run_main("gpt2lab.cli", *train[1:], *short, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["initial_val_loss"] < np.log(320) - 0.5
+
+
+def test_model_card_names_each_evaluations_data_and_keeps_the_held_out_results_apart(
+    trained, trained_run, corpus_file, run_main, tmp_path
+):
+    """Issue 27 #7: the card is titled by the model, not the time of day; each result names its data, split, stride
+    and tokens; the run's held-out results come first, an evaluation on other data apart, a repeated one once."""
+    from huggingface_hub import ModelCard
+
+    from gpt2lab.exporters.model_card import ModelCardGenerator
+
+    run = tmp_path / "03-16-26"  # the time of day a run directory is named by
+    shutil.copytree(trained_run, run)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    toy = tmp_path / "toy.txt"
+    toy.write_text(corpus_file.read_text()[:6000])
+    evaluations = {
+        "1": ["split=test"],
+        "2": ["split=test"],  # the same evaluation again
+        "3": ["data=files", f"data.path={toy.name}", "eval.stride=16"],
+    }
+    for name, args in evaluations.items():
+        result = run_main("gpt2lab.evaluate", f"ckpt={ckpt}", *args, f"hydra.run.dir=outputs/evaluate/{name}",
+                          "eval.compressors=false", cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    test, toy_result = (json.loads((tmp_path / f"outputs/evaluate/{n}/eval.json").read_text()) for n in "13")
+    with contextlib.chdir(tmp_path):  # the run's paths.log_dir, outputs, is where the evaluations went
+        card = ModelCardGenerator().generate(trained[0], tmp_path / "out", "hf", checkpoint=ckpt)
+    assert ModelCard(card).data.to_dict()["library_name"] == "transformers"  # valid front matter
+    (heading,) = re.findall(r"^# .*$", card, re.M)
+    assert heading == "# gpt2lab GPT-2 (28K) trained on corpus.txt"
+    evaluation = card.split("## Evaluation results")[1].split("## How to use")[0]
+    held_out, others = evaluation.split("### Other evaluations")
+    windows = "none (windows of 32)"
+    numbers = lambda r: (f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['bits_per_byte']:.4f}")  # noqa: E731
+    assert "held out of corpus.txt" in held_out
+    metrics = json.loads((run / "results.json").read_text())["metrics"]
+    val = {"loss": metrics["val/loss"], "perplexity": metrics["val/ppl"], "bits_per_byte": metrics["val/bpb"]}
+    scored = "512, 2 batches (trainer.limit_val_batches=2)"
+    assert re.search(row("corpus.txt", "validation", windows, scored, "training run", *numbers(val)), held_out, re.M)
+    test_row = row("corpus.txt", "test", windows, f"{test['tokens']:,}", "gpt2lab.evaluate", *numbers(test))
+    assert len(re.findall(test_row, held_out, re.M)) == 1 and not re.search(test_row, others, re.M)
+    toy_row = row("toy.txt", "all (every document)", "16", f"{toy_result['tokens']:,}", "gpt2lab.evaluate",
+                  *numbers(toy_result))  # fmt: skip
+    assert re.search(toy_row, others, re.M) and "toy.txt" not in held_out
+    assert held_out.count("gpt2lab.evaluate") == 1 and others.count("gpt2lab.evaluate") == 1

@@ -3,10 +3,13 @@ windows, the token cache beside them, the chat template through the checkpoint t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
 import random
+import re
 from pathlib import Path
 
 import datasets
@@ -14,10 +17,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import TINY, train_in_process
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 from gpt2lab.chat import Chat, repl
 from gpt2lab.checkpoint import load_checkpoint, saved_chat_template
+from gpt2lab.config import register_schemas
 from gpt2lab.data import GPT2DataModule
 from gpt2lab.data.formats import ChatTemplate, TaskFormat, encode_examples, pack, split_batch
 from gpt2lab.data.token_files import damaged_token_files
@@ -444,6 +453,98 @@ def test_a_template_reply_of_several_paragraphs_is_not_cut_at_a_blank_line(chat_
         capsys.readouterr()
         repl(generator, {"max_new_tokens": len(steps), "stop": ["\\n\\n"], "seed": 0}, stop_given=stop_given)
         assert capsys.readouterr().out.split("model> ")[1].rstrip("\n") == reply
+
+
+@pytest.fixture(scope="module")
+def chat_export(chat_run, tmp_path_factory) -> Path:
+    """The chat run exported in every format (``format=all``), as the command line composes it."""
+    from gpt2lab.exporters.export import export
+
+    root = tmp_path_factory.mktemp("chat_export")
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(__file__).parent.parent / "conf"), version_base=None):
+        overrides = [f"ckpt={chat_run}", f"output_dir={root / 'all'}", "onnx.optimize=none"]
+        cfg = compose("export", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(root / "log")
+        del cfg.hydra
+    export(cfg)
+    GlobalHydra.instance().clear()
+    return root / "all"
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "the cat?"},
+    {"role": "assistant", "content": "sat on a mat."},
+    {"role": "user", "content": "and the dogs?"},
+    {"role": "assistant", "content": "ran fast over green hills."},
+]
+
+
+def test_the_hf_export_of_a_chat_model_has_its_template_and_end_of_turn(chat_run, chat_export):
+    """transformers' apply_chat_template gives gpt2lab's tokens: the training example's (without the end-of-text
+    that separates examples) and, with add_generation_prompt, the prompt gpt2lab.chat continues; a reply ends at
+    <|end|>, where generate stops (issue 27 #4)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    template = ChatTemplate.from_dict(saved_chat_template(chat_run / "checkpoints" / "last.ckpt"))
+    _, tokenizer = load_checkpoint(chat_run / "checkpoints" / "last.ckpt")
+    end = tokenizer.token_to_id("<|end|>")
+    hf = AutoTokenizer.from_pretrained(chat_export / "hf")
+    assert hf.eos_token == "<|end|>" and hf.eos_token_id == end and hf.padding_side == "left"
+    assert GenerationConfig.from_pretrained(chat_export / "hf").eos_token_id == end
+    fmt = TaskFormat("chat", columns={"messages_column": "messages"})
+    example = encode_examples({"messages": [CONVERSATION], "_record": [0]}, fmt, tokenizer, 10 * CONTEXT, "drop")
+    assert example["ids"][0][-1] == tokenizer.token_to_id(EOS_TOKEN)
+    assert hf.apply_chat_template(CONVERSATION, tokenize=False) == template.render(CONVERSATION)
+    assert list(hf.apply_chat_template(CONVERSATION, return_dict=True)["input_ids"]) == example["ids"][0][:-1]
+    question = CONVERSATION[:-1]
+    assert hf.apply_chat_template(question, add_generation_prompt=True, tokenize=False) == template.prompt(question)
+    assert list(hf.apply_chat_template(question, add_generation_prompt=True, return_dict=True)["input_ids"]) == (
+        tokenizer.encode(template.prompt(question)).ids
+    )
+    # ... which is the start of the training example: the model is prompted as it was trained
+    assert example["ids"][0][: len(tokenizer.encode(template.prompt(question)).ids)] == (
+        tokenizer.encode(template.prompt(question)).ids
+    )
+    with pytest.raises(Exception, match="the chat template knows the roles system, user, assistant, not tool"):
+        hf.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    # The other formats carry the same tokenizer config
+    for fmt_dir in ("onnx", "torchscript"):
+        other = json.loads((chat_export / fmt_dir / "tokenizer_config.json").read_text())
+        assert other == json.loads((chat_export / "hf" / "tokenizer_config.json").read_text())
+        assert other["chat_template"] == template.jinja() and other["eos_token"] == "<|end|>"
+
+
+def test_a_chat_models_card_prompts_it_with_a_conversation(chat_run, chat_export):
+    """The card's transformers snippet is a chat: it runs as pasted and prints the model's greedy reply, which
+    gpt2lab's model gives for the same conversation; the ONNX and TorchScript snippets prompt in the template."""
+    model, tokenizer = load_checkpoint(chat_run / "checkpoints" / "last.ckpt")
+    template = ChatTemplate.from_dict(saved_chat_template(chat_run / "checkpoints" / "last.ckpt"))
+    snippets = {}
+    for fmt in ("hf", "onnx", "torchscript"):
+        card = (chat_export / fmt / "README.md").read_text()
+        assert re.search(r"^# .*gpt2lab GPT-2 \(\d+K\) chat model trained on chat\.jsonl$", card, re.M)
+        assert "conversational" in yaml.safe_load(card.split("---")[1])["tags"]
+        (snippets[fmt],) = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert "apply_chat_template(messages, add_generation_prompt=True" in snippets["hf"]
+    (message,) = re.findall(r'^messages = \[\{"role": "user", "content": "(.*)"\}\]$', snippets["hf"], re.M)
+    prompt = tokenizer.encode(template.prompt([{"role": "user", "content": message}])).ids
+    reply = model.generate(torch.tensor([prompt]), 20, do_sample=False)[0, len(prompt) :].tolist()
+    end = tokenizer.token_to_id(template.end)
+    reply = reply[: reply.index(end)] if end in reply else reply
+    for fmt, snippet in snippets.items():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(snippet, f"{fmt}/README.md", "exec"), {})
+        if fmt == "hf":  # the reply alone, which generate ends at <|end|>
+            assert out.getvalue() == tokenizer.decode(reply) + "\n"
+        else:
+            assert repr(template.prompt([{"role": "user", "content": message}])) in snippet
+            assert out.getvalue().startswith(message)
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------

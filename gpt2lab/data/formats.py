@@ -91,6 +91,29 @@ class ChatTemplate:
         """The text a reply continues: the conversation so far and the assistant's role token."""
         return self.render(messages) + self.roles[self.scored_role]
 
+    def jinja(self) -> str:
+        """The template as a Jinja chat template (``tokenizer_config.json``'s ``chat_template``): transformers'
+        ``apply_chat_template`` renders ``render(messages)``, or ``prompt(messages)`` with
+        ``add_generation_prompt=True``, character for character, so that it gives gpt2lab's tokens. An unknown
+        role or a content that is not text is refused, as ``check_message`` refuses it. Only ``{{ }}`` output and
+        no text between the tags: no whitespace of the template's own reaches the model."""
+        literal = json.dumps  # a Jinja string literal (Jinja reads JSON's escapes)
+        roles = "{" + ", ".join(f"{literal(role)}: {literal(token)}" for role, token in self.roles.items()) + "}"
+        unknown = literal(f"the chat template knows the roles {', '.join(self.roles)}, not ")
+        return (
+            f"{{%- set roles = {roles} -%}}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] not in roles -%}"
+            f"{{{{ raise_exception({unknown} + message['role']) }}}}"
+            "{%- endif -%}"
+            "{%- if message['content'] is not string -%}"
+            "{{ raise_exception('a message content must be text') }}"
+            "{%- endif -%}"
+            f"{{{{ roles[message['role']] + message['content'] + {literal(self.end)} }}}}"
+            "{%- endfor -%}"
+            f"{{%- if add_generation_prompt -%}}{{{{ {literal(self.roles[self.scored_role])} }}}}{{%- endif -%}}"
+        )
+
     def check_message(self, message: Any, where: str) -> None:
         """A message is ``{"role": <one of the roles>, "content": <text>}``; say which one is not, and how."""
         shape = f'each message is {{"role": {" | ".join(map(repr, self.roles))}, "content": "..."}}'

@@ -7,13 +7,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer
 
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT2Model
 from gpt2lab.tokenizers import EOS_TOKEN, PAD_TOKEN, UNK_TOKEN
+
+if TYPE_CHECKING:  # the data formats import datasets, which an export does not need
+    from gpt2lab.data.formats import ChatTemplate
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:
@@ -27,24 +30,36 @@ def check_output_dir(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
-def write_tokenizer(tokenizer: Tokenizer, context_length: int, directory: Path) -> None:
+def write_tokenizer(
+    tokenizer: Tokenizer, context_length: int, directory: Path, chat_template: ChatTemplate | None = None
+) -> None:
     """``tokenizer.json`` and ``tokenizer_config.json``, with gpt2lab's special tokens named (end of text also
-    as the beginning, as GPT-2's tokenizer does)."""
+    as the beginning, as GPT-2's tokenizer does), padding on the left (batched generation continues each prompt
+    from its last token; transformers warns about right padding in a decoder) and, for a model trained with
+    ``data.format=chat``, its template as a Jinja ``chat_template`` and its end-of-turn token as ``eos_token``:
+    where a reply ends, and where ``generate`` stops."""
     from transformers import PreTrainedTokenizerFast
 
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     special = {"eos_token": EOS_TOKEN, "bos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "unk_token": UNK_TOKEN}
+    if chat_template is not None:
+        special["eos_token"] = chat_template.end
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         model_max_length=context_length,
+        padding_side="left",
         **{role: token for role, token in special.items() if token in vocab},
     )
     fast.save_pretrained(str(directory))
     # transformers 5 writes its new class name, TokenizersBackend, which transformers 4 does not know; both load
-    # PreTrainedTokenizerFast (in 5, another name of the same class).
+    # PreTrainedTokenizerFast (in 5, another name of the same class). The chat template goes in the config, where
+    # every transformers since 4.x reads it (5 would write it to chat_template.jinja, which 4.45 does not read).
     config_file = directory / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["padding_side"] = "left"
+    if chat_template is not None:
+        config["chat_template"] = chat_template.jinja()
     config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 

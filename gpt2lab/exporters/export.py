@@ -15,15 +15,18 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
+from gpt2lab.checkpoint import find_checkpoint, load_checkpoint, saved_chat_template
 from gpt2lab.errors import ConfigError
 from gpt2lab.exporters.directory import check_output_dir, write_tokenizer, write_weights
 from gpt2lab.exporters.model_card import ModelCardGenerator
 from gpt2lab.model import GPT2Model
+
+if TYPE_CHECKING:
+    from gpt2lab.data.formats import ChatTemplate
 
 log = logging.getLogger("gpt2lab.export")
 FORMATS = ("hf", "onnx", "torchscript")
@@ -71,6 +74,7 @@ def export(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     if tokenizer is None:
         raise ConfigError(f"ckpt={str(path)!r} carries no tokenizer, and every export holds one")
     log.info("Checkpoint: %s (%s parameters)", path, f"{model.num_parameters():,}")
+    chat_template = exported_chat_template(path)
     root = check_output_dir(cfg.output_dir, cfg.overwrite)
     staging = root.with_name(root.name + ".partial")  # renamed to output_dir once every format is validated
     shutil.rmtree(staging, ignore_errors=True)
@@ -81,13 +85,15 @@ def export(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             directory = staging / fmt if len(formats) > 1 else staging
             directory.mkdir(parents=True)
             log.info("Exporting %s to %s", fmt, final)
-            result = exporters[fmt].export(model, directory, tokenizer=tokenizer)
+            result = exporters[fmt].export(model, directory, tokenizer=tokenizer, chat_template=chat_template)
             if fmt != "hf":  # transformers' save_pretrained wrote these in its own form
-                write_tokenizer(tokenizer, model.config.context_length, directory)
+                write_tokenizer(tokenizer, model.config.context_length, directory, chat_template)
                 graph = {"file": Path(result["output_path"]).name, **graph_config(model, fmt, result)}
                 write_weights(model, directory, {fmt: graph})
             result["output_path"] = str(final / Path(result["output_path"]).relative_to(directory))
-            card = ModelCardGenerator(cfg.license).generate(model, final, fmt, checkpoint=path, export=result)
+            card = ModelCardGenerator(cfg.license).generate(
+                model, final, fmt, checkpoint=path, export=result, chat_template=chat_template
+            )
             (directory / "README.md").write_text(card)
             results[fmt] = result
         usual_modes(staging)
@@ -100,6 +106,17 @@ def export(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     output.mkdir(parents=True, exist_ok=True)
     (output / "export.json").write_text(json.dumps({"checkpoint": str(path), **results}, indent=2))
     return results
+
+
+def exported_chat_template(path: Path) -> ChatTemplate | None:
+    """The chat template of a ``data.format=chat`` run's checkpoint, which its exports carry (a Jinja
+    ``chat_template``, the end-of-turn token as end of sequence, a chat prompt in the card); None for others."""
+    saved = saved_chat_template(path)
+    if not saved:
+        return None
+    from gpt2lab.data.formats import ChatTemplate  # imports datasets: only for a chat model
+
+    return ChatTemplate.from_dict(saved)
 
 
 def usual_modes(directory: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import Tokenizer
@@ -17,26 +17,36 @@ from gpt2lab.hf import to_transformers
 from gpt2lab.model import GPT2Model
 from gpt2lab.tokenizers import EOS_TOKEN, PAD_TOKEN
 
+if TYPE_CHECKING:
+    from gpt2lab.data.formats import ChatTemplate
+
 
 class HFExporter:
-    """``export(model, output_path, tokenizer)`` writes the directory and returns ``output_path``,
-    ``file_size_mb`` (the weights) and ``max_abs_diff``: the reloaded model's logits against gpt2lab's on random
-    tokens, which must be within ``tolerance``."""
+    """``export(model, output_path, tokenizer, chat_template=None)`` writes the directory and returns
+    ``output_path``, ``file_size_mb`` (the weights) and ``max_abs_diff``: the reloaded model's logits against
+    gpt2lab's on random tokens, which must be within ``tolerance``. A chat model's ``generate`` stops at its
+    end-of-turn token, as ``gpt2lab.chat`` does; another's at end-of-text."""
 
     def __init__(self, validate: bool = True, tolerance: float = 1e-4) -> None:
         self.validate, self.tolerance = validate, tolerance
 
-    def export(self, model: GPT2Model, output_path: str | Path, tokenizer: Tokenizer, **_: Any) -> dict[str, Any]:
+    def export(
+        self,
+        model: GPT2Model,
+        output_path: str | Path,
+        tokenizer: Tokenizer,
+        chat_template: ChatTemplate | None = None,
+        **_: Any,
+    ) -> dict[str, Any]:
         directory = Path(output_path)
         hf = to_transformers(model.float().eval())
-        ids = {name: tokenizer.token_to_id(token) for name, token in (("eos", EOS_TOKEN), ("pad", PAD_TOKEN))}
-        hf.config.bos_token_id = hf.config.eos_token_id = ids["eos"]
-        hf.config.pad_token_id = ids["pad"]
-        hf.generation_config.bos_token_id = hf.generation_config.eos_token_id = ids["eos"]
-        hf.generation_config.pad_token_id = ids["pad"]
+        tokens = {"bos": EOS_TOKEN, "eos": chat_template.end if chat_template else EOS_TOKEN, "pad": PAD_TOKEN}
+        ids = {name: tokenizer.token_to_id(token) for name, token in tokens.items()}
+        for config in (hf.config, hf.generation_config):
+            config.bos_token_id, config.eos_token_id, config.pad_token_id = ids["bos"], ids["eos"], ids["pad"]
         with quiet_transformers():
             hf.save_pretrained(str(directory))  # safetensors
-            write_tokenizer(tokenizer, model.config.context_length, directory)
+            write_tokenizer(tokenizer, model.config.context_length, directory, chat_template)
             weights = directory / "model.safetensors"
             result = {"output_path": str(directory), "file_size_mb": round(weights.stat().st_size / 2**20, 2)}
             result["max_abs_diff"] = self._validate(model, directory) if self.validate else None
