@@ -289,10 +289,10 @@ def bench(args: argparse.Namespace) -> int:
         base = refs.get((args.reference_variants[0], mb), {}).get("tok_s") if args.reference else None
         if run:
             rows.append(row(f"gpt2lab x{run['world_size']}", run, base))
-    print(table(COLUMNS, rows, markdown=True))
+    print(table(COLUMNS, rows, markdown=True, align=["left"] + ["right"] * (len(COLUMNS) - 1)))
     if results.get("memory"):
         memory = [[m.get(key, "") for key in MEMORY_KEYS] for m in results["memory"]]
-        print("\n" + table(MEMORY_COLUMNS, memory, markdown=True))
+        print("\n" + table(MEMORY_COLUMNS, memory, markdown=True, align=["left"] + ["right"] * 4))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
