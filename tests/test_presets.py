@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 from conftest import CONF, TINY
+from huggingface_hub import constants
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import execution_whitelist
 from omegaconf import OmegaConf
+from test_hub import hub_online, unreachable_hub  # noqa: F401 (fixtures: the Hub a closed local port, its cache empty)
 
 from gpt2lab.config import TRUSTED_TARGETS, register_schemas
 from gpt2lab.console import format_duration, parse_duration
@@ -262,6 +264,63 @@ def test_recommend_picks_the_preset_the_budget_trains(tmp_path, monkeypatch, run
     quality = run_main("gpt2lab.presets", "--recommend", "goal=quality", "time_budget_hours=8", cwd=tmp_path)
     assert ": medium (" in quality.stdout and "trainer.time_budget=8h" in quality.stdout
     assert set(GOALS) >= {"learning", "quality", "code", "chat", "summarization"}
+
+
+@pytest.mark.usefixtures("unreachable_hub")
+def test_recommend_says_what_a_run_needs_from_an_unreachable_hub(tmp_path, monkeypatch, run_main):
+    """goal=chat fine-tunes model.init_from=gpt2 on HuggingFaceH4/no_robots: with the Hub unreachable and neither in
+    the cache, the recommendation names both, the one command that fetches them where the run looks, and the
+    offline alternative; with both cached, it is the plain command."""
+    monkeypatch.setenv("GPT2LAB_CACHE_DIR", str(tmp_path))
+    _seed_cache({"chat": 1.0})
+    offline = run_main("gpt2lab.presets", "--recommend", "goal=chat", "time_budget_hours=5", cwd=tmp_path)
+    assert offline.returncode == 0, offline.stderr
+    lines = offline.stdout.splitlines()
+    assert lines[1].startswith("  python train.py preset=chat")
+    assert lines[2] == (
+        f"Needs first, from the Hugging Face Hub (not in the local cache, and the Hub at {constants.ENDPOINT} is "
+        "unreachable from this machine, so only the local cache was searched):"
+    )
+    assert lines[3] == (
+        "  - model.init_from=gpt2 (the pretrained weights); offline, give instead: "
+        "model.init_from=<a local GPT-2 directory in Hugging Face format>"
+    )
+    assert lines[4] == (
+        "  - data.name=HuggingFaceH4/no_robots (the training data); offline, give instead: "
+        "data.source=files data.path=<your .jsonl>"
+    )
+    assert lines[6] == (
+        '    python -c "from gpt2lab.hf import pretrained_dir; import datasets; '
+        "pretrained_dir('gpt2', 'model.init_from'); "
+        f"datasets.load_dataset('HuggingFaceH4/no_robots', cache_dir='{tmp_path / 'hf'}')\""
+    )
+    assert lines[7].startswith("Why: ")
+
+    # The model as huggingface_hub caches it (tests/test_import.py), the dataset as datasets caches it
+    snapshot = Path(constants.HF_HUB_CACHE) / "models--gpt2" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    ready = run_main("gpt2lab.presets", "--recommend", "goal=chat", "time_budget_hours=5", cwd=tmp_path)
+    assert "data.name=HuggingFaceH4/no_robots" in ready.stdout and "model.init_from" not in ready.stdout
+    built = tmp_path / "hf" / "HuggingFaceH4___no_robots" / "default" / "0.0.0" / "abc123"
+    built.mkdir(parents=True)
+    (built / "dataset_info.json").write_text("{}")
+    ready = run_main("gpt2lab.presets", "--recommend", "goal=chat", "time_budget_hours=5", cwd=tmp_path)
+    assert ready.returncode == 0 and "Needs first" not in ready.stdout
+    assert ready.stdout.splitlines()[1] == lines[1]
+    assert ready.stdout.splitlines()[2].startswith("Why: ")
+
+
+def test_a_recommendation_that_downloads_nothing_does_not_ask_the_hub(tmp_path, monkeypatch):
+    """small falls back to pysource offline (data.offline_fallback), tiny reads the bundled corpus: no probe."""
+    from gpt2lab.presets.needs import unmet_needs
+
+    monkeypatch.setattr("gpt2lab.hub.reachable", lambda *a: pytest.fail("the Hub was probed"))
+    for name in ("tiny", "small"):
+        assert unmet_needs(compose_preset(name)) == ([], "")
 
 
 # -- trainer.time_budget -----------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from gpt2lab.config.tree import config_root
 from gpt2lab.console import format_duration, table
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT2Model
+from gpt2lab.presets.needs import needs_first, unmet_needs
 from gpt2lab.presets.probe import (
     cache_file,
     device_name,
@@ -250,10 +251,12 @@ def recommend(goal: str, hours: float, overrides: Sequence[str] = (), refresh: b
         if share < 0.1:
             why += ": a small share, so expect a weak model (a GPU, or a longer budget, trains more of it)"
     others = ", ".join(f"{o['recipe'].name} {format_duration(o['seconds'])}" for o in rows)
+    needs, offline = unmet_needs(pick["cfg"])  # what the run downloads at its start and cannot here
     return (
         f"Recommended for goal={goal} in {format_duration(budget)}: {r.name} ({r.description})\n"
         f"  {command}\n"
-        f"Why: {why}. The goal {goal} means {what}.\n"
+        + (f"{needs_first(needs, offline)}\n" if needs else "")
+        + f"Why: {why}. The goal {goal} means {what}.\n"
         f"Estimates on {pick['probe'].device} (training + validation, measured): {others}"
     )
 
