@@ -36,6 +36,13 @@ def test_every_problem_is_reported_at_once_and_train_py_stops_with_all_of_them(c
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing was built: not even the data was read
 
 
+@pytest.mark.parametrize("steps", [0, -2])
+def test_a_run_of_no_steps_is_refused_naming_the_key(compose_cfg, steps):
+    """Issue 27 #15: trainer.max_steps=0 tested and sampled an untrained model and reported the run finished."""
+    ok, errors = validate_config(compose_cfg(f"trainer.max_steps={steps}"))
+    assert not ok and errors[0].startswith(f"trainer.max_steps={steps}: expected a positive number of optimizer steps")
+
+
 def test_the_context_is_checked_against_known_token_counts_as_the_data_module_checks_it(compose_cfg):
     cfg = compose_cfg("model.context_length=512")
     ok, errors = validate_config(cfg, {"train": 100_000, "validation": 400, "test": 400})

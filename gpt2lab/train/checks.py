@@ -40,6 +40,7 @@ def validate_config(cfg: DictConfig, token_counts: Mapping[str, int] | None = No
         lambda: check_compile_options(cfg),
         lambda: check_launch(cfg.trainer),
         lambda: check_fsdp_world(cfg.trainer),
+        lambda: _length(cfg.trainer),
         lambda: check_optimization(cfg.optimizer, cfg.scheduler, cfg.trainer.max_steps),
         lambda: _model(cfg),
         lambda: _vocabulary(cfg),
@@ -67,6 +68,17 @@ def validate_config(cfg: DictConfig, token_counts: Mapping[str, int] | None = No
                 continue
             errors.append(str(cause) if cause is not None else f"{type(e).__name__}: {e}")
     return not errors, errors
+
+
+def _length(trainer: DictConfig) -> None:
+    """A run takes at least one step: ``max_steps=0`` would test and sample an untrained model and report the
+    run finished."""
+    steps = trainer.get("max_steps")
+    if steps is not None and (steps == 0 or steps < -1):
+        raise ConfigError(
+            f"trainer.max_steps={steps}: expected a positive number of optimizer steps, or -1 to train for "
+            "trainer.max_epochs (to score a model without training it: python -m gpt2lab.evaluate ckpt=...)"
+        )
 
 
 def _first_missing(cfg: DictConfig) -> str | None:
