@@ -297,3 +297,85 @@ def test_a_file_that_does_not_parse_is_refused_with_the_parsers_message(tmp_path
         ConfigError, match=r"data.path='.*records.jsonl': could not read it as json: JSON parse error.*row 20"
     ):
         load_corpus("files", path=str(path), text_column="text")
+
+
+def scored_labels(ds, text: list[int]) -> list[int]:
+    """Where in ``text`` (the text read, end-of-text first) each label that ``ds``'s windows score stands, checking
+    that every window is a stretch of ``text`` (padding only after it) and that its scored labels are its last."""
+    positions = []
+    for window in ds:
+        unscored = window < 0
+        ids = torch.where(unscored, ~window, window).tolist()
+        length = len(ids) - int(unscored.flip(0).cumprod(0).sum())  # the window's tokens: padding follows them
+        start = next(s for s in range(len(text)) if text[s : s + length] == ids[:length])
+        scored = [k for k in range(1, length) if not unscored[k]]
+        assert scored == list(range(scored[0], length)), "a window scores its last labels"
+        positions += [start + k for k in scored]
+    return positions
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 30])
+@pytest.mark.parametrize("stride", [None, 8, 3, 1])
+def test_evaluation_windows_score_every_token_once(n, stride):
+    """Issue 27 #2: the final partial window is scored, with all the context before it; with a stride every token is
+    scored once; the first token is predicted after an end-of-text (0 here), as lm-evaluation-harness does."""
+    from gpt2lab.data.windows import SlidingWindowDataset
+
+    tokens = np.arange(100, 100 + n, dtype=np.uint16)
+    ds = SlidingWindowDataset(tokens, block_size=8, stride=stride, prefix=0)
+    text = [0, *tokens.tolist()]
+    assert scored_labels(ds, text) == list(range(1, n + 1))  # each token once, in order
+    assert ds.scored_tokens().tolist() == tokens.tolist()
+    for i in range(1, len(ds)):  # after the first window: a full context, the last stride (or fewer) scored
+        window = ds[i]
+        assert (window >= 0).sum() <= (stride or 8) and (window != ~0).all()
+    if stride is None and n >= 8:
+        assert ds[0].tolist() == [~0, *range(100, 108)]  # the non-overlapping blocks of the text read
+    without = SlidingWindowDataset(tokens, block_size=8, stride=stride)  # no end-of-text: the first token is context
+    assert scored_labels(without, tokens.tolist()) == list(range(1, n))
+
+
+def test_evaluation_shares_give_each_window_to_one_rank():
+    """Under DDP each rank scores a share: every window once (Lightning's DistributedSampler repeats some), ranks
+    that run short getting a window that scores nothing, so that all run as many batches."""
+    from gpt2lab.data.windows import BLANK, BlankPadded, EvalSampler, SlidingWindowDataset
+
+    ds = BlankPadded(SlidingWindowDataset(np.arange(100, 141, dtype=np.uint16), 8, prefix=0), 9)
+    assert len(ds) == 6  # 41 labels: 5 full windows and one of 1
+    shares = [list(EvalSampler(ds, num_replicas=4, rank=r)) for r in range(4)]
+    assert shares == [[0, 4], [1, 5], [2, BLANK], [3, BLANK]]
+    assert sorted(i for share in shares for i in share if i != BLANK) == list(range(len(ds)))
+    assert (ds[BLANK] < 0).all() and len(list(ds)) == len(ds)  # the padding window scores nothing
+    assert list(EvalSampler(ds)) == list(range(6))  # one process: every window, in order
+    tiny = BlankPadded(SlidingWindowDataset(np.arange(3, dtype=np.uint16), 8, prefix=0), 9)
+    # one window for two ranks: the other gets a blank one, as without any window it would wait forever on the first
+    assert [list(EvalSampler(tiny, num_replicas=2, rank=r)) for r in range(2)] == [[0], [BLANK]]
+
+
+def test_a_text_scored_whole_holds_nothing_out(tmp_path):
+    """Issue 27 #5: evaluating a text needs no validation or test documents, nor a full window: a single sentence
+    is scored whole; the split checks of training stay."""
+    path = tmp_path / "one.txt"
+    path.write_text("A single sentence is enough to score.")
+    corpus = load_corpus("files", path=str(path), hold_out=False)
+    assert set(corpus.splits) == {"train"} and list(corpus.splits["train"]["text"]) == [path.read_text()]
+    paragraphs = [f"paragraph {i} of the text" for i in range(9)]
+    (tmp_path / "nine.txt").write_text("\n\n".join(paragraphs))
+    in_order = load_corpus("files", path=str(tmp_path / "nine.txt"), hold_out=False)
+    assert list(in_order.splits["train"]["text"]) == paragraphs  # read in the file's order, not shuffled
+    with pytest.raises(ConfigError, match="too few to split off validation/test documents"):
+        load_corpus("files", path=str(path))  # training's split is checked as before
+    with pytest.raises(ConfigError, match="data.val_split must be > 0"):
+        load_corpus("files", path=str(path), val_split=0.0)
+
+    dm = make_dm(
+        tmp_path, path=str(path), max_length=512, tokenizer={"kind": "char", "vocab_size": 512}, hold_out=False
+    )
+    dm.setup("test")
+    loader = dm.eval_dataloader("all")
+    (batch,) = list(loader)
+    tokens = dm.stats["train"]["tokens"]  # the sentence's characters and its end-of-text
+    assert tokens == len("A single sentence is enough to score.") + 1
+    assert int((batch[:, 1:] >= 0).sum()) == tokens  # all of them scored
+    with pytest.raises(ConfigError, match="too few for one training window"):
+        make_dm(tmp_path, path=str(tmp_path / "nine.txt"), max_length=512, val_split=0.3).setup()

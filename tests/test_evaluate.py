@@ -52,11 +52,12 @@ def test_evaluate_a_run_directory_on_its_own_test_split(evaluate_cli, trained_ru
     assert metrics["bits_per_byte"] == pytest.approx(
         metrics["loss"] * metrics["tokens"] / (metrics["bytes"] * math.log(2))
     )
-    assert metrics["tokens"] == metrics["data"]["test"]["tokens"] // 32 * 32  # every full window of the split
+    assert metrics["tokens"] == metrics["data"]["test"]["tokens"]  # every token of the split
+    assert metrics["scored"] == "every token"
     assert set(metrics["compressors"]) == {"gzip -9", "bz2 -9", "xz -9e"}
     assert 0 < metrics["compressors"]["xz -9e"] < metrics["compressors"]["gzip -9"] < 8
-    for row in ("| model |", "| gzip -9 |", "| xz -9e |"):
-        assert row in result.stdout + result.stderr
+    for row in ("model", "gzip -9", "xz -9e"):  # the table's rows, padded to its widest name
+        assert re.search(rf"^\| {row} +\| +\d\.\d{{3}} \|$", result.stdout + result.stderr, re.M), row
 
 
 def test_a_file_named_on_the_command_line_is_scored_whole(evaluate_cli, trained_run, tmp_path):
@@ -71,8 +72,8 @@ def test_a_file_named_on_the_command_line_is_scored_whole(evaluate_cli, trained_
         metrics = json.loads((tmp_path / f"eval{len(runs)}" / "eval.json").read_text())
         runs[metrics["split"]] = metrics
     whole, test = runs["all"], runs["test"]  # data=files: split=all unless split= is given
-    # Every window of the file's documents, whichever split each fell in, is scored.
-    assert whole["tokens"] == (sum(s["tokens"] for s in whole["data"].values()) - 1) // 32 * 32
+    # Every token of the file's documents is scored, none held out.
+    assert set(whole["data"]) == {"train"} and whole["tokens"] == whole["data"]["train"]["tokens"]
     assert whole["tokens"] > 10 * test["tokens"] > 0
     # A text of three short paragraphs is enough (its test split would be nothing: one document held out)
     (tmp_path / "short.txt").write_text("\n\n".join([SHORT_PARAGRAPH] * 3))
@@ -86,7 +87,8 @@ def test_bytes_are_those_of_the_scored_text(trained_run, cache_dir, capsys):
     datamodule = datamodule_for(trained_run, cache_dir)
     loader = datamodule.eval_dataloader("validation")
     metrics = Evaluator(model, loader, device="cpu", tokenizer=tokenizer).evaluate()
-    scored = loader.dataset.tokens[1 : 1 + metrics["tokens"]].tolist()
+    scored = datamodule.datasets["validation"].tokens.tolist()  # all of them: the first after an end-of-text
+    assert metrics["tokens"] == len(scored)
     assert metrics["bytes"] == len(tokenizer.decode(scored, skip_special_tokens=True).encode("utf-8"))
     capsys.readouterr()
     print_metrics(metrics)  # the Python API's table, as the command prints it
@@ -107,10 +109,48 @@ def test_sliding_window_scores(trained_run, cache_dir):
     # stride = context is the non-overlapping mode: the same windows, every label scored once
     assert full_stride["loss"] == pytest.approx(blocks["loss"], abs=1e-6)
     assert full_stride["tokens"] == blocks["tokens"] and full_stride["bytes"] == blocks["bytes"]
-    # With more context per prediction a trained model never scores worse (it counts about the same tokens)
-    assert abs(overlapping["tokens"] - blocks["tokens"]) < 32
+    # The same tokens and bytes at every stride; with more context per prediction a trained model scores better
+    assert overlapping["tokens"] == blocks["tokens"] and overlapping["bytes"] == blocks["bytes"]
     assert overlapping["loss"] < blocks["loss"]
     assert overlapping["bits_per_byte"] < blocks["bits_per_byte"]
+
+
+def test_every_token_of_a_file_is_scored_once_at_every_stride(evaluate_cli, trained_run, tmp_path):
+    """Issue 27 #2: a file's last partial window is scored too, the first token after an end-of-text, and every
+    stride scores the same tokens and bytes, so that more context can only help."""
+    from gpt2lab.data.pystdlib import pystdlib_documents
+
+    _, tokenizer = load_checkpoint(find_checkpoint(str(trained_run), "unused"))
+    paragraphs = [q.strip() for t in pystdlib_documents()[1][5:40:7] for q in t[:700].split("\n\n") if q.strip()]
+    (tmp_path / "held_out.txt").write_text("\n\n".join(paragraphs))
+    tokens = sum(len(tokenizer.encode(p).ids) + 1 for p in paragraphs)  # each paragraph ends with an end-of-text
+    assert tokens % 32 and tokens > 5 * 32  # a last window that is not full
+    result = evaluate_cli(
+        "-m", f"ckpt={trained_run}", "data=files", "data.path=held_out.txt", "eval.stride=null,32,8,1",
+        "eval.compressors=false", "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [json.loads((tmp_path / "sweep" / str(job) / "eval.json").read_text()) for job in range(4)]
+    for metrics in runs:
+        assert metrics["tokens"] == tokens and metrics["scored"] == "every token"
+        assert metrics["bytes"] == sum(len(p.encode()) for p in paragraphs)  # end-of-text is no byte
+    blocks, full_stride, eight, one = runs
+    assert full_stride["loss"] == pytest.approx(blocks["loss"], abs=1e-6)  # stride = context: the same windows
+    assert one["bits_per_byte"] <= eight["bits_per_byte"] <= blocks["bits_per_byte"]
+
+
+@pytest.mark.parametrize("paragraphs", [6, 2, 1])
+def test_a_short_text_is_scored_whole(evaluate_cli, trained_run, tmp_path, paragraphs):
+    """Issue 27 #5: a few paragraphs, or a single sentence, shorter than the model's context: scored, every token."""
+    _, tokenizer = load_checkpoint(find_checkpoint(str(trained_run), "unused"))
+    texts = [SHORT_PARAGRAPH] * paragraphs if paragraphs > 1 else ["The sum of two numbers."]
+    (tmp_path / "short.txt").write_text("\n\n".join(texts))
+    result = evaluate_cli(f"ckpt={trained_run}", "data=files", "data.path=short.txt", "hydra.run.dir=out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert metrics["tokens"] == sum(len(tokenizer.encode(t).ids) + 1 for t in texts)
+    assert metrics["bytes"] == sum(len(t.encode()) for t in texts) and metrics["scored"] == "every token"
+    assert math.isfinite(metrics["bits_per_byte"]) and metrics["compressors"]
 
 
 def test_compressors_measure_bits_per_byte():
@@ -131,6 +171,7 @@ def test_compressors_measure_bits_per_byte():
         (["ckpt=RUN", "eval.stride=33"], r"eval.stride=33: expected 1 to the context length \(32\), or null"),
         (["ckpt=NOTCKPT"], "'.*not.ckpt' is not a checkpoint: not a file written by torch.save"),
         (["ckpt=EMPTYDIR"], "ckpt=.*empty.: the directory has no checkpoints/last.ckpt; is it a run directory?"),
+        (["ckpt=RUN", "data=files", "data.path=blank.txt"], "the corpus is empty after filtering"),
         (
             ["ckpt=RUN", "data=files", "data.path=short.txt", "split=test"],
             r"the corpus has 5 documents, and data.val_split \+ data.test_split holds out 1, too few for a validation "
@@ -144,6 +185,7 @@ def test_bad_input_is_one_error_line(evaluate_cli, trained_run, tmp_path, args, 
     (tmp_path / "not.ckpt").write_text("text")
     (tmp_path / "empty").mkdir()
     (tmp_path / "short.txt").write_text("\n\n".join([SHORT_PARAGRAPH] * 5))
+    (tmp_path / "blank.txt").write_text("\n\n  \n")
     replace = {"RUN": str(trained_run), "NOTCKPT": str(tmp_path / "not.ckpt"), "EMPTYDIR": str(tmp_path / "empty")}
     args = [
         a.replace("=" + a.split("=", 1)[1], "=" + replace.get(a.split("=", 1)[1], a.split("=", 1)[1])) for a in args
@@ -206,8 +248,10 @@ def test_evaluation_under_ddp_scores_as_one_process(evaluate_cli, trained_run, t
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     single, shared = (json.loads((tmp_path / run / "eval.json").read_text()) for run in ("one", "two"))
-    # Lightning's DistributedSampler repeats at most one window so that both ranks get as many
-    assert 0 <= shared["tokens"] - single["tokens"] <= 32
+    # Every token once, each window on one rank only: of an odd number of windows (157 here) Lightning's
+    # DistributedSampler would score one twice so that both ranks get as many; here one rank gets a blank window.
+    assert shared["tokens"] == single["tokens"] == single["data"]["validation"]["tokens"]
+    assert shared["bytes"] == single["bytes"]
     assert shared["loss"] == pytest.approx(single["loss"], rel=0.01)
     assert shared["bits_per_byte"] == pytest.approx(single["bits_per_byte"], rel=0.01)
 

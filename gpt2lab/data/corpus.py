@@ -64,8 +64,11 @@ def load_corpus(
     max_bytes: int | None = None,
     offline_fallback: str | None = None,
     columns: dict[str, list[str]] | None = None,
+    hold_out: bool = True,
 ) -> Corpus:
     """Load, clean and split a corpus; the dataset's own validation/test splits win over the fractions.
+    ``hold_out=False`` (a text to be scored whole) carves nothing out: every document stays in the train split,
+    in its order, and ``val_split`` and ``test_split`` are not read.
     ``offline_fallback`` (pystdlib or pysource) replaces a Hub dataset that is neither reachable nor cached.
     ``columns`` (data.<key> -> column names) keeps records of a task format (gpt2lab/data/formats.py) instead
     of a column of text."""
@@ -86,7 +89,9 @@ def load_corpus(
     for key, value in (("val_split", val_split), ("test_split", test_split)):
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"data.{key}={value}: expected a fraction in [0, 1)")
-    if val_split <= 0 and source != "hub":
+    if not hold_out:
+        val_split = test_split = 0.0
+    elif val_split <= 0 and source != "hub":
         raise ConfigError("data.val_split must be > 0: validation loss is what checkpoints are ranked by")
 
     if source == "pystdlib":
@@ -113,7 +118,7 @@ def load_corpus(
             )  # fmt: skip
             return load_corpus(
                 offline_fallback, None, None, None, "text", sample_by, val_split or 0.05, test_split or 0.05,
-                split_seed, min_length, remove_duplicates, num_proc, hf_cache_dir, max_bytes,
+                split_seed, min_length, remove_duplicates, num_proc, hf_cache_dir, max_bytes, hold_out=hold_out,
             )  # fmt: skip
 
     if columns:
@@ -310,7 +315,9 @@ def _split(raw: datasets.DatasetDict, val_split: float, test_split: float, seed:
             val = held_out
         else:
             test = held_out
-    splits = {"train": train, "validation": val}
+    splits = {"train": train}
+    if val is not None:  # none where nothing is held out (load_corpus's hold_out=False)
+        splits["validation"] = val
     if test is not None:
         splits["test"] = test
     return splits

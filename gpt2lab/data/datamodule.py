@@ -17,9 +17,15 @@ from torch.utils.data import DataLoader, Dataset
 from gpt2lab.data import formats, token_files
 from gpt2lab.data.corpus import load_corpus
 from gpt2lab.data.formats import OVERLONG, MaskedWindowDataset, TaskFormat
-from gpt2lab.data.windows import ResumableRandomSampler, SlidingWindowDataset, TokenBlockDataset
+from gpt2lab.data.windows import (
+    BlankPadded,
+    EvalSampler,
+    ResumableRandomSampler,
+    SlidingWindowDataset,
+    TokenBlockDataset,
+)
 from gpt2lab.errors import ConfigError
-from gpt2lab.tokenizers import TokenizerSpec, fingerprint, validate_tokenizer
+from gpt2lab.tokenizers import EOS_TOKEN, TokenizerSpec, fingerprint, validate_tokenizer
 from gpt2lab.tokenizers.build import unknown_token_id
 
 log = logging.getLogger(__name__)
@@ -28,7 +34,10 @@ MAX_UNKNOWN = 0.01  # fraction of the validation tokens that may be unknown befo
 
 
 class GPT2DataModule(pl.LightningDataModule):
-    """Corpus -> tokenizer -> token files (cached, memory-mapped) -> window datasets -> dataloaders."""
+    """Corpus -> tokenizer -> token files (cached, memory-mapped) -> window datasets -> dataloaders.
+
+    ``hold_out=False`` (evaluating a text whole) holds out no validation or test documents: every document is in
+    the train split, in its order (beside the data's own validation and test splits, if it has them)."""
 
     def __init__(
         self,
@@ -63,6 +72,7 @@ class GPT2DataModule(pl.LightningDataModule):
         separator: str | None = None,
         packing: bool = True,
         overlong: str = "truncate",
+        hold_out: bool = True,
     ) -> None:
         super().__init__()
         # data.format: plain running text, or records whose loss covers the answer only (gpt2lab/data/formats.py)
@@ -84,7 +94,7 @@ class GPT2DataModule(pl.LightningDataModule):
             sample_by=sample_by, val_split=val_split, test_split=test_split, split_seed=split_seed,
             min_length=min_length, remove_duplicates=remove_duplicates, num_proc=preprocessing_num_workers,
             max_bytes=max_bytes, offline_fallback=offline_fallback,
-            columns=self.format.source_columns() if self.format.masked else None,
+            columns=self.format.source_columns() if self.format.masked else None, hold_out=hold_out,
         )  # fmt: skip
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size}: expected a positive number of windows per batch")
@@ -171,7 +181,7 @@ class GPT2DataModule(pl.LightningDataModule):
         """Warn when the tokenizer maps more than MAX_UNKNOWN of the validation text to its unknown token."""
         assert self.tokenizer is not None and self._token_dir is not None
         unk = unknown_token_id(self.tokenizer)
-        validation = self.stats["validation"]
+        validation = self.stats.get("validation", {"tokens": 0})  # none when no documents are held out
         if unk is None or not validation["tokens"]:
             return
         unknown = validation.get("unknown")
@@ -225,6 +235,8 @@ class GPT2DataModule(pl.LightningDataModule):
 
     # -- setup: memory-map the token files ---------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
+        """Memory-map the token files. Unless ``stage="test"`` (scoring, which any non-empty split allows), train and
+        validation must each hold a full window of training."""
         if self.datasets:
             return
         self.prepare_data()
@@ -243,6 +255,8 @@ class GPT2DataModule(pl.LightningDataModule):
                 self.datasets[split] = MaskedWindowDataset(read(path, dtype), mask, self.max_length + 1)
             else:
                 self.datasets[split] = TokenBlockDataset(read(path, dtype), self.max_length)
+        if stage == "test":
+            return
         for split in ("train", "validation"):
             n = len(self.datasets[split].tokens)
             if self.format.masked and len(self.datasets[split]) == 0:
@@ -291,32 +305,37 @@ class GPT2DataModule(pl.LightningDataModule):
         return self._loader(self.datasets["test"], self.eval_batch_size)
 
     def eval_dataloader(self, split: str, stride: int | None = None) -> DataLoader:
-        """The windows of ``split`` for evaluation: non-overlapping, or one every ``stride`` tokens. ``all``: every
-        split's, one after the other (a text brought to be scored, scored whole)."""
+        """Windows that score every token of ``split`` once (``SlidingWindowDataset``, the text read after an
+        end-of-text): non-overlapping, or one every ``stride`` tokens. ``all``: every split's, one after the other
+        (a text brought to be scored, scored whole). A task format's packed windows of whole examples, as they are.
+        Under DDP each rank scores its share of the windows (``EvalSampler``), none of them twice."""
         split = "validation" if split in ("val", "valid") else split
         if split not in (*self.datasets, "all"):
             raise ConfigError(
                 f"split={split!r}: the data has no such split; it has {', '.join(self.datasets)}, or all (every one)"
             )
-        blocks = self.datasets[split] if split != "all" else self._all_splits()
         if self.format.masked and stride is not None:
             raise ConfigError(
                 f"eval.stride={stride}: strided windows are for running text; data.format={self.format.name} "
                 "evaluates its packed windows of whole examples: leave eval.stride=null"
             )
-        dataset = blocks if stride is None else SlidingWindowDataset(blocks.tokens, self.max_length, stride)
+        if self.format.masked:
+            dataset = self.datasets[split] if split != "all" else self._all_splits()
+        else:
+            parts = self.datasets.values() if split == "all" else [self.datasets[split]]
+            tokens = np.concatenate([p.tokens for p in parts])
+            eos = self.tokenizer.token_to_id(EOS_TOKEN) if self.tokenizer is not None else None
+            dataset = SlidingWindowDataset(tokens, self.max_length, stride, prefix=eos)
         if len(dataset) == 0:
-            raise ConfigError(
-                f"the {split} split has {len(blocks.tokens)} tokens, too few for one window of {self.max_length + 1} "
-                "(the model's context + 1): evaluate on more text"
-            )
-        return self._loader(dataset, self.eval_batch_size)
+            what = f"{self.format.name} example with anything to score" if self.format.masked else "text"
+            raise ConfigError(f"the {split} split has no {what}: evaluate on other data, or another split")
+        padded = BlankPadded(dataset, self.max_length + 1)
+        return self._loader(padded, self.eval_batch_size, sampler=EvalSampler(padded))
 
-    def _all_splits(self) -> TokenBlockDataset | MaskedWindowDataset:
+    def _all_splits(self) -> MaskedWindowDataset:
+        """A task format's windows of every split, one after the other (each split's windows hold whole examples)."""
         parts = list(self.datasets.values())
-        if not self.format.masked:
-            return TokenBlockDataset(np.concatenate([p.tokens for p in parts]), self.max_length)
-        return MaskedWindowDataset(  # each split's windows of whole examples, one after the other
+        return MaskedWindowDataset(
             np.concatenate([p.tokens[: len(p) * p.window] for p in parts]),
             np.concatenate([p.mask[: len(p) * p.window] for p in parts]),
             self.max_length + 1,

@@ -6,9 +6,12 @@ from collections.abc import Iterator, Sized
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
 from gpt2lab.errors import ConfigError
+
+BLANK = -1  # EvalSampler's index for a window that scores nothing (BlankPadded)
 
 
 class TokenBlockDataset(Dataset):
@@ -27,26 +30,101 @@ class TokenBlockDataset(Dataset):
 
 
 class SlidingWindowDataset(Dataset):
-    """Windows of ``block_size + 1`` tokens every ``stride`` tokens, for evaluation: each token is predicted
-    with up to a full context. Item ``i`` is ``(window, first_scored)``: the window's labels before
-    ``first_scored`` were scored by the window before it and serve as context only. With ``stride ==
-    block_size`` these are ``TokenBlockDataset``'s windows, every label scored."""
+    """Windows for evaluation that score every token of ``tokens`` exactly once, whatever the stride, so that
+    strides compare on the same tokens and bytes. The first window scores all its labels; each later one scores
+    the next ``stride`` labels (fewer at the end) with the window's full context before them, so its last window is
+    aligned to the end of the text rather than cut short. ``stride=None`` is ``block_size``: non-overlapping
+    windows, the last one scoring what remains. With ``prefix`` (the end-of-text id) the text is read after it, so
+    its first token is scored too, as lm-evaluation-harness does (its rolling windows are these, with
+    ``stride`` its prediction length).
 
-    def __init__(self, tokens: np.ndarray, block_size: int, stride: int) -> None:
+    Item ``i`` is one int64 tensor of ``block_size + 1`` tokens, as ``MaskedWindowDataset``'s: a token whose
+    label is not scored (context that an earlier window scored, padding after a short window) is stored as
+    ``~id`` (``split_batch``)."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, stride: int | None = None, prefix: int | None = None):
+        stride = block_size if stride is None else stride
         if not 1 <= stride <= block_size:
             raise ConfigError(f"eval.stride={stride}: expected 1 to the context length ({block_size}), or null")
         self.tokens = tokens
         self.block_size = block_size
         self.stride = stride
+        self.prefix = prefix
+        self.labels = len(tokens) - (prefix is None)  # the tokens scored: all, or all but the first without prefix
 
     def __len__(self) -> int:
-        n = len(self.tokens) - 1 - self.block_size  # where the last full window may start
-        return n // self.stride + 1 if n >= 0 else 0
+        if self.labels <= 0:
+            return 0
+        return 1 + -(-max(self.labels - self.block_size, 0) // self.stride)  # the first window, then one per stride
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        start = i * self.stride
-        window = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
-        return window, 0 if i == 0 else self.block_size - self.stride
+    def _end(self, i: int) -> int:
+        """How many labels windows 0..i score together (the last scored label's position in the text read)."""
+        return min(self.block_size + i * self.stride, self.labels)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} of {len(self)}")  # also ends iteration over the dataset
+        window = torch.full((self.block_size + 1,), ~0, dtype=torch.int64)  # padding: id 0, not scored
+        end = self._end(i)
+        first_scored = 0 if i == 0 else self.block_size - (end - self._end(i - 1))  # labels before it: context
+        start = max(end - self.block_size, 0)  # in the text read, the prefix (if any) at position 0
+        if self.prefix is None:
+            ids = self.tokens[start : end + 1].astype(np.int64)
+        else:
+            ids = self.tokens[max(start - 1, 0) : end].astype(np.int64)
+            ids = np.concatenate([[self.prefix], ids]) if start == 0 else ids
+        window[: len(ids)] = torch.from_numpy(ids)
+        window[: first_scored + 1] = ~window[: first_scored + 1]  # the first input and the context's labels
+        return window
+
+    def scored_tokens(self) -> np.ndarray:
+        """The tokens the windows score, in order: the whole text (without ``prefix``, all but its first token)."""
+        return self.tokens if self.prefix is not None else self.tokens[1:]
+
+
+class EvalSampler(DistributedSampler):
+    """Each rank's share of the evaluation windows, every window on exactly one rank. Lightning would put a
+    ``DistributedSampler`` here, which repeats windows so that the ranks get as many, and so scores their tokens
+    twice; here every rank also gets as many, but a rank that runs short gets index ``BLANK``, a window that
+    scores nothing (``BlankPadded``). Without ``num_replicas`` and ``rank`` the ranks are
+    read from ``torch.distributed`` when iterated: the dataloader is made before the processes of ``trainer=ddp``
+    start. Being a ``DistributedSampler``, Lightning uses it as it is."""
+
+    def __init__(self, dataset: Sized, num_replicas: int | None = None, rank: int | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas or 1, rank=rank or 0, shuffle=False)
+        self.fixed = (num_replicas, rank) if num_replicas is not None else None
+
+    def _ranks(self) -> tuple[int, int]:
+        if self.fixed is not None:
+            return self.fixed[0], self.fixed[1] or 0
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self._ranks()[0])
+
+    def __iter__(self) -> Iterator[int]:
+        replicas, rank = self._ranks()
+        share = list(range(rank, len(self.dataset), replicas))
+        return iter(share + [BLANK] * (len(self) - len(share)))
+
+
+class BlankPadded(Dataset):
+    """``dataset`` (windows of ``width`` tokens, those not scored stored as ``~id``) and, at index ``BLANK``, a
+    window that scores nothing: what ``EvalSampler`` gives a rank that has run out of windows."""
+
+    def __init__(self, dataset: Dataset, width: int) -> None:
+        self.dataset, self.width = dataset, width
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.full((self.width,), ~0, dtype=torch.int64) if i == BLANK else self.dataset[i]
+
+    def scored_tokens(self) -> np.ndarray:
+        return self.dataset.scored_tokens()
 
 
 class ResumableRandomSampler(DistributedSampler):

@@ -2,7 +2,9 @@
 
 Loss, perplexity and bits per byte (the loss in bits spread over the UTF-8 bytes of the text: it does not
 depend on the tokenizer, so models with different vocabularies compare), with what ``gzip -9``, ``bz2 -9``
-and ``xz -9e`` achieve on the same bytes beside them. With a task format (``data.format``) only the scored
+and ``xz -9e`` achieve on the same bytes beside them. Every token of the text is scored once, its first after an
+end-of-text, whatever ``eval.stride``: strides differ only in the context each token is predicted from. Any
+non-empty text can be scored, a single sentence too. With a task format (``data.format``) only the scored
 tokens count: the summary loss of summarization pairs, the assistant turns of chats, the completions of
 instructions; bits per byte are then over those tokens' bytes, and the compressors see that text alone. Scoring runs through Lightning's test loop, so
 ``trainer=gpu``, bf16 and ``trainer=ddp`` apply as in training. See README, "Evaluate".
@@ -128,33 +130,35 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         # on it would have held out (data.test_split).
         split = "all"
         log.info("split=all: every document of data.path=%s (split=test: only those it holds out)", cfg.data.path)
-    if split == "all" and not given_on_command_line("data.val_split", "data.test_split"):
-        # Every document is scored, whichever split it falls in: halves rather than 5% slivers, so that a text of a
-        # few paragraphs still has the window per split that reading data needs.
-        data_cfg = OmegaConf.merge(data_cfg, {"val_split": 0.5, "test_split": 0.0})
+    # split=all scores every document in its order, none held out: a text of a single sentence needs no validation
+    # or test documents. Fractions given on the command line still split it (then all splits are scored).
+    hold_out = split != "all" or given_on_command_line("data.val_split", "data.test_split")
     with execution_whitelist(TRUSTED_TARGETS):
         datamodule = instantiate(
             data_cfg,
             max_length=model.config.context_length,
             tokenizer=TokenizerSpec(kind="file", path=str(output_dir / "tokenizer.json")),
+            hold_out=hold_out,
         )
-        datamodule.setup()
+        datamodule.setup("test")  # scoring: no split needs a full window of training
         dataloader = datamodule.eval_dataloader(split, cfg.eval.stride)
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
         trainer = make_trainer(cfg.trainer, logger=False, callbacks=callbacks, enable_checkpointing=False)
     metrics = Evaluator(model, dataloader, tokenizer=tokenizer, trainer=trainer).evaluate()
+    scored = dataloader.dataset.scored_tokens()  # every token the windows score, in order
     if cfg.eval.compressors and trainer.is_global_zero:
-        dataset = dataloader.dataset
-        scored = dataset.scored_tokens() if datamodule.format.masked else dataset.tokens[1:]
-        tokens = scored[: metrics["tokens"]]  # the scored tokens: a prefix of the split's, in order
+        tokens = scored[: metrics["tokens"]]  # fewer only with trainer.limit_test_batches: the first ones
         text = tokenizer.decode(tokens.tolist(), skip_special_tokens=True).encode("utf-8")
         metrics["compressors"] = compressor_bits_per_byte(text)
+    which = datamodule.format.scored  # which tokens the loss is over
+    if metrics["tokens"] < len(scored):
+        which = f"the first {metrics['tokens']:,} of {len(scored):,} tokens ({which}; trainer.limit_test_batches)"
     metrics |= {
         "checkpoint": str(path),
         "split": split,
         "stride": cfg.eval.stride,
         "format": datamodule.format.name,
-        "scored": datamodule.format.scored,  # which tokens the loss is over
+        "scored": which,
         "data": datamodule.stats,
     }
     if trainer.is_global_zero:
