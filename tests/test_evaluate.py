@@ -139,11 +139,18 @@ def test_every_token_of_a_file_is_scored_once_at_every_stride(evaluate_cli, trai
     assert one["bits_per_byte"] <= eight["bits_per_byte"] <= blocks["bits_per_byte"]
 
 
-@pytest.mark.parametrize("paragraphs", [6, 2, 1])
-def test_a_short_text_is_scored_whole(evaluate_cli, trained_run, tmp_path, paragraphs):
+@pytest.mark.parametrize(
+    "texts",
+    [
+        [SHORT_PARAGRAPH] * 6,
+        [f"x = {i}" for i in range(6)],  # half of it (a training split) would be shorter than the model's context
+        [SHORT_PARAGRAPH] * 2,  # too few documents to hold any out
+        ["The sum of two numbers."],
+    ],
+)
+def test_a_short_text_is_scored_whole(evaluate_cli, trained_run, tmp_path, texts):
     """Issue 27 #5: a few paragraphs, or a single sentence, shorter than the model's context: scored, every token."""
     _, tokenizer = load_checkpoint(find_checkpoint(str(trained_run), "unused"))
-    texts = [SHORT_PARAGRAPH] * paragraphs if paragraphs > 1 else ["The sum of two numbers."]
     (tmp_path / "short.txt").write_text("\n\n".join(texts))
     result = evaluate_cli(f"ckpt={trained_run}", "data=files", "data.path=short.txt", "hydra.run.dir=out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -322,13 +322,16 @@ class GPT2DataModule(pl.LightningDataModule):
         if self.format.masked:
             dataset = self.datasets[split] if split != "all" else self._all_splits()
         else:
-            parts = self.datasets.values() if split == "all" else [self.datasets[split]]
-            tokens = np.concatenate([p.tokens for p in parts])
+            if split == "all":
+                tokens = np.concatenate([d.tokens for d in self.datasets.values()])
+            else:
+                tokens = self.datasets[split].tokens  # memory-mapped, not read in
             eos = self.tokenizer.token_to_id(EOS_TOKEN) if self.tokenizer is not None else None
             dataset = SlidingWindowDataset(tokens, self.max_length, stride, prefix=eos)
         if len(dataset) == 0:
             what = f"{self.format.name} example with anything to score" if self.format.masked else "text"
-            raise ConfigError(f"the {split} split has no {what}: evaluate on other data, or another split")
+            where = "the data has" if split == "all" else f"the {split} split has"
+            raise ConfigError(f"{where} no {what}: evaluate on other data, or another split")
         padded = BlankPadded(dataset, self.max_length + 1)
         return self._loader(padded, self.eval_batch_size, sampler=EvalSampler(padded))
 

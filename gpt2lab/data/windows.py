@@ -1,4 +1,5 @@
-"""Fixed-length windows over a split's token file, and the sampler that resumes their shuffled order."""
+"""Windows over a split's token file: fixed-length ones for training, the sampler that resumes their shuffled order,
+and evaluation's windows that score every token once, shared out over DDP ranks without repeats."""
 
 from __future__ import annotations
 
