@@ -49,14 +49,20 @@ def test_short_run_leaves_checkpoints_metrics_and_results(tmp_path, corpus_file,
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert [(s["step"], s["prompt"]) for s in samples] == [(4, "def "), (4, "The "), (8, "def "), (8, "The ")]
     assert all(s["completion"] for s in samples)
+    # One numbering (issue 27 #11): validations are logged at the steps the checkpoints and samples name
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    named = sorted(int(p.name[4:10]) for p in (run / "checkpoints").glob("step*.ckpt"))
+    assert [int(r["step"]) for r in rows if r["val/loss"]] == [0, *named] == [0, 4, 8]
+    assert "step" not in results["metrics"]
     # Said at the start: where the run goes, and (5 steps past the first) how long the rest will take here.
     assert log.index(f"Run directory: {run}") < log.index("Estimated training time: ")
     assert re.search(r"Estimated training time: \d+ s for the remaining 2 steps at [\d.]+ s/step", log)
-    # lr is logged on the steps Lightning writes, with that step's value (warmup: 4e-3 * (step + 1) / 51).
+    # lr is logged on the steps Lightning writes, numbered as checkpoints are (after that many steps), with that
+    # step's value (warmup: 4e-3 * step / 51).
     lr_rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r["lr"]]
-    assert [int(r["step"]) for r in lr_rows] == [1, 3, 5, 7]
+    assert [int(r["step"]) for r in lr_rows] == [2, 4, 6, 8]
     for r in lr_rows:
-        assert float(r["lr"]) == pytest.approx(4e-3 * (int(r["step"]) + 1) / 51, rel=1e-5)
+        assert float(r["lr"]) == pytest.approx(4e-3 * int(r["step"]) / 51, rel=1e-5)
         assert float(r["train/grad_norm"]) > 0
 
     # The checkpoint alone rebuilds model and tokenizer.
@@ -375,7 +381,7 @@ def test_fractional_val_check_interval_is_a_fraction_of_an_epoch(compose_cfg):
     train(cfg)
     run = Path(cfg.paths.output_dir)
     steps = [int(r["step"]) for r in csv.DictReader((run / "metrics.csv").open()) if r.get("val/loss")]
-    assert steps == [0, 4, 9]  # step 0 (before training), then after batches 5 and 10
+    assert steps == [0, 5, 10]  # step 0 (before training), then after steps 5 and 10, as checkpoints are named
     lr = [float(r["lr"]) for r in csv.DictReader((run / "metrics.csv").open()) if r.get("lr")]
     # max_steps=-1: the schedule spans the epoch's 10 steps, so the last logged lr is well into the decay
     assert lr[-1] < 0.5 * max(lr)
@@ -444,7 +450,7 @@ def test_the_last_step_logs_its_own_values_off_the_logging_grid(compose_cfg):
     cfg = compose_cfg("trainer.max_steps=7", "trainer.val_check_interval=250", "sample=null", "test=false")
     train(cfg)
     rows = [r for r in csv.DictReader((Path(cfg.paths.output_dir) / "metrics.csv").open()) if r.get("lr")]
-    assert [int(r["step"]) for r in rows] == [1, 3, 5, 6]
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 7]
     assert float(rows[-1]["lr"]) == pytest.approx(4e-3 * 7 / 51, rel=1e-5)  # the 7th step's warmup lr
     assert rows[-1]["train/grad_norm"] != rows[-2]["train/grad_norm"]
     assert rows[-1]["perf/tokens_per_sec"] != rows[-2]["perf/tokens_per_sec"]

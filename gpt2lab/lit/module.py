@@ -265,6 +265,8 @@ class GPT2LitModule(pl.LightningModule):
             self._diverged(f"the validation loss is {loss.item()}")
         # Already the totals over ranks; sync_dist=True only tells Lightning so (the values agree).
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
+        if stage == "val":  # after that many steps (see on_before_optimizer_step); the test's step is already so
+            self.log("step", float(self.trainer.global_step), sync_dist=True)
         self.log(f"{stage}/ppl", torch.exp(loss), sync_dist=True)
         if self.tokenizer is not None:
             self.log(f"{stage}/bpb", nats / (n_bytes * math.log(2)), sync_dist=True)
@@ -277,6 +279,9 @@ class GPT2LitModule(pl.LightningModule):
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             self.log("train/grad_norm", norm, on_step=True)
             self.log("lr", optimizer.param_groups[0]["lr"], on_step=True)
+            # The x-axis of every logger: the number of optimizer steps done once this one is, as checkpoint names,
+            # samples and validations count them (Lightning's own count would put this step at one less).
+            self.log("step", float(self.trainer.global_step + 1), on_step=True)
             # Logging reads these values back anyway: checking them here adds no host sync of its own.
             if not bool(torch.isfinite(norm)) or not self._losses_finite():
                 what = "the training loss" if not self._losses_finite() else "the gradient norm"

@@ -230,6 +230,7 @@ def fit_and_test(plan: Plan, trainer: pl.Trainer, module: GPT2LitModule, datamod
     except SIGTERMException:
         raise SystemExit(_stopped_by_signal(trainer)) from None
     metrics = fit_metrics | {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics.pop("step", None)  # the loggers' x-axis (GPT2LitModule logs it), not a result
     if cfg.optimized_metric not in metrics:
         log.warning("No %s at the end of training: %s", cfg.optimized_metric, _why_no_metric(cfg, trainer))
     return Fitted(metrics, best, initial_val_loss, sharded)
