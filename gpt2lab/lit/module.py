@@ -219,20 +219,14 @@ class GPT2LitModule(pl.LightningModule):
     # nats / (bytes * ln 2), which does not depend on the tokenizer, so runs with different vocabularies compare.
     # With a task format only the scored tokens count (the summary, the assistant turns): the loss is theirs,
     # and bits per byte are their nats over their bytes (special tokens, <|end|> and end-of-text, have 0 bytes).
-    def validation_step(self, batch: torch.Tensor | list[torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._eval_step(batch)
 
-    def test_step(self, batch: torch.Tensor | list[torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._eval_step(batch)
 
-    def _eval_step(self, batch: torch.Tensor | list[torch.Tensor]) -> None:
-        if isinstance(batch, list | tuple):  # (windows, first scored label) from a strided evaluation
-            windows, first_scored = batch
-            inputs, labels = windows[:, :-1], windows[:, 1:].clone()
-            positions = torch.arange(labels.shape[1], device=labels.device)
-            labels[positions < first_scored[:, None]] = IGNORE_INDEX  # context only: predicted by earlier windows
-        else:
-            inputs, labels = split_batch(batch)
+    def _eval_step(self, batch: torch.Tensor) -> None:
+        inputs, labels = split_batch(batch)  # a strided evaluation's context tokens come as ~id: not scored
         _, loss = self(inputs, labels)
         scored = labels != IGNORE_INDEX
         tokens = scored.sum()
