@@ -386,6 +386,24 @@ def test_init_from_bad_directories_are_refused(tmp_path, pretrained_dir, llama_d
         load_pretrained_gpt2("gpt2-medium")
 
 
+def test_the_command_line_cannot_quietly_lose_to_pretrained_weights(run_main, tmp_path, pretrained_dir, corpus_file):
+    """Issue 27 #6: model.num_layers=4 beside 2-layer weights trained a 2-layer model with only an INFO line, and
+    tokenizer=char fed character ids to embeddings trained for BPE. Values given on the command line win, so a
+    conflict with the weights is an Error line naming both; a tokenizer with the weights' own vocabulary is fine."""
+    common = [*RUN, f"data.path={corpus_file}", f"model.init_from={pretrained_dir}", "trainer.max_steps=2"]
+    layers = run_main("gpt2lab.train", *common, "model.num_layers=4", cwd=tmp_path)
+    assert layers.returncode == 1
+    assert f"Error: model.num_layers=4: model.init_from={pretrained_dir}'s weights have num_layers=2." in layers.stderr
+    char = run_main("gpt2lab.train", *common, "tokenizer=char", cwd=tmp_path)
+    assert char.returncode == 1
+    assert f"Error: tokenizer=char: model.init_from={pretrained_dir}'s weights were trained with the tokenizer of" in (
+        char.stderr
+    )
+    same = ["tokenizer=file", f"tokenizer.path={pretrained_dir / 'tokenizer.json'}", "model.num_layers=2"]
+    agreed = run_main("gpt2lab.train", *common, *same, f"hydra.run.dir={tmp_path / 'same'}", cwd=tmp_path)
+    assert agreed.returncode == 0, agreed.stderr[-3000:]
+
+
 def test_bad_input_through_the_command_line(train_cli, tmp_path, corpus_file):
     """Each mistake is one Error line naming the key and the fix, never a traceback."""
     common = [*RUN, f"data.path={corpus_file}", f"hydra.run.dir={tmp_path / 'run'}"]

@@ -28,10 +28,12 @@ from tokenizers import Tokenizer
 from gpt2lab.checkpoint import resolve_ckpt_path
 from gpt2lab.config import given_on_command_line
 from gpt2lab.console import parse_duration
+from gpt2lab.errors import ConfigError
 from gpt2lab.hf import grow_vocab, import_model_config
 from gpt2lab.model.adapter import is_gpt2
 from gpt2lab.presets.probe import measure_throughput, steps_for_budget
 from gpt2lab.tokenizers import TokenizerSpec, check_model_vocab
+from gpt2lab.tokenizers.build import load_file, load_pretrained
 from gpt2lab.train.checks import raise_if_invalid
 
 log = logging.getLogger("gpt2lab.train")
@@ -92,17 +94,59 @@ def resolve_plan(cfg: DictConfig) -> Plan:
     output_dir = Path(cfg.paths.output_dir)
     resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, exclude=output_dir)  # a missing checkpoint fails here
     # model.init_from / model=hf: their source checked, and the architecture, context or vocabulary it sets
+    before = OmegaConf.to_container(cfg.model)
     tokenizer_source = import_model_config(cfg.model)
+    refuse_overridden_weights(before, cfg.model)
     for key, value in time_budget(cfg).items():
         OmegaConf.update(cfg, key, value, merge=False)
     tokenizer = instantiate(cfg.tokenizer)
     pretrained_tokenizer = bool(tokenizer_source) and not given_on_command_line("tokenizer")
+    if tokenizer_source and not pretrained_tokenizer:
+        check_same_vocabulary(tokenizer, tokenizer_source, cfg.model)
     if pretrained_tokenizer:  # pretrained weights come with their tokenizer
         tokenizer = TokenizerSpec(kind="pretrained", name=tokenizer_source)
         log.info(
             "Tokenizer: %s's, which its weights were trained with (tokenizer=... chooses another)", tokenizer_source
         )
     return Plan(_read_only(cfg), output_dir, is_gpt2(cfg.model), tokenizer, pretrained_tokenizer, started)
+
+
+def refuse_overridden_weights(before: dict[str, Any], model: DictConfig) -> None:
+    """Pretrained weights set the architecture (``model.init_from``, or ``model=hf``'s vocabulary): a value the
+    command line gives for one of those keys must agree with them, since values given there always win."""
+    changed = [
+        key for key, value in before.items()
+        if key not in ("init_from", "name_or_path") and model.get(key) != value and given_on_command_line(f"model.{key}")
+    ]  # fmt: skip
+    if changed:
+        given = ", ".join(f"model.{key}={before[key]}" for key in changed)
+        weights = ", ".join(f"{key}={model[key]}" for key in changed)
+        raise ConfigError(
+            f"{given}: {_source(model)}'s weights have {weights}. Drop {given} from the command line to train those "
+            "weights, or drop the pretrained weights to train the architecture you give"
+        )
+
+
+def check_same_vocabulary(spec: TokenizerSpec, source: str, model: DictConfig) -> None:
+    """Pretrained weights read the token ids of their own tokenizer: ``tokenizer=...`` given beside them must have
+    the same vocabulary, or its ids would index embeddings trained for other tokens."""
+    kind = spec.resolve_kind()
+    given = f"tokenizer={kind}"
+    if kind in ("file", "pretrained") and (spec.path or spec.name):
+        given = f"tokenizer.path={spec.path}" if kind == "file" else f"tokenizer.name={spec.name}"
+        other = load_file(spec.path) if kind == "file" else load_pretrained(spec.name)
+        if other.get_vocab() == load_pretrained(source).get_vocab():
+            return
+    raise ConfigError(
+        f"{given}: {_source(model)}'s weights were trained with the tokenizer of {source}, and this one has another "
+        "vocabulary, whose ids would index embeddings learned for other tokens. Drop tokenizer=... to use the "
+        "weights' own, or give one with the same vocabulary"
+    )
+
+
+def _source(model: DictConfig) -> str:
+    key = "model.init_from" if model.get("init_from") else "model.name_or_path"
+    return f"{key}={model.get('init_from') or model.get('name_or_path')}"
 
 
 def time_budget(cfg: DictConfig) -> dict[str, Any]:
