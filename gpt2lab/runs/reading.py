@@ -109,7 +109,7 @@ class Run:
             best = min(values) if values else None
         steps = self.results.get("global_step")
         if steps is None and self.metrics.get("train/loss"):
-            steps = max(s for s, _ in self.metrics["train/loss"]) + 1  # logged at step n after n + 1 steps
+            steps = max(s for s, _ in self.metrics["train/loss"])  # logged at the number of steps done
         objective = self.job_summary.get("objective")
         if objective is None and status == "finished":
             objective = self.results.get("metrics", {}).get(self.config.get("optimized_metric", "val/loss"))
