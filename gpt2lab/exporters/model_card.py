@@ -319,16 +319,18 @@ class RunRecord:
         """How many tokens the run's own score of ``split`` covers: the whole split, or the batches that
         ``trainer.limit_val_batches`` / ``limit_test_batches`` let it score, named."""
         stage = "val" if split == "validation" else "test"
-        counted = (self.results.get("metrics") or {}).get(f"{stage}/tokens")
-        if counted:
-            return f"{int(counted):,}"
+        counted = (self.results.get("metrics") or {}).get(f"{stage}/tokens")  # logged by the run since issue 27
         key = f"limit_{stage}_batches"
         limit = (self.config.get("trainer") or {}).get(key)
         if limit is None or (isinstance(limit, float) and limit >= 1):
-            return f"{self.tokens[split]:,}" if split in self.tokens else "the whole split"
+            whole = counted or self.tokens.get(split)
+            return f"{int(whole):,}" if whole else "the whole split"
         if isinstance(limit, float):
-            return f"{limit:.0%} of the split (trainer.{key}={limit})"
+            subset = f"{limit:.0%} of the split (trainer.{key}={limit})"
+            return f"{int(counted):,}, {subset}" if counted else subset
         batches = f"{limit} batch{'es' if limit != 1 else ''} (trainer.{key}={limit})"
+        if counted:
+            return f"{int(counted):,}, {batches}"
         data = self.config.get("data") or {}
         size, length = data.get("eval_batch_size") or data.get("batch_size"), data.get("max_length")
         if data.get("format", "plain") != "plain" or not isinstance(size, int) or not isinstance(length, int):

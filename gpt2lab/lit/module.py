@@ -262,6 +262,7 @@ class GPT2LitModule(pl.LightningModule):
         if stage == "val":  # after that many steps (see on_before_optimizer_step); the test's step is already so
             self.log("step", float(self.trainer.global_step), sync_dist=True)
         self.log(f"{stage}/ppl", torch.exp(loss), sync_dist=True)
+        self.log(f"{stage}/tokens", tokens, sync_dist=True)  # what the numbers cover: the split, or its first batches
         if self.tokenizer is not None:
             self.log(f"{stage}/bpb", nats / (n_bytes * math.log(2)), sync_dist=True)
         self.eval_totals = {"nats": float(nats), "tokens": int(tokens), "bytes": int(n_bytes)}

@@ -190,6 +190,24 @@ def record_plan(plan: Plan, trainer: pl.Trainer, datamodule: GPT2DataModule) -> 
         (plan.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
     for lg in trainer.loggers:
         lg.log_hyperparams({"config": config, "data_stats": datamodule.stats})
+    for stage, split in (("val", "validation"), ("test", "test")):
+        if (subset := scored_subset(plan.cfg, datamodule.stats, stage, split)) is not None:
+            log.info(subset)
+
+
+def scored_subset(cfg: DictConfig, stats: dict[str, Any], stage: str, split: str) -> str | None:
+    """What a run's ``val/*`` or ``test/*`` cover when ``trainer.limit_<stage>_batches`` scores only the first
+    batches of the split, for speed (None when they cover it whole): said once at the start."""
+    limit = cfg.trainer.get(f"limit_{stage}_batches")
+    if limit is None or split not in stats or (isinstance(limit, float) and limit >= 1):
+        return None
+    total = stats[split]["tokens"]
+    batch = (cfg.data.get("eval_batch_size") or cfg.data.batch_size) * cfg.data.max_length
+    scored = min(int(limit * total) if isinstance(limit, float) else limit * batch, total)
+    return (
+        f"{stage}/* score the first {scored:,} of the {split} split's {total:,} tokens ({scored / max(total, 1):.0%}), "
+        f"for speed (trainer.limit_{stage}_batches={limit}); python -m gpt2lab.evaluate scores the whole split"
+    )
 
 
 @dataclasses.dataclass
