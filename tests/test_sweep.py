@@ -146,6 +146,28 @@ def test_export_best_refuses_to_replace_a_recipe_unless_forced(tmp_path, capsys)
     assert "name '../x'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["report", "export-best"])
+def test_reading_a_study_never_creates_a_database_and_lists_the_studies_there(tmp_path, capsys, command):
+    """Issue 27 #8: a mistyped --storage made an empty typo.db and said 'Record does not exist.'; a directory that
+    does not exist gave SQLAlchemy's traceback; a wrong --study-name did not list the studies that exist."""
+    from gpt2lab.sweep.__main__ import main as sweep_main
+
+    extra = ["--name=best", f"--out={tmp_path / 'conf'}"] if command == "export-best" else []
+    for missing in (tmp_path / "typo.db", tmp_path / "no" / "such" / "dir" / "optuna.db"):
+        with pytest.raises(SystemExit) as stopped:
+            sweep_main([command, f"--storage=sqlite:///{missing}", *extra])
+        assert stopped.value.code == 1 and not missing.exists()
+        assert capsys.readouterr().err.startswith(f"Error: --storage sqlite:///{missing}: no such file {missing};")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    for name in ("lr_search", "width_search"):
+        optuna.create_study(study_name=name, storage=storage)
+    with pytest.raises(SystemExit):
+        sweep_main([command, f"--storage={storage}", "--study-name=lr_serch", *extra])
+    assert capsys.readouterr().err == (
+        f"Error: --study-name lr_serch: no such study in {storage}; its studies: lr_search, width_search\n"
+    )
+
+
 @pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path, corpus_file, cache_dir):
     sweep = tmp_path / "study"

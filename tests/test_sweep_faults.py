@@ -11,7 +11,8 @@ from hydra.utils import execution_whitelist
 from test_sweep import XY, _study, _sweep_args, objective, sampler_config, stand_in_sweep
 
 from gpt2lab.errors import ConfigError
-from gpt2lab.sweep.optuna_sweeper import OptunaSweeper, open_storage
+from gpt2lab.sweep.optuna_sweeper import OptunaSweeper
+from gpt2lab.sweep.studies import open_storage
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeats and retries
 FINISHED = ("COMPLETE", "PRUNED")

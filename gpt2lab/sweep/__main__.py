@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gpt2lab.config.experiments import default_config_dir, searchpath_flag
 from gpt2lab.errors import ConfigError
-from gpt2lab.sweep.optuna_sweeper import export_best, report
+from gpt2lab.sweep.studies import export_best, report
 
 
 def main(argv: list[str] | None = None) -> None:
