@@ -58,11 +58,11 @@ def test_short_run_leaves_checkpoints_metrics_and_results(tmp_path, corpus_file,
     assert log.index(f"Run directory: {run}") < log.index("Estimated training time: ")
     assert re.search(r"Estimated training time: \d+ s for the remaining 2 steps at [\d.]+ s/step", log)
     # lr is logged on the steps Lightning writes, numbered as checkpoints are (after that many steps), with that
-    # step's value (warmup: 4e-3 * step / 51).
+    # step's value (warmup: 5e-3 * step / 51).
     lr_rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r["lr"]]
     assert [int(r["step"]) for r in lr_rows] == [2, 4, 6, 8]
     for r in lr_rows:
-        assert float(r["lr"]) == pytest.approx(4e-3 * int(r["step"]) / 51, rel=1e-5)
+        assert float(r["lr"]) == pytest.approx(5e-3 * int(r["step"]) / 51, rel=1e-5)
         assert float(r["train/grad_norm"]) > 0
 
     # The checkpoint alone rebuilds model and tokenizer.
@@ -406,7 +406,7 @@ def test_scheduler_null_trains_at_a_constant_learning_rate(train_cli, tmp_path, 
         result = train_cli(*cli_args(corpus_file, cache_dir, run, removal, "sample=null", "test=false"), cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         lrs = [float(r["lr"]) for r in csv.DictReader((run / "metrics.csv").open()) if r.get("lr")]
-        assert lrs == [pytest.approx(4e-3)] * 4  # the tiny preset's optimizer.lr at each logged step, unscheduled
+        assert lrs == [pytest.approx(5e-3)] * 4  # the tiny preset's optimizer.lr at each logged step, unscheduled
         assert "scheduler: null" in (run / "config.yaml").read_text()
 
 
@@ -451,6 +451,6 @@ def test_the_last_step_logs_its_own_values_off_the_logging_grid(compose_cfg):
     train(cfg)
     rows = [r for r in csv.DictReader((Path(cfg.paths.output_dir) / "metrics.csv").open()) if r.get("lr")]
     assert [int(r["step"]) for r in rows] == [2, 4, 6, 7]
-    assert float(rows[-1]["lr"]) == pytest.approx(4e-3 * 7 / 51, rel=1e-5)  # the 7th step's warmup lr
+    assert float(rows[-1]["lr"]) == pytest.approx(5e-3 * 7 / 51, rel=1e-5)  # the 7th step's warmup lr
     assert rows[-1]["train/grad_norm"] != rows[-2]["train/grad_norm"]
     assert rows[-1]["perf/tokens_per_sec"] != rows[-2]["perf/tokens_per_sec"]

@@ -64,7 +64,7 @@ def test_in_a_terminal_the_wizard_asks_refuses_with_the_reason_and_writes_the_fl
     child.expect_exact("✗ 'eight' is not a whole number")
     answer(child, "Micro-batch size", "8")
     answer(child, "Gradient accumulation", "2")
-    answer(child, "Peak learning rate [0.004]", "")
+    answer(child, "Peak learning rate [0.005]", "0.004")
     answer(child, "Warmup steps", "5")
     answer(child, "Optimizer steps", "20")
     child.expect_exact("Step 5/5 · Validation and summary")
@@ -93,7 +93,7 @@ def test_typed_answers_are_checked_on_the_spot_and_write_the_flags_file(corpus_f
         ("Context length (tokens) [128]", "100000"), ("Context length (tokens) [128]", "64"),
         ("Run the model check-up now", "n"), ("Trainer (devices)", ""), ("Precision", ""),
         ("Micro-batch size", "eight"), ("Micro-batch size", "8"), ("Gradient accumulation", "2"),
-        ("Peak learning rate [0.004]", ""), ("Warmup steps [50]", "5"), ("Optimizer steps [700]", "20"),
+        ("Peak learning rate [0.005]", "0.004"), ("Warmup steps [50]", "5"), ("Optimizer steps [700]", "20"),
         ("Experiment name", "my_run"),
     ]  # fmt: skip
     replies = iter(script)
