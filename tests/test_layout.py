@@ -131,3 +131,11 @@ def test_few_modules_at_the_top():
 def test_every_module_reads_in_one_sitting():
     long = {module: n for module, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long
+
+
+def test_a_source_checkout_reads_its_own_conf():
+    """From a checkout, the config tree is its conf/ (edited in place, where presets cp and the wizard write), not
+    the copy an install made: config/tree.py sits two levels below the checkout."""
+    from gpt2lab.config import config_path
+
+    assert config_path() == str(PACKAGE.parent / "conf")

@@ -25,7 +25,7 @@ from gpt2lab.errors import ConfigError
 
 def config_path() -> str:
     """Where the config tree is: ``conf/`` of a source checkout, else the copy installed as ``gpt2lab.conf``."""
-    source_tree = Path(__file__).resolve().parent.parent / "conf"
+    source_tree = Path(__file__).resolve().parents[2] / "conf"  # <checkout>/conf beside <checkout>/gpt2lab/config/
     return str(source_tree) if (source_tree / "train.yaml").is_file() else "pkg://gpt2lab.conf"
 
 
