@@ -320,9 +320,13 @@ def test_overwrite_replaces_an_export_through_the_console_script(run_main, train
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "model.pt").is_file()
-    assert "| torchscript | out/model.pt |" in result.stdout
+    assert re.search(r"^\| torchscript +\| out/model\.pt +\| +[\d.]+ MB \| +[\d.e-]+ \|$", result.stdout, re.M), (
+        result.stdout
+    )
     assert "torchscript: torchscript against PyTorch eager on " in result.stdout
-    assert re.search(r"\| forward, batch 8 x \d+ tokens \(ms\) +\| [\d.,]+ \| [\d.,]+ \| [\d.]+x \|", result.stdout)
+    assert re.search(
+        r"^\| forward, batch 8 x \d+ tokens \(ms\) +\| +[\d.,]+ \| +[\d.,]+ \| +[\d.]+x \|$", result.stdout, re.M
+    )
     assert json.loads((tmp_path / "log" / "export.json").read_text())["torchscript"]["benchmark"]["rows"]
 
 
@@ -339,7 +343,7 @@ def test_bench_export_measures_float32_and_int8_graphs(tmp_path):
         assert f"gpt2-tiny (7.2M parameters, random weights), {weights}: onnxruntime against PyTorch eager" in (
             result.stdout
         )
-    rows = re.findall(r"^\| (forward, batch \d|greedy decoding, batch 1)[^|]*\|[^|]+\|[^|]+\| [\d.]+x \|$",
+    rows = re.findall(r"^\| (forward, batch \d|greedy decoding, batch 1)[^|]*\|[^|]+\|[^|]+\| +[\d.]+x \|$",
                       result.stdout, re.M)  # fmt: skip
     assert rows == ["forward, batch 1", "forward, batch 8", "greedy decoding, batch 1"] * 2
 

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from gpt2lab.checkpoint import find_checkpoint, load_checkpoint, saved_chat_template
+from gpt2lab.console import table
 from gpt2lab.errors import ConfigError
 from gpt2lab.exporters.directory import check_output_dir, write_tokenizer, write_weights
 from gpt2lab.exporters.model_card import ModelCardGenerator
+from gpt2lab.exporters.speed import format_benchmark
 from gpt2lab.model import GPT2Model
 
 if TYPE_CHECKING:
@@ -139,13 +141,15 @@ def graph_config(model: Any, fmt: str, result: dict[str, Any]) -> dict[str, Any]
 
 def summary(results: dict[str, dict[str, Any]]) -> str:
     """A table of the exports, then the speed table of each benchmarked one."""
-    lines = ["| format | path | size | max abs diff |", "|---|---|---|---|"]
-    for fmt, r in results.items():
-        diff = "not validated" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2g}"
-        lines.append(f"| {fmt} | {r['output_path']} | {r['file_size_mb']:,.1f} MB | {diff} |")
+    rows = [
+        (fmt, r["output_path"], f"{r['file_size_mb']:,.1f} MB",
+         "not validated" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2g}")
+        for fmt, r in results.items()
+    ]  # fmt: skip
+    lines = [
+        table(["format", "path", "size", "max abs diff"], rows, markdown=True, align=["left", "left", "right", "right"])
+    ]
     for fmt, r in results.items():
         if r.get("benchmark"):
-            from gpt2lab.exporters.speed import format_benchmark
-
             lines += ["", format_benchmark(r["benchmark"], title=fmt)]
     return "\n".join(lines)

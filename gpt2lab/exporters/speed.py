@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
+from gpt2lab.console import table
 from gpt2lab.lit.speed import median_seconds
 from gpt2lab.model import GPT2Model
 
 BATCHES = (1, 8)
 SEQUENCE = 128
-LABEL_WIDTH = 50  # characters of a row's label: the numbers of every table line up
 
 
 def median_ms(pytorch: Callable[[], object], exported: Callable[[], object], repeats: int) -> dict[str, float]:
@@ -69,16 +69,16 @@ def forward_rows(model: GPT2Model, exported: Callable[[torch.Tensor], object], r
 
 
 def format_benchmark(result: dict[str, Any], title: str = "") -> str:
-    """A markdown table: PyTorch eager, the export, and the export's speed-up."""
+    """A Markdown table: PyTorch eager, the export, and the export's speed-up."""
     m = result["machine"]
     lines = [
         f"{title + ': ' if title else ''}{result['runtime']} against PyTorch eager on {m['cpu']} "
         f"({m['threads']} threads of {m['cores']} cores, load average {m['load']:.1f} when measured)",
-        "",
-        f"| {'':<{LABEL_WIDTH}} | PyTorch eager | {result['runtime']} | speed-up |",
-        "|---|---|---|---|",
     ]
+    rows = []
     for what, r in result["rows"].items():
         faster = r["pytorch"] / r["exported"] if "(ms)" in what else r["exported"] / r["pytorch"]
-        lines.append(f"| {what:<{LABEL_WIDTH}} | {r['pytorch']:,.1f} | {r['exported']:,.1f} | {faster:.2f}x |")
+        rows.append((what, f"{r['pytorch']:,.1f}", f"{r['exported']:,.1f}", f"{faster:.2f}x"))
+    columns = ["", "PyTorch eager", result["runtime"], "speed-up"]
+    lines += ["", table(columns, rows, markdown=True, align=["left", "right", "right", "right"])]
     return "\n".join(lines)
