@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from gpt2lab.checkup.subject import FAIL, PASS, SKIP, WARN, CheckResult, Subject, finite, fmt, nbytes
+from gpt2lab.lit.speed import synchronize
 
 LOGIT_STD_AT_INIT = 2.0  # above this the softmax at init is far from uniform and the loss starts high
 LOSS_AT_INIT_TOLERANCE = 0.1  # relative distance from ln(vocab) that still passes
@@ -321,14 +322,13 @@ def device_memory(device: torch.device) -> int | None:
 def forward_throughput(s: Subject) -> CheckResult:
     """Forward tokens/s at ``batch_size`` x context, without gradients, after a warm-up sequence."""
     ids = s.tokens(s.config.batch_size, s.context)
-    sync = torch.cuda.synchronize if s.device.type == "cuda" else lambda: None
     with s.mode(training=False) as model, torch.no_grad():
         model(ids[:1])
-        sync()
+        synchronize(s.device)
         started, batches = time.perf_counter(), 0
-        while batches == 0 or time.perf_counter() - started < s.config.throughput_seconds:
+        while batches == 0 or time.perf_counter() - started < s.config.throughput_seconds:  # a time budget, not repeats
             model(ids)
-            sync()
+            synchronize(s.device)
             batches += 1
         seconds = time.perf_counter() - started
     tokens_per_s = batches * ids.numel() / seconds
