@@ -136,7 +136,9 @@ def test_every_token_of_a_file_is_scored_once_at_every_stride(evaluate_cli, trai
         assert metrics["bytes"] == sum(len(p.encode()) for p in paragraphs)  # end-of-text is no byte
     blocks, full_stride, eight, one = runs
     assert full_stride["loss"] == pytest.approx(blocks["loss"], abs=1e-6)  # stride = context: the same windows
-    assert one["bits_per_byte"] <= eight["bits_per_byte"] <= blocks["bits_per_byte"]
+    # With context, strided windows score better than non-overlapping ones. Between strides 8 and 1 the fixture's
+    # model, trained for 8 steps, gains nothing it can show (the two differ by 1e-5 either way with its seed).
+    assert max(one["bits_per_byte"], eight["bits_per_byte"]) < blocks["bits_per_byte"]
 
 
 @pytest.mark.parametrize(

@@ -281,7 +281,7 @@ def test_half_and_int8_graphs_are_validated_with_their_own_tolerance(trained, tm
             "torchscript.method=script: torch.jit.script cannot compile gpt2lab's model",
         ),
         (
-            ["format=hf", "tolerance=1e-12"],
+            ["format=hf", "tolerance=-1"],  # beyond any difference: transformers may compute exactly gpt2lab's
             "the Hugging Face export (loaded by AutoModelForCausalLM) differs from gpt2lab's model by up to",
         ),
         (["output_dir=exists"], "output_dir='exists' exists: choose a new directory, or overwrite=true"),
