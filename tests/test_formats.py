@@ -79,7 +79,7 @@ def words(rng: random.Random, lo: int, hi: int) -> str:
 
 
 def write_records(path: Path, fmt: str, n: int = 80, seed: int = 0) -> list[dict]:
-    """A JSONL file of ``n`` records of ``fmt``, as a user would write it (README, Tasks)."""
+    """A JSONL file of ``n`` records of ``fmt``, as a user would write it (docs/presets.md, Tasks)."""
     rng = random.Random(seed)
     records = []
     for i in range(n):

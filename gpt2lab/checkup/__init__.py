@@ -8,7 +8,7 @@ Tier 1 (``critical.py``) must pass before training; tier 2 (``analysis.py``) sho
 and what its prediction depends on; tier 3 (``training.py``) trains copies of it briefly. ``run_all_tests``
 runs tiers 1..N and returns one ``CheckResult`` per check; a check that raises is a failure that carries
 the exception, so a broken model gets a full report rather than a traceback. ``python -m gpt2lab.check``
-is the command line (README, "Model check-up").
+is the command line (docs/checkup.md).
 """
 
 from __future__ import annotations

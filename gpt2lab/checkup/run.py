@@ -4,7 +4,7 @@ ckpt=...] [tier=1|2|3]`` is its command).
 Builds the model ``model=...`` describes (or loads ``ckpt=...``), runs tiers 1..``tier`` of
 ``gpt2lab/checkup/``, prints a pass/warn/fail table per tier and writes ``check.md``, ``check.json`` and the
 figures to the run directory. A failed check ends the command with an ``Error:`` line that names it. See
-README, "Model check-up".
+docs/checkup.md.
 """
 
 from __future__ import annotations

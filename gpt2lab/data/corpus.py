@@ -243,7 +243,7 @@ def _load_files(
     if text_column is None and builder == "text":
         raise ConfigError(
             f"data.path={path!r}: a task format (data.format) reads records, from .jsonl, .json, .csv or .parquet "
-            "files, not text files; see README, Tasks, for the record of each format"
+            "files, not text files; see docs/presets.md, Tasks, for the record of each format"
         )
     kwargs = {"sample_by": sample_by} if builder == "text" else {}
     if builder == "text" and sample_by not in ("line", "paragraph", "document"):

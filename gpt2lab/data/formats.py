@@ -144,7 +144,7 @@ class TaskFormat:
         if self.name not in FORMATS:
             raise ConfigError(
                 f"data.format={self.name!r}: expected one of {', '.join(FORMATS)} "
-                "(plain: running text; the others: records with a loss on the answer only, see README, Tasks)"
+                "(plain: running text; the others: records with a loss on the answer only, see docs/presets.md, Tasks)"
             )
         if self.name == "chat" and self.chat_template is None:
             object.__setattr__(self, "chat_template", ChatTemplate())

@@ -7,7 +7,7 @@ end-of-text, whatever ``eval.stride``: strides differ only in the context each t
 non-empty text can be scored, a single sentence too. With a task format (``data.format``) only the scored
 tokens count: the summary loss of summarization pairs, the assistant turns of chats, the completions of
 instructions; bits per byte are then over those tokens' bytes, and the compressors see that text alone. Scoring runs through Lightning's test loop, so
-``trainer=gpu``, bf16 and ``trainer=ddp`` apply as in training. See README, "Evaluate".
+``trainer=gpu``, bf16 and ``trainer=ddp`` apply as in training. See docs/inference.md, "Evaluate".
 """
 
 from __future__ import annotations

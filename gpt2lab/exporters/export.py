@@ -5,7 +5,7 @@ Each format's directory holds the tokenizer, ``config.json``, the weights in saf
 (``README.md``), beside its own files: ``hf`` is what ``transformers`` loads, ``onnx`` a decoder graph with a KV
 cache for onnxruntime (``python -m gpt2lab.generate onnx=<dir>`` decodes with it, without PyTorch),
 ``torchscript`` a program ``torch.jit.load`` runs. Every export is loaded back and compared with the model on
-random inputs; one that differs beyond ``tolerance`` fails and leaves nothing behind. See README, "Export".
+random inputs; one that differs beyond ``tolerance`` fails and leaves nothing behind. See docs/import-export.md, "Export".
 """
 
 from __future__ import annotations

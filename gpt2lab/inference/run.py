@@ -4,7 +4,7 @@
 Prompts come from ``prompt=`` or ``prompts_file=`` (one per line) and are decoded together, in batches; settings
 are the ``inference`` group's. One sequence streams to the terminal as it is produced. ``onnx=<dir>`` decodes with
 onnxruntime (``gpt2lab.inference.onnx``), also where PyTorch is not installed: nothing imported here imports torch.
-See README, "Generate" and "Export".
+See docs/inference.md, "Generate", and docs/import-export.md, "Export".
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ class GPT2LitModule(pl.LightningModule):
         if self._trainer is not None and isinstance(self.trainer.strategy, DDPStrategy):
             # torch.compile's DDPOptimizer splits the graph at DDP's gradient buckets, so that each bucket's
             # all-reduce overlaps the rest of the backward. The split graphs fuse less: on 2 H200s with GPT-2
-            # small, one graph with the all-reduce at the end ran 1.95x one GPU against 1.88x (README).
+            # small, one graph with the all-reduce at the end ran 1.95x one GPU against 1.88x (docs/multi-gpu.md).
             torch._dynamo.config.optimize_ddp = bool(self.hparams.get("compile_optimize_ddp", False))
         options = inductor_options(self.hparams.get("compile_mode"), self.hparams.get("compile_options"))  # checked
         sharded = isinstance(self.trainer.strategy, FSDPStrategy) if self._trainer is not None else False

@@ -81,7 +81,7 @@ def check_launch(trainer_cfg: DictConfig) -> None:
         if nodes > 1 and "NODE_RANK" not in os.environ:
             raise ConfigError(
                 f"trainer.num_nodes={nodes}: start this command on every machine with torchrun or srun "
-                '(README, "Several machines"); on one machine use trainer.num_nodes=1'
+                '(docs/multi-gpu.md, "Several machines"); on one machine use trainer.num_nodes=1'
             )
         return
     world_size = launched[1]

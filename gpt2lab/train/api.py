@@ -72,7 +72,7 @@ def train_model(
     Either ``cfg`` (from ``load_preset``), or ``preset`` (default: tiny) with ``overrides`` and the shortcuts:
     ``dataset`` is a ``conf/data`` option (``pystdlib``) or your text (a file, directory or glob: ``data=files``);
     ``max_steps`` sets ``trainer.max_steps``; ``model`` is any ``nn.Module`` whose forward takes token ids and
-    returns logits (``model=module``, README "Import and export"), trained in place with the preset's context.
+    returns logits (``model=module``, docs/import-export.md), trained in place with the preset's context.
     Overrides come last, so they win over the shortcuts."""
     if cfg is not None:
         if any(a is not None for a in (preset, overrides, model, dataset, max_steps)):
