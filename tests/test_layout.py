@@ -22,7 +22,7 @@ LAYERS = [
         + ["generate", "chat", "export", "check"],  # the old names' packages: aliases of inference/exporters
     ),
     ("benchmarks", ["bench"]),
-    ("commands", ["cli", "__main__", "__init__"]),
+    ("commands", ["cli", "__main__", "__init__", "reference_loop"]),  # reference_loop: an old name's Error line
 ]
 MAX_TOP_LEVEL_MODULES = 8
 MAX_LINES = 450
@@ -139,3 +139,13 @@ def test_a_source_checkout_reads_its_own_conf():
     from gpt2lab.config import config_path
 
     assert config_path() == str(PACKAGE.parent / "conf")
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists the packages a wheel holds: a package missing there works from a checkout (an editable
+    install reads the tree) and is absent from a real install."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    assert packages - listed == set()
