@@ -255,3 +255,22 @@ def train_cli(run_main) -> Callable[..., subprocess.CompletedProcess]:
         return run_main("gpt2lab.train", *args, cwd=cwd, env=env)
 
     return _train
+
+
+def export_all(ckpt: Path, root: Path, *overrides: str) -> Path:
+    """``python -m gpt2lab.export ckpt=<ckpt> output_dir=<root>/all [overrides]`` in this process, composed as the
+    command line composes it (the export's log in ``<root>/log``); returns the export directory."""
+    from gpt2lab.exporters.export import export
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("export", overrides=[f"ckpt={ckpt}", f"output_dir={root / 'all'}", *overrides],
+                      return_hydra_config=True)  # fmt: skip
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(root / "log")
+        del cfg.hydra
+    export(cfg)
+    GlobalHydra.instance().clear()
+    return root / "all"

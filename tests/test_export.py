@@ -18,13 +18,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from conftest import export_all
 
 from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
-from gpt2lab.config import register_schemas
 from gpt2lab.inference import onnx as onnx_generation
 from gpt2lab.model import generation
 
@@ -41,22 +37,7 @@ def row(*cells: str) -> str:
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory) -> Path:
     """The tiny trained run exported in every format (``format=all``), as the command line composes it."""
-    from gpt2lab.exporters.export import export
-
-    root = tmp_path_factory.mktemp("exported")
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose(
-            "export", overrides=[f"ckpt={trained_run}", f"output_dir={root / 'all'}"], return_hydra_config=True
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(root / "log")
-        del cfg.hydra
-    export(cfg)
-    GlobalHydra.instance().clear()
-    return root / "all"
+    return export_all(trained_run, tmp_path_factory.mktemp("exported"))
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import TINY, train_in_process
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from conftest import TINY, export_all, train_in_process
 
 from gpt2lab.chat import Chat, repl
 from gpt2lab.checkpoint import load_checkpoint, saved_chat_template
-from gpt2lab.config import register_schemas
 from gpt2lab.data import GPT2DataModule
 from gpt2lab.data.formats import ChatTemplate, TaskFormat, encode_examples, pack, split_batch
 from gpt2lab.data.token_files import damaged_token_files
@@ -458,21 +453,7 @@ def test_a_template_reply_of_several_paragraphs_is_not_cut_at_a_blank_line(chat_
 @pytest.fixture(scope="module")
 def chat_export(chat_run, tmp_path_factory) -> Path:
     """The chat run exported in every format (``format=all``), as the command line composes it."""
-    from gpt2lab.exporters.export import export
-
-    root = tmp_path_factory.mktemp("chat_export")
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(__file__).parent.parent / "conf"), version_base=None):
-        overrides = [f"ckpt={chat_run}", f"output_dir={root / 'all'}", "onnx.optimize=none"]
-        cfg = compose("export", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(root / "log")
-        del cfg.hydra
-    export(cfg)
-    GlobalHydra.instance().clear()
-    return root / "all"
+    return export_all(chat_run, tmp_path_factory.mktemp("chat_export"), "onnx.optimize=none")
 
 
 CONVERSATION = [
