@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests`` (the CI suite), ``nox -s slow``, ``nox -s lint``, ``nox -s docs``.
+"""Developer sessions: ``nox -s tests`` (the CI suite), ``nox -s slow``, ``nox -s gpu``, ``nox -s lint``, ``nox -s docs``.
 
 Sessions reuse the current interpreter's environment (``python=False``): PyTorch is large, and the
 project is installed once with ``pip install -e ".[dev]"`` (after ``pip install torch==2.13.0`` on CPU).
@@ -20,6 +20,13 @@ def slow(session: nox.Session) -> None:
     """Long end-to-end runs, marked ``slow``: the default preset's full training, Optuna studies
     (resume, shared workers, pruning, joblib, PostgreSQL)."""
     session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session(python=False)
+def gpu(session: nox.Session) -> None:
+    """The tests that need a CUDA GPU, marked ``gpu``: the CUDA-graph decoder, the fused loss on CUDA, compiled
+    training, FSDP. Run on a GPU host whenever a change touches those paths; without CUDA each one skips, saying so."""
+    session.run("pytest", "-m", "gpu", *session.posargs)
 
 
 @nox.session(python=False)
