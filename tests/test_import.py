@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -363,7 +364,9 @@ def test_init_from_bad_directories_are_refused(tmp_path, pretrained_dir, llama_d
     transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2).save_pretrained(no_weights)
     with pytest.raises(ConfigError, match=r"no_weights' has no weights \(none of model.safetensors, "):
         load_pretrained_gpt2(str(no_weights))
-    with pytest.raises(ConfigError, match=r"holds a llama, not a GPT-2: .* use model=hf|holds a llama, not a GPT-2"):
+    # The hint is required: train such a model as it is, through model=hf
+    hint = rf"holds a llama, not a GPT-2: .* train it as it is with model=hf model.name_or_path={re.escape(str(llama_dir))}$"
+    with pytest.raises(ConfigError, match=hint):
         load_pretrained_gpt2(str(llama_dir / "."))
 
     # Weights of another shape: the tensor and both shapes are named

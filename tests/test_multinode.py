@@ -186,9 +186,13 @@ def test_time_stamped_run_dir_is_refused_under_torchrun(train_cli, tmp_path, cor
 
 def test_multirun_is_refused_under_srun(launched_by, capsys):
     launched_by("srun")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         ExternalRanks().on_multirun_start(compose_with_hydra())
-    assert "would run the whole sweep on each of the 16 ranks" in capsys.readouterr().err
+    assert refused.value.code == 1  # bad input's exit status, as train.py's Error: lines end
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(
+        "Error: a multirun (-m) under torchrun/srun would run the whole sweep on each of the 16 ranks"
+    )
 
 
 def test_submitit_task_of_a_multi_node_job_logs_to_its_own_file(tmp_path, launched_by):
