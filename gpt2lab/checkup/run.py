@@ -9,6 +9,7 @@ docs/checkup.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -102,20 +103,22 @@ def check(cfg: DictConfig) -> list[CheckResult]:
         raise ConfigError(f"tier={cfg.tier}: expected 1, 2 or 3 (tier N runs tiers 1 to N)")
     config = CheckConfig(**OmegaConf.to_container(cfg.check, resolve=True))
     device = choose_device(cfg.device)
-    if device == "cpu":
-        use_free_cores()
-    model, tokenizer, about = build_model(cfg, device)
-    if config.prompt and tokenizer is None:
-        log.warning("check.prompt: ignored, a model built from config has no tokenizer (random tokens are used)")
-    # Pretrained weights (model=hf's default) are not at initialisation either: no init expectations for them
-    trained = bool(cfg.ckpt) or (not is_gpt2(cfg.model) and bool(cfg.model.get("pretrained")))
-    about |= {"parameters": f"{model.num_parameters():,}", "device": device, "tier": cfg.tier}
-    log.info("Model: %s parameters on %s; tiers 1 to %d", about["parameters"], device, cfg.tier)
-    output_dir = Path(cfg.paths.output_dir)
-    results = run_all_tests(model, config, tier=cfg.tier, trained=trained, tokenizer=tokenizer, output_dir=output_dir)
-    print(format_table(results), flush=True)
-    reports = write_reports(results, output_dir, about)
-    log.info("Reports: %s", ", ".join(str(p) for p in reports))
-    if failed(results):
-        raise CheckFailed(f"failed checks: {', '.join(failed(results))} (details in {reports[0]})")
-    return results
+    # On a CPU, the cores other processes leave free, for the check-up only (the count is restored after it)
+    with use_free_cores() if device == "cpu" else contextlib.nullcontext():
+        model, tokenizer, about = build_model(cfg, device)
+        if config.prompt and tokenizer is None:
+            log.warning("check.prompt: ignored, a model built from config has no tokenizer (random tokens are used)")
+        # Pretrained weights (model=hf's default) are not at initialisation either: no init expectations for them
+        trained = bool(cfg.ckpt) or (not is_gpt2(cfg.model) and bool(cfg.model.get("pretrained")))
+        about |= {"parameters": f"{model.num_parameters():,}", "device": device, "tier": cfg.tier}
+        log.info("Model: %s parameters on %s; tiers 1 to %d", about["parameters"], device, cfg.tier)
+        output_dir = Path(cfg.paths.output_dir)
+        results = run_all_tests(
+            model, config, tier=cfg.tier, trained=trained, tokenizer=tokenizer, output_dir=output_dir
+        )
+        print(format_table(results), flush=True)
+        reports = write_reports(results, output_dir, about)
+        log.info("Reports: %s", ", ".join(str(p) for p in reports))
+        if failed(results):
+            raise CheckFailed(f"failed checks: {', '.join(failed(results))} (details in {reports[0]})")
+        return results

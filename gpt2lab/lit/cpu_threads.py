@@ -7,13 +7,19 @@ busy process beside it, the tiny preset's step ran at 5.5k tokens/s with 2 threa
 20.3k and 10.6k). Telling OpenMP to sleep instead (``OMP_WAIT_POLICY=PASSIVE``) fixes the shared case but
 costs 16% on an idle machine, and must be set before torch is imported. So a CPU run measures, when it
 starts, how many cores other processes keep busy, and uses only the free ones.
+
+The count is torch's, for the whole process, so a run sets it only for its own length: ``use_free_cores()`` is a
+context manager that puts the count back when the run ends, failed or not (a notebook that calls ``train_model``
+keeps its own count afterwards, and in-process runs do not inherit each other's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -49,9 +55,28 @@ def _cpu_times(cores: set[int]) -> dict[int, list[int]]:
     return times
 
 
-def use_free_cores() -> int:
-    """Set torch's intra-op threads to the cores other processes leave free (at least one), unless the user
-    set a thread count; returns the threads in use."""
+@contextlib.contextmanager
+def thread_count_restored() -> Iterator[None]:
+    """Torch's intra-op thread count as it was before the block, once the block ends (raised or not)."""
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def use_free_cores() -> Iterator[int]:
+    """Within the block, torch's intra-op threads are the cores other processes leave free (at least one), unless
+    the user set a thread count; yields the threads in use, and restores the earlier count when the block ends."""
+    with thread_count_restored():
+        yield set_free_cores()
+
+
+def set_free_cores() -> int:
+    """``use_free_cores``' choice, set for the rest of the process: only for a caller that restores the count
+    itself (inside ``thread_count_restored()``, as a training run does); returns the threads in use."""
     threads = torch.get_num_threads()
     if any(os.environ.get(var) for var in USER_SETTINGS):
         return threads

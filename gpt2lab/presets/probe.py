@@ -156,25 +156,26 @@ def _measure(cfg: DictConfig) -> Probe:
     accumulate = cfg.trainer.accumulate_grad_batches
     dtype_name = str(dtype).removeprefix("torch.")
     if device.type == "cpu":
-        threads = use_free_cores()  # as the run itself would: the cores other processes leave free
-        probe_batch = max(1, min(batch, CPU_PROBE_TOKENS // config.context_length))
-        with torch.device("meta"):
-            flops = GPT2Model(config).flops_per_token() * probe_batch * config.context_length
-        # A step of more than CPU_PROBE_FLOPS (a second or more here): the model with one block, and one block on its
-        # own, each timed; every block costs the same, so t(L) = t(model with 1 block) + (L - 1) * t(block). Two
-        # direct timings rather than the difference of two models', which a busy CPU's noise would swamp.
-        if layers > 1 and flops > CPU_PROBE_FLOPS:
-            one = _time_step(model_config(cfg, 1), probe_batch, device, dtype, steps=3, warmup=1, reduce=min)
-            block = _time_step(config, probe_batch, device, dtype, steps=3, warmup=1, reduce=min, block=True)
-            fb, opt, fwd = (m + (layers - 1) * b for m, b in zip(one, block, strict=True))
-            how = f"the model with 1 block and 1 block alone, extrapolated to {layers}; "
-        else:
-            fb, opt, fwd = _time_step(config, probe_batch, device, dtype, steps=3, warmup=1, reduce=min)
-            how = ""
-        method = (
-            f"{how}{probe_batch} x {config.context_length} tokens per micro-batch, scaled to {batch} x {accumulate}; "
-            f"{dtype_name}, {threads} thread(s)"
-        )
+        # As the run itself would: the cores other processes leave free, for the probe only
+        with use_free_cores() as threads:
+            probe_batch = max(1, min(batch, CPU_PROBE_TOKENS // config.context_length))
+            with torch.device("meta"):
+                flops = GPT2Model(config).flops_per_token() * probe_batch * config.context_length
+            # A step of more than CPU_PROBE_FLOPS (a second or more here): the model with one block, and one block on
+            # its own, each timed; every block costs the same, so t(L) = t(model with 1 block) + (L - 1) * t(block).
+            # Two direct timings rather than the difference of two models', which a busy CPU's noise would swamp.
+            if layers > 1 and flops > CPU_PROBE_FLOPS:
+                one = _time_step(model_config(cfg, 1), probe_batch, device, dtype, steps=3, warmup=1, reduce=min)
+                block = _time_step(config, probe_batch, device, dtype, steps=3, warmup=1, reduce=min, block=True)
+                fb, opt, fwd = (m + (layers - 1) * b for m, b in zip(one, block, strict=True))
+                how = f"the model with 1 block and 1 block alone, extrapolated to {layers}; "
+            else:
+                fb, opt, fwd = _time_step(config, probe_batch, device, dtype, steps=3, warmup=1, reduce=min)
+                how = ""
+            method = (
+                f"{how}{probe_batch} x {config.context_length} tokens per micro-batch, scaled to {batch} x "
+                f"{accumulate}; {dtype_name}, {threads} thread(s)"
+            )
     else:
         probe_batch = batch
         while True:  # a micro-batch that does not fit: half of it, timed, then scaled

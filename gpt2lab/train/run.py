@@ -37,7 +37,7 @@ from gpt2lab.inference.generator import sample_text
 from gpt2lab.lit import GPT2LitModule
 from gpt2lab.lit.callbacks import Samples, ThroughputLogger
 from gpt2lab.lit.checkpoints import AtomicCheckpointIO, Preemption, RunSettings
-from gpt2lab.lit.cpu_threads import use_free_cores
+from gpt2lab.lit.cpu_threads import set_free_cores, thread_count_restored
 from gpt2lab.lit.ddp import use_job_command_for_ddp
 from gpt2lab.lit.loggers import continue_wandb_run, finish_wandb_run, keep_csv_history
 from gpt2lab.lit.trainer import make_trainer, out_of_memory_message, parallel_job_share
@@ -79,7 +79,9 @@ def train_run(cfg: DictConfig) -> TrainedRun:
     """``train``, returning the whole ``TrainedRun``."""
     launch_env = {k: os.environ.get(k) for k in DDP_LAUNCH_VARS}
     outcome = JobReturn(status=JobStatus.FAILED)
-    with execution_whitelist(TRUSTED_TARGETS):
+    # The run's CPU thread count (set_free_cores, a parallel job's share) lasts as long as the run: a notebook
+    # calling train_model, or the next in-process run, gets its own count back.
+    with execution_whitelist(TRUSTED_TARGETS), thread_count_restored():
         try:
             run = _train(cfg)
             outcome = JobReturn(status=JobStatus.COMPLETED, _return_value=run.metric)
@@ -129,7 +131,8 @@ def build_trainer(plan: Plan) -> pl.Trainer:
     share = parallel_job_share()
     trainer = make_trainer(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()], **share)
     if trainer.strategy.root_device.type == "cpu" and trainer.world_size == 1:
-        use_free_cores()  # a busy machine: fewer threads than cores (DDP ranks get their share from Lightning)
+        set_free_cores()  # a busy machine: fewer threads than cores (DDP ranks get their share from Lightning);
+        # train_run restores the count when the run ends
     return trainer
 
 

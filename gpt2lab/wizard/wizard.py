@@ -192,11 +192,11 @@ class Wizard:
             self.say(f"  Model: {parameters:,} parameters (check-up skipped: python -m gpt2lab.check runs it)")
             return
         started = time.perf_counter()
-        use_free_cores()  # as python -m gpt2lab.check does on a CPU: a busy machine gets fewer threads
         model = GPT2Model(config)
         short = CheckConfig(batch_sizes=[1], probe_length=min(32, config.context_length), batch_size=1,
                             throughput_seconds=0.2)  # fmt: skip
-        results = run_all_tier1_tests(model, short)
+        with use_free_cores():  # as python -m gpt2lab.check does on a CPU: a busy machine gets fewer threads
+            results = run_all_tier1_tests(model, short)
         self.say(format_table(results))
         verdict = f"failed: {', '.join(failed(results))}" if failed(results) else "passed"
         self.say(f"  Model check-up {verdict} in {time.perf_counter() - started:.1f} s")
