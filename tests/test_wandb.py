@@ -205,15 +205,40 @@ def test_logger_many_writes_csv_tensorboard_and_wandb_and_a_wandb_mode_set_by_th
     ]
 
 
-def test_online_when_logged_in_and_the_server_answers(tmp_path, no_credentials, monkeypatch, caplog):
+def test_the_mode_is_online_with_credentials_and_a_server_that_answers_else_offline(
+    tmp_path, no_credentials, monkeypatch, caplog
+):
+    """The choice of mode (mode=None: online when possible), read from the arguments Lightning's WandbLogger is
+    built with; the server's reachability is a stand-in, wandb.init waits for the first log."""
+    from pytorch_lightning.loggers import WandbLogger
+
     from gpt2lab.lit.loggers import wandb_logger
 
+    built = []
+
+    class RecordingWandbLogger(WandbLogger):
+        def __init__(self, **kwargs):
+            built.append(kwargs)
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr("gpt2lab.lit.loggers.WandbLogger", RecordingWandbLogger)
+    reachable = []
+    monkeypatch.setattr("gpt2lab.hub.reachable", lambda host, port: reachable.append(host) or answers)
+
+    answers = True  # no credentials: offline, and the server is not even asked
+    wandb_logger(save_dir=str(tmp_path))
+    assert built[-1]["mode"] == "offline" and reachable == []
+    assert "no wandb credentials" in caplog.text
+
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    monkeypatch.setattr("gpt2lab.hub.reachable", lambda host, port: True)
-    logger = wandb_logger(log_model="all", save_dir=str(tmp_path))  # wandb.init waits for the first log
-    assert logger._wandb_init["mode"] == "online" and logger._log_model == "all"
-    monkeypatch.setattr("gpt2lab.hub.reachable", lambda host, port: False)
-    assert wandb_logger(save_dir=str(tmp_path))._wandb_init["mode"] == "offline"
+    caplog.clear()
+    wandb_logger(log_model="all", save_dir=str(tmp_path))
+    assert built[-1]["mode"] == "online" and built[-1]["log_model"] == "all" and len(reachable) == 1
+    assert "offline" not in caplog.text
+
+    answers = False
+    wandb_logger(save_dir=str(tmp_path))
+    assert built[-1]["mode"] == "offline"
     assert "the wandb server at https://api.wandb.ai is unreachable" in caplog.text
 
 
