@@ -73,11 +73,19 @@ def test_top_k_top_p_and_repetition_penalty():
 
 
 def test_end_of_text_ends_each_row(model):
-    prompt = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(4))
-    first_greedy = model.generate(prompt, 1, do_sample=False)[:, -1]
-    out = model.generate(prompt, 30, do_sample=False, eos_token_id=int(first_greedy[0]))
-    assert (out[0, 4:] == first_greedy[0]).all()  # row 0 ended at once and pads with the end token
-    assert out.shape[1] < 4 + 30 or (out[1, 4:] != first_greedy[0]).any()  # stops early once every row is done
+    prompt = torch.randint(0, VOCAB, (4,), generator=torch.Generator().manual_seed(4))
+    alone = model.generate(prompt[None], 12, do_sample=False)[0, 4:].tolist()
+    # The end token: the first greedy token, from the third on, not produced before it.
+    end = next(i for i in range(2, 12) if alone[i] not in alone[:i])
+    assert end < 8  # every row ends before the first check of finished rows (every 8 tokens)
+    # Row 1 is row 0 two tokens on (its prompt ends with row 0's first two new tokens; row 0 is left-padded to
+    # its length and decodes as alone): row 1 ends two steps before row 0, then pads while row 0 goes on.
+    batch = torch.tensor([[0, 0, *prompt.tolist()], [*prompt.tolist(), *alone[:2]]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    out = model.generate(batch, 30, do_sample=False, attention_mask=mask, eos_token_id=alone[end])
+    assert out.shape == (2, 6 + 8)  # stopped at the first check after every row ended, not at 30 new tokens
+    assert out[0, 6:].tolist() == alone[: end + 1] + [alone[end]] * (7 - end)
+    assert out[1, 6:].tolist() == alone[2 : end + 1] + [alone[end]] * (9 - end)
 
 
 def test_long_prompts_keep_their_end_and_generation_slides_past_the_context(model, caplog):
