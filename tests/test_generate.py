@@ -106,11 +106,13 @@ def test_bad_input_is_one_error_line(generate_cli, trained_run, tmp_path, args, 
 
 
 def test_greedy_decoding_needs_no_temperature(generate_cli, trained_run, tmp_path):
-    result = generate_cli(
-        f"ckpt={trained_run}", "prompt=x", "inference.do_sample=false", "inference.temperature=0",
-        "inference.max_new_tokens=4", cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    args = [f"ckpt={trained_run}", "prompt=def", "inference.do_sample=false", "inference.max_new_tokens=8"]
+    zero = generate_cli(*args, "inference.temperature=0", cwd=tmp_path)
+    assert zero.returncode == 0, zero.stderr[-3000:]
+    one = generate_cli(*args, "inference.temperature=1", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert zero.stdout.startswith("def") and len(zero.stdout) > len("def\n")
+    assert zero.stdout == one.stdout  # greedy: the temperature changes nothing
 
 
 def test_the_samples_callback_writes_every_nth_validation(train_cli, tmp_path, corpus_file, cache_dir):
@@ -132,10 +134,17 @@ def test_the_samples_callback_writes_every_nth_validation(train_cli, tmp_path, c
 def test_a_multirun_generates_once_per_setting(generate_cli, trained_run, tmp_path):
     result = generate_cli(
         "-m", f"ckpt={trained_run}", "prompt=def", "inference.temperature=0.5,1.0", "inference.max_new_tokens=4",
-        "inference.seed=0", cwd=tmp_path,
+        "inference.seed=0", "output=samples.jsonl", "hydra.sweep.dir=sweep", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("def") == 2
+    # Each job appends its one sample to output= and has its own run directory with its log.
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(s["prompt"], s["settings"]["temperature"]) for s in samples] == [("def", 0.5), ("def", 1.0)]
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    for job in jobs:
+        assert "Appended 1 samples to samples.jsonl" in (tmp_path / "sweep" / job / "generate.log").read_text()
+    assert result.stdout == "".join(f"def{s['completion']}\n" for s in samples)  # each job printed its own
     assert "Warning" not in result.stderr, result.stderr[-3000:]  # the sweep summary: nothing to optimise here
 
 
