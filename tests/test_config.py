@@ -1,8 +1,14 @@
 import inspect
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 from conftest import CONF, REPO, TINY
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf.errors import ValidationError
@@ -132,9 +138,29 @@ def test_cli_help_and_cfg(run_main, tmp_path):
     assert "num_layers: 3" in job and "_target_: pytorch_lightning.Trainer" in job
 
 
-def test_thin_train_script_and_console_script():
-    assert len((REPO / "train.py").read_text().splitlines()) < 10
-    assert "gpt2lab-train" in (REPO / "pyproject.toml").read_text()
+def test_thin_train_script_and_console_script(tmp_path, monkeypatch, capsys):
+    # The installed console script (next to this Python), in a real process
+    script = Path(sys.executable).parent / "gpt2lab-train"
+    result = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    help_text = result.stdout
+    assert help_text.startswith("train is powered by Hydra.")
+    assert "\nmodel: gpt2, gpt2-large, gpt2-medium, gpt2-tiny, gpt2-xl, hf, module\n" in help_text
+    assert "\npreset: chat, code_generation, large, medium, small, summarization, tiny\n" in help_text
+    config = help_text.split("== Config ==", 1)[1]  # conf/train.yaml as composed: its sections, then its own keys
+    sections = {"model", "data", "tokenizer", "trainer", "optimizer", "scheduler", "callbacks", "logger", "seed"}
+    assert sections <= set(re.findall(r"^(\w+):", config, re.MULTILINE))
+    assert "  _target_: pytorch_lightning.Trainer\n" in config and "\noptimized_metric: val/loss\n" in config
+    # train.py is the same command: its help is the console script's, word for word
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), "--help"])
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as ended:
+            runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+    finally:
+        GlobalHydra.instance().clear()
+    assert ended.value.code == 0 and capsys.readouterr().out == help_text
 
 
 @pytest.mark.parametrize("text", [r"print('a\b')", "it's", "ends with \\", r"a\'b", "def f(n):", r"C:\dir\\file", "x"])
