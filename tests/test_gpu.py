@@ -1,0 +1,198 @@
+"""The code that runs on CUDA GPUs only: the CUDA-graph decoder, the fused output layer + loss (a Triton kernel),
+compiled bf16 training, ``generate`` on a GPU and FSDP. Marked ``gpu``: ``nox -s gpu`` (``pytest -m gpu``) runs
+them on a GPU host; the default run leaves them out, and without CUDA each one skips, saying why."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, run_cli, train_in_process
+
+from gpt2lab.checkpoint import load_checkpoint
+from gpt2lab.inference.generator import TextGenerator
+from gpt2lab.model import GPT2Config, GPT2Model, cross_entropy
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+needs_triton = pytest.mark.skipif(cross_entropy.triton is None, reason="the fused loss needs Triton")
+
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT2Model:
+    """An untrained model whose wide init gives varied greedy tokens (tests/test_generation.py's)."""
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB, context_length=32, d_model=32, num_heads=2, num_layers=2, d_ff=64,
+        dropout=0.0, attention_dropout=0.0, residual_dropout=0.0, initializer_range=0.5,
+    )  # fmt: skip
+    return GPT2Model(config).eval()
+
+
+@pytest.fixture
+def exact_fp32():
+    """fp32 matmuls in full fp32 for the test (a training run earlier in the process may have set TF32, which
+    rounds their inputs to 10 bits of mantissa)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+# --- the CUDA-graph decoder ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cuda_graph_decoder_gives_the_eager_tokens(model, dtype):
+    gpu = copy.deepcopy(model).to(device="cuda", dtype=dtype)
+    prompt = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(8)).cuda()
+    graphed = [gpu.generate(prompt, 40, do_sample=False) for _ in range(2)]  # captured, then replayed
+    assert any(key[0] == 3 for key in gpu._decode_steps) and gpu._decode_steps[next(iter(gpu._decode_steps))]._graph
+    eager = gpu.generate(prompt, 40, do_sample=False, static_cache=False)
+    assert torch.equal(graphed[0], graphed[1])
+    assert (graphed[0] == eager).float().mean() > (0.99 if dtype == torch.float32 else 0.9)  # bf16: ties may flip
+
+
+# --- the fused output layer + loss on CUDA ---------------------------------------------------------------------
+
+
+def _loss_inputs(device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(64, 32) h, a (4160, 32) weight (two of the kernel's 4096-column blocks), the model's padding bias (0, then
+    -inf on the last 32 columns) and labels with ignored rows, some past the first block."""
+    torch.manual_seed(0)
+    n, c, v, padding = 64, 32, 4096 + 64, 32
+    h, weight = torch.randn(n, c), torch.randn(v, c) / c**0.5
+    bias = torch.zeros(v)
+    bias[-padding:] = float("-inf")
+    labels = torch.randint(0, v - padding, (n,))
+    labels[-4:] = torch.arange(v - padding - 4, v - padding)
+    labels[::5] = cross_entropy.IGNORE_INDEX
+    return h.to(device), weight.to(device), bias.to(device), labels.to(device)
+
+
+def _loss_and_grads(loss_fn, h, weight, bias, labels, dtype):
+    h = h.to(dtype, copy=True).requires_grad_()
+    weight = weight.to(dtype, copy=True).requires_grad_()
+    loss = loss_fn(h, weight, bias.to(dtype), labels)
+    (0.25 * loss).backward()  # a scaled loss, as Lightning's 1 / accumulate_grad_batches scales it
+    return loss.double(), h.grad.double(), weight.grad.double()
+
+
+def _plain(h, weight, bias, labels):
+    return F.cross_entropy(F.linear(h, weight, bias), labels, ignore_index=cross_entropy.IGNORE_INDEX)
+
+
+def _relative(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x - ref).abs().max() / ref.abs().max()).item()
+
+
+@needs_triton
+def test_the_fused_loss_on_cuda_equals_the_plain_loss_and_its_gradients(exact_fp32):
+    assert cross_entropy.available(torch.device("cuda"))
+    inputs = _loss_inputs("cuda")
+    fused = _loss_and_grads(cross_entropy.linear_cross_entropy, *inputs, torch.float32)
+    reference = _loss_and_grads(_plain, *inputs, torch.float64)
+    # fp32 (relative rounding 6e-8) through 32-term dot products and 4160-term sums of exponentials: about 1e-6;
+    # a wrong row, column block or scale is off by far more than 1e-4.
+    for name, x, ref in zip(("loss", "grad_h", "grad_weight"), fused, reference, strict=True):
+        assert _relative(x, ref) < 1e-4, name
+    # Under autocast the op runs in bf16 (8-bit mantissa), as F.linear would: the loss to within 1%.
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = cross_entropy.linear_cross_entropy(*inputs).item()
+    assert loss == pytest.approx(reference[0].item(), rel=1e-2)
+
+
+@needs_triton
+def test_the_model_on_cuda_trains_through_the_fused_loss_as_through_the_plain_one(model, exact_fp32, monkeypatch):
+    calls = []
+    fused_op = cross_entropy.linear_cross_entropy
+    monkeypatch.setattr(cross_entropy, "linear_cross_entropy", lambda *a: calls.append(1) or fused_op(*a))
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1)).cuda()
+    labels = ids.roll(-1, 1)
+    labels[:, -1] = cross_entropy.IGNORE_INDEX
+    results = {}
+    for fused in (True, False):
+        gpu = copy.deepcopy(model).cuda().train()
+        gpu.config.fused_loss = fused
+        _, loss = gpu(ids, labels)
+        loss.backward()
+        results[fused] = (loss.detach().double(), {n: p.grad.double() for n, p in gpu.named_parameters()})
+    assert calls == [1]  # the fused path ran, once, and the plain one did not call it
+    assert _relative(results[True][0], results[False][0]) < 1e-5
+    for name, grad in results[False][1].items():
+        assert _relative(results[True][1][name], grad) < 1e-4, name
+
+
+# --- training and generating on a GPU --------------------------------------------------------------------------
+
+# The full learning rate from the first step: 4 steps move the loss by about 6%, so a loose tolerance still tells
+# a run that trained from one that did not.
+GPU_RUN = ["trainer=gpu", "scheduler.warmup_steps=1", "trainer.max_steps=4", "trainer.val_check_interval=4",
+           "test=false", "sample=null"]  # fmt: skip
+
+
+def _final_losses(run: Path) -> dict[str, float]:
+    results = json.loads((run / "results.json").read_text())
+    assert results["global_step"] == 4
+    return {"initial": results["initial_val_loss"], "final": results["metrics"]["val/loss"]}
+
+
+@needs_triton
+def test_compiled_bf16_training_on_cuda_matches_eager(tmp_path, corpus_file, cache_dir):
+    base = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", *GPU_RUN]
+    eager = _final_losses(train_in_process(tmp_path / "eager", base))
+    torch._dynamo.reset()
+    try:
+        compiled = _final_losses(train_in_process(tmp_path / "compiled", [*base, "compile=true"]))
+    finally:
+        torch._dynamo.reset()
+    for losses in (eager, compiled):
+        assert math.isfinite(losses["final"]) and losses["final"] < 0.97 * losses["initial"], losses
+    # Both in bf16 (8-bit mantissa); the compiled graph rounds at other places (fused kernels keep fp32
+    # intermediates) and runs the fused loss inside the graph. 1% of the loss: a few bf16 roundings, and 1/6 of
+    # what the 4 steps move it.
+    assert compiled["initial"] == pytest.approx(eager["initial"], rel=1e-2)
+    assert compiled["final"] == pytest.approx(eager["final"], rel=1e-2)
+
+
+def test_generate_on_cuda_decodes_as_on_the_cpu(run_main, trained_run, tmp_path, exact_fp32):
+    args = [f"ckpt={trained_run}", "prompt=def main():", "inference.max_new_tokens=12", "inference.do_sample=false"]
+    args.append("inference.repetition_penalty=1.0")
+    result = run_main("gpt2lab.generate", *args, "device=cuda", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("def main():") and len(result.stdout.strip()) > len("def main():")
+    # The same greedy tokens as the CPU's: the GPU decodes with the CUDA-graph step, in fp32.
+    on_gpu, on_cpu = TextGenerator(str(trained_run), device="cuda"), TextGenerator(str(trained_run), device="cpu")
+    assert next(on_gpu.model.parameters()).is_cuda
+    prompt = torch.tensor([on_cpu.tokenizer.encode("def main():").ids])
+    greedy = {
+        "cuda": on_gpu.model.generate(prompt.cuda(), 8, do_sample=False).cpu(),
+        "cpu": on_cpu.model.generate(prompt, 8, do_sample=False),
+    }
+    assert on_gpu.model._decode_steps  # decoded with the fixed-shape (CUDA-graph) step
+    assert torch.equal(greedy["cuda"], greedy["cpu"])
+
+
+# --- FSDP ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP shards over 2 or more GPUs; this host has fewer")
+def test_fsdp_over_two_gpus_trains_and_writes_one_loadable_checkpoint(tmp_path, corpus_file, cache_dir):
+    run = tmp_path / "run"
+    args = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}"]
+    result = run_cli(*args, "trainer=fsdp", "trainer.devices=2", "sample=null", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["global_step"] == 8
+    assert results["metrics"]["val/loss"] < results["initial_val_loss"]
+    assert math.isfinite(results["metrics"]["test/loss"])  # the test read the best checkpoint back
+    # state_dict_type: full: one file with whole weights, loadable without FSDP
+    model, tokenizer = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    ids = torch.tensor([tokenizer.encode("def main():").ids])
+    assert torch.isfinite(model(ids)[0]).all()
