@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CONF
+from omegaconf import OmegaConf
 
 from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
+from gpt2lab.cli import VERBS
 from gpt2lab.errors import ConfigError
 from gpt2lab.evaluate.evaluator import Evaluator, compressor_bits_per_byte, print_metrics
 
@@ -27,8 +30,6 @@ def evaluate_cli(run_main, cache_dir):
 
 
 def datamodule_for(run: Path, cache_dir: Path):
-    from omegaconf import OmegaConf
-
     from gpt2lab.data import GPT2DataModule
     from gpt2lab.tokenizers import TokenizerSpec
 
@@ -224,11 +225,27 @@ def test_find_checkpoint_last_and_best(trained_run):
 
 def test_one_console_script_for_every_verb(run_main, trained_run, tmp_path, cache_dir):
     usage = run_main("gpt2lab.cli", cwd=tmp_path)
-    assert usage.returncode == 2 and "train" in usage.stderr and "evaluate" in usage.stderr
+    assert usage.returncode == 2 and all(f"\n  {verb:10s} {what}\n" in usage.stderr for verb, what in VERBS.items())
+    assert run_main("gpt2lab.cli", "--help", cwd=tmp_path).returncode == 0
     unknown = run_main("gpt2lab.cli", "evaluat", cwd=tmp_path)
     assert unknown.returncode == 2 and "unknown command 'evaluat'" in unknown.stderr
-    # The real process of python -m gpt2lab.evaluate, through the console script.
-    cli = [sys.executable, "-m", "gpt2lab.cli"]
+    # gpt2lab <verb> --help, each verb's own help: run here, through the console script's main() (a process each
+    # would cost seconds of imports apiece; the one below is real).
+    configs = {}
+    for verb in VERBS:
+        shown = run_main("gpt2lab.cli", verb, "--help", cwd=tmp_path)
+        assert shown.returncode == 0, (verb, shown.stderr[-3000:])
+        if (CONF / f"{verb}.yaml").is_file():  # a Hydra app: its conf/<verb>.yaml, composed, with its own keys
+            assert shown.stdout.startswith(f"{verb} is powered by Hydra."), (verb, shown.stdout[:200])
+            configs[verb] = shown.stdout.split("== Config ==", 1)[1]
+            own = set(OmegaConf.load(CONF / f"{verb}.yaml")) - {"defaults", "hydra"}
+            assert own <= set(re.findall(r"^(\w+):", configs[verb], re.MULTILINE)), verb
+        else:  # argparse: its usage line and options
+            assert re.match(rf"usage: (gpt2lab |python -m gpt2lab\.){verb} \[-h\]", shown.stdout), (verb, shown.stdout)
+            assert "\n  -h, --help " in shown.stdout, verb
+    assert len(configs) == 6 and len(set(configs.values())) == 6  # train evaluate generate chat export check
+    # The installed console script, in a real process of gpt2lab evaluate.
+    cli = [str(Path(sys.executable).parent / "gpt2lab")]
     result = subprocess.run(
         [*cli, "evaluate", f"ckpt={trained_run}", "split=validation", "eval.compressors=false",
          f"paths.cache_dir={cache_dir}"],
