@@ -283,9 +283,12 @@ def report_results(
         "parameters": module.model.num_parameters(),
     }
     if trainer.is_global_zero:
-        (plan.output_dir / "results.json").write_text(json.dumps(results, indent=2))
         shown = {k: v for k, v in results.items() if k != "metrics"}
-        log.info("Results in %s: %s", plan.output_dir, json.dumps(shown))
+        if trainer.fast_dev_run:  # a debug run: no results.json, which would mark the directory as a finished run
+            log.info("Results (fast_dev_run: results.json not written): %s", json.dumps(shown))
+        else:
+            (plan.output_dir / "results.json").write_text(json.dumps(results, indent=2))
+            log.info("Results in %s: %s", plan.output_dir, json.dumps(shown))
     return TrainedRun(fitted.metrics.get(cfg.optimized_metric), results, module.model, tokenizer, plan.output_dir)
 
 
