@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ from gpt2lab.checkpoint import load_checkpoint
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit.callbacks import ProgressBar
 from gpt2lab.lit.module import GPT2LitModule
-from gpt2lab.train.run import train
+from gpt2lab.train.run import train, train_run
 
 
 def cli_args(corpus_file: Path, cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -78,8 +79,17 @@ def test_train_returns_the_optimized_metric(compose_cfg):
     assert value == pytest.approx(results["metrics"]["val/ppl"])
 
 
-def test_fast_dev_run_works(compose_cfg):
-    train(compose_cfg("trainer.fast_dev_run=true"))
+def test_fast_dev_run_works(compose_cfg, caplog):
+    cfg = compose_cfg("trainer.fast_dev_run=true")
+    with caplog.at_level("INFO", logger="gpt2lab.train"):
+        run = train_run(cfg)
+    # One training step (and one validation and test batch), whose loss is a number
+    assert run.results["global_step"] == 1 and math.isfinite(run.results["metrics"]["train/loss"])
+    # Nothing a later run, `gpt2lab runs` or ckpt_path=last would take for a run: no checkpoint, no results.json
+    out = Path(cfg.paths.output_dir)
+    assert run.results["best_checkpoint"] == "" and not list(out.rglob("*.ckpt"))
+    assert not (out / "results.json").exists() and not (out / "metrics.csv").exists()
+    assert "fast_dev_run: results.json not written" in caplog.text
 
 
 def test_killed_run_resumes_to_the_same_final_loss(train_cli, tmp_path, corpus_file, cache_dir):
@@ -243,10 +253,10 @@ def test_compile_mode_and_options_reach_torch_compile(compose_cfg, monkeypatch):
     assert module.hparams.compile_options == {"coordinate_descent_tuning": True}  # saved in checkpoints
 
 
-def test_sharded_runs_give_each_stage_its_own_module(compose_cfg, monkeypatch, caplog):
-    # FSDP needs CUDA, so the stage handling it gets is exercised here on the CPU strategy: the step-0
-    # validation and the test must not see the module that fit() trained, and the sample comes from the
-    # best checkpoint file.
+def test_each_stage_gets_its_own_module_as_under_fsdp_on_the_single_device_strategy(compose_cfg, monkeypatch, caplog):
+    # The per-stage module handling that FSDP gets, with FSDP swapped for the single-device strategy on the CPU
+    # (FSDP itself needs GPUs: the gpu tests run it): the step-0 validation and the test must not see the module
+    # that fit() trained, and the sample comes from the best checkpoint file.
     from pytorch_lightning.strategies import SingleDeviceStrategy
 
     import gpt2lab.train.run as train_module
