@@ -1,15 +1,75 @@
-"""Shared fixtures: a small corpus made from the bundled one, and the real config tree composed by Hydra."""
+"""Shared fixtures: a small corpus made from the bundled one, and the real config tree composed by Hydra.
 
+Every cache the suite writes (gpt2lab's tokenizers, token files and probes; Hugging Face's datasets and Hub files)
+lives in one temporary directory, ``TEST_CACHE``, never in the user's ``~/.cache/gpt2lab`` or
+``~/.cache/huggingface`` nor in a ``GPT2LAB_CACHE_DIR`` set outside (CI sets one): a test that omits
+``paths.cache_dir`` gets it too, and a test that writes to the user's caches anyway fails (``own_caches``).
+"""
+
+# ruff: noqa: E402 (the caches are pointed at before the imports of datasets and huggingface_hub, which read them then)
 from __future__ import annotations
 
 import importlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+def _user_caches() -> tuple[str, ...]:
+    """The caches outside the suite that gpt2lab and Hugging Face would use here: ``GPT2LAB_CACHE_DIR`` or
+    ``~/.cache/gpt2lab``, and ``HF_HOME`` (or ``~/.cache/huggingface``) with any cache path set on its own."""
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    paths = [home / "gpt2lab", Path(os.environ.get("HF_HOME") or home / "huggingface")]
+    paths += [Path(os.environ[var]) for var in ("GPT2LAB_CACHE_DIR", *HF_CACHE_VARS) if os.environ.get(var)]
+    expanded = {os.path.abspath(os.path.expanduser(p)) for p in paths}
+    return tuple(sorted(expanded | {os.path.realpath(p) for p in expanded}))
+
+
+# Hugging Face's cache paths that win over HF_HOME when set: unset for the suite, so that HF_HOME decides them all
+HF_CACHE_VARS = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE", "HF_DATASETS_CACHE",
+                 "HF_MODULES_CACHE", "TRANSFORMERS_CACHE")  # fmt: skip
+USER_CACHES = _user_caches()
+TEST_CACHE = Path(tempfile.mkdtemp(prefix="gpt2lab-test-caches-"))
+CACHE_ENV = {"GPT2LAB_CACHE_DIR": str(TEST_CACHE / "gpt2lab"), "HF_HOME": str(TEST_CACHE / "huggingface")}
+os.environ.update(CACHE_ENV)  # inherited by the commands the tests start
+for _var in HF_CACHE_VARS:
+    os.environ.pop(_var, None)
+# A cache that holds the suite's (a user's GPT2LAB_CACHE_DIR=/tmp) is not guarded: the suite writes inside it
+_GUARDED = tuple(p for p in USER_CACHES if not str(TEST_CACHE).startswith(p.rstrip(os.sep) + os.sep))
+USER_CACHE_WRITES: list[str] = []  # paths under USER_CACHES this process wrote, created, moved or removed
+_PATH_EVENTS = {"open": (0,), "os.mkdir": (0,), "os.remove": (0,), "os.rmdir": (0,), "shutil.rmtree": (0,),
+                "os.rename": (0, 1), "os.symlink": (1,), "os.link": (1,)}  # fmt: skip
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _note_user_cache_writes(event: str, args: tuple) -> None:
+    """An audit hook: notes this process's writes under the user's caches (files opened for writing, directories
+    made, files moved or removed). Commands the tests start inherit ``CACHE_ENV`` instead."""
+    if event not in _PATH_EVENTS or not _GUARDED:
+        return
+    try:
+        if event == "open":
+            mode, flags = args[1], args[2]
+            if not (isinstance(mode, str) and any(c in mode for c in "wax+")) and not (
+                isinstance(flags, int) and flags & _WRITE_FLAGS
+            ):
+                return
+        for i in _PATH_EVENTS[event]:
+            if isinstance(args[i], str | bytes | os.PathLike):
+                path = os.path.abspath(os.fsdecode(args[i]))
+                if any(path == root or path.startswith(root + os.sep) for root in _GUARDED):
+                    USER_CACHE_WRITES.append(f"{event} {path}")
+    except Exception:  # an audit hook's error would fail the operation it audits
+        pass
+
+
+sys.addaudithook(_note_user_cache_writes)
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -94,9 +154,38 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def own_caches(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test's caches are the suite's (``CACHE_ENV`` set again, should a test before have changed it), and a
+    test that writes to the user's caches fails, naming what it wrote (or a session fixture it set up did)."""
+    for var, value in CACHE_ENV.items():
+        monkeypatch.setenv(var, value)
+    for var in HF_CACHE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    yield
+    written = USER_CACHE_WRITES[:]
+    USER_CACHE_WRITES.clear()
+    if written:
+        pytest.fail(f"wrote to the user's caches, not the suite's ({TEST_CACHE}): " + "; ".join(written[:10]))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session for writes to the user's caches that no test's teardown saw (a session fixture's teardown),
+    then remove the suite's caches."""
+    if USER_CACHE_WRITES:
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"Error: the suite wrote to the user's caches: {'; '.join(USER_CACHE_WRITES[:10])}", red=True
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache_dir() -> Path:
+    """The suite's gpt2lab cache (``GPT2LAB_CACHE_DIR``, shared by tests that name it and tests that omit it)."""
+    path = Path(CACHE_ENV["GPT2LAB_CACHE_DIR"])
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture
