@@ -18,6 +18,14 @@ def table_rows(out: str) -> list[list[str]]:
     return [row for row in rows if row[0] not in ("run", "model") and not set(row[0]) <= set("-:")]
 
 
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch):
+    """The cores as a quiet machine's (3% busy with others): pytest may share them, and the guard would wait."""
+    from gpt2lab.bench import machine
+
+    monkeypatch.setattr(machine, "busy_share", lambda: 0.03)
+
+
 @pytest.fixture
 def bench_args(corpus_file, cache_dir):
     GlobalHydra.instance().clear()
@@ -34,7 +42,14 @@ def test_bench_reports_each_micro_batch(bench_args, tmp_path, capsys):
         assert r["seq_len"] == 32 and r["accumulate"] == 1 and r["world_size"] == 1 and r["steps_timed"] == 3
         assert r["tokens_per_sec"] == pytest.approx(r["micro_batch"] * 32 / (r["step_ms"] / 1e3), rel=0.01)
         assert r["parameters"] > 0 and r["flops_per_token"] > 6 * r["parameters"] * 0.9
-    assert [row[:2] for row in table_rows(capsys.readouterr().out)] == [["gpt2lab x1", "4"], ["gpt2lab x1", "8"]]
+    printed = capsys.readouterr().out
+    assert [row[:2] for row in table_rows(printed)] == [["gpt2lab x1", "4"], ["gpt2lab x1", "8"]]
+    under_table = printed[printed.rindex("|\n") + 2 :]  # the load it was measured at, on the line under the table
+    assert (
+        under_table.startswith("load: other processes kept 3% of the ")
+        and "busy at the start, 3% at the end" in under_table
+    )
+    assert json.loads(out.read_text())["busy_share"] == {"start": 0.03, "end": 0.03}
 
 
 def test_bench_counts_accumulated_micro_batches_in_a_step(bench_args, tmp_path):

@@ -316,7 +316,7 @@ def test_bench_export_measures_float32_and_int8_graphs(tmp_path):
     """python -m gpt2lab.bench export: onnxruntime against PyTorch eager for a conf/model size, in float32 and with
     int8 weights: forward at batch 1 and 8, and cached greedy decoding at batch 1."""
     result = subprocess.run(
-        [sys.executable, "-m", "gpt2lab.bench", "export", "--model", "gpt2-tiny", "--repeats", "1"],
+        [sys.executable, "-m", "gpt2lab.bench", "export", "--model", "gpt2-tiny", "--repeats", "1", "--busy-ok"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

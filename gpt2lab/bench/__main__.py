@@ -1,6 +1,7 @@
 """``python -m gpt2lab.bench``: speed measurements. ``[overrides] [options]``: the training step
 (``bench.training``); ``decode ...``: decoding beside transformers (``bench.decode``); ``export ...``: exported
-graphs beside PyTorch eager on the CPU (``bench.export``). ``python -m gpt2lab.bench.reference_loop`` is gpt2lab's
+graphs beside PyTorch eager on the CPU (``bench.export``). Each one measures only while other processes leave the
+CPU cores free (``bench.machine``: ``--busy-ok`` measures anyway, ``--busy-wait SECONDS``) and prints the load. ``python -m gpt2lab.bench.reference_loop`` is gpt2lab's
 model in the reference script's own loop."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt2lab.bench import decode, export, training
+from gpt2lab.bench import decode, export, machine, training
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true", help="largest micro-batch per model size, +/- checkpointing")
     parser.add_argument("--models", nargs="+", default=training.MEMORY_MODELS, help="model sizes for --memory")
     parser.add_argument("--json", type=Path, help="also write all results to this file")
+    machine.add_busy_options(parser)
     # Overrides (key=value) may stand anywhere, even right after -b's numbers.
     words = [a for a in argv if "=" in a and not a.startswith("-")]
     args = parser.parse_intermixed_args([a for a in argv if a not in words])

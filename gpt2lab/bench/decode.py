@@ -3,7 +3,10 @@
 
 Greedy, a random prompt of ``--prompt`` tokens, ``--new`` new tokens per sequence (no early stop), for each
 batch size in ``-b``; the median of ``--repeats`` timed runs after a warm-up run (which captures the CUDA
-graphs and compiles). transformers' rows need ``pip install -e ".[hf]"``; ``--hf-static`` adds its static
+graphs and compiles). At batch 1 every new token reads all the weights once, so the table gives each row's share
+of that limit: the memory bandwidth (a GPU's datasheet peak, a CPU's measured copy bandwidth) over the bytes of
+weights. It measures only while other processes leave the CPU cores free (``bench.machine``: ``--busy-ok``,
+``--busy-wait``) and says how busy they were. transformers' rows need ``pip install -e ".[hf]"``; ``--hf-static`` adds its static
 cache with a compiled forward (GPUs).
 """
 
@@ -16,13 +19,12 @@ from collections.abc import Callable
 import torch
 from omegaconf import OmegaConf
 
+from gpt2lab.bench import machine
 from gpt2lab.config import compose_train, group_options
 from gpt2lab.console import table
-from gpt2lab.lit.speed import median_seconds
+from gpt2lab.errors import ConfigError
+from gpt2lab.lit.speed import describe_load, median_seconds
 from gpt2lab.model import GPT2Config, GPT2Model
-
-# Peak memory bandwidth (datasheets): at batch 1 every new token reads all the weights once.
-BANDWIDTH = {"h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12}
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype) -> GPT2Model:
@@ -65,6 +67,18 @@ def decoders(
     return rows
 
 
+def decode_table(rates: dict[str, list[float]], batches: list[int], limit: float | None) -> str:
+    """The Markdown table: tokens/s of each decoder at each batch size and, given the batch-1 ``limit`` (tokens/s),
+    the share of it that each decoder reaches."""
+    columns = ["decoder", *(f"batch {b}" for b in batches)]
+    cells = [[label, *(f"{r:,.0f} tokens/s" for r in row)] for label, row in rates.items()]
+    if limit:
+        columns.append("batch 1, share of the bandwidth limit")
+        for cell, row in zip(cells, rates.values(), strict=True):
+            cell.append(f"{row[batches.index(1)] / limit:.1%}")
+    return table(columns, cells, markdown=True, align=["left"] + ["right"] * (len(columns) - 1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt2lab.bench decode", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gpt2", help="a model size from conf/model/ (default: gpt2, 124M)")
@@ -77,11 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--hf-static", action="store_true", help="add transformers' static cache (compiled by generate)"
     )
+    machine.add_busy_options(parser)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if args.model not in group_options("model"):
         parser.error(f"--model {args.model}: no conf/model/{args.model}.yaml")
+    try:
+        at_start = machine.wait_for_free_cores(args.busy_ok, args.busy_wait, gpu=device.type == "cuda")
+    except ConfigError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    bandwidth, source = machine.memory_bandwidth(device) if 1 in args.batch else (None, "")
     torch.manual_seed(0)
     model = build_model(args.model, device, dtype)
     rows = decoders(model, args.new, dtype, hf=not args.no_hf, hf_static=args.hf_static)
@@ -96,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             (seconds,) = median_seconds(lambda decode=decode, x=x: decode(x), repeats=args.repeats, device=device)
             rates[label].append(batch * args.new / seconds)
         print(f"measured: {label}", file=sys.stderr, flush=True)  # the table comes once every row is measured
-    columns = ["decoder", *(f"batch {b}" for b in args.batch)]
-    cells = [[label, *(f"{r:,.0f} tokens/s" for r in row)] for label, row in rates.items()]
-    print("\n" + table(columns, cells, markdown=True, align=["left"] + ["right"] * len(args.batch)))
+    at_end = machine.busy_share()
+    weight_bytes = machine.weight_bytes_per_token(model)
+    limit = bandwidth / weight_bytes if bandwidth else None  # tokens/s at batch 1
+    print("\n" + decode_table(rates, args.batch, limit))
+    print(describe_load(at_start, at_end))
     ours = [label for label in rates if label.startswith("gpt2lab")]
     best = [max(rates[label][i] for label in ours) for i in range(len(args.batch))]  # the fastest gpt2lab row
     for label in rates:
@@ -107,12 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"gpt2lab (fastest row) / {label}: "
                 + ", ".join(f"{a / b:.2f}x" for a, b in zip(best, rates[label], strict=True))
             )
-    bandwidth = next((bw for chip, bw in BANDWIDTH.items() if chip in name.lower()), None)
-    if bandwidth and 1 in args.batch:
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        limit = bandwidth / weight_bytes
-        print(f"Batch 1 bound by memory bandwidth: {limit:,.0f} tokens/s ({weight_bytes / 1e9:.2f} GB of weights read per "
-              f"token at {bandwidth / 1e12:.1f} TB/s); gpt2lab reaches {best[args.batch.index(1)] / limit:.1%}")  # fmt: skip
+    if limit:
+        reached = best[args.batch.index(1)] / limit
+        print(f"{machine.limit_line(limit, weight_bytes, bandwidth, source)}; gpt2lab reaches {reached:.1%}")
     return 0
 
 

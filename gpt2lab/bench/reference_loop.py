@@ -5,11 +5,13 @@ describe (compiled as ``compile``/``compile_mode``/``compile_options`` say) and 
 script's ``bench`` function: same loop, same random tokens, same optimizer. Against the reference's own
 row it measures the model code alone; against the ``python -m gpt2lab.bench`` row, the Lightning path.
 ``B`` and ``STEPS`` come from the environment, as the script reads them. ``python -m gpt2lab.bench
---reference-variants nano_compile gpt2lab-model`` runs it beside the others.
+--reference-variants nano_compile gpt2lab-model`` runs it beside the others. Like every bench it first waits for
+the CPU cores to be free (``bench.machine``: ``--busy-ok``, ``--busy-wait SECONDS``, anywhere after the script).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
+from gpt2lab.bench import machine
 from gpt2lab.bench.training import REFERENCE_LOOP_VARIANT
 from gpt2lab.config import compose_train
 from gpt2lab.errors import ConfigError
@@ -29,13 +32,19 @@ REFERENCE_VOCAB = 50257  # the reference draws its random tokens below this
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or not Path(argv[0]).is_file():
-        print("usage: python -m gpt2lab.bench.reference_loop reference_step.py [overrides]", file=sys.stderr)
+        print(
+            "usage: python -m gpt2lab.bench.reference_loop reference_step.py [overrides] [--busy-ok] [--busy-wait S]",
+            file=sys.stderr,
+        )
         return 2
+    guard = argparse.ArgumentParser(prog="python -m gpt2lab.bench.reference_loop", add_help=False)
+    machine.add_busy_options(guard)
+    busy, overrides = guard.parse_known_args(argv[1:])
     spec = importlib.util.spec_from_file_location("reference_step", argv[0])
     reference = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reference)
     try:
-        cfg = compose_train(argv[1:])
+        cfg = compose_train(overrides)
     except ConfigError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 2
@@ -46,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        gpu = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
+        machine.wait_for_free_cores(busy.busy_ok, busy.busy_wait, gpu=gpu)
+    except ConfigError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     torch.manual_seed(cfg.seed)

@@ -6,7 +6,8 @@ of each optimizer step with a CUDA event, so the timed steps have no host sync o
 ``--reference`` runs the plain-PyTorch baseline script in the same invocation, on the same GPU, before
 gpt2lab's runs, and prints its numbers beside them; its variant ``gpt2lab-model`` is gpt2lab's model in
 the reference's own loop, which tells the model's cost from the Lightning path's. ``--memory`` finds, per
-model size, the largest micro-batch that fits with and without gradient checkpointing.
+model size, the largest micro-batch that fits with and without gradient checkpointing. It measures only while
+other processes leave the CPU cores free (``bench.machine``), and each table says how busy they were.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from gpt2lab.bench import machine
 from gpt2lab.config import compose_train
 from gpt2lab.console import table
 from gpt2lab.errors import ConfigError
-from gpt2lab.lit.speed import peak_flops, precision_dtype, synchronize
+from gpt2lab.lit.speed import describe_load, peak_flops, precision_dtype, synchronize
 
 DEFAULT_OVERRIDES = ["preset=small"]
 MEMORY_MODELS = ["gpt2", "gpt2-medium", "gpt2-large"]
@@ -185,7 +187,8 @@ def run_reference(
     the script's own loop (``gpt2lab.bench.reference_loop``)."""
     env = {**os.environ, "B": str(micro_batch), "STEPS": str(steps)}
     if variant == REFERENCE_LOOP_VARIANT:
-        command = [sys.executable, "-m", "gpt2lab.bench.reference_loop", str(script), *(overrides or [])]
+        # --busy-ok: this bench checked the cores before it started its runs
+        command = [sys.executable, "-m", "gpt2lab.bench.reference_loop", str(script), "--busy-ok", *(overrides or [])]
     else:
         command = [sys.executable, str(script), variant]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -269,6 +272,10 @@ def bench(args: argparse.Namespace) -> int:
     if is_rank_zero:
         print(f"# {results['environment']}\n# overrides: {' '.join(overrides)}", flush=True)
     try:
+        # Rank 0 checks the cores for all: the ranks it launches start while it is running (they skip the check).
+        if is_rank_zero:
+            gpu = torch.cuda.is_available() and compose_train(overrides).trainer.accelerator != "cpu"
+            results["busy_share"] = {"start": machine.wait_for_free_cores(args.busy_ok, args.busy_wait, gpu=gpu)}
         for mb in micro_batches:
             if args.reference and is_rank_zero:
                 for variant in args.reference_variants:
@@ -281,6 +288,8 @@ def bench(args: argparse.Namespace) -> int:
         return 1
     if not is_rank_zero:
         return 0
+    results["busy_share"]["end"] = machine.busy_share()
+    load = describe_load(results["busy_share"]["start"], results["busy_share"]["end"])
     rows = []
     refs = {(r.get("name"), r.get("B")): r for r in results["reference"]}
     for mb, run in zip(micro_batches, results["runs"], strict=True):
@@ -290,9 +299,11 @@ def bench(args: argparse.Namespace) -> int:
         if run:
             rows.append(row(f"gpt2lab x{run['world_size']}", run, base))
     print(table(COLUMNS, rows, markdown=True, align=["left"] + ["right"] * (len(COLUMNS) - 1)))
+    print(load)
     if results.get("memory"):
         memory = [[m.get(key, "") for key in MEMORY_KEYS] for m in results["memory"]]
         print("\n" + table(MEMORY_COLUMNS, memory, markdown=True, align=["left"] + ["right"] * 4))
+        print(load)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from gpt2lab.console import table
-from gpt2lab.lit.speed import median_seconds
+from gpt2lab.lit.speed import busy_share, describe_load, median_seconds
 from gpt2lab.model import GPT2Model
 
 BATCHES = (1, 8)
@@ -38,13 +38,14 @@ def eager(model: Any, ids: torch.Tensor, new_tokens: int = 0) -> object:
 
 
 def machine() -> dict[str, Any]:
-    """The CPU, the threads used and how busy the machine was (1-minute load average) when measured."""
+    """The CPU, the threads used and how busy other processes kept its cores (``busy_share``) as the measurement
+    ended; a benchmark that read it at the start too adds ``busy_at_start``."""
     cpuinfo = Path("/proc/cpuinfo")
     names = [
         line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
     ]
     name = names[0] if cpuinfo.is_file() and names else platform.processor() or platform.machine()
-    return {"cpu": name, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
+    return {"cpu": name, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "busy_share": busy_share()}
 
 
 def sizes(model: GPT2Model, repeats: int) -> tuple[int, int, int]:
@@ -69,16 +70,21 @@ def forward_rows(model: GPT2Model, exported: Callable[[torch.Tensor], object], r
 
 
 def format_benchmark(result: dict[str, Any], title: str = "") -> str:
-    """A Markdown table: PyTorch eager, the export, and the export's speed-up."""
+    """A Markdown table: PyTorch eager, the export, and the export's speed-up, under a line that says the load it was
+    measured at. ``result["limits"]``, where a benchmark adds it (``python -m gpt2lab.bench export``), is each
+    column's decoding limit in tokens/s: a row after the decoding row gives the share of it that each reached."""
     m = result["machine"]
     lines = [
         f"{title + ': ' if title else ''}{result['runtime']} against PyTorch eager on {m['cpu']} "
-        f"({m['threads']} threads of {m['cores']} cores, load average {m['load']:.1f} when measured)",
+        f"({m['threads']} threads of {m['cores']} cores; {describe_load(m.get('busy_at_start'), m['busy_share'])})",
     ]
     rows = []
     for what, r in result["rows"].items():
         faster = r["pytorch"] / r["exported"] if "(ms)" in what else r["exported"] / r["pytorch"]
         rows.append((what, f"{r['pytorch']:,.1f}", f"{r['exported']:,.1f}", f"{faster:.2f}x"))
+        if "limits" in result and "(tokens/s)" in what:
+            share = [f"{r[k] / result['limits'][k]:.0%} of {result['limits'][k]:,.0f}" for k in ("pytorch", "exported")]
+            rows.append(("  share of its bandwidth limit (limit in tokens/s)", *share, ""))
     columns = ["", "PyTorch eager", result["runtime"], "speed-up"]
     lines += ["", table(columns, rows, markdown=True, align=["left", "right", "right", "right"])]
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """How fast: a device's peak FLOP/s (the denominator of MFU), the matmul dtype of a precision setting, and the one
-timing helper, the median of repeated timed runs with the device synchronised around each.
+timing helper, the median of repeated timed runs with the device synchronised around each; and how busy other
+processes keep the CPU cores (``busy_share``), in the same words under every table that reports a speed.
 
 Here, below the library verbs, because training reports throughput and MFU (``callbacks.ThroughputLogger``), an
 export can time itself (``exporters.speed``) and the benchmarks (``gpt2lab.bench``) measure all of it the same way.
@@ -7,6 +8,7 @@ export can time itself (``exporters.speed``) and the benchmarks (``gpt2lab.bench
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -60,3 +62,36 @@ def median_seconds(
             synchronize(device)
             seconds.append(time.perf_counter() - start)
     return [statistics.median(seconds) for seconds in times]
+
+
+def busy_share(interval_s: float = 1.0) -> float:
+    """The share (0 to 1) of this process's CPU cores that *other* processes kept busy over ``interval_s``: the busy
+    time ``/proc/stat`` counts on those cores (``cpu_threads.busy_cores``) less this process's own CPU time, so that
+    a benchmark's own threads (PyTorch's OpenMP threads spin after each operator) do not count against it. Where
+    there is no ``/proc/stat``, the 1-minute load average per core, which counts this process too. The load average
+    is no measure on a quiet Linux machine: a kernel thread in uninterruptible sleep reads 0.7 on 2 idle cores."""
+    from gpt2lab.lit.cpu_threads import busy_cores
+
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    if not os.path.exists("/proc/stat"):
+        return min(os.getloadavg()[0] / len(cores), 1.0) if hasattr(os, "getloadavg") else 0.0
+    own, wall = time.process_time(), time.perf_counter()
+    busy = busy_cores(cores, interval_s)
+    own = (time.process_time() - own) / max(time.perf_counter() - wall, 1e-9)
+    return min(max(busy - own, 0.0) / len(cores), 1.0)
+
+
+def describe_load(at_start: float | None, at_end: float | None = None) -> str:
+    """The load a table was measured at, in the same words under every table: how much of the cores other processes
+    kept busy (``busy_share``) at the start and at the end."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    readings = [
+        f"{share:.0%} at the {moment}" for share, moment in ((at_start, "start"), (at_end, "end")) if share is not None
+    ]
+    if not readings:
+        return "load: not measured"
+    first, *rest = readings
+    share, _, moment = first.partition(" ")
+    return f"load: other processes kept {share} of the {cores} CPU cores busy {moment}" + "".join(
+        f", {r}" for r in rest
+    )
