@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -280,14 +281,85 @@ def test_grid_sampler_covers_the_grid_once(tmp_path, corpus_file, cache_dir):
     assert params == [(1e-3, 10), (1e-3, 20), (3e-3, 10), (3e-3, 20)]  # n_trials=10 capped at the grid's 4
 
 
-@pytest.mark.parametrize(
-    ("sampler", "target"),
-    [("tpe", "TPESampler"), ("random", "RandomSampler"), ("cmaes", "CmaEsSampler"), ("grid", "GridSampler")],
-)
-def test_samplers_are_selectable(sampler, target):
-    config = sampler_config(sampler)
-    assert config._target_.endswith(target)
-    assert "seed" in config
+SAMPLERS = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "grid": optuna.samplers.GridSampler,
+}
+
+# A Hydra task as cheap as can be, swept by gpt2lab's Optuna sweeper (hydra/sweeper=gpt2lab_optuna from conf/).
+STUDY_TASK = """from pathlib import Path
+
+import hydra
+
+from gpt2lab.config import TRUSTED_TARGETS
+
+
+def objective(cfg):
+    return cfg.x + cfg.y
+
+
+CONF = str(Path(__file__).parent / "conf")
+main = hydra.main(config_path=CONF, config_name="study", execution_whitelist=TRUSTED_TARGETS)(objective)
+"""
+
+
+def test_the_tested_samplers_are_those_the_docs_offer():
+    from conftest import REPO
+
+    offered = re.search(
+        r"group `hydra/sweeper/sampler`: (.*?), each with `seed`", (REPO / "docs" / "sweeps.md").read_text()
+    )
+    assert offered and re.findall(r"`(\w+)`", offered.group(1)) == list(SAMPLERS)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_samplers_are_selectable(sampler, run_main, tmp_path, monkeypatch):
+    """hydra/sweeper/sampler=<name> picks the study's sampler, which proposes three trials that run."""
+    from conftest import CONF
+
+    space = "x: choice(0.1, 0.2, 0.3)\n      y: choice(0.4, 0.5)" if sampler == "grid" else (
+        "x: interval(0, 1)\n      y: interval(0, 1)"
+    )  # fmt: skip
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "study.yaml").write_text(f"""defaults:
+  - override hydra/sweeper: gpt2lab_optuna
+  - _self_
+x: 0.0
+y: 0.0
+optimized_metric: objective
+optuna_trial: null
+hydra:
+  searchpath: [file://{CONF}]
+  sweep:
+    dir: sweep
+    subdir: trial_${{optuna_trial}}
+  sweeper:
+    study_name: t
+    n_trials: 3
+    sampler:
+      seed: 0
+    params:
+      {space}
+""")
+    (tmp_path / f"study_{sampler}.py").write_text(STUDY_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    studies = []
+    create_study = optuna.create_study
+    monkeypatch.setattr(optuna, "create_study", lambda **kw: studies.append(create_study(**kw)) or studies[-1])
+    try:
+        result = run_main(f"study_{sampler}", "-m", f"hydra/sweeper/sampler={sampler}", cwd=tmp_path)
+    finally:
+        sys.modules.pop(f"study_{sampler}", None)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (study,) = studies
+    assert type(study.sampler) is SAMPLERS[sampler]
+    assert "seed" in sampler_config(sampler)  # as hparams_search=optuna composes it: seeded
+    trials = _study(tmp_path / "sweep" / "optuna.db").trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert all(t.value == pytest.approx(t.params["x"] + t.params["y"]) for t in trials)  # the task ran with them
+    assert len({(t.params["x"], t.params["y"]) for t in trials}) == 3
 
 
 # The Optuna sweeper's bookkeeping, driven in-process by stand-in jobs that return a value instead of training.
