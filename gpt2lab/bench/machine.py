@@ -24,7 +24,7 @@ from gpt2lab.errors import ConfigError
 from gpt2lab.lit.speed import busy_share, synchronize
 
 # A CPU bench runs one OpenMP thread per core, and every operator waits for the slowest: any core that others hold
-# shows in the figures. 10% leaves room for the background a quiet machine has (daemons, kernel threads: 0-3% of 2
+# shows in the figures. 10% leaves room for the background a quiet machine has (daemons, kernel threads: a few % of 2
 # cores here, where the 1-minute load average reads 0.7) and refuses a test suite or a training run, which holds a
 # whole core (50% of 2 cores). On a GPU the device does the arithmetic and the host needs a core or two: one thread
 # launches every kernel (eager decoding and a training step are launch-bound at small batches) and a few feed data.
