@@ -23,6 +23,30 @@ def _server_binaries() -> str | None:
     return os.path.dirname(found) if found else None
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(bindir: str, data: Path, sockets: Path, as_postgres: list[str], attempts: int = 5) -> int:
+    """Start the PostgreSQL server of ``data`` on a free port of 127.0.0.1 (its log beside ``data``); the port.
+
+    The server is handed a port number, not a socket, so a port found free can be taken by another process before
+    the server binds it: a start that fails for that reason is tried again on another port."""
+    for attempt in range(attempts):
+        port, log = _free_port(), data.parent / f"server{attempt}.log"
+        options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1"
+        command = [*as_postgres, f"{bindir}/pg_ctl", "-D", str(data), "-o", options, "-w", "-l", str(log), "start"]
+        started = subprocess.run(command, capture_output=True, text=True)
+        if started.returncode == 0:
+            return port
+        said = log.read_text(errors="replace") if log.is_file() else ""
+        if "Address already in use" not in said:
+            break
+    raise RuntimeError(f"PostgreSQL did not start: {started.stdout}{started.stderr}{said[-2000:]}")
+
+
 @pytest.fixture(scope="module")
 def postgres_url():
     pytest.importorskip("psycopg2", reason="psycopg2 is not installed (pip install -e '.[dev]')")
@@ -41,13 +65,9 @@ def postgres_url():
         shutil.chown(root, "postgres")
         shutil.chown(sockets, "postgres")
         as_postgres = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     run = lambda *cmd: subprocess.run([*as_postgres, *cmd], check=True, capture_output=True)  # noqa: E731
     run(f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres")
-    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1"
-    run(f"{bindir}/pg_ctl", "-D", str(data), "-o", options, "-w", "-l", str(root / "server.log"), "start")
+    port = start_server(bindir, data, sockets, as_postgres)
     yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
     run(f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop")
     shutil.rmtree(root, ignore_errors=True)

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -225,7 +224,7 @@ def test_a_crafted_checkpoint_runs_no_code_when_loaded(tmp_path, corpus_file, ca
 def password_postgres(tmp_path_factory):
     """A PostgreSQL server that checks passwords (scram-sha-256): its URL, with the password."""
     pytest.importorskip("psycopg2", reason="psycopg2 is not installed (pip install -e '.[dev]')")
-    from test_postgres import _server_binaries
+    from test_postgres import _server_binaries, start_server
 
     bindir = _server_binaries()
     if bindir is None:
@@ -241,15 +240,11 @@ def password_postgres(tmp_path_factory):
         for path in (root, root / "pw", root / "sock"):
             shutil.chown(path, "postgres")
         as_postgres = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     run = lambda *cmd: subprocess.run([*as_postgres, *cmd], check=True, capture_output=True)  # noqa: E731
     run(
         f"{bindir}/initdb", "-D", str(root / "data"), "-A", "scram-sha-256", "-U", "postgres", f"--pwfile={root / 'pw'}"
     )
-    options = f"-p {port} -k {root / 'sock'} -c listen_addresses=127.0.0.1"
-    run(f"{bindir}/pg_ctl", "-D", str(root / "data"), "-o", options, "-w", "-l", str(root / "server.log"), "start")
+    port = start_server(bindir, root / "data", root / "sock", as_postgres)
     yield f"postgresql+psycopg2://postgres:{password}@127.0.0.1:{port}/postgres", password
     run(f"{bindir}/pg_ctl", "-D", str(root / "data"), "-m", "fast", "stop")
     shutil.rmtree(root, ignore_errors=True)
