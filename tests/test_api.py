@@ -115,10 +115,11 @@ def test_an_nn_module_object_trains_in_place(corpus_file, cache_dir, tmp_path, m
 
     # In another session the key names nothing: the error says how to load the weights, and that works
     monkeypatch.setattr(gpt2lab.train.api, "_MODULES", weakref.WeakValueDictionary())
-    with execution_whitelist("test_api.*"), pytest.raises(ConfigError, match="in another Python session"):
+    with execution_whitelist("test_api.*"), pytest.raises(ConfigError, match="in another Python session") as refused:
         load_checkpoint(results["best_model_path"])
+    assert "torch.load(ckpt, weights_only=True)" in str(refused.value)  # never advises running the file's code
     rebuilt = Bigram()
-    state = torch.load(results["best_model_path"], weights_only=False)["state_dict"]
+    state = torch.load(results["best_model_path"], weights_only=True)["state_dict"]
     rebuilt.load_state_dict({k.removeprefix("model.module."): v for k, v in state.items()})
     assert torch.equal(rebuilt.out.weight, module.out.weight)
 

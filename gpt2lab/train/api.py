@@ -111,7 +111,7 @@ def registered_module(key: str) -> nn.Module:
         raise ConfigError(
             f"model.module.key={key}: this model was a module object passed to train_model(model=...) in another "
             "Python session. Build the module again and load the checkpoint's weights into it: "
-            "module.load_state_dict({k.removeprefix('model.module.'): v for k, v in torch.load(ckpt, weights_only=False)"
+            "module.load_state_dict({k.removeprefix('model.module.'): v for k, v in torch.load(ckpt, weights_only=True)"
             "['state_dict'].items()})"
         )
     if key in _HANDED_OUT:
