@@ -41,8 +41,8 @@ os.environ.update(CACHE_ENV)  # inherited by the commands the tests start
 for _var in HF_CACHE_VARS:
     os.environ.pop(_var, None)
 # A cache that holds the suite's (a user's GPT2LAB_CACHE_DIR=/tmp) is not guarded: the suite writes inside it
-_GUARDED = tuple(p for p in USER_CACHES if not str(TEST_CACHE).startswith(p.rstrip(os.sep) + os.sep))
-USER_CACHE_WRITES: list[str] = []  # paths under USER_CACHES this process wrote, created, moved or removed
+GUARDED_CACHES = tuple(p for p in USER_CACHES if not str(TEST_CACHE).startswith(p.rstrip(os.sep) + os.sep))
+USER_CACHE_WRITES: list[str] = []  # paths under GUARDED_CACHES this process wrote, created, moved or removed
 _PATH_EVENTS = {"open": (0,), "os.mkdir": (0,), "os.remove": (0,), "os.rmdir": (0,), "shutil.rmtree": (0,),
                 "os.rename": (0, 1), "os.symlink": (1,), "os.link": (1,)}  # fmt: skip
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
@@ -51,7 +51,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 def _note_user_cache_writes(event: str, args: tuple) -> None:
     """An audit hook: notes this process's writes under the user's caches (files opened for writing, directories
     made, files moved or removed). Commands the tests start inherit ``CACHE_ENV`` instead."""
-    if event not in _PATH_EVENTS or not _GUARDED:
+    if event not in _PATH_EVENTS or not GUARDED_CACHES:
         return
     try:
         if event == "open":
@@ -63,7 +63,7 @@ def _note_user_cache_writes(event: str, args: tuple) -> None:
         for i in _PATH_EVENTS[event]:
             if isinstance(args[i], str | bytes | os.PathLike):
                 path = os.path.abspath(os.fsdecode(args[i]))
-                if any(path == root or path.startswith(root + os.sep) for root in _GUARDED):
+                if any(path == root or path.startswith(root + os.sep) for root in GUARDED_CACHES):
                     USER_CACHE_WRITES.append(f"{event} {path}")
     except Exception:  # an audit hook's error would fail the operation it audits
         pass
