@@ -1,6 +1,6 @@
 """``gpt2lab <verb> [overrides]``: one console script for every entry point (``gpt2lab train``, ``gpt2lab
 evaluate``, ...), each the command in ``gpt2lab/<verb>/__main__.py``: a Hydra app on its own ``conf/<verb>.yaml``
-(``cli/app.py``), or argparse for ``runs``, ``presets``, ``wizard`` and ``bench``."""
+(``cli/app.py``), or argparse for ``runs``, ``presets`` and ``wizard``."""
 
 from __future__ import annotations
 

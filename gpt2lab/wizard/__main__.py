@@ -19,7 +19,7 @@ from gpt2lab.wizard.wizard import Wizard, ask_preset
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m gpt2lab.wizard",
+        prog="gpt2lab wizard",
         description="Write conf/experiment/<name>.yaml in five steps: dataset, tokenizer, model check, training "
         "parameters, validation and summary. With --name it asks nothing: each answer is its flag or the preset's.",
     )
