@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ class GPT2DataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         preprocessing_num_workers: int | None = None,
-        cache_dir: str = "~/.cache/gpt2lab",
+        cache_dir: str | None = None,
         seed: int = 1234,
         tokenizer: TokenizerSpec | dict | None = None,
         max_bytes: int | None = None,
@@ -106,7 +107,8 @@ class GPT2DataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.preprocessing_num_workers = preprocessing_num_workers
-        self.cache_dir = Path(cache_dir).expanduser()
+        # None: where the config's paths.cache_dir points by default ($GPT2LAB_CACHE_DIR, else ~/.cache/gpt2lab)
+        self.cache_dir = Path(cache_dir or os.environ.get("GPT2LAB_CACHE_DIR") or "~/.cache/gpt2lab").expanduser()
         self.seed = seed
         self.tokenizer_spec = tokenizer if isinstance(tokenizer, TokenizerSpec) else TokenizerSpec(**(tokenizer or {}))
         self.tokenizer: Tokenizer | None = None
