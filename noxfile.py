@@ -9,17 +9,22 @@ import nox
 nox.options.sessions = ["lint", "tests"]
 
 
+# pytest-xdist: one worker per core (at most 4), each test given to the next free worker. Most tests are tiny models
+# whose time goes to Python and imports, not to torch's threads, so two workers on two cores take about half the time.
+PARALLEL = ("--numprocesses=auto", "--maxprocesses=4", "--dist=worksteal")
+
+
 @nox.session(python=False)
 def tests(session: nox.Session) -> None:
-    """The default suite: unit tests and short CPU training runs (a few minutes)."""
-    session.run("pytest", *session.posargs)
+    """The default suite: unit tests and short CPU training runs, spread over the cores."""
+    session.run("pytest", *PARALLEL, *session.posargs)
 
 
 @nox.session(python=False)
 def slow(session: nox.Session) -> None:
-    """Long end-to-end runs, marked ``slow``: the default preset's full training, Optuna studies
-    (resume, shared workers, pruning, joblib, PostgreSQL)."""
-    session.run("pytest", "-m", "slow", *session.posargs)
+    """Long end-to-end runs, marked ``slow``: the default preset's full training (started first, the others
+    beside it), Optuna studies (resume, shared workers, pruning, joblib, PostgreSQL), DDP, compiled training."""
+    session.run("pytest", "-m", "slow", *PARALLEL, *session.posargs)
 
 
 @nox.session(python=False)

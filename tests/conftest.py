@@ -169,6 +169,12 @@ def own_caches(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         pytest.fail(f"wrote to the user's caches, not the suite's ({TEST_CACHE}): " + "; ".join(written[:10]))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first, and the full default run (minutes) first of all: under ``-n`` (``nox -s tests slow``)
+    the shorter tests then run beside the long ones instead of after them."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, item.path.name != "test_default_run.py"))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the session for writes to the user's caches that no test's teardown saw (a session fixture's teardown),
     then remove the suite's caches."""
