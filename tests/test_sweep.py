@@ -19,9 +19,11 @@ from gpt2lab.sweep.optuna_sweeper import OptunaSweeper
 from gpt2lab.sweep.summary import SweepSummary
 
 
-def test_grid_multirun_writes_a_summary_and_survives_a_failing_job(tmp_path, corpus_file, cache_dir):
+def test_grid_multirun_writes_a_summary_and_survives_a_failing_job(train_cli, tmp_path, corpus_file, cache_dir):
     args = [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", "sample=null", "test=false"]
-    result = run_cli("-m", *args, "model.num_layers=1,2", "model.num_heads=2,3", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    result = train_cli(
+        "-m", *args, "model.num_layers=1,2", "model.num_heads=2,3", "hydra.sweep.dir=sweep", cwd=tmp_path
+    )
     sweep = tmp_path / "sweep"
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert len(rows) == 4
@@ -83,9 +85,9 @@ def _sweep_args(corpus_file, cache_dir, sweep_dir, *extra):
 
 
 @pytest.mark.slow
-def test_optuna_study_resumes_and_exports_a_reproducible_best_trial(tmp_path, corpus_file, cache_dir):
+def test_optuna_study_resumes_and_exports_a_reproducible_best_trial(train_cli, tmp_path, corpus_file, cache_dir):
     sweep = tmp_path / "study"
-    first = run_cli(*_sweep_args(corpus_file, cache_dir, sweep, "hydra.sweeper.n_trials=4"), cwd=tmp_path)
+    first = train_cli(*_sweep_args(corpus_file, cache_dir, sweep, "hydra.sweeper.n_trials=4"), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     trials = _study(sweep / "optuna.db").trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
@@ -95,7 +97,7 @@ def test_optuna_study_resumes_and_exports_a_reproducible_best_trial(tmp_path, co
         assert (sweep / name).is_file(), name
     assert "best_value" in (sweep / "optimization_results.yaml").read_text()
 
-    again = run_cli(*_sweep_args(corpus_file, cache_dir, sweep, "hydra.sweeper.n_trials=2"), cwd=tmp_path)
+    again = train_cli(*_sweep_args(corpus_file, cache_dir, sweep, "hydra.sweeper.n_trials=2"), cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     study = _study(sweep / "optuna.db")
     assert [t.number for t in study.trials] == list(range(6))  # kept the 4, counted on
@@ -110,7 +112,7 @@ def test_optuna_study_resumes_and_exports_a_reproducible_best_trial(tmp_path, co
     assert export.returncode == 0, export.stderr
     recipe = (tmp_path / "conf" / "experiment" / "best.yaml").read_text()
     assert "override /data: files" in recipe and "lr:" in recipe
-    rerun = run_cli("--config-dir", str(tmp_path / "conf"), "experiment=best", "hydra.run.dir=rerun", cwd=tmp_path)
+    rerun = train_cli("--config-dir", str(tmp_path / "conf"), "experiment=best", "hydra.run.dir=rerun", cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     reproduced = json.loads((tmp_path / "rerun" / "results.json").read_text())["metrics"]["val/loss"]
     assert reproduced == pytest.approx(study.best_value, abs=1e-5)
@@ -186,19 +188,16 @@ def test_two_workers_share_one_study(tmp_path, corpus_file, cache_dir):
 
 
 @pytest.mark.slow
-def test_pruned_trials_are_pruned_and_failures_are_recorded(tmp_path, corpus_file, cache_dir):
+def test_pruned_trials_are_pruned_and_failures_are_recorded(train_cli, tmp_path, corpus_file, cache_dir):
     sweep = tmp_path / "study"
     prune = ["hydra.sweeper.pruner=median", "hydra.sweeper.n_startup_trials=1", "hydra.sweeper.n_warmup_steps=0",
              "hydra.sweeper.n_trials=1", "trainer.max_steps=16"]  # fmt: skip
     # A good trial sets the median; a trial that cannot learn (lr 1e-7) falls behind it at the first report.
-    assert (
-        run_cli(*_sweep_args(corpus_file, cache_dir, sweep, *prune, "optimizer.lr=3e-3"), cwd=tmp_path).returncode == 0
-    )
-    assert (
-        run_cli(*_sweep_args(corpus_file, cache_dir, sweep, *prune, "optimizer.lr=1e-7"), cwd=tmp_path).returncode == 0
-    )
+    for lr in ("3e-3", "1e-7"):
+        run = train_cli(*_sweep_args(corpus_file, cache_dir, sweep, *prune, f"optimizer.lr={lr}"), cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
     # A trial that raises (3 heads do not divide width 32) is FAIL with its error; the sweep completes.
-    failing = run_cli(
+    failing = train_cli(
         *_sweep_args(corpus_file, cache_dir, sweep, *prune, "model.num_heads=3", "hydra.sweeper.max_failure_rate=1.0"),
         cwd=tmp_path,
     )
@@ -211,9 +210,9 @@ def test_pruned_trials_are_pruned_and_failures_are_recorded(tmp_path, corpus_fil
     assert rows == {"trial_0": "finished", "trial_1": "pruned", "trial_2": "failed"}
 
 
-def test_a_sweep_failing_everywhere_stops(tmp_path, corpus_file, cache_dir):
+def test_a_sweep_failing_everywhere_stops(train_cli, tmp_path, corpus_file, cache_dir):
     sweep = tmp_path / "study"
-    result = run_cli(
+    result = train_cli(
         *_sweep_args(corpus_file, cache_dir, sweep, "model.num_heads=3", "hydra.sweeper.n_trials=10"),
         cwd=tmp_path,
     )
@@ -270,11 +269,11 @@ GRID = search_space({"optimizer.lr": "choice(1e-3, 3e-3)", "scheduler.warmup_ste
 
 
 @pytest.mark.slow
-def test_grid_sampler_covers_the_grid_once(tmp_path, corpus_file, cache_dir):
+def test_grid_sampler_covers_the_grid_once(train_cli, tmp_path, corpus_file, cache_dir):
     sweep = tmp_path / "study"
     args = _sweep_args(corpus_file, cache_dir, sweep, "hydra.sweeper.n_trials=10")
     (tmp_path / "conf" / "hparams_search" / "grid.yaml").write_text(GRID)
-    result = run_cli(*[("hparams_search=grid" if a == "hparams_search=lr_only" else a) for a in args], cwd=tmp_path)
+    result = train_cli(*[("hparams_search=grid" if a == "hparams_search=lr_only" else a) for a in args], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     trials = _study(sweep / "optuna.db").trials
     params = sorted((t.params["optimizer.lr"], t.params["scheduler.warmup_steps"]) for t in trials)
