@@ -1,4 +1,4 @@
-"""The first thing a user runs: ``python train.py`` with no arguments (about 3 minutes on 2 cores)."""
+"""The first thing a user runs: ``python train.py`` with no arguments (within 5 minutes on 2 cores)."""
 
 import json
 
