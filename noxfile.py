@@ -9,9 +9,10 @@ import nox
 nox.options.sessions = ["lint", "tests"]
 
 
-# pytest-xdist: one worker per core (at most 4), each test given to the next free worker. Most tests are tiny models
-# whose time goes to Python and imports, not to torch's threads, so two workers on two cores take about half the time.
-PARALLEL = ("--numprocesses=auto", "--maxprocesses=4", "--dist=worksteal")
+# pytest-xdist: one worker per core (at most 4); a worker that runs out of tests takes half of another's. Most
+# tests are tiny models whose time goes to Python and imports, not to torch's threads, so two workers on two cores
+# take about half the time. The 15 slowest tests are listed at the end: where the suite's time goes.
+PARALLEL = ("--numprocesses=auto", "--maxprocesses=4", "--dist=worksteal", "--durations=15")
 
 
 @nox.session(python=False)
