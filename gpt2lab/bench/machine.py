@@ -12,7 +12,6 @@ process left out), waits a bounded time for them to be free, and otherwise stops
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from time import monotonic, perf_counter, sleep
 import torch
 
 from gpt2lab.errors import ConfigError
+from gpt2lab.lit.cpu_threads import process_cores
 from gpt2lab.lit.speed import busy_share, synchronize
 
 # A CPU bench runs one OpenMP thread per core, and every operator waits for the slowest: any core that others hold
@@ -89,8 +89,7 @@ def wait_for_free_cores(busy_ok: bool = False, wait_s: float = DEFAULT_WAIT_S, g
 
 def busy(share: float) -> str:
     """``share`` (``busy_share``) in words, for the guard's messages."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return f"other processes keep {share:.0%} of the {cores} CPU cores busy"
+    return f"other processes keep {share:.0%} of the {len(process_cores())} CPU cores busy"
 
 
 def copy_bandwidth(device: torch.device | None = None, nbytes: int = COPY_BYTES, repeats: int = COPY_REPEATS) -> float:

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 USER_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+def process_cores() -> set[int]:
+    """The CPU cores this process may run on (its affinity where the OS has one, else every core)."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def busy_cores(cores: set[int], interval_s: float = 0.3) -> float:
     """Cores' worth of CPU time that other processes used on ``cores`` over ``interval_s`` (this process is
     idle while it measures); 0.0 where ``/proc/stat`` cannot be read."""
@@ -80,7 +85,7 @@ def set_free_cores() -> int:
     threads = torch.get_num_threads()
     if any(os.environ.get(var) for var in USER_SETTINGS):
         return threads
-    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = process_cores()
     available, busy = len(cores), busy_cores(cores)
     free = max(1, min(threads, available - round(busy)))
     if free < threads:

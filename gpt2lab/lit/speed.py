@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 from lightning_fabric.utilities.throughput import get_available_flops
 
+from gpt2lab.lit import cpu_threads
+
 # Dense bf16/fp16 tensor-core peaks (datasheets, without the 2:4 sparsity doubling). Lightning's own table
 # lists the H200 at its sparse figure and does not match the plain "NVIDIA H200" device name.
 DENSE_16BIT_FLOPS = {"h200": 989.5e12, "h100 pcie": 756e12, "h100": 989.5e12, "a100": 312e12, "l4": 121e12}
@@ -70,13 +72,11 @@ def busy_share(interval_s: float = 1.0) -> float:
     a benchmark's own threads (PyTorch's OpenMP threads spin after each operator) do not count against it. Where
     there is no ``/proc/stat``, the 1-minute load average per core, which counts this process too. The load average
     is no measure on a quiet Linux machine: a kernel thread in uninterruptible sleep reads 0.7 on 2 idle cores."""
-    from gpt2lab.lit.cpu_threads import busy_cores
-
-    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = cpu_threads.process_cores()
     if not os.path.exists("/proc/stat"):
         return min(os.getloadavg()[0] / len(cores), 1.0) if hasattr(os, "getloadavg") else 0.0
     own, wall = time.process_time(), time.perf_counter()
-    busy = busy_cores(cores, interval_s)
+    busy = cpu_threads.busy_cores(cores, interval_s)
     own = (time.process_time() - own) / max(time.perf_counter() - wall, 1e-9)
     return min(max(busy - own, 0.0) / len(cores), 1.0)
 
@@ -84,14 +84,11 @@ def busy_share(interval_s: float = 1.0) -> float:
 def describe_load(at_start: float | None, at_end: float | None = None) -> str:
     """The load a table was measured at, in the same words under every table: how much of the cores other processes
     kept busy (``busy_share``) at the start and at the end."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    readings = [
-        f"{share:.0%} at the {moment}" for share, moment in ((at_start, "start"), (at_end, "end")) if share is not None
-    ]
+    readings = [(share, moment) for share, moment in ((at_start, "start"), (at_end, "end")) if share is not None]
     if not readings:
         return "load: not measured"
-    first, *rest = readings
-    share, _, moment = first.partition(" ")
-    return f"load: other processes kept {share} of the {cores} CPU cores busy {moment}" + "".join(
-        f", {r}" for r in rest
+    (share, moment), *rest = readings
+    cores = len(cpu_threads.process_cores())
+    return f"load: other processes kept {share:.0%} of the {cores} CPU cores busy at the {moment}" + "".join(
+        f", {share:.0%} at the {moment}" for share, moment in rest
     )
