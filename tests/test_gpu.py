@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import TINY, run_cli, train_in_process
+from test_cross_entropy import _errors as fused_loss_errors
+from test_cross_entropy import _inputs as fused_loss_inputs
+from test_cross_entropy import _plain as plain_loss
 
 from gpt2lab.checkpoint import load_checkpoint
 from gpt2lab.inference.generator import TextGenerator
@@ -62,32 +64,6 @@ def test_the_cuda_graph_decoder_gives_the_eager_tokens(model, dtype):
 # --- the fused output layer + loss on CUDA ---------------------------------------------------------------------
 
 
-def _loss_inputs(device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(64, 32) h, a (4160, 32) weight (two of the kernel's 4096-column blocks), the model's padding bias (0, then
-    -inf on the last 32 columns) and labels with ignored rows, some past the first block."""
-    torch.manual_seed(0)
-    n, c, v, padding = 64, 32, 4096 + 64, 32
-    h, weight = torch.randn(n, c), torch.randn(v, c) / c**0.5
-    bias = torch.zeros(v)
-    bias[-padding:] = float("-inf")
-    labels = torch.randint(0, v - padding, (n,))
-    labels[-4:] = torch.arange(v - padding - 4, v - padding)
-    labels[::5] = cross_entropy.IGNORE_INDEX
-    return h.to(device), weight.to(device), bias.to(device), labels.to(device)
-
-
-def _loss_and_grads(loss_fn, h, weight, bias, labels, dtype):
-    h = h.to(dtype, copy=True).requires_grad_()
-    weight = weight.to(dtype, copy=True).requires_grad_()
-    loss = loss_fn(h, weight, bias.to(dtype), labels)
-    (0.25 * loss).backward()  # a scaled loss, as Lightning's 1 / accumulate_grad_batches scales it
-    return loss.double(), h.grad.double(), weight.grad.double()
-
-
-def _plain(h, weight, bias, labels):
-    return F.cross_entropy(F.linear(h, weight, bias), labels, ignore_index=cross_entropy.IGNORE_INDEX)
-
-
 def _relative(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).abs().max() / ref.abs().max()).item()
 
@@ -95,17 +71,18 @@ def _relative(x: torch.Tensor, ref: torch.Tensor) -> float:
 @needs_triton
 def test_the_fused_loss_on_cuda_equals_the_plain_loss_and_its_gradients(exact_fp32):
     assert cross_entropy.available(torch.device("cuda"))
-    inputs = _loss_inputs("cuda")
-    fused = _loss_and_grads(cross_entropy.linear_cross_entropy, *inputs, torch.float32)
-    reference = _loss_and_grads(_plain, *inputs, torch.float64)
-    # fp32 (relative rounding 6e-8) through 32-term dot products and 4160-term sums of exponentials: about 1e-6;
+    # tests/test_cross_entropy.py's cases (two of the kernel's 4096-column blocks, padding, ignored rows), on CUDA
+    inputs = [t.cuda() for t in fused_loss_inputs()]
+    # fp32 (relative rounding 6e-8) through 16-term dot products and 4160-term sums of exponentials: about 1e-6;
     # a wrong row, column block or scale is off by far more than 1e-4.
-    for name, x, ref in zip(("loss", "grad_h", "grad_weight"), fused, reference, strict=True):
-        assert _relative(x, ref) < 1e-4, name
+    for name, error in fused_loss_errors(cross_entropy.linear_cross_entropy, plain_loss, *inputs).items():
+        assert error < 1e-4, name
     # Under autocast the op runs in bf16 (8-bit mantissa), as F.linear would: the loss to within 1%.
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = cross_entropy.linear_cross_entropy(*inputs).item()
-    assert loss == pytest.approx(reference[0].item(), rel=1e-2)
+    assert loss == pytest.approx(
+        plain_loss(*(t.double() if t.is_floating_point() else t for t in inputs)).item(), rel=1e-2
+    )
 
 
 @needs_triton
