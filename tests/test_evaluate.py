@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CONF
 from omegaconf import OmegaConf
 
 from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
 from gpt2lab.cli import VERBS
+from gpt2lab.data.formats import split_batch
 from gpt2lab.errors import ConfigError
 from gpt2lab.evaluate.evaluator import Evaluator, compressor_bits_per_byte, print_metrics
 
@@ -49,10 +51,10 @@ def test_evaluate_a_run_directory_on_its_own_test_split(evaluate_cli, trained_ru
     metrics = json.loads(eval_file.read_text())
     assert Path(metrics["checkpoint"]).name.startswith("step000040")  # the run's best checkpoint
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
-    # Bits per byte: the loss in bits spread over the UTF-8 bytes of the scored text.
-    assert metrics["bits_per_byte"] == pytest.approx(
-        metrics["loss"] * metrics["tokens"] / (metrics["bytes"] * math.log(2))
-    )
+    # Bits per byte: the bits of the text's tokens spread over its UTF-8 bytes. The end-of-text predictions, one per
+    # document and of 0 bytes, count in the loss, not in bits per byte (by hand: test_bits_per_byte_leave_out_...)
+    assert metrics["special_tokens"] == metrics["data"]["test"]["documents"] > 1
+    assert metrics["bits_per_byte"] < metrics["loss"] * metrics["tokens"] / (metrics["bytes"] * math.log(2))
     assert metrics["tokens"] == metrics["data"]["test"]["tokens"]  # every token of the split
     assert metrics["scored"] == "every token"
     assert set(metrics["compressors"]) == {"gzip -9", "bz2 -9", "xz -9e"}
@@ -98,6 +100,42 @@ def test_bytes_are_those_of_the_scored_text(trained_run, cache_dir, capsys):
     assert re.search(rf"^\| model +\| +{metrics['bits_per_byte']:.3f} \|$", table, re.M), table
 
 
+def test_bits_per_byte_leave_out_the_end_of_text_predictions(trained_run, cache_dir, capsys):
+    """Issue 28: the compressors see the decoded text without its document boundaries, so the model's bits per byte
+    leave out its end-of-text predictions (0 bytes each); the loss and perplexity stay over every token."""
+    model, tokenizer = load_checkpoint(find_checkpoint(str(trained_run), "unused"))
+    datamodule = datamodule_for(trained_run, cache_dir)
+    metrics = Evaluator(model, datamodule.eval_dataloader("validation"), device="cpu", tokenizer=tokenizer).evaluate()
+    # By hand, from the model's logits: each label's nats, in float64
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    all_nats = text_nats = 0.0
+    tokens, boundaries, text = 0, 0, []
+    model.eval()
+    with torch.no_grad():
+        for batch in datamodule.eval_dataloader("validation"):
+            inputs, labels = split_batch(batch)
+            logits, _ = model(inputs)
+            scored = labels != -100
+            log_probs = logits.double().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+            nats, ids = -log_probs[scored], labels[scored]
+            all_nats += nats.sum().item()
+            text_nats += nats[ids != eos].sum().item()
+            tokens, boundaries, text = tokens + len(ids), boundaries + int((ids == eos).sum()), text + ids.tolist()
+    n_bytes = len(tokenizer.decode(text, skip_special_tokens=True).encode("utf-8"))  # the text the compressors see
+    assert boundaries == metrics["special_tokens"] == datamodule.stats["validation"]["documents"] > 1  # several
+    assert metrics["tokens"] == tokens and metrics["bytes"] == n_bytes
+    assert metrics["loss"] == pytest.approx(all_nats / tokens, rel=1e-5)  # every token, end-of-text included
+    assert metrics["bits_per_byte"] == pytest.approx(text_nats / (n_bytes * math.log(2)), rel=1e-5)
+    assert text_nats < all_nats - boundaries * 1e-3  # the end-of-text predictions cost something: left out
+    capsys.readouterr()
+    print_metrics(metrics)
+    out = capsys.readouterr().out
+    assert (
+        f"The model's bits per byte leave out its {boundaries:,} end-of-text predictions (0 bytes each): "
+        "the compressors see the same text, without boundaries." in out
+    ), out
+
+
 def test_sliding_window_scores(trained_run, cache_dir):
     model, tokenizer = load_checkpoint(find_checkpoint(str(trained_run), "unused"))
     datamodule = datamodule_for(trained_run, cache_dir)
@@ -135,6 +173,7 @@ def test_every_token_of_a_file_is_scored_once_at_every_stride(evaluate_cli, trai
     for metrics in runs:
         assert metrics["tokens"] == tokens and metrics["scored"] == "every token"
         assert metrics["bytes"] == sum(len(p.encode()) for p in paragraphs)  # end-of-text is no byte
+        assert metrics["special_tokens"] == len(paragraphs)  # their end-of-text predictions: not in bits per byte
     blocks, full_stride, eight, one = runs
     assert full_stride["loss"] == pytest.approx(blocks["loss"], abs=1e-6)  # stride = context: the same windows
     # With context, strided windows score better than non-overlapping ones. Between strides 8 and 1 the fixture's
@@ -160,6 +199,7 @@ def test_a_short_text_is_scored_whole(evaluate_cli, trained_run, tmp_path, texts
     metrics = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert metrics["tokens"] == sum(len(tokenizer.encode(t).ids) + 1 for t in texts)
     assert metrics["bytes"] == sum(len(t.encode()) for t in texts) and metrics["scored"] == "every token"
+    assert metrics["special_tokens"] == len(texts)
     assert math.isfinite(metrics["bits_per_byte"]) and metrics["compressors"]
 
 

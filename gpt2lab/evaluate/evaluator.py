@@ -2,11 +2,13 @@
 
 Loss, perplexity and bits per byte (the loss in bits spread over the UTF-8 bytes of the text: it does not
 depend on the tokenizer, so models with different vocabularies compare), with what ``gzip -9``, ``bz2 -9``
-and ``xz -9e`` achieve on the same bytes beside them. Every token of the text is scored once, its first after an
+and ``xz -9e`` achieve on the same bytes beside them. Loss and perplexity are over every scored token; bits per
+byte leave out the predictions of end-of-text and the other special tokens, which stand for 0 bytes, since the
+compressors see the decoded text without its document boundaries and pay nothing for them. Every token of the text is scored once, its first after an
 end-of-text, whatever ``eval.stride``: strides differ only in the context each token is predicted from. Any
 non-empty text can be scored, a single sentence too. With a task format (``data.format``) only the scored
 tokens count: the summary loss of summarization pairs, the assistant turns of chats, the completions of
-instructions; bits per byte are then over those tokens' bytes, and the compressors see that text alone. Scoring runs through Lightning's test loop, so
+instructions; bits per byte are then over those tokens' text, and the compressors see that text alone. Scoring runs through Lightning's test loop, so
 ``trainer=gpu``, bf16 and ``trainer=ddp`` apply as in training. See docs/inference.md, "Evaluate".
 """
 
@@ -67,7 +69,8 @@ class Evaluator:
         )
 
     def evaluate(self) -> dict[str, Any]:
-        """``loss``, ``perplexity``, ``bits_per_byte``, ``tokens``, ``bytes``, ``tokens_per_sec``."""
+        """``loss``, ``perplexity``, ``bits_per_byte``, ``tokens``, ``bytes``, ``special_tokens`` (the predictions of
+        0-byte tokens, end-of-text and the like, that bits per byte leave out), ``tokens_per_sec``."""
         module = GPT2LitModule(self.model.config, optimizer={})
         module.model, module.tokenizer = self.model, self.tokenizer
         started = time.perf_counter()
@@ -78,9 +81,10 @@ class Evaluator:
         return {
             "loss": loss,
             "perplexity": math.exp(loss),
-            "bits_per_byte": totals["nats"] / (totals["bytes"] * math.log(2)) if self.tokenizer else None,
+            "bits_per_byte": totals["text_nats"] / (totals["bytes"] * math.log(2)) if self.tokenizer else None,
             "tokens": totals["tokens"],
             "bytes": totals["bytes"] if self.tokenizer else None,
+            "special_tokens": totals["special_tokens"] if self.tokenizer else None,
             "tokens_per_sec": round(totals["tokens"] / seconds, 1),
         }
 
@@ -96,7 +100,8 @@ def print_metrics(metrics: dict[str, Any]) -> None:
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    """The metrics as a table: the model's bits per byte beside the compressors'."""
+    """The metrics as a table: the model's bits per byte beside the compressors', and which predictions the
+    model's leave out."""
     over = f" over {metrics['scored']} only" if metrics.get("format", "plain") != "plain" else ""
     lines = [
         f"loss {metrics['loss']:.4f}{over}   perplexity {metrics['perplexity']:.2f}   "
@@ -107,6 +112,12 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     rows = {"model": metrics.get("bits_per_byte"), **metrics.get("compressors", {})}
     shown = [(name, f"{value:.3f}") for name, value in rows.items() if value is not None]
     lines += ["", table(["", "bits per byte"], shown, markdown=True, align=["left", "right"])]
+    if metrics.get("bits_per_byte") is not None and metrics.get("special_tokens"):
+        which = "end-of-text" if metrics.get("format", "plain") == "plain" else "special-token (end-of-text, <|end|>)"
+        lines.append(
+            f"The model's bits per byte leave out its {metrics['special_tokens']:,} {which} predictions (0 bytes each):"
+            " the compressors see the same text, without boundaries."
+        )
     return "\n".join(lines)
 
 

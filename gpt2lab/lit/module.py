@@ -157,9 +157,9 @@ class GPT2LitModule(pl.LightningModule):
         self.tokenizer: Tokenizer | None = None  # set by the trainer script; saved into checkpoints
         self.chat_template: dict[str, Any] | None = None  # data.format=chat's (ChatTemplate.to_dict); saved too
         self._pending_rng: dict[str, Any] | None = None
-        self._eval_sums: list[torch.Tensor] = []  # per batch: (nats, tokens, bytes)
+        self._eval_sums: list[torch.Tensor] = []  # per batch: (nats, tokens, bytes, special nats, special tokens)
         self._bytes_per_token: torch.Tensor | None = None
-        self.eval_totals: dict[str, float] = {}  # of the last evaluation: nats, tokens, bytes
+        self.eval_totals: dict[str, float] = {}  # of the last evaluation: see _log_eval
         self._compiled = False
         self._all_finite: torch.Tensor | None = None  # stays on the device: read only on logging steps
 
@@ -215,10 +215,12 @@ class GPT2LitModule(pl.LightningModule):
         return loss
 
     # Evaluation: sums over all batches (then over ranks) of the loss in nats, the predicted tokens and the
-    # bytes of text they stand for; loss = nats / tokens, perplexity = exp(loss), and bits per byte =
-    # nats / (bytes * ln 2), which does not depend on the tokenizer, so runs with different vocabularies compare.
-    # With a task format only the scored tokens count (the summary, the assistant turns): the loss is theirs,
-    # and bits per byte are their nats over their bytes (special tokens, <|end|> and end-of-text, have 0 bytes).
+    # bytes of text they stand for; loss = nats / tokens and perplexity = exp(loss), over every scored token.
+    # Bits per byte = the nats of the tokens that stand for text / (their bytes * ln 2), which does not depend on the
+    # tokenizer, so runs with different vocabularies compare. They leave out the predictions of the tokens of 0
+    # bytes, the special tokens (end-of-text, <|end|>): the compressors they are set beside see the decoded text,
+    # without its boundaries, and pay nothing for them. With a task format only the scored tokens count (the
+    # summary, the assistant turns): the loss is theirs, and bits per byte are their text tokens' nats over their bytes.
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._eval_step(batch)
 
@@ -227,14 +229,19 @@ class GPT2LitModule(pl.LightningModule):
 
     def _eval_step(self, batch: torch.Tensor) -> None:
         inputs, labels = split_batch(batch)  # a strided evaluation's context tokens come as ~id: not scored
-        _, loss = self(inputs, labels)
+        # Each token's loss, (B, T) nats, 0 where not scored: the plain logits' (training's steps keep the fused mean).
+        # Summed here at once: with compile_mode=reduce-overhead it lives in a CUDA graph's buffer, which the next
+        # batch overwrites.
+        _, nats = self.model(inputs, labels, reduction="none")
+        nats = nats.detach().float()
         scored = labels != IGNORE_INDEX
-        tokens = scored.sum()
-        loss = torch.where(tokens > 0, loss, 0.0)  # no scored label in the batch: its mean is 0/0
-        n_bytes = self._token_bytes(labels.device)[labels[scored]].sum() if self.tokenizer is not None else tokens * 0
-        # A copy: with compile_mode=reduce-overhead the loss lives in a CUDA graph's buffer, which the next batch
-        # overwrites.
-        self._eval_sums.append(torch.stack([loss.detach().float() * tokens, tokens.float(), n_bytes.float()]).clone())
+        if self.tokenizer is not None:
+            n_bytes = torch.where(scored, self._token_bytes(labels.device)[labels.clamp(min=0)], 0)
+            special = scored & (n_bytes == 0)  # end-of-text, <|end|>: tokens of no text
+        else:
+            n_bytes, special = torch.zeros_like(labels), torch.zeros_like(scored)
+        sums = [nats.sum(), scored.sum(), n_bytes.sum(), torch.where(special, nats, 0.0).sum(), special.sum()]
+        self._eval_sums.append(torch.stack([s.float() for s in sums]))
 
     def _token_bytes(self, device: torch.device) -> torch.Tensor:
         if self._bytes_per_token is None or self._bytes_per_token.device != device:
@@ -252,7 +259,7 @@ class GPT2LitModule(pl.LightningModule):
             return
         sums = self.trainer.strategy.reduce(torch.stack(self._eval_sums).sum(0), reduce_op="sum")
         self._eval_sums.clear()
-        nats, tokens, n_bytes = sums
+        nats, tokens, n_bytes, special_nats, special = sums
         loss = nats / tokens
         if stage == "val" and self.trainer.state.fn == TrainerFn.FITTING and not torch.isfinite(loss):
             # Raised before ModelCheckpoint sees the value, so a NaN never becomes a (best) checkpoint.
@@ -263,9 +270,16 @@ class GPT2LitModule(pl.LightningModule):
             self.log("step", float(self.trainer.global_step), sync_dist=True)
         self.log(f"{stage}/ppl", torch.exp(loss), sync_dist=True)
         self.log(f"{stage}/tokens", tokens, sync_dist=True)  # what the numbers cover: the split, or its first batches
+        text_nats = nats - special_nats  # bits per byte leave out the special tokens' predictions (0 bytes each)
         if self.tokenizer is not None:
-            self.log(f"{stage}/bpb", nats / (n_bytes * math.log(2)), sync_dist=True)
-        self.eval_totals = {"nats": float(nats), "tokens": int(tokens), "bytes": int(n_bytes)}
+            self.log(f"{stage}/bpb", text_nats / (n_bytes * math.log(2)), sync_dist=True)
+        self.eval_totals = {
+            "nats": float(nats),
+            "tokens": int(tokens),
+            "bytes": int(n_bytes),
+            "text_nats": float(text_nats),
+            "special_tokens": int(special),
+        }
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The steps Lightning writes to the logger, and the last one (on_train_batch_end has it written too)

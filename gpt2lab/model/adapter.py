@@ -15,7 +15,7 @@ import contextlib
 import inspect
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import hydra.utils
 import torch
@@ -94,14 +94,21 @@ class CausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, return_logits: bool | None = None
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        return_logits: bool | None = None,
+        reduction: Literal["mean", "none"] = "mean",
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(logits, loss)`` as ``GPT2Model.forward``: labels are the next tokens, -100 is ignored."""
+        """``(logits, loss)`` as ``GPT2Model.forward``: labels are the next tokens, -100 is ignored;
+        ``reduction="none"`` gives each token's loss, (B, T) nats, 0 where the label is -100."""
         logits = _logits(self._call(input_ids))
         if labels is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        return (logits if return_logits else None), loss
+        loss = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
+        )
+        return (logits if return_logits else None), (loss.view_as(labels) if reduction == "none" else loss)
 
     def _call(self, input_ids: torch.Tensor) -> Any:
         extra = {name: (fill(input_ids) if fill else False) for name, fill in self._extra.items()}

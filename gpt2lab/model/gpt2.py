@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -207,11 +207,14 @@ class GPT2Model(nn.Module):
         return_logits: bool | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        reduction: Literal["mean", "none"] = "mean",
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``input_ids`` and ``labels`` are (B, T); labels are the next tokens, -100 is ignored.
 
         Returns ``(logits, loss)``. With labels, logits are returned only if ``return_logits=True``:
         training needs the loss alone, and a (B, T, V) output would be kept alive for the caller.
+        ``reduction="none"`` gives the loss of each token instead of their mean, (B, T) nats, 0 where the label is
+        -100: evaluation sums them by kind of token. It takes the plain path (the fused op gives the mean alone).
         Decoding passes a ``cache`` (``generation.KVCache``) that holds the positions before ``input_ids``,
         and an ``attention_mask`` (B, T), 0 on left padding.
         """
@@ -234,11 +237,16 @@ class GPT2Model(nn.Module):
         vocab_size = self.config.vocab_size
         if labels is None:
             return self.lm_head(x)[..., :vocab_size], None
-        if self.config.fused_loss and not return_logits and cross_entropy.available(x.device):
+        fused = self.config.fused_loss and reduction == "mean" and not return_logits
+        if fused and cross_entropy.available(x.device):
             return None, cross_entropy.linear_cross_entropy(x, self.lm_head.weight, self.logit_bias, labels)
         logits = F.linear(x, self.lm_head.weight, self.logit_bias)  # (B, T, padded V), padding at -inf
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=cross_entropy.IGNORE_INDEX)
-        return (logits[..., :vocab_size] if return_logits else None), loss
+        loss = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=cross_entropy.IGNORE_INDEX, reduction=reduction
+        )
+        return (logits[..., :vocab_size] if return_logits else None), (
+            loss.view_as(labels) if reduction == "none" else loss
+        )
 
     @torch.no_grad()
     def generate(
