@@ -347,22 +347,27 @@ def test_evaluate_reports_the_summary_loss(record_files, cache_dir, tmp_path, tr
     metrics = json.loads((out / "eval.json").read_text())
     assert metrics["format"] == "summarization" and "over the summaries only" in result.stdout + result.stderr
     assert metrics["loss"] == pytest.approx(best_val_loss, rel=1e-4)  # training's val/loss is the summary loss
-    # By hand: the mean cross-entropy of the summary tokens only, and their bits over their bytes
+    # By hand: the mean cross-entropy of the summary tokens only, and the bits of their text tokens over their bytes
+    # (the end-of-text that ends each summary, 0 bytes, counts in the loss only)
     model, tokenizer = load_checkpoint(metrics["checkpoint"])
     dm = datamodule(record_files["summarization"], "summarization", cache_dir)
-    nats = count = n_bytes = 0
+    nats = text_nats = count = special = n_bytes = 0
     byte_lengths = torch.tensor(token_byte_lengths(tokenizer))
     with torch.no_grad():
         for window in dm.datasets["validation"]:
             inputs, labels = split_batch(window[None])
             logits, _ = model(inputs, labels, return_logits=True)
-            nats += F.cross_entropy(logits[0], labels[0], ignore_index=IGNORE_INDEX, reduction="sum").item()
-            scored = labels[0][labels[0] != IGNORE_INDEX]
-            count += len(scored)
-            n_bytes += byte_lengths[scored].sum().item()
+            per_token = F.cross_entropy(logits[0], labels[0], ignore_index=IGNORE_INDEX, reduction="none")
+            nats += per_token.sum().item()
+            scored = labels[0] != IGNORE_INDEX
+            text = scored & (byte_lengths[labels[0].clamp(min=0)] > 0)
+            text_nats += per_token[text].sum().item()
+            count, special = count + int(scored.sum()), special + int((scored & ~text).sum())
+            n_bytes += byte_lengths[labels[0][scored]].sum().item()
     assert metrics["tokens"] == count == dm.stats["validation"]["scored_tokens"]
+    assert metrics["special_tokens"] == special > 0
     assert metrics["loss"] == pytest.approx(nats / count, rel=1e-4)
-    assert metrics["bits_per_byte"] == pytest.approx(nats / (n_bytes * math.log(2)), rel=1e-4)
+    assert metrics["bits_per_byte"] == pytest.approx(text_nats / (n_bytes * math.log(2)), rel=1e-4)
 
 
 # -- the chat template: tokenizer, checkpoint, gpt2lab.chat ---------------------------------------------------
