@@ -114,6 +114,30 @@ def test_hf_batched_generation_pads_on_the_left_and_continues_each_prompt(export
             assert (row[len(alone) :] == tokenizer.pad_token_id).all()  # a row that ended early is padded after
 
 
+def test_hf_text_generation_pipeline_with_its_defaults_stops_at_the_context_length(exported):
+    """``pipeline("text-generation", model=dir)("def ")`` with no other argument: the pipeline's default of 256 new
+    tokens went past the tiny model's positions (an IndexError in wpe); the export's ``generation_config.json``
+    holds the context length as ``max_length``, which the pipeline honours in place of its default. Issue 28."""
+    from transformers import pipeline
+
+    context_length = json.loads((exported / "hf" / "config.json").read_text())["n_positions"]
+    assert context_length < 256  # else the pipeline's default would fit anyway
+    assert json.loads((exported / "hf" / "generation_config.json").read_text())["max_length"] == context_length
+    generator = pipeline("text-generation", model=str(exported / "hf"))
+    lengths, generate = [], generator.model.generate
+
+    def measured(*args, **kwargs):
+        output = generate(*args, **kwargs)
+        lengths.append(output.shape[-1])
+        return output
+
+    generator.model.generate = measured
+    result = generator("def ")
+    assert isinstance(result[0]["generated_text"], str) and result[0]["generated_text"].startswith("def ")
+    prompt_length = len(generator.tokenizer("def ").input_ids)
+    assert len(lengths) == 1 and prompt_length < lengths[0] <= context_length
+
+
 def test_onnx_decoding_gives_gpt2labs_greedy_tokens_with_padding_and_past_the_context(exported, trained):
     model, tokenizer = trained
     decoder = onnx_generation.ONNXDecoder.from_directory(exported / "onnx")

@@ -25,7 +25,8 @@ class HFExporter:
     """``export(model, output_path, tokenizer, chat_template=None)`` writes the directory and returns
     ``output_path``, ``file_size_mb`` (the weights) and ``max_abs_diff``: the reloaded model's logits against
     gpt2lab's on random tokens, which must be within ``tolerance``. A chat model's ``generate`` stops at its
-    end-of-turn token, as ``gpt2lab.chat`` does; another's at end-of-text."""
+    end-of-turn token, as ``gpt2lab.chat`` does; another's at end-of-text. ``generate`` without a length (and
+    ``pipeline("text-generation")`` with its defaults) stops at the context length."""
 
     def __init__(self, validate: bool = True, tolerance: float = 1e-4) -> None:
         self.validate, self.tolerance = validate, tolerance
@@ -44,6 +45,9 @@ class HFExporter:
         ids = {name: tokenizer.token_to_id(token) for name, token in tokens.items()}
         for config in (hf.config, hf.generation_config):
             config.bos_token_id, config.eos_token_id, config.pad_token_id = ids["bos"], ids["eos"], ids["pad"]
+        # A total length, which transformers' text-generation pipeline honours in place of its default of 256 new
+        # tokens (past a small model's positions: an IndexError in wpe); an explicit max_new_tokens still wins.
+        hf.generation_config.max_length = model.config.context_length
         with quiet_transformers():
             hf.save_pretrained(str(directory))  # safetensors
             write_tokenizer(tokenizer, model.config.context_length, directory, chat_template)
