@@ -1,6 +1,7 @@
 """``gpt2lab <verb> [overrides]``: one console script for every entry point (``gpt2lab train``, ``gpt2lab
 evaluate``, ...), each the command in ``gpt2lab/<verb>/__main__.py``: a Hydra app on its own ``conf/<verb>.yaml``
-(``cli/app.py``), or argparse for ``runs``, ``presets`` and ``wizard``."""
+(``cli/app.py``), or argparse for ``runs``, ``presets`` and ``wizard``; ``lm-eval`` is lm-evaluation-harness's own
+command line with gpt2lab's models registered."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ VERBS = {
     "runs": "a table of the runs under a directory, with curves (python -m gpt2lab.runs)",
     "presets": "the recipes in conf/preset/ with estimated times here; cp, --recommend (python -m gpt2lab.presets)",
     "wizard": "a recipe of your own, asked step by step, as conf/experiment/<name>.yaml (python -m gpt2lab.wizard)",
+    "lm-eval": "lm-evaluation-harness's command line with --model gpt2lab (python -m gpt2lab.harness)",
 }
+MODULES = {"lm-eval": "harness"}  # a verb whose package has another name
 
 
 def main() -> None:
@@ -26,7 +29,7 @@ def main() -> None:
         given = f"unknown command {sys.argv[1]!r}; " if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
         print(f"usage: gpt2lab <command> [key=value ...] [--help]\n{given}commands:\n{listed}", file=sys.stderr)
         raise SystemExit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
-    module = importlib.import_module(f"gpt2lab.{sys.argv[1]}.__main__")
+    module = importlib.import_module(f"gpt2lab.{MODULES.get(sys.argv[1], sys.argv[1])}.__main__")
     # The module's own file as the program: Lightning's DDP launcher re-runs sys.argv[0] for the other ranks.
     sys.argv = [module.__file__, *sys.argv[2:]]
     module.main()

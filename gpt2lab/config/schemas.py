@@ -190,6 +190,16 @@ class EvalSchema:
 
 
 @dataclasses.dataclass
+class HarnessSchema:
+    """lm-evaluation-harness settings of ``gpt2lab evaluate tasks=[...]``."""
+
+    batch_size: int = 16  # requests per forward pass (sorted by length, so a batch pads little)
+    include_path: Optional[str] = None  # noqa: UP045 - a directory of task YAML files of your own
+    device: str = "auto"  # auto (the GPU if there is one), cpu, cuda, cuda:N
+    dtype: str = "float32"  # float32, bfloat16 or float16 forward passes (log-probabilities in float32)
+
+
+@dataclasses.dataclass
 class EvaluateSchema:
     ckpt: Optional[str] = None  # noqa: UP045 - a .ckpt file, a run directory (its best), last or best
     split: str = "test"  # train, validation, test or all
@@ -199,6 +209,11 @@ class EvaluateSchema:
     paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
     eval: EvalSchema = dataclasses.field(default_factory=EvalSchema)
     callbacks: dict[str, Any] = dataclasses.field(default_factory=dict)
+    logger: dict[str, Any] = dataclasses.field(default_factory=dict)  # where tasks' results are logged too
+    tasks: Any = None  # lm-eval task names (one name, or a list) instead of the loss on data; checked at start
+    limit: Optional[float] = None  # noqa: UP045 - with tasks: examples per task (below 1: a share of them)
+    num_fewshot: Optional[int] = None  # noqa: UP045 - with tasks: examples in each prompt (null: the task's own)
+    harness: HarnessSchema = dataclasses.field(default_factory=HarnessSchema)
     seed: int = 1234
     optimized_metric: str = "bits_per_byte"  # what a multirun of evaluations returns per job
     task_name: str = "evaluate"
