@@ -83,6 +83,7 @@ def run_tasks(
 ) -> dict[str, Any]:
     """lm-eval's ``simple_evaluate`` of ``lm`` on loaded ``tasks``: its whole results dictionary."""
     from lm_eval.evaluator import simple_evaluate
+    from lm_eval.tasks import TaskManager
 
     if limit is not None and not limit > 0:
         raise ConfigError(f"limit={limit}: expected a positive number of examples per task (or a fraction < 1)")
@@ -90,7 +91,7 @@ def run_tasks(
         raise ConfigError(f"num_fewshot={num_fewshot}: expected 0 or more examples in each prompt")
     return simple_evaluate(
         model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
-        verbosity="WARNING",
+        verbosity="WARNING", task_manager=TaskManager(include_defaults=False),  # the tasks are loaded: no index
     )  # fmt: skip
 
 
