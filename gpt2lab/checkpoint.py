@@ -173,8 +173,9 @@ def best_checkpoint(run_dir: Path) -> Path:
     for key, state in states.items():
         best = Path(state.get("best_model_path") or "") if key.startswith("ModelCheckpoint") else None
         if best and best.name:
-            moved = run_dir / "checkpoints" / best.name  # the run directory may have been moved or copied
-            return best if best.is_file() else moved if moved.is_file() else last
+            # The run directory's own file first: a copied run's checkpoint still names the original's path.
+            here = run_dir / "checkpoints" / best.name
+            return here if here.is_file() else best if best.is_file() else last
     return last
 
 

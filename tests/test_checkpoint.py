@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
-from gpt2lab.checkpoint import Payload, read_checkpoint, read_payload, write_payload
+from gpt2lab.checkpoint import Payload, best_checkpoint, read_checkpoint, read_payload, write_payload
 from gpt2lab.errors import ConfigError
 
 
@@ -39,3 +41,11 @@ def test_a_truncated_checkpoint_is_named_so_with_its_size(tmp_path):
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
     with pytest.raises(ConfigError, match="notes.ckpt' is not a checkpoint: not a file written by torch.save"):
         read_checkpoint(tmp_path / "notes.ckpt")
+
+
+def test_a_copied_run_directory_gives_its_own_best_checkpoint(trained_run, tmp_path):
+    """Its last.ckpt still names the original run's best file by absolute path: the copy's own file wins, so that a
+    copy that was changed (fine-tuned, averaged, ...) is the one evaluated."""
+    copy = shutil.copytree(trained_run, tmp_path / "copy")
+    assert best_checkpoint(trained_run).parent == trained_run / "checkpoints"
+    assert best_checkpoint(copy) == copy / "checkpoints" / best_checkpoint(trained_run).name
