@@ -57,8 +57,15 @@ def load_tasks(names: str | Sequence[str], include_path: str | None = None) -> l
     for name in names:
         try:
             found = manager.load(name)
-        except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, ValueError, ... by source
+        except (ConnectionError, FileNotFoundError, TimeoutError) as e:  # datasets: no network, no cached copy
             raise ConfigError(_data_error(name, manager, e, offline)) from e
+        except Exception as e:  # lm-eval could not build it: a task YAML that does not fit its data
+            entry = getattr(manager, "_index", {}).get(name)
+            raise ConfigError(
+                f"task {name}: lm-eval could not build it from {getattr(entry, 'yaml_path', None) or 'its config'} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no message'}); check the task "
+                "YAML's splits and fields against its data"
+            ) from e
         loaded += [found["groups"][name]] if name in found["groups"] else list(found["tasks"].values())
     return loaded
 
