@@ -280,8 +280,9 @@ def test_one_console_script_for_every_verb(run_main, trained_run, tmp_path, cach
             configs[verb] = shown.stdout.split("== Config ==", 1)[1]
             own = set(OmegaConf.load(CONF / f"{verb}.yaml")) - {"defaults", "hydra"}
             assert own <= set(re.findall(r"^(\w+):", configs[verb], re.MULTILINE)), verb
-        else:  # argparse: its usage line and options
-            assert re.match(rf"usage: (gpt2lab |python -m gpt2lab\.){verb} \[-h\]", shown.stdout), (verb, shown.stdout)
+        else:  # argparse: its usage line and options (lm-eval: lm-evaluation-harness's own command line)
+            prog = "lm-eval" if verb == "lm-eval" else rf"(gpt2lab |python -m gpt2lab\.){verb}"
+            assert re.match(rf"usage: {prog} \[-h\]", shown.stdout), (verb, shown.stdout)
             assert "\n  -h, --help " in shown.stdout, verb
     assert len(configs) == 6 and len(set(configs.values())) == 6  # train evaluate generate chat export check
     # The installed console script, in a real process of gpt2lab evaluate.
