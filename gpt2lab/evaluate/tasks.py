@@ -20,7 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from gpt2lab.checkpoint import find_checkpoint, read_checkpoint
 from gpt2lab.config import TRUSTED_TARGETS
 from gpt2lab.errors import ConfigError
-from gpt2lab.harness.tasks import flat_metrics, load_tasks, require_lm_eval, results_table, run_tasks
+from gpt2lab.harness.tasks import (
+    check_settings,
+    flat_metrics,
+    load_tasks,
+    require_lm_eval,
+    results_table,
+    run_tasks,
+)
 from gpt2lab.lit.loggers import continue_wandb_run
 
 log = logging.getLogger("gpt2lab.evaluate")
@@ -32,6 +39,7 @@ def evaluate_tasks(cfg: DictConfig) -> dict[str, float]:
     """Run ``cfg.tasks`` on ``cfg.ckpt``; ``{"<task>/<metric>": value}``. Tasks and their data are loaded before
     the model, so that a task that cannot be had stops the command at once."""
     require_lm_eval()
+    check_settings(cfg.limit, cfg.num_fewshot)
     from gpt2lab.harness.lm import GPT2LabLM
 
     path = find_checkpoint(cfg.ckpt, cfg.paths.log_dir)

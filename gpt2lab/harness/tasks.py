@@ -92,14 +92,21 @@ def run_tasks(
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    if limit is not None and not limit > 0:
-        raise ConfigError(f"limit={limit}: expected a positive number of examples per task (or a fraction < 1)")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise ConfigError(f"num_fewshot={num_fewshot}: expected 0 or more examples in each prompt")
+    check_settings(limit, num_fewshot)
+    # No verbosity: lm-eval would then give its logger a console handler of its own and cut it off from the run's
+    # log files; its warnings go through the root logger's handlers as gpt2lab's do.
     return simple_evaluate(
         model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
-        verbosity="WARNING", task_manager=TaskManager(include_defaults=False),  # the tasks are loaded: no index
+        task_manager=TaskManager(include_defaults=False),  # the tasks are loaded: no index of lm-eval's own
     )  # fmt: skip
+
+
+def check_settings(limit: int | float | None, num_fewshot: int | None) -> None:
+    """``limit`` and ``num_fewshot`` in range, before any task or model is loaded."""
+    if limit is not None and not limit > 0:
+        raise ConfigError(f"limit={limit:g}: expected a positive number of examples per task (or a share below 1)")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ConfigError(f"num_fewshot={num_fewshot}: expected 0 or more examples in each prompt")
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
