@@ -8,7 +8,6 @@ a multiple-choice task in HellaSwag's form and a short generation task. And ever
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import torch.nn.functional as F
 from conftest import TINY, export_all, train_in_process
 from hydra.utils import execution_whitelist
 from torch import nn
+
+from gpt2lab.harness.local_tasks import MULTIPLE_CHOICE, ROLLING, generation, write_task
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
@@ -37,28 +38,9 @@ def write_tasks(directory: Path, corpus: str) -> Path:
         endings = [" " + " ".join(words[start + 5 + label + 13 * k : start + 7 + label + 13 * k]) for k in range(4)]
         choice.append({"ctx": ctx, "endings": endings[-label:] + endings[:-label], "label": label})
     prompts = [p[: 20 + 7 * i] for i, p in enumerate(paragraphs[6:14])]  # different lengths: padded batches
-    files = {
-        "rolling": [{"text": t} for t in rolling],
-        "choice": choice,
-        "gen": [{"prompt": p, "answer": "x"} for p in prompts],
-    }
-    common = "dataset_path: json\ntest_split: test\n"
-    specs = {
-        "rolling": 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n'
-        "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n",
-        "choice": 'output_type: multiple_choice\ndoc_to_text: "{{ctx}}"\ndoc_to_target: "{{label}}"\n'
-        'doc_to_choice: "{{endings}}"\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n',
-        "gen": 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
-        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 8\n  do_sample: false\n'
-        "metric_list:\n  - metric: exact_match\n",
-    }
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, rows in files.items():
-        data = directory / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        (directory / f"{name}.yaml").write_text(
-            f"task: agree_{name}\n{common}dataset_kwargs:\n  data_files:\n    test: {data}\n{specs[name]}"
-        )
+    write_task(directory, "agree_rolling", ({"text": t} for t in rolling), ROLLING)
+    write_task(directory, "agree_choice", choice, MULTIPLE_CHOICE)
+    write_task(directory, "agree_gen", ({"prompt": p, "answer": "x"} for p in prompts), generation(["\n"], 8))
     return directory
 
 
@@ -83,9 +65,6 @@ def varied_run(trained_run, tmp_path_factory) -> Path:
             name: value + 0.4 * torch.randn(value.shape, generator=noise) if name.startswith("model.blocks.") else value
             for name, value in checkpoint["state_dict"].items()
         }
-        for state in checkpoint.get("callbacks", {}).values():  # the best checkpoint: the copy's, not the original's
-            if isinstance(state, dict) and state.get("best_model_path"):
-                state["best_model_path"] = str(run / "checkpoints" / Path(state["best_model_path"]).name)
         torch.save(checkpoint, path)
     return run
 
@@ -115,6 +94,18 @@ def both(varied_run, hf_export, task_manager) -> dict[str, dict]:
         "gpt2lab": evaluate("gpt2lab", f"ckpt={varied_run}", task_manager, batch_size=4),
         "hf": evaluate("hf", f"pretrained={hf_export},dtype=float32", task_manager, batch_size=1),
     }
+
+
+def test_gpt2_weights_given_as_init_from_score_as_their_checkpoint(both, hf_export, task_manager):
+    """``--model_args init_from=<Hugging Face directory | gpt2>``: GPT-2 weights in gpt2lab's model, as training with
+    model.init_from starts from them. The export's weights are the checkpoint's, so every figure is the same."""
+    from gpt2lab.harness.tasks import flat_metrics
+
+    via_init_from = evaluate("gpt2lab", f"init_from={hf_export}", task_manager, batch_size=4)
+    assert flat_metrics(via_init_from) == flat_metrics(both["gpt2lab"])
+    assert [s["filtered_resps"] for s in samples(via_init_from, "agree_gen")] == [
+        s["filtered_resps"] for s in samples(both["gpt2lab"], "agree_gen")
+    ]
 
 
 def samples(results: dict, task: str) -> list[dict]:

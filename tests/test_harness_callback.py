@@ -12,6 +12,7 @@ import pytest
 from conftest import TINY, train_in_process
 
 from gpt2lab.errors import ConfigError
+from gpt2lab.harness.local_tasks import MULTIPLE_CHOICE, write_task
 
 pytest.importorskip("lm_eval")
 
@@ -39,19 +40,12 @@ WORDS = [
 
 def write_choice_task(directory: Path, rows: int = 12) -> str:
     """A multiple-choice task in HellaSwag's form (a context, four endings, acc and acc_norm), on local jsonl."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / "choice.jsonl").open("w") as f:
-        for i in range(rows):
-            words = [WORDS[(i * 3 + j) % len(WORDS)] for j in range(10)]
-            endings = [" " + " ".join(words[7:9]), " " + " ".join(words[1:3]), " a b", " next line"]
-            f.write(json.dumps({"ctx": " ".join(words[:7]), "endings": endings, "label": 0}) + "\n")
-    (directory / "choice.yaml").write_text(
-        "task: demo_choice\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {directory / 'choice.jsonl'}\n"
-        "test_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{ctx}}"\ndoc_to_target: "{{label}}"\ndoc_to_choice: "{{endings}}"\n'
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
-    )
+    docs = []
+    for i in range(rows):
+        words = [WORDS[(i * 3 + j) % len(WORDS)] for j in range(10)]
+        endings = [" " + " ".join(words[7:9]), " " + " ".join(words[1:3]), " a b", " next line"]
+        docs.append({"ctx": " ".join(words[:7]), "endings": endings, "label": 0})
+    write_task(directory, "demo_choice", docs, MULTIPLE_CHOICE)
     return "demo_choice"
 
 

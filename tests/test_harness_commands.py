@@ -19,6 +19,8 @@ from pathlib import Path
 import lm_eval.utils
 import pytest
 
+from gpt2lab.harness.local_tasks import MULTIPLE_CHOICE, ROLLING, write_task
+
 CHOICE_DOCS = [  # HellaSwag's form: a context and four endings, one of them right
     ("The cat sat on the", [" mat", " def", " import", " return"], 0),
     ("def add(a, b): return a", [" if", " + b", " class", " ("], 1),
@@ -35,38 +37,6 @@ ROLLING_TEXTS = [  # a few are longer than the context: lm-eval's rolling window
     "for i in range(10):\n    if i % 2:\n        print(i)\n",
     "The module is imported once; later imports find it in sys.modules and return it.",
 ]
-CHOICE_YAML = """task: demo_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{ctx}}}}"
-doc_to_target: "{{{{label}}}}"
-doc_to_choice: "{{{{endings}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
-ROLLING_YAML = """task: demo_rolling
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-  - metric: byte_perplexity
-  - metric: bits_per_byte
-"""
 HUB_YAML = """task: demo_hub
 dataset_path: Rowan/hellaswag
 test_split: validation
@@ -84,13 +54,9 @@ def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory of task YAML files (``--include_path``): a multiple-choice task and a rolling one on local
     jsonl data, and one whose data is on the Hugging Face Hub."""
     root = tmp_path_factory.mktemp("tasks")
-    data = root / "data"
-    data.mkdir()
     choice = [{"ctx": ctx, "endings": endings, "label": label} for ctx, endings, label in CHOICE_DOCS]
-    (data / "choice.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in choice))
-    (data / "rolling.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in ROLLING_TEXTS))
-    (root / "choice.yaml").write_text(CHOICE_YAML.format(data=data / "choice.jsonl"))
-    (root / "rolling.yaml").write_text(ROLLING_YAML.format(data=data / "rolling.jsonl"))
+    write_task(root, "demo_choice", choice, MULTIPLE_CHOICE)
+    write_task(root, "demo_rolling", ({"text": text} for text in ROLLING_TEXTS), ROLLING)
     (root / "hub.yaml").write_text(HUB_YAML.format())
     return root
 

@@ -26,9 +26,10 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from gpt2lab.errors import ConfigError
-from gpt2lab.inference.generator import Completions, TextGenerator
+from gpt2lab.hf import load_pretrained_gpt2
+from gpt2lab.inference.generator import Completions, TextGenerator, usable_device
 from gpt2lab.model.generation import eager_decoding
-from gpt2lab.tokenizers import EOS_TOKEN
+from gpt2lab.tokenizers import EOS_TOKEN, load_pretrained
 
 log = logging.getLogger("gpt2lab.harness")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,12 +38,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @register_model("gpt2lab")
 class GPT2LabLM(TemplateLM):
     """A gpt2lab checkpoint for lm-eval. ``ckpt`` is what ``ckpt=`` takes everywhere: a ``.ckpt`` file, a run
-    directory (its best checkpoint), ``last`` or ``best`` (under ``log_dir``). ``dtype`` is the precision the
+    directory (its best checkpoint), ``last`` or ``best`` (under ``log_dir``); or ``init_from``: GPT-2 weights by Hub
+    name or Hugging Face directory, in gpt2lab's model, as ``model.init_from`` starts training from them. ``dtype`` is the precision the
     forward pass runs in (log-probabilities are always taken in float32)."""
 
     def __init__(
         self,
         ckpt: str | None = None,
+        init_from: str | None = None,
         device: str | None = "auto",
         batch_size: int | str | None = 16,
         dtype: str = "float32",
@@ -54,12 +57,21 @@ class GPT2LabLM(TemplateLM):
         if unknown:
             raise ConfigError(
                 f"--model_args {', '.join(unknown)}: not an argument of the gpt2lab model; it takes "
-                "ckpt=<.ckpt file | run directory | last | best>, device, batch_size, dtype and log_dir"
+                "ckpt=<.ckpt file | run directory | last | best> (or init_from=<gpt2 | Hugging Face directory>), "
+                "device, batch_size, dtype and log_dir"
             )
-        if ckpt is None:
-            raise ConfigError("--model_args ckpt=...: missing; give a .ckpt file, a run directory, last or best")
-        generator = TextGenerator(str(ckpt), device=device or "auto", log_dir=log_dir)
-        self._setup(generator.model, generator.tokenizer, batch_size, dtype)
+        if (ckpt is None) == (init_from is None):
+            raise ConfigError(
+                "--model_args: give ckpt=<.ckpt file | run directory | last | best> (a gpt2lab checkpoint), or "
+                "init_from=<gpt2 | a Hugging Face GPT-2 directory> (GPT-2 weights, as model.init_from reads them)"
+            )
+        if ckpt is not None:
+            generator = TextGenerator(str(ckpt), device=device or "auto", log_dir=log_dir)
+            model, tokenizer = generator.model, generator.tokenizer
+        else:  # what training with model.init_from=... starts from, before any step
+            model = load_pretrained_gpt2(str(init_from)).to(usable_device(device or "auto")).eval()
+            tokenizer = load_pretrained(str(init_from))
+        self._setup(model, tokenizer, batch_size, dtype)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> GPT2LabLM:

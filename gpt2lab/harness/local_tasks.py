@@ -16,14 +16,21 @@ ROLLING = {  # the log-likelihood of whole texts, as lm-eval's wikitext: {"text"
     "output_type": "loglikelihood_rolling",
     "doc_to_text": "",
     "doc_to_target": "{{text}}",
-    "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
+    "metric_list": [
+        {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+        {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+        {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
+    ],
 }
 MULTIPLE_CHOICE = {  # HellaSwag's form: {"ctx": ..., "endings": [four], "label": index of the right one}
     "output_type": "multiple_choice",
     "doc_to_text": "{{ctx}}",
     "doc_to_target": "{{label}}",
     "doc_to_choice": "{{endings}}",
-    "metric_list": [{"metric": "acc", "higher_is_better": True}, {"metric": "acc_norm", "higher_is_better": True}],
+    "metric_list": [
+        {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+    ],
 }
 
 
@@ -34,7 +41,7 @@ def generation(until: list[str], max_gen_toks: int) -> dict[str, Any]:
         "doc_to_text": "{{prompt}}",
         "doc_to_target": "{{answer}}",
         "generation_kwargs": {"until": until, "max_gen_toks": max_gen_toks, "do_sample": False},
-        "metric_list": [{"metric": "exact_match", "higher_is_better": True}],
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
     }
 
 

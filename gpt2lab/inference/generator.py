@@ -55,23 +55,30 @@ def stop_strings(settings: Mapping[str, Any]) -> list[str]:
     return [s.replace("\\n", "\n").replace("\\t", "\t") for s in ([stop] if isinstance(stop, str) else stop) if s]
 
 
+def usable_device(device: str) -> str:
+    """``device`` (``auto``: the GPU if there is one, else the CPU), checked: a device torch cannot use fails here,
+    by name, not in the middle of loading the weights."""
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ConfigError(
+            f"device={device!r} cannot be used here ({str(e).splitlines()[0][:120]}): "
+            "use device=auto (the GPU if there is one, else the CPU), cpu, or cuda:N"
+        ) from None
+    return device
+
+
 class TextGenerator:
     """A trained model and its tokenizer, ready to continue text. ``model_path`` is what ``ckpt=`` takes:
     a ``.ckpt`` file, a run directory (its best checkpoint), ``last`` or ``best`` (of ``log_dir``)."""
 
     def __init__(self, model_path: str, device: str = "auto", log_dir: str = "outputs") -> None:
-        import torch
-
         from gpt2lab.checkpoint import find_checkpoint, load_checkpoint
 
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        try:  # a device torch cannot use fails here, by name, not in the middle of loading the weights
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as e:
-            raise ConfigError(
-                f"device={device!r} cannot be used here ({str(e).splitlines()[0][:120]}): "
-                "use device=auto (the GPU if there is one, else the CPU), cpu, or cuda:N"
-            ) from None
+        device = usable_device(device)
         self.path = find_checkpoint(model_path, log_dir)
         model, tokenizer = load_checkpoint(self.path, device=device)
         if tokenizer is None:
