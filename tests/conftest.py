@@ -138,6 +138,21 @@ def rank_zero():
         module.rank_zero_only.rank = 0
 
 
+@pytest.fixture(autouse=True)
+def lm_eval_logging() -> Iterator[None]:
+    """lm-eval's command line (and ``simple_evaluate`` given a verbosity) gives its logger a handler on the
+    ``sys.stderr`` of the moment, once per process, and stops it propagating: in a test, a stream captured for that
+    test and closed after it, so later tests would print "Logging error" tracebacks. Each test leaves the logger as a
+    new process has it, whichever test (or module fixture) configured it."""
+    yield
+    logger = logging.getLogger("lm_eval")
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+    if "lm_eval.utils" in sys.modules:
+        sys.modules["lm_eval.utils"]._LOGGING_CONFIGURED = False
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 200 KB of real text (stdlib modules and pydoc topics), one paragraph per blank-line block."""

@@ -82,7 +82,7 @@ def evaluate(model: str, model_args: str, task_manager, batch_size: int) -> dict
 
     return simple_evaluate(
         model=model, model_args=model_args, tasks=list(TASKS), task_manager=task_manager, device="cpu",
-        batch_size=batch_size, log_samples=True, bootstrap_iters=0, verbosity="WARNING",
+        batch_size=batch_size, log_samples=True, bootstrap_iters=0,
     )  # fmt: skip
 
 

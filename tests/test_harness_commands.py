@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import lm_eval.utils
 import pytest
 
 from gpt2lab.harness.local_tasks import MULTIPLE_CHOICE, ROLLING, write_task
@@ -59,20 +56,6 @@ def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_task(root, "demo_rolling", ({"text": text} for text in ROLLING_TEXTS), ROLLING)
     (root / "hub.yaml").write_text(HUB_YAML.format())
     return root
-
-
-@pytest.fixture(autouse=True)
-def lm_eval_logger() -> Iterator[None]:
-    """lm-eval's ``simple_evaluate`` gives its logger a handler on ``sys.stderr`` once per process (and stops it
-    propagating): in a command, the process's stderr; here, the stderr captured for one test and closed after it.
-    Each test starts as a new process would."""
-    logger = logging.getLogger("lm_eval")
-    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
-    configured = lm_eval.utils._LOGGING_CONFIGURED
-    yield
-    logger.handlers[:], logger.propagate = handlers, propagate
-    logger.setLevel(level)
-    lm_eval.utils._LOGGING_CONFIGURED = configured
 
 
 @pytest.fixture

@@ -161,8 +161,8 @@ class GPT2LabLM(TemplateLM):
             )
             logprobs = F.log_softmax(logits[rows.to(self.device), cols.to(self.device)].float(), dim=-1)
             targets = torch.tensor([t for _, _, c in batch for t in c], device=self.device)
-            picked = logprobs.gather(1, targets[:, None])[:, 0]
-            greedy = logprobs.argmax(-1) == targets
+            picked = logprobs.gather(1, targets[:, None])[:, 0].cpu()  # one copy to the host per batch
+            greedy = (logprobs.argmax(-1) == targets).cpu()
             start = 0
             for request, _, continuation in batch:
                 end = start + len(continuation)
