@@ -136,6 +136,8 @@ def test_hf_text_generation_pipeline_with_its_defaults_stops_at_the_context_leng
     assert isinstance(result[0]["generated_text"], str) and result[0]["generated_text"].startswith("def ")
     prompt_length = len(generator.tokenizer("def ").input_ids)
     assert len(lengths) == 1 and prompt_length < lengths[0] <= context_length
+    generator("def ", max_new_tokens=3, min_new_tokens=3, do_sample=False)  # a length given still wins
+    assert lengths[1] == prompt_length + 3
 
 
 def test_onnx_decoding_gives_gpt2labs_greedy_tokens_with_padding_and_past_the_context(exported, trained):
