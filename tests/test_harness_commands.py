@@ -174,8 +174,14 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         (["tasks=[demo_choice]", "harness.include_path=no_such_dir"], r"harness\.include_path=no_such_dir: not a dir"),
         (["tasks=[demo_choice]", "limit=0"], r"limit=0(\.0)?: expected a positive number"),
         (["tasks=[demo_choice]", "num_fewshot=-1"], r"num_fewshot=-1: expected 0 or more"),
+        (["tasks=[demo_choice]", "harness.dtype=fp8"], r"harness\.dtype=fp8: expected one of float32, bfloat16"),
+        (["tasks=[demo_choice]", "harness.batch_size=0"], r"harness\.batch_size=0: expected at least 1"),
+        (["tasks=[]"], r"tasks=\[\]: expected lm-eval task names"),
     ],
-    ids=["unknown task", "data not to be had", "missing include_path", "limit 0", "negative num_fewshot"],
+    ids=[
+        "unknown task", "data not to be had", "missing include_path", "limit 0", "negative num_fewshot", "dtype",
+        "batch size", "no task",
+    ],
 )  # fmt: skip
 def test_bad_task_input_is_one_error_line(evaluate_cli, trained_run, tmp_path, monkeypatch, args, expected):
     # As a process started with HF_HUB_OFFLINE=1 (datasets and huggingface_hub read it when imported).

@@ -40,7 +40,12 @@ def evaluate_tasks(cfg: DictConfig) -> dict[str, float]:
     the model, so that a task that cannot be had stops the command at once."""
     require_lm_eval()
     check_settings(cfg.limit, cfg.num_fewshot)
-    from gpt2lab.harness.lm import GPT2LabLM
+    from gpt2lab.harness.lm import DTYPES, GPT2LabLM
+
+    if cfg.harness.dtype not in DTYPES:
+        raise ConfigError(f"harness.dtype={cfg.harness.dtype}: expected one of {', '.join(DTYPES)}")
+    if cfg.harness.batch_size < 1:
+        raise ConfigError(f"harness.batch_size={cfg.harness.batch_size}: expected at least 1 request per forward pass")
 
     path = find_checkpoint(cfg.ckpt, cfg.paths.log_dir)
     names = OmegaConf.to_object(cfg.tasks) if OmegaConf.is_config(cfg.tasks) else cfg.tasks
