@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gpt2lab.harness.local_tasks import MULTIPLE_CHOICE, ROLLING, write_task
 
@@ -226,6 +227,10 @@ def test_lm_eval_command_runs_the_gpt2lab_model(run_main, trained_run, task_dir,
     result = lm_eval(f"ckpt={trained_run}", "device=cpu", device="cuda:7")
     assert result.returncode == 0, result.stderr[-3000:]
     assert table_rows(result.stdout) == shown  # the same model, examples and scores
+    if not torch.cuda.is_available():  # lm-eval's own default --device, cuda:0, on a machine without one: auto
+        result = lm_eval(f"ckpt={trained_run}", device="cuda:0")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert table_rows(result.stdout) == shown
     line = one_error_line(lm_eval(f"ckpt={trained_run}", "foo=1"))
     assert "--model_args foo: not an argument of the gpt2lab model" in line and "ckpt=" in line
     line = one_error_line(lm_eval(f"ckpt={tmp_path / 'no_such_run'}"))

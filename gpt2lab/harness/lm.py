@@ -75,8 +75,15 @@ class GPT2LabLM(TemplateLM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> GPT2LabLM:
-        """``--model_args`` win over lm-eval's own ``--device`` and ``--batch_size`` (lm-eval would pass both)."""
+        """``--model_args`` win over lm-eval's own ``--device`` and ``--batch_size`` (lm-eval would pass both). lm-eval's
+        ``--device`` defaults to ``cuda:0``: one this machine cannot use means ``auto``, as lm-eval's ``hf`` takes it."""
         given = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        if "device" in given and "device" not in arg_dict:
+            try:
+                usable_device(str(given["device"]))
+            except ConfigError:
+                log.info("--device %s cannot be used here: the model runs on device=auto", given["device"])
+                given["device"] = "auto"
         return cls(**(given | dict(arg_dict)))
 
     @classmethod
