@@ -4,12 +4,13 @@ Loss, perplexity and bits per byte (the loss in bits spread over the UTF-8 bytes
 depend on the tokenizer, so models with different vocabularies compare), with what ``gzip -9``, ``bz2 -9``
 and ``xz -9e`` achieve on the same bytes beside them. Loss and perplexity are over every scored token; bits per
 byte leave out the predictions of end-of-text and the other special tokens, which stand for 0 bytes, since the
-compressors see the decoded text without its document boundaries and pay nothing for them. Every token of the text is scored once, its first after an
-end-of-text, whatever ``eval.stride``: strides differ only in the context each token is predicted from. Any
-non-empty text can be scored, a single sentence too. With a task format (``data.format``) only the scored
-tokens count: the summary loss of summarization pairs, the assistant turns of chats, the completions of
-instructions; bits per byte are then over those tokens' text, and the compressors see that text alone. Scoring runs through Lightning's test loop, so
-``trainer=gpu``, bf16 and ``trainer=ddp`` apply as in training. See docs/inference.md, "Evaluate".
+compressors see the decoded text without its document boundaries and pay nothing for them. Every token of the
+text is scored once, its first after an end-of-text, whatever ``eval.stride``: strides differ only in the context
+each token is predicted from. Any non-empty text can be scored, a single sentence too. With a task format
+(``data.format``) only the scored tokens count: the summary loss of summarization pairs, the assistant turns of
+chats, the completions of instructions; bits per byte are then over those tokens' text, and the compressors see
+that text alone. Scoring runs through Lightning's test loop, so ``trainer=gpu``, bf16 and ``trainer=ddp`` apply as
+in training. See docs/inference.md, "Evaluate".
 """
 
 from __future__ import annotations

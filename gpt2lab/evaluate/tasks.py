@@ -40,6 +40,8 @@ def evaluate_tasks(cfg: DictConfig) -> dict[str, float]:
     the model, so that a task that cannot be had stops the command at once."""
     require_lm_eval()
     check_settings(cfg.limit, cfg.num_fewshot)
+    import lm_eval
+
     from gpt2lab.harness.lm import DTYPES, GPT2LabLM
 
     if cfg.harness.dtype not in DTYPES:
@@ -65,7 +67,7 @@ def evaluate_tasks(cfg: DictConfig) -> dict[str, float]:
         "num_fewshot": cfg.num_fewshot,
         "metrics": metrics,
         **{key: results.get(key) for key in ("results", "groups", "n-shot", "versions", "n-samples")},
-        "lm_eval_version": results.get("lm_eval_version") or _lm_eval_version(),
+        "lm_eval_version": lm_eval.__version__,
     }
     (output_dir / "eval.json").write_text(json.dumps(kept, indent=2, default=_plain))
     print(results_table(results))
@@ -97,12 +99,6 @@ def _check_objective(cfg: DictConfig, names: list[str], metrics: dict[str, float
             f"optimized_metric={cfg.optimized_metric}: not among the results of tasks=[{','.join(names)}]; "
             f"choose one of {', '.join(k for k in metrics if not k.endswith('_stderr'))}"
         )
-
-
-def _lm_eval_version() -> str:
-    from importlib.metadata import version
-
-    return version("lm_eval")
 
 
 def _plain(value: Any) -> Any:

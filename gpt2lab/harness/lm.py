@@ -27,8 +27,7 @@ from torch import nn
 
 from gpt2lab.errors import ConfigError
 from gpt2lab.hf import load_pretrained_gpt2
-from gpt2lab.inference.generator import Completions, TextGenerator, usable_device
-from gpt2lab.model.generation import eager_decoding
+from gpt2lab.inference.generator import TextGenerator, complete, usable_device
 from gpt2lab.tokenizers import EOS_TOKEN, load_pretrained
 
 log = logging.getLogger("gpt2lab.harness")
@@ -39,8 +38,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class GPT2LabLM(TemplateLM):
     """A gpt2lab checkpoint for lm-eval. ``ckpt`` is what ``ckpt=`` takes everywhere: a ``.ckpt`` file, a run
     directory (its best checkpoint), ``last`` or ``best`` (under ``log_dir``); or ``init_from``: GPT-2 weights by Hub
-    name or Hugging Face directory, in gpt2lab's model, as ``model.init_from`` starts training from them. ``dtype`` is the precision the
-    forward pass runs in (log-probabilities are always taken in float32)."""
+    name or Hugging Face directory, in gpt2lab's model, as ``model.init_from`` starts training from them.
+    ``dtype`` is the precision the forward pass runs in (log-probabilities are always taken in float32)."""
 
     def __init__(
         self,
@@ -201,9 +200,10 @@ class GPT2LabLM(TemplateLM):
         """Continue each context until one of its stop strings, end-of-text or ``max_gen_toks``; the context is
         cut from the left so that context and continuation fit the model."""
         eos = self.tokenizer_.decode([self._eot], skip_special_tokens=False)
+        encoded = {context: self.tok_encode(context) for context, _ in (request.args for request in requests)}
         order = Collator(
             [request.args for request in requests],
-            sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),
+            sort_fn=lambda args: (-len(encoded[args[0]]), args[0]),
             group_fn=lambda args: args[1],
             group_by="gen_kwargs",
         )
@@ -213,7 +213,7 @@ class GPT2LabLM(TemplateLM):
             settings = normalize_gen_kwargs(dict(all_kwargs[0]), default_max_gen_toks=256)
             until = handle_stop_sequences(settings.pop("until", None), eos=eos)
             new_tokens = min(settings.pop("max_gen_toks"), self.max_length - 1)
-            prompts = [self.tok_encode(c)[-(self.max_length - new_tokens) :] or [self._eot] for c in contexts]
+            prompts = [encoded[c][-(self.max_length - new_tokens) :] or [self._eot] for c in contexts]
             texts = self._continue(prompts, new_tokens, until, settings)
             for context, gen_kwargs, text in zip(contexts, all_kwargs, texts, strict=True):
                 text = postprocess_generated_text(text, until, think_end_token=None)
@@ -223,7 +223,7 @@ class GPT2LabLM(TemplateLM):
 
     @torch.inference_mode()
     def _continue(self, prompts: list[list[int]], new_tokens: int, until: list[str], settings: dict) -> list[str]:
-        """The text each prompt continues with, cut before the first stop string."""
+        """The text each prompt (token ids) continues with, cut before the first stop string."""
         sampling = {
             "max_new_tokens": new_tokens,
             "stop": until,
@@ -235,19 +235,8 @@ class GPT2LabLM(TemplateLM):
         }
         if not hasattr(self.model, "generate_stream"):  # model=hf / model=module: no KV cache here
             return [self._greedy_without_cache(p, new_tokens, until) for p in prompts]
-        completions = Completions(self.tokenizer_, len(prompts), sampling, out=None)
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        with eager_decoding(), torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
-            steps = self.model.generate_stream(
-                ids, new_tokens, sampling["temperature"], sampling["top_k"], top_p=sampling["top_p"],
-                do_sample=sampling["do_sample"], attention_mask=mask, eos_token_id=self._eot, seed=sampling["seed"],
-            )  # fmt: skip
-            for step in steps:
-                if completions.add(step.tolist()):
-                    break
-        return completions.finish()
+        with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
+            return complete(self.model, self.tokenizer_, prompts, sampling)  # gpt2lab generate's decoding loop
 
     def _greedy_without_cache(self, prompt: list[int], new_tokens: int, until: list[str]) -> str:
         tokens: list[int] = []

@@ -105,12 +105,13 @@ class TextGenerator:
 def complete(
     model: GPT2Model,
     tokenizer: Tokenizer,
-    prompts: list[str],
+    prompts: list[str] | list[list[int]],
     config: Mapping[str, Any],
     out: TextIO | None = None,
     end_token: int | None = None,
 ) -> list[str]:
-    """Continue each prompt, ``num_return_sequences`` times; a completion ends at ``end_token`` (by default
+    """Continue each prompt (text, or token ids already encoded), ``num_return_sequences`` times; a completion ends
+    at ``end_token`` (by default
     end-of-text; a chat template's end-of-turn in ``gpt2lab.chat``), at one of the ``stop`` strings (which it then
     ends before), or after ``max_new_tokens``."""
     import torch
@@ -138,14 +139,14 @@ def complete(
 
 
 def left_padded(
-    tokenizer: Tokenizer, prompts: list[str], settings: Mapping[str, Any]
+    tokenizer: Tokenizer, prompts: list[str] | list[list[int]], settings: Mapping[str, Any]
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """The prompts' token ids and attention mask, (B, T) as lists, left-padded with 0: every prompt ends where
-    decoding starts. Checks the decoding ``settings`` first."""
+    """The prompts' token ids (a prompt given as ids is taken as it is) and attention mask, (B, T) as lists,
+    left-padded with 0: every prompt ends where decoding starts. Checks the decoding ``settings`` first."""
     check_inference(settings)
     if any(not p for p in prompts):
         raise ConfigError("the prompt is empty: give the model some text to continue (prompt=... or prompts_file=...)")
-    encoded = [tokenizer.encode(p).ids for p in prompts]
+    encoded = [p if isinstance(p, list) else tokenizer.encode(p).ids for p in prompts]
     width = max(len(ids) for ids in encoded)
     return [[0] * (width - len(ids)) + ids for ids in encoded], [
         [0] * (width - len(ids)) + [1] * len(ids) for ids in encoded

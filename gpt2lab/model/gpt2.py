@@ -251,7 +251,7 @@ class GPT2Model(nn.Module):
                     targets[i : i + EVAL_CHUNK],
                     ignore_index=cross_entropy.IGNORE_INDEX,
                     reduction="none",
-                )  # fmt: skip
+                )
                 for i in range(0, h.shape[0], EVAL_CHUNK)
             ]
             return None, torch.cat(nats).view_as(labels)
