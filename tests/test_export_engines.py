@@ -6,9 +6,9 @@ What vLLM reads was taken from its source at commit e7dffa6 (the 0.8.5-0.9 line)
 (``AutoConfig.from_pretrained``; ``GenerationConfig.from_pretrained``, falling back to the model config),
 ``model_executor/models/registry.py`` (``architectures`` picks the model class), ``model_executor/models/gpt2.py``
 (the weights it loads and how) and ``config.py`` (``max_model_len``: the smallest of ``max_position_embeddings``,
-``n_positions`` and a few other keys; later versions may also bound it by ``tokenizer_config.json``'s ``model_max_length``;
-sampling defaults from ``generation_config.json``'s temperature, top_k, top_p, min_p, repetition_penalty and
-max_new_tokens only)."""
+``n_positions`` and a few other keys, which later versions may also bound by ``tokenizer_config.json``'s
+``model_max_length``; sampling defaults from ``generation_config.json``'s temperature, top_k, top_p, min_p,
+repetition_penalty and max_new_tokens only)."""
 
 from __future__ import annotations
 
