@@ -13,6 +13,7 @@ VERBS = {
     "evaluate": "loss, perplexity and bits per byte of a checkpoint (python -m gpt2lab.evaluate)",
     "generate": "continue text with a checkpoint (python -m gpt2lab.generate)",
     "chat": "talk to a checkpoint in the terminal (python -m gpt2lab.chat)",
+    "serve": "a checkpoint behind OpenAI's HTTP API, on LitServe (python -m gpt2lab.serve)",
     "export": "a checkpoint as Hugging Face, ONNX and TorchScript directories (python -m gpt2lab.export)",
     "check": "a model's check-up before training: shapes, gradients, causality, ... (python -m gpt2lab.check)",
     "runs": "a table of the runs under a directory, with curves (python -m gpt2lab.runs)",

@@ -256,6 +256,32 @@ class ChatSchema:
 
 
 @dataclasses.dataclass
+class ServeSettingsSchema:
+    model_name: str = "gpt2lab"
+    api_key: Optional[str] = None  # noqa: UP045 - required as "Authorization: Bearer <key>" when set
+    max_batch_size: int = 32
+    max_tokens: int = 256
+    max_n: int = 8
+    max_body_bytes: int = 1048576
+    top_k: Optional[int] = None  # noqa: UP045
+    devices: Any = "auto"  # auto, or a number of GPUs
+    workers_per_device: int = 1
+    log_level: str = "info"
+
+
+@dataclasses.dataclass
+class ServeSchema:
+    ckpt: Optional[str] = None  # noqa: UP045 - a .ckpt file, a run directory (its best), last or best
+    onnx: Optional[str] = None  # noqa: UP045 - or an ONNX export directory, decoded by onnxruntime
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    serve: ServeSettingsSchema = dataclasses.field(default_factory=ServeSettingsSchema)
+    paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
+    task_name: str = "serve"
+
+
+@dataclasses.dataclass
 class ONNXExportSchema:
     opset_version: int = 18  # 18 (torch.onnx's own) up to the newest opset the installed onnx knows
     optimize: str = "extended"  # onnxruntime's graph optimisation level, applied offline: none, basic, extended, all
@@ -298,4 +324,5 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateSchema, replace=True)
     ConfigStore.instance().store(name="generate_schema", node=GenerateSchema, replace=True)
     ConfigStore.instance().store(name="chat_schema", node=ChatSchema, replace=True)
+    ConfigStore.instance().store(name="serve_schema", node=ServeSchema, replace=True)
     ConfigStore.instance().store(name="export_schema", node=ExportSchema, replace=True)

@@ -16,7 +16,7 @@ from gpt2lab.model import GPT2Model
 from gpt2lab.tokenizers import EOS_TOKEN, PAD_TOKEN, UNK_TOKEN
 
 if TYPE_CHECKING:  # the data formats import datasets, which an export does not need
-    from gpt2lab.data.formats import ChatTemplate
+    from gpt2lab.tokenizers.chat_template import ChatTemplate
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:

@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -26,9 +26,7 @@ from gpt2lab.exporters.directory import check_output_dir, write_tokenizer, write
 from gpt2lab.exporters.model_card import ModelCardGenerator
 from gpt2lab.exporters.speed import format_benchmark
 from gpt2lab.model import GPT2Model
-
-if TYPE_CHECKING:
-    from gpt2lab.data.formats import ChatTemplate
+from gpt2lab.tokenizers.chat_template import ChatTemplate
 
 log = logging.getLogger("gpt2lab.export")
 FORMATS = ("hf", "onnx", "torchscript")
@@ -91,7 +89,8 @@ def export(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             if fmt != "hf":  # transformers' save_pretrained wrote these in its own form
                 write_tokenizer(tokenizer, model.config.context_length, directory, chat_template)
                 graph = {"file": Path(result["output_path"]).name, **graph_config(model, fmt, result)}
-                write_weights(model, directory, {fmt: graph})
+                chat = {"chat_template": chat_template.to_dict()} if chat_template else {}  # for gpt2lab serve onnx=
+                write_weights(model, directory, {fmt: graph, **chat})
             result["output_path"] = str(final / Path(result["output_path"]).relative_to(directory))
             card = ModelCardGenerator(cfg.license).generate(
                 model, final, fmt, checkpoint=path, export=result, chat_template=chat_template
@@ -114,11 +113,7 @@ def exported_chat_template(path: Path) -> ChatTemplate | None:
     """The chat template of a ``data.format=chat`` run's checkpoint, which its exports carry (a Jinja
     ``chat_template``, the end-of-turn token as end of sequence, a chat prompt in the card); None for others."""
     saved = saved_chat_template(path)
-    if not saved:
-        return None
-    from gpt2lab.data.formats import ChatTemplate  # imports datasets: only for a chat model
-
-    return ChatTemplate.from_dict(saved)
+    return ChatTemplate.from_dict(saved) if saved else None
 
 
 def usual_modes(directory: Path) -> None:

@@ -18,7 +18,7 @@ from gpt2lab.model import GPT2Model
 from gpt2lab.tokenizers import EOS_TOKEN, PAD_TOKEN
 
 if TYPE_CHECKING:
-    from gpt2lab.data.formats import ChatTemplate
+    from gpt2lab.tokenizers.chat_template import ChatTemplate
 
 
 class HFExporter:

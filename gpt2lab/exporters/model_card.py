@@ -28,7 +28,7 @@ from gpt2lab.exporters.card_text import (
 from gpt2lab.model import GPT2Model
 
 if TYPE_CHECKING:
-    from gpt2lab.data.formats import ChatTemplate
+    from gpt2lab.tokenizers.chat_template import ChatTemplate
 
 # The config sections that describe how the model was trained (the rest is paths, logging and callbacks).
 PROCEDURE_SECTIONS = ("optimizer", "scheduler", "tokenizer")

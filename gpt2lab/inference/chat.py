@@ -19,7 +19,7 @@ from gpt2lab.errors import ConfigError
 from gpt2lab.inference.generator import TextGenerator, check_inference, complete
 
 if TYPE_CHECKING:  # imported where a checkpoint is read, as torch is
-    from gpt2lab.data.formats import ChatTemplate
+    from gpt2lab.tokenizers.chat_template import ChatTemplate
 
 # The settings a /command changes, with their type and an example value
 SETTABLE = {
@@ -53,7 +53,7 @@ class Chat:
         otherwise a model with a template ends its turns at its end-of-turn token alone, not at conf/chat.yaml's
         blank line (which ends a plain model's reply)."""
         from gpt2lab.checkpoint import saved_chat_template
-        from gpt2lab.data.formats import ChatTemplate
+        from gpt2lab.tokenizers.chat_template import ChatTemplate
 
         settings = settings | {"num_return_sequences": 1, "stream": True}
         check_inference(settings)

@@ -102,15 +102,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def filter_logits(
-    logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+    logits: np.ndarray,
+    temperature: float | np.ndarray = 1.0,
+    top_k: int | None = None,
+    top_p: float | np.ndarray | None = None,
 ) -> np.ndarray:
     """``gpt2lab.model.generation.filter_logits`` in numpy: temperature, then top-k, then the top-p nucleus."""
-    if temperature != 1.0:
+    if np.any(temperature != 1.0):  # a float, or (B, 1): one per row
         logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]
         logits = np.where(logits < kth, -np.inf, logits)
-    if top_p is not None and top_p < 1.0:
+    if top_p is not None and np.any(top_p < 1.0):
         order = np.argsort(-logits, axis=-1, kind="stable")
         probs = softmax(np.take_along_axis(logits, order, -1))
         outside_sorted = probs.cumsum(-1) - probs > top_p  # the tokens after the nucleus (the first one stays)
@@ -178,19 +181,84 @@ def stream_tokens(
             return
 
 
+class ONNXSlots:
+    """``gpt2lab.model.generation.DecodeSlots`` over an ONNX decoder: rows that decode independently, a prompt
+    joining a free row while the others go on, their keys and values in a ring of the whole context kept here
+    and passed to the graph as its past at every step."""
+
+    def __init__(self, decoder: ONNXDecoder, batch_size: int, vocab_size: int) -> None:
+        self.decoder, g, C = decoder, decoder.graph, decoder.context_length
+        shape = (batch_size, g["num_heads"], C, g["head_dim"])
+        self.ring = {name: np.zeros(shape, np.float32) for name in decoder._empty_past(batch_size)}
+        self.valid = np.zeros((batch_size, C), np.int64)
+        self.next_position = np.zeros(batch_size, np.int64)
+        self.index = 0  # the column the next step writes
+        self.free = np.ones(batch_size, bool)
+        self.last = np.zeros(batch_size, np.int64)
+        self.logits = np.zeros((batch_size, vocab_size), np.float32)
+
+    def admit(self, row: int, prompt: list[int]) -> None:
+        d = self.decoder
+        self.logits[row] = d.prefill(np.array([prompt], np.int64), np.ones((1, len(prompt)), np.int64))[0]
+        columns = (self.index - len(prompt) + np.arange(len(prompt))) % self.valid.shape[1]
+        for name, past in d.past.items():
+            self.ring[name][row][:, columns] = past[0]
+        self.valid[row] = 0
+        self.valid[row, columns] = 1
+        self.next_position[row] = len(prompt)
+        self.free[row] = False
+
+    def release(self, row: int) -> None:
+        self.free[row] = True
+
+    def step(self) -> None:
+        d, B = self.decoder, len(self.last)
+        self.next_position[self.free] = 0
+        d.past, d.mask = self.ring, np.concatenate([self.valid, np.ones((B, 1), np.int64)], 1)
+        self.logits[:] = d._run(self.last[:, None], self.next_position[:, None].copy())
+        for name, present in d.past.items():  # (B, heads, C + 1, head_dim): the new column is the last
+            self.ring[name][:, :, self.index] = present[:, :, -1]
+        self.valid[:, self.index] = 1
+        self.next_position += 1
+        self.index = (self.index + 1) % self.valid.shape[1]
+
+    def sample(
+        self, rows: list[int], temperature: list[float], top_p: list[float], generators: list, top_k: int | None
+    ) -> list[int]:
+        """As ``DecodeSlots.sample``: each row with its own settings and random generator (numpy's)."""
+        logits = self.logits[rows]
+        temperatures = np.array(temperature)[:, None]
+        greedy = temperatures[:, 0] == 0
+        probs = softmax(filter_logits(logits, np.where(temperatures == 0, 1.0, temperatures), top_k,
+                                      np.array(top_p)[:, None]).astype(np.float64))  # fmt: skip
+        noise = np.stack([g.exponential(size=logits.shape[1]) for g in generators])
+        tokens = np.where(greedy, logits.argmax(-1), (probs / noise).argmax(-1))
+        self.last[rows] = tokens
+        return tokens.tolist()
+
+    def generator(self, seed: int) -> np.random.Generator:
+        return np.random.default_rng(seed)
+
+
+def export_config(export_dir: Path) -> dict[str, Any]:
+    """The ``config.json`` of an ONNX export directory, or the Error line that says where the export is."""
+    config = export_dir / "config.json"
+    if not config.is_file() or "onnx" not in json.loads(config.read_text()):
+        inside = export_dir / "onnx"  # format=all's root
+        hint = f"onnx={inside}" if (inside / "config.json").is_file() else "format=onnx of python -m gpt2lab.export"
+        raise ConfigError(
+            f"onnx={str(export_dir)!r} is not an ONNX export directory (config.json and model.onnx): use {hint}"
+        )
+    return json.loads(config.read_text())
+
+
 class ONNXTextGenerator(TextGenerator):
     """``gpt2lab.generate.TextGenerator`` over an ONNX export directory: the same ``generate_text`` and chat,
     decoded by onnxruntime."""
 
     def __init__(self, export_dir: str | os.PathLike, providers: list[str] | None = None) -> None:
         self.path = Path(export_dir).expanduser()
-        config = self.path / "config.json"
-        if not config.is_file() or "onnx" not in json.loads(config.read_text()):
-            inside = self.path / "onnx"  # format=all's root
-            hint = f"onnx={inside}" if (inside / "config.json").is_file() else "format=onnx of python -m gpt2lab.export"
-            raise ConfigError(
-                f"onnx={str(export_dir)!r} is not an ONNX export directory (config.json and model.onnx): use {hint}"
-            )
+        export_config(self.path)
         self.decoder = ONNXDecoder.from_directory(self.path, providers=providers)
         self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
 

@@ -109,7 +109,7 @@ class KVCache:
 
     def end(self) -> None:
         if self.fixed_shape:  # on the device only: a CUDA graph replays kernels, not Python
-            self.index += 1
+            self.index.add_(1).remainder_(self.capacity)  # a ring for ``DecodeSlots``; one generation never wraps
             return
         self.length += self._new
         self._new = 0
@@ -217,18 +217,19 @@ def eager_decoding() -> AbstractContextManager:
 
 def filter_logits(
     logits: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     top_k: int | None = None,
-    top_p: float | None = None,
+    top_p: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, V) logits with temperature applied and the tokens outside top-k / the top-p nucleus at -inf.
-    temperature 1, top_k None and top_p None or 1.0 return the logits unchanged."""
-    if temperature != 1.0:
+    temperature 1, top_k None and top_p None or 1.0 return the logits unchanged. ``temperature`` and ``top_p``
+    may be (B, 1) tensors, one value per row (a server's requests each have their own)."""
+    if torch.is_tensor(temperature) or temperature != 1.0:
         logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[:, -1, None]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    if top_p is not None and (torch.is_tensor(top_p) or top_p < 1.0):
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.float().softmax(-1)
         outside = probs.cumsum(-1) - probs > top_p  # the tokens after the nucleus (the first one always stays)
@@ -310,3 +311,87 @@ def stream_tokens(
         yield next_id
         if eos_token_id is not None and i % 8 == 7 and bool(finished.all()):
             return
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    temperature: list[float],
+    top_p: list[float],
+    generators: list[torch.Generator],
+    top_k: int | None = None,
+) -> torch.Tensor:
+    """One token per row of (N, V) ``logits``, each row with its own temperature (0: greedy), top-p and random
+    generator: a row draws the same tokens whatever else shares its batch (the exponential race: argmax of
+    p / E with E ~ Exp(1) is a draw from p, and each row's E comes from its own generator)."""
+    device = logits.device
+    temperatures = torch.tensor(temperature, device=device)
+    greedy = temperatures == 0
+    nucleus = torch.tensor(top_p, device=device)[:, None] if min(top_p) < 1.0 else None
+    probs = filter_logits(logits, torch.where(greedy, 1.0, temperatures)[:, None], top_k, nucleus).softmax(-1)
+    noise = torch.stack([torch.empty(logits.shape[1], device=device).exponential_(generator=g) for g in generators])
+    return torch.where(greedy, logits.argmax(-1), (probs / noise).argmax(-1))
+
+
+class DecodeSlots:
+    """``batch_size`` rows decoding independently over one static KV cache of the whole context: a server's
+    continuous batching. A prompt joins a free row (``admit``) while the other rows go on, and each ``step``
+    moves every row by one token, replayed as one CUDA graph on a GPU.
+
+    The rows share the column a step writes, which goes round the cache as a ring. GPT-2 keeps positions in its
+    embeddings, not in where a key is stored, so a row's keys may sit anywhere in its row of the cache; a row
+    holds at most the context (its prompt and its tokens), so it never reaches its own oldest column.
+    """
+
+    def __init__(self, model: CachedModel, batch_size: int) -> None:
+        self.model = model
+        self.decode = DecodeStep(model, batch_size, model.config.context_length, static=True)
+        self.cache = cache = self.decode.cache
+        cache.fixed_shape = True
+        device = model.wte.weight.device
+        self.free = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self.last = torch.zeros(batch_size, dtype=torch.long, device=device)  # each row's token to read next
+        self.logits = torch.zeros(batch_size, model.config.vocab_size, device=device)
+        with torch.no_grad():  # records the CUDA graph now, before any row holds keys its warm-up would overwrite
+            self.decode(self.last)
+        cache.valid.zero_()
+        cache.next_position.zero_()
+
+    @torch.no_grad()
+    def admit(self, row: int, prompt: list[int]) -> None:
+        """Read ``prompt`` into ``row`` (whatever it held is forgotten); its next token's logits await ``sample``."""
+        c, cache, weight = self.model.config, self.cache, self.model.wte.weight
+        ids = torch.tensor([prompt], device=weight.device)
+        alone = KVCache(
+            c.num_layers, 1, c.num_heads, c.d_model // c.num_heads, len(prompt), weight.device, weight.dtype
+        )
+        self.logits[row] = self.model(ids, attention_mask=torch.ones_like(ids), cache=alone)[0][0, -1].float()
+        # the columns just before the one the next step writes
+        columns = (cache.index - len(prompt) + torch.arange(len(prompt), device=weight.device)) % cache.capacity
+        cache.keys[:, row].index_copy_(2, columns, alone.keys[:, 0])
+        cache.values[:, row].index_copy_(2, columns, alone.values[:, 0])
+        cache.valid[row] = False
+        cache.valid[row, columns] = True
+        cache.next_position[row] = len(prompt)
+        self.free[row] = False
+
+    def release(self, row: int) -> None:
+        self.free[row] = True
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Every row reads its last token; the logits of the next ones await ``sample``."""
+        self.cache.next_position.masked_fill_(self.free, 0)  # a free row reads filler: its positions stay in range
+        self.logits.copy_(self.decode(self.last))
+
+    @torch.no_grad()
+    def sample(
+        self, rows: list[int], temperature: list[float], top_p: list[float], generators: list, top_k: int | None
+    ) -> list[int]:
+        """The next token of each of ``rows`` (``sample_rows``), kept as what those rows read next."""
+        index = torch.tensor(rows, device=self.last.device)
+        tokens = sample_rows(self.logits[index], temperature, top_p, generators, top_k)
+        self.last.index_copy_(0, index, tokens)
+        return tokens.tolist()
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(self.last.device).manual_seed(seed)
