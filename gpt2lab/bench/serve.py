@@ -1,0 +1,436 @@
+"""``python -m gpt2lab.bench serve --ckpt <run>``: gpt2lab's OpenAI-compatible server (``gpt2lab.serve``) under a
+real HTTP load, at 1, 8 and 32 concurrent clients. It starts the server on a free port (or measures one already
+running: ``--url``), then runs a closed loop per level: C clients, each sending ``/v1/completions`` requests one
+after the other until the level's ``--requests`` are answered. The prompts are the same at every level, drawn from
+the standard library's text with a fixed seed.
+
+Why a closed loop of real HTTP clients: the server's claim is that concurrent requests are decoded together, so
+the figure that matters is the throughput at C clients against one client at a time, through the same sockets,
+JSON and server-sent events a user's tools go through. One client at a time is the baseline, measured in the same
+run. Each level reports requests/s, generated tokens/s (``usage.completion_tokens``: the model may stop before
+``max_tokens``), p50 and p99 latency, p50 time to first token of the streamed requests, the requests lost (any
+status but 200, a stream without ``data: [DONE]`` or usage, a timeout) and the server's resident memory before and
+after, so that a leak shows as a column that grows. The guard of ``bench.machine`` (``--busy-ok``,
+``--busy-wait``) applies: on a shared CPU the server and the clients would measure the sharing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from time import monotonic, perf_counter, sleep
+from typing import Any
+
+import httpx2
+import numpy as np
+import torch
+
+from gpt2lab.bench import machine
+from gpt2lab.console import table
+from gpt2lab.data.pystdlib import pystdlib_documents
+from gpt2lab.errors import ConfigError
+from gpt2lab.lit.speed import describe_load
+from gpt2lab.presets.probe import device_name
+
+DEFAULT_CLIENTS = [1, 8, 32]
+TEMPERATURE = 0.8  # sampled, as users decode; no seed, so that a server may batch requests as it likes
+CHARS_PER_TOKEN = 4  # GPT-2's BPE on English and code, to size the prompts; the header prints the measured count
+START_TIMEOUT_S = 600.0  # loading (and compiling) a model on a cold machine
+STOP_TIMEOUT_S = 10.0
+DONE = "[DONE]"  # the data of the last server-sent event of an OpenAI stream
+COLUMNS = ["clients", "requests", "lost", "requests/s", "tokens/s", "vs 1 client", "tokens/request", "p50 s",
+           "p99 s", "p50 first token s", "server RSS MiB"]  # fmt: skip
+
+
+@dataclass
+class Outcome:
+    """One request: its latency, the tokens it generated, and, streamed, when the first text came; or why it was
+    lost (``error``)."""
+
+    seconds: float
+    stream: bool
+    tokens: int = 0
+    prompt_tokens: int = 0
+    first_token_s: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class Level:
+    """One concurrency level: its clients, the wall time of its requests, their outcomes in request order, and the
+    server's resident memory (bytes, its whole process tree) before and after."""
+
+    clients: int
+    seconds: float
+    outcomes: list[Outcome]
+    rss_before: int | None = None
+    rss_after: int | None = None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) of ``values``, interpolated as numpy does; None for no values."""
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarize(level: Level, baseline_tokens_per_s: float | None = None) -> dict[str, Any]:
+    """A level's figures (the JSON's and the table's): throughput counts the answered requests over the level's wall
+    time; latency and time to first token are over the answered requests (streamed ones for the latter)."""
+    answered = [o for o in level.outcomes if o.error is None]
+    tokens = sum(o.tokens for o in answered)
+    tokens_per_s = tokens / level.seconds if level.seconds > 0 else 0.0
+    return {
+        "clients": level.clients,
+        "requests": len(level.outcomes),
+        "lost": len(level.outcomes) - len(answered),
+        "seconds": level.seconds,
+        "requests_per_s": len(answered) / level.seconds if level.seconds > 0 else 0.0,
+        "tokens_per_s": tokens_per_s,
+        "vs_baseline": tokens_per_s / baseline_tokens_per_s if baseline_tokens_per_s else None,
+        "tokens_per_request": tokens / len(answered) if answered else 0.0,
+        "prompt_tokens_per_request": sum(o.prompt_tokens for o in answered) / len(answered) if answered else 0.0,
+        "p50_s": percentile([o.seconds for o in answered], 50),
+        "p99_s": percentile([o.seconds for o in answered], 99),
+        "p50_first_token_s": percentile([o.first_token_s for o in answered if o.first_token_s is not None], 50),
+        "rss_before": level.rss_before,
+        "rss_after": level.rss_after,
+    }
+
+
+def table_row(summary: dict[str, Any]) -> list[str]:
+    """A ``summarize``d level as the table's cells, in ``COLUMNS`` order; ``-`` for what was not measured."""
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    before, after = summary["rss_before"], summary["rss_after"]
+    memory = "-" if before is None or after is None else f"{before / 2**20:,.0f} -> {after / 2**20:,.0f}"
+    ratio = summary["vs_baseline"]
+    return [
+        str(summary["clients"]),
+        str(summary["requests"]),
+        str(summary["lost"]),
+        f"{summary['requests_per_s']:.2f}",
+        f"{summary['tokens_per_s']:,.1f}",
+        "-" if ratio is None else f"{ratio:.2f}x",
+        f"{summary['tokens_per_request']:.1f}",
+        seconds(summary["p50_s"]),
+        seconds(summary["p99_s"]),
+        seconds(summary["p50_first_token_s"]),
+        memory,
+    ]
+
+
+def sse_data(line: str) -> Any:
+    """The payload of one line of a server-sent-events stream: the JSON of a ``data:`` line, ``DONE`` for
+    ``data: [DONE]``, None for what carries none (blank lines between events, comments, ``event:``/``id:``
+    fields). A ``data:`` line that is not JSON raises ``ValueError`` (the stream is broken)."""
+    if not line.startswith("data:"):
+        return None
+    data = line[len("data:") :].strip()
+    return DONE if data == DONE else json.loads(data)
+
+
+def make_prompts(count: int, prompt_tokens: int, seed: int = 0) -> list[str]:
+    """``count`` prompts of about ``prompt_tokens`` tokens: slices of the standard library's text (the corpus the
+    default run trains on), cut at whitespace, drawn with ``seed``, the same on every run of the bench."""
+    _, texts = pystdlib_documents()
+    chars = prompt_tokens * CHARS_PER_TOKEN
+    texts = [t for t in texts if len(t) > 4 * chars]
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        text = rng.choice(texts)
+        start = rng.randrange(len(text) - 2 * chars)
+        start = next((i + 1 for i in range(start, start + chars) if text[i].isspace()), start)
+        piece = text[start : start + chars]
+        cut = max(piece.rfind(" "), piece.rfind("\n"))
+        prompts.append(piece[:cut] if cut > chars // 2 else piece)
+    return prompts
+
+
+async def complete(client: httpx2.AsyncClient, body: dict[str, Any]) -> Outcome:
+    """Send one ``/v1/completions`` request and read its answer whole, streamed (server-sent events, usage in the
+    last chunk) or not; any failure is the outcome's ``error``, never an exception."""
+    stream = bool(body.get("stream"))
+    start = perf_counter()
+    outcome = Outcome(seconds=0.0, stream=stream)
+    usage = None
+    try:
+        if not stream:
+            response = await client.post("/v1/completions", json=body)
+            if response.status_code != 200:
+                outcome.error = f"HTTP {response.status_code}: {response.text[:200]}"
+            else:
+                usage = response.json().get("usage")
+        else:
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    outcome.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
+                else:
+                    usage = await read_stream(response, outcome, start)
+        if outcome.error is None and not (isinstance(usage, dict) and "completion_tokens" in usage):
+            outcome.error = "no usage.completion_tokens" + (" in the stream's last chunk" if stream else "")
+        elif outcome.error is None:
+            outcome.tokens, outcome.prompt_tokens = int(usage["completion_tokens"]), int(usage.get("prompt_tokens", 0))
+    except (httpx2.HTTPError, ValueError, TypeError, AttributeError) as e:
+        outcome.error = f"{type(e).__name__}: {e}"
+    outcome.seconds = perf_counter() - start
+    return outcome
+
+
+async def read_stream(response: httpx2.Response, outcome: Outcome, start: float) -> dict[str, Any] | None:
+    """Read an OpenAI stream to its ``data: [DONE]``: set ``outcome.first_token_s`` at the first chunk with text
+    (or ``outcome.error``, for an error event or a stream that ends early), and return the last usage seen."""
+    usage = None
+    async for line in response.aiter_lines():
+        data = sse_data(line)
+        if data is None:
+            continue
+        if data == DONE:
+            return usage
+        if "error" in data:
+            outcome.error = f"error event: {json.dumps(data['error'])[:200]}"
+            return None
+        if outcome.first_token_s is None and any(c.get("text") for c in data.get("choices") or []):
+            outcome.first_token_s = perf_counter() - start
+        usage = data.get("usage") or usage
+    outcome.error = "the stream ended before data: [DONE]"
+    return None
+
+
+async def run_level(
+    url: str, bodies: list[dict[str, Any]], clients: int, timeout_s: float
+) -> tuple[float, list[Outcome]]:
+    """A closed loop: ``clients`` clients, each sending the next of ``bodies`` as soon as its last one is answered,
+    until all are. The wall time from the first request to the last answer, and the outcomes in ``bodies``' order."""
+    outcomes: list[Outcome | None] = [None] * len(bodies)
+    queue = iter(range(len(bodies)))  # shared: the event loop runs one client at a time between awaits
+
+    async def client_loop(client: httpx2.AsyncClient) -> None:
+        for i in queue:
+            outcomes[i] = await complete(client, bodies[i])
+
+    limits = httpx2.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx2.AsyncClient(base_url=url, limits=limits, timeout=httpx2.Timeout(timeout_s)) as client:
+        start = perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        seconds = perf_counter() - start
+    return seconds, [o for o in outcomes if o is not None]
+
+
+def request_bodies(model: str, prompts: list[str], max_tokens: int, stream: str) -> list[dict[str, Any]]:
+    """The requests of a level: one per prompt; ``stream`` ``on``, ``off`` or ``both`` (every other one)."""
+    bodies = []
+    for i, prompt in enumerate(prompts):
+        body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": TEMPERATURE}
+        if stream == "on" or (stream == "both" and i % 2 == 0):
+            body.update(stream=True, stream_options={"include_usage": True})
+        bodies.append(body)
+    return bodies
+
+
+def process_tree_rss(pid: int) -> int | None:
+    """Resident bytes of process ``pid`` and all its descendants (a LitServe server decodes in worker processes),
+    read from ``/proc``; pages they share count once per process. None if ``pid`` is gone or ``/proc`` absent."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # ended while we read
+    tree, grew = {pid}, True
+    while grew:
+        children = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= children
+        grew = bool(children)
+    total = None
+    for member in tree:
+        try:
+            lines = Path(f"/proc/{member}/status").read_text().splitlines()
+        except OSError:
+            continue
+        kb = next((int(line.split()[1]) for line in lines if line.startswith("VmRSS:")), 0)
+        total = (total or 0) + kb * 1024
+    return total
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the server binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(args: argparse.Namespace, port: int) -> list[str]:
+    """``python -m gpt2lab.serve`` with the bench's checkpoint, device, ONNX export and server overrides."""
+    onnx = [f"onnx={args.onnx}"] if args.onnx else []
+    return [sys.executable, "-m", "gpt2lab.serve", f"ckpt={args.ckpt}", f"port={port}", f"device={args.device}",
+            *onnx, *args.overrides]  # fmt: skip
+
+
+def start_server(command: list[str], log: Path) -> subprocess.Popen:
+    """The server, its output to ``log``, in a session of its own: Ctrl-C reaches the bench only, which stops the
+    server's whole process group (its workers too)."""
+    with log.open("wb") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+
+
+def wait_ready(process: subprocess.Popen | None, url: str, log: Path | None, timeout_s: float) -> None:
+    """Poll ``GET /health`` until it answers 200. A ``ConfigError`` naming the log if the server exits first or is
+    not ready after ``timeout_s`` (the log's last lines go to stderr before)."""
+    deadline = monotonic() + timeout_s
+    where = f"; its log: {log}" if log else ""
+    while monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            print_tail(log)
+            raise ConfigError(f"the server exited with status {process.returncode} before it was ready{where}")
+        try:
+            if httpx2.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx2.HTTPError:
+            pass
+        sleep(0.5)
+    print_tail(log)
+    raise ConfigError(f"the server at {url} was not ready (GET /health) after {timeout_s:g} s{where}; "
+                      "--start-timeout SECONDS waits longer")  # fmt: skip
+
+
+def print_tail(log: Path | None, lines: int = 20) -> None:
+    """The last ``lines`` of the server's log on stderr, where the reason it failed usually is."""
+    if log and log.is_file():
+        print("\n".join(log.read_text(errors="replace").splitlines()[-lines:]), file=sys.stderr)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """Stop the server's process group: SIGTERM, then SIGKILL to whatever is left after ``STOP_TIMEOUT_S``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = monotonic() + STOP_TIMEOUT_S
+        while monotonic() < deadline:
+            process.poll()  # reaps the leader, so that the group empties
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            sleep(0.1)
+    process.poll()
+
+
+def model_id(url: str) -> str:
+    """The model requests must name: the first of ``GET /v1/models``."""
+    try:
+        return httpx2.get(f"{url}/v1/models", timeout=30).raise_for_status().json()["data"][0]["id"]
+    except (httpx2.HTTPError, ValueError, KeyError, IndexError) as e:
+        raise ConfigError(f"{url}/v1/models named no model ({type(e).__name__}: {e}); --model NAME names it") from e
+
+
+def measure(args: argparse.Namespace, url: str, pid: int | None) -> tuple[str, list[Level]]:
+    """The model's name, one warm-up round (untimed: caches, compilation; a failure there stops the bench) and the
+    levels, baseline first."""
+    model = args.model or model_id(url)
+    bodies = request_bodies(model, make_prompts(args.requests, args.prompt_tokens, args.seed), args.max_tokens,
+                            args.stream)  # fmt: skip
+    if args.warmup:
+        _, outcomes = asyncio.run(run_level(url, bodies[: args.warmup], 1, args.timeout))
+        if errors := [o.error for o in outcomes if o.error]:
+            raise ConfigError(f"the warm-up request failed: {errors[0]}")
+    levels = []
+    for clients in args.clients:
+        before = process_tree_rss(pid) if pid else None
+        seconds, outcomes = asyncio.run(run_level(url, bodies, clients, args.timeout))
+        levels.append(Level(clients, seconds, outcomes, before, process_tree_rss(pid) if pid else None))
+        print(f"measured: {clients} clients", file=sys.stderr, flush=True)
+    return model, levels
+
+
+def report(args: argparse.Namespace, model: str, levels: list[Level], loads: tuple[float, float]) -> int:
+    """Print the table (and write ``--json``); 1 with an ``Error:`` line if any request was lost."""
+    summaries = [summarize(level) for level in levels]
+    base = summaries[0]["tokens_per_s"]
+    summaries = [summarize(level, base) for level in levels]
+    gpu = torch.cuda.is_available() and args.device != "cpu" and not args.onnx
+    where = device_name(torch.device("cuda")) + ", host " if gpu else ""
+    prompt = np.mean([s["prompt_tokens_per_request"] for s in summaries])
+    print(f"{args.url or args.ckpt}: model {model!r}{', ONNX ' + str(args.onnx) if args.onnx else ''}; "
+          f"{args.requests} /v1/completions per level, prompts of {prompt:.0f} tokens, max_tokens {args.max_tokens}, "
+          f"temperature {TEMPERATURE}, stream {args.stream}; {where}{device_name(torch.device('cpu'))}")  # fmt: skip
+    print("\n" + table(COLUMNS, [table_row(s) for s in summaries], markdown=True, align=["right"] * len(COLUMNS)))
+    print(describe_load(*loads))
+    if args.json:
+        args.json.write_text(json.dumps({"argv": sys.argv, "model": model, "load": loads, "levels": summaries,
+                                         "outcomes": [[asdict(o) for o in lv.outcomes] for lv in levels]}, indent=1))  # fmt: skip
+    lost = [(lv.clients, o.error) for lv in levels for o in lv.outcomes if o.error]
+    if lost:
+        clients, first = lost[0]
+        print(f"Error: {len(lost)} requests lost; the first, at {clients} clients: {first}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpt2lab.bench serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="more server overrides, as for gpt2lab serve (serve.x=y)")
+    parser.add_argument("--ckpt", help="a .ckpt file or a run directory, for the server this bench starts")
+    parser.add_argument("--onnx", type=Path, help="the server decodes with this ONNX export (onnxruntime)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="the server's device")
+    parser.add_argument("--url", help="measure the server already running here (http://127.0.0.1:8000) instead")
+    parser.add_argument("--model", help="the model name requests carry (default: the first of /v1/models)")
+    parser.add_argument("--clients", type=int, nargs="+", default=DEFAULT_CLIENTS,
+                        help="concurrency levels; 1 (the baseline) is always measured, first")  # fmt: skip
+    parser.add_argument("--requests", type=int, default=64, help="requests per level")
+    parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="about this many tokens per prompt")
+    parser.add_argument("--stream", choices=["both", "on", "off"], default="both", help="both: every other request")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed requests first, one at a time")
+    parser.add_argument("--seed", type=int, default=0, help="draws the prompts")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take before it is lost")
+    parser.add_argument("--start-timeout", type=float, default=START_TIMEOUT_S, help="seconds to wait for /health")
+    parser.add_argument("--json", type=Path, help="also write the figures and every request's outcome here")
+    machine.add_busy_options(parser)
+    args = parser.parse_args(argv)
+    if bool(args.url) == bool(args.ckpt):
+        parser.error("give --ckpt for a server this bench starts, or --url for one already running")
+    if min(args.clients) < 1 or args.requests < 1 or args.max_tokens < 1 or args.prompt_tokens < 1:
+        parser.error("--clients, --requests, --max-tokens and --prompt-tokens must be 1 or more")
+    args.clients = sorted({1, *args.clients})
+    process, log = None, None
+    try:
+        gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available() and not args.onnx)
+        at_start = machine.wait_for_free_cores(args.busy_ok, args.busy_wait, gpu=gpu)
+        url = args.url.rstrip("/") if args.url else None
+        if url is None:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            log = Path(tempfile.mkstemp(prefix="gpt2lab-bench-serve-", suffix=".log")[1])
+            process = start_server(server_command(args, port), log)
+            print(f"server: {' '.join(server_command(args, port))} (its log: {log})", file=sys.stderr, flush=True)
+        wait_ready(process, url, log, args.start_timeout)
+        model, levels = measure(args, url, process.pid if process else None)
+    except ConfigError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("Error: interrupted; the server is stopped", file=sys.stderr)
+        return 130
+    finally:
+        if process is not None:
+            stop_server(process)
+    return report(args, model, levels, (at_start, machine.busy_share()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
