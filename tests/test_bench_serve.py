@@ -171,7 +171,12 @@ def test_a_server_that_dies_is_named_with_its_log(monkeypatch, capsys) -> None:
 
 
 def test_bad_arguments() -> None:
-    for argv in [[], ["--ckpt", "run", "--url", "http://127.0.0.1:1"], ["--ckpt", "run", "--clients", "0"]]:
+    wrong = [
+        ["--ckpt", "run", "--url", "http://127.0.0.1:1"],
+        ["--ckpt", "run", "--onnx", "x"],
+        ["--onnx", "x", "--clients", "0"],
+    ]
+    for argv in [[], *wrong]:
         with pytest.raises(SystemExit) as e:
             serve.main(argv)
         assert e.value.code == 2

@@ -272,10 +272,9 @@ def free_port() -> int:
 
 
 def server_command(args: argparse.Namespace, port: int) -> list[str]:
-    """``python -m gpt2lab.serve`` with the bench's checkpoint, device, ONNX export and server overrides."""
-    onnx = [f"onnx={args.onnx}"] if args.onnx else []
-    return [sys.executable, "-m", "gpt2lab.serve", f"ckpt={args.ckpt}", f"port={port}", f"device={args.device}",
-            *onnx, *args.overrides]  # fmt: skip
+    """``python -m gpt2lab.serve`` with the bench's checkpoint and device (or ONNX export) and server overrides."""
+    model = [f"onnx={args.onnx}"] if args.onnx else [f"ckpt={args.ckpt}", f"device={args.device}"]
+    return [sys.executable, "-m", "gpt2lab.serve", *model, f"port={port}", *args.overrides]
 
 
 def start_server(command: list[str], log: Path) -> subprocess.Popen:
@@ -365,7 +364,7 @@ def report(args: argparse.Namespace, model: str, levels: list[Level], loads: tup
     gpu = torch.cuda.is_available() and args.device != "cpu" and not args.onnx
     where = device_name(torch.device("cuda")) + ", host " if gpu else ""
     prompt = np.mean([s["prompt_tokens_per_request"] for s in summaries])
-    print(f"{args.url or args.ckpt}: model {model!r}{', ONNX ' + str(args.onnx) if args.onnx else ''}; "
+    print(f"{args.url or args.ckpt or args.onnx}: model {model!r}; "
           f"{args.requests} /v1/completions per level, prompts of {prompt:.0f} tokens, max_tokens {args.max_tokens}, "
           f"temperature {TEMPERATURE}, stream {args.stream}; {where}{device_name(torch.device('cpu'))}")  # fmt: skip
     print("\n" + table(COLUMNS, [table_row(s) for s in summaries], markdown=True, align=["right"] * len(COLUMNS)))
@@ -385,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt2lab.bench serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="more server overrides, as for gpt2lab serve (serve.x=y)")
     parser.add_argument("--ckpt", help="a .ckpt file or a run directory, for the server this bench starts")
-    parser.add_argument("--onnx", type=Path, help="the server decodes with this ONNX export (onnxruntime)")
+    parser.add_argument("--onnx", type=Path, help="an ONNX export directory instead, served with onnxruntime")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="the server's device")
     parser.add_argument("--url", help="measure the server already running here (http://127.0.0.1:8000) instead")
     parser.add_argument("--model", help="the model name requests carry (default: the first of /v1/models)")
@@ -402,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures and every request's outcome here")
     machine.add_busy_options(parser)
     args = parser.parse_args(argv)
-    if bool(args.url) == bool(args.ckpt):
-        parser.error("give --ckpt for a server this bench starts, or --url for one already running")
+    if [bool(args.ckpt), bool(args.onnx), bool(args.url)].count(True) != 1:
+        parser.error("give --ckpt or --onnx for a server this bench starts, or --url for one already running")
     if min(args.clients) < 1 or args.requests < 1 or args.max_tokens < 1 or args.prompt_tokens < 1:
         parser.error("--clients, --requests, --max-tokens and --prompt-tokens must be 1 or more")
     args.clients = sorted({1, *args.clients})
