@@ -164,7 +164,7 @@ class OpenAICompatibleSpec(LitSpec):
                                    "messages")  # fmt: skip
             messages = [self.message(m, i, template) for i, m in enumerate(body.messages)]
             ids = self.tokenizer.encode(template.prompt(messages)).ids
-            ends = [self.tokenizer.token_to_id(EOS_TOKEN), self.tokenizer.token_to_id(template.end)]
+            ends = [self.tokenizer.token_to_id(template.end)]  # as gpt2lab chat: end-of-text never comes first
             choices = self.choices(body, ids, "messages", ends, body.max_completion_tokens or body.max_tokens)
         except RequestError as e:
             return e.response()
