@@ -46,6 +46,7 @@ DEFAULT_CLIENTS = [1, 8, 32]
 TEMPERATURE = 0.8  # sampled, as users decode; no seed, so that a server may batch requests as it likes
 CHARS_PER_TOKEN = 4  # GPT-2's BPE on English and code, to size the prompts; the header prints the measured count
 START_TIMEOUT_S = 600.0  # loading (and compiling) a model on a cold machine
+URL_TIMEOUT_S = 30.0  # a server already running (--url)
 STOP_TIMEOUT_S = 10.0
 DONE = "[DONE]"  # the data of the last server-sent event of an OpenAI stream
 COLUMNS = ["clients", "requests", "lost", "requests/s", "tokens/s", "vs 1 client", "tokens/request", "p50 s",
@@ -273,8 +274,13 @@ def free_port() -> int:
 
 def server_command(args: argparse.Namespace, port: int) -> list[str]:
     """``python -m gpt2lab.serve`` with the bench's checkpoint and device (or ONNX export) and server overrides."""
+    return [sys.executable, "-m", "gpt2lab.serve", *server_args(args), f"port={port}"]
+
+
+def server_args(args: argparse.Namespace) -> list[str]:
+    """What the server is given besides its port: the model, the device, the overrides."""
     model = [f"onnx={args.onnx}"] if args.onnx else [f"ckpt={args.ckpt}", f"device={args.device}"]
-    return [sys.executable, "-m", "gpt2lab.serve", *model, f"port={port}", *args.overrides]
+    return [*model, *args.overrides]
 
 
 def start_server(command: list[str], log: Path) -> subprocess.Popen:
@@ -363,15 +369,18 @@ def report(args: argparse.Namespace, model: str, levels: list[Level], loads: tup
     summaries = [summarize(level, base) for level in levels]
     gpu = torch.cuda.is_available() and args.device != "cpu" and not args.onnx
     where = device_name(torch.device("cuda")) + ", host " if gpu else ""
+    server = args.url or " ".join(["python -m gpt2lab.serve", *server_args(args)])
     prompt = np.mean([s["prompt_tokens_per_request"] for s in summaries])
-    print(f"{args.url or args.ckpt or args.onnx}: model {model!r}; "
-          f"{args.requests} /v1/completions per level, prompts of {prompt:.0f} tokens, max_tokens {args.max_tokens}, "
-          f"temperature {TEMPERATURE}, stream {args.stream}; {where}{device_name(torch.device('cpu'))}")  # fmt: skip
+    print(f"{server}: model {model!r}, {where if args.url is None else 'client '}{device_name(torch.device('cpu'))}")
+    print(f"{args.requests} /v1/completions per level, prompts of {prompt:.0f} tokens, max_tokens {args.max_tokens}, "
+          f"temperature {TEMPERATURE}, stream {args.stream}")  # fmt: skip
     print("\n" + table(COLUMNS, [table_row(s) for s in summaries], markdown=True, align=["right"] * len(COLUMNS)))
     print(describe_load(*loads))
     if args.json:
-        args.json.write_text(json.dumps({"argv": sys.argv, "model": model, "load": loads, "levels": summaries,
-                                         "outcomes": [[asdict(o) for o in lv.outcomes] for lv in levels]}, indent=1))  # fmt: skip
+        options = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+        outcomes = [[asdict(o) for o in level.outcomes] for level in levels]
+        result = {"args": options, "model": model, "load": loads, "levels": summaries, "outcomes": outcomes}
+        args.json.write_text(json.dumps(result, indent=1))
     lost = [(lv.clients, o.error) for lv in levels for o in lv.outcomes if o.error]
     if lost:
         clients, first = lost[0]
@@ -397,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests first, one at a time")
     parser.add_argument("--seed", type=int, default=0, help="draws the prompts")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take before it is lost")
-    parser.add_argument("--start-timeout", type=float, default=START_TIMEOUT_S, help="seconds to wait for /health")
+    parser.add_argument("--start-timeout", type=float, help=f"seconds to wait for /health (default: {START_TIMEOUT_S:g}, "
+                        f"with --url {URL_TIMEOUT_S:g})")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the figures and every request's outcome here")
     machine.add_busy_options(parser)
     args = parser.parse_args(argv)
@@ -417,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             log = Path(tempfile.mkstemp(prefix="gpt2lab-bench-serve-", suffix=".log")[1])
             process = start_server(server_command(args, port), log)
             print(f"server: {' '.join(server_command(args, port))} (its log: {log})", file=sys.stderr, flush=True)
-        wait_ready(process, url, log, args.start_timeout)
+        wait_ready(process, url, log, args.start_timeout or (URL_TIMEOUT_S if args.url else START_TIMEOUT_S))
         model, levels = measure(args, url, process.pid if process else None)
     except ConfigError as e:
         print(f"Error: {e}", file=sys.stderr)
