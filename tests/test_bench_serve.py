@@ -3,12 +3,14 @@ load generator against a fake OpenAI-style server of the standard library's, sta
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 from gpt2lab.bench import serve
 from gpt2lab.bench.__main__ import main as bench_main
@@ -67,6 +69,7 @@ def fake_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     script = tmp_path / "fake_server.py"
     script.write_text(FAKE_SERVER)
     monkeypatch.setattr(serve, "server_command", lambda args, port: [sys.executable, str(script), f"port={port}"])
+    monkeypatch.setattr(serve, "served_tokenizer", lambda args: (None, None))  # no checkpoint behind it
     return script
 
 
@@ -119,6 +122,19 @@ def test_requests_and_prompts() -> None:
     assert all(b["stream"] for b in serve.request_bodies("m", prompts, 16, "on"))
 
 
+def test_prompts_of_the_served_tokenizer(trained_run: Path, capsys) -> None:
+    """With the checkpoint's tokenizer, every prompt is the tokens asked for (or one or two fewer, where decoding
+    and encoding again merge differently), so that prompt and max_tokens fit the context."""
+    tokenizer, context = serve.served_tokenizer(argparse.Namespace(ckpt=str(trained_run), onnx=None, url=None))
+    assert f"model.context_length={context}" in TINY
+    for prompt in serve.make_prompts(8, 20, seed=3, tokenizer=tokenizer):
+        assert 18 <= len(tokenizer.encode(prompt).ids) <= 20
+    # A --max-tokens the context cannot hold stops before any server starts.
+    assert serve.main(["--ckpt", str(trained_run), "--prompt-tokens", "8", "--max-tokens", str(context)]) == 1
+    expected = f"Error: --prompt-tokens 8 and --max-tokens {context} do not fit the model's context of {context} tokens"
+    assert capsys.readouterr().err.strip() == expected
+
+
 def test_bench_starts_measures_and_stops_the_server(fake_server: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     started = []
     start = serve.start_server
@@ -162,6 +178,7 @@ def test_lost_requests_are_counted(fake_server: Path, tmp_path: Path, capsys) ->
 def test_a_server_that_dies_is_named_with_its_log(monkeypatch, capsys) -> None:
     command = [sys.executable, "-c", "import sys; print('no checkpoint here'); sys.exit(3)"]
     monkeypatch.setattr(serve, "server_command", lambda args, port: command)
+    monkeypatch.setattr(serve, "served_tokenizer", lambda args: (None, None))
     assert serve.main(["--ckpt", "missing", "--busy-ok"]) == 1
     err = capsys.readouterr().err
     assert "no checkpoint here" in err  # the log's tail

@@ -34,11 +34,14 @@ from typing import Any
 import httpx2
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 from gpt2lab.bench import machine
+from gpt2lab.checkpoint import find_checkpoint, read_checkpoint, read_payload
 from gpt2lab.console import table
 from gpt2lab.data.pystdlib import pystdlib_documents
 from gpt2lab.errors import ConfigError
+from gpt2lab.inference.onnx import export_config
 from gpt2lab.lit.speed import describe_load
 from gpt2lab.presets.probe import device_name
 
@@ -109,26 +112,12 @@ def summarize(level: Level, baseline_tokens_per_s: float | None = None) -> dict[
 
 def table_row(summary: dict[str, Any]) -> list[str]:
     """A ``summarize``d level as the table's cells, in ``COLUMNS`` order; ``-`` for what was not measured."""
-
-    def seconds(value: float | None) -> str:
-        return "-" if value is None else f"{value:.3f}"
-
-    before, after = summary["rss_before"], summary["rss_after"]
+    before, after, ratio = summary["rss_before"], summary["rss_after"], summary["vs_baseline"]
     memory = "-" if before is None or after is None else f"{before / 2**20:,.0f} -> {after / 2**20:,.0f}"
-    ratio = summary["vs_baseline"]
-    return [
-        str(summary["clients"]),
-        str(summary["requests"]),
-        str(summary["lost"]),
-        f"{summary['requests_per_s']:.2f}",
-        f"{summary['tokens_per_s']:,.1f}",
-        "-" if ratio is None else f"{ratio:.2f}x",
-        f"{summary['tokens_per_request']:.1f}",
-        seconds(summary["p50_s"]),
-        seconds(summary["p99_s"]),
-        seconds(summary["p50_first_token_s"]),
-        memory,
-    ]
+    times = ["-" if summary[key] is None else f"{summary[key]:.3f}" for key in ("p50_s", "p99_s", "p50_first_token_s")]
+    return [str(summary["clients"]), str(summary["requests"]), str(summary["lost"]), f"{summary['requests_per_s']:.2f}",
+            f"{summary['tokens_per_s']:,.1f}", "-" if ratio is None else f"{ratio:.2f}x",
+            f"{summary['tokens_per_request']:.1f}", *times, memory]  # fmt: skip
 
 
 def sse_data(line: str) -> Any:
@@ -141,11 +130,12 @@ def sse_data(line: str) -> Any:
     return DONE if data == DONE else json.loads(data)
 
 
-def make_prompts(count: int, prompt_tokens: int, seed: int = 0) -> list[str]:
-    """``count`` prompts of about ``prompt_tokens`` tokens: slices of the standard library's text (the corpus the
-    default run trains on), cut at whitespace, drawn with ``seed``, the same on every run of the bench."""
+def make_prompts(count: int, prompt_tokens: int, seed: int = 0, tokenizer: Tokenizer | None = None) -> list[str]:
+    """``count`` prompts of ``prompt_tokens`` tokens of ``tokenizer`` (the served model's: then the requests fit its
+    context), or of about as many GPT-2 tokens: slices of the standard library's text (the corpus the default run
+    trains on), starting at whitespace, drawn with ``seed``, the same on every run of the bench."""
     _, texts = pystdlib_documents()
-    chars = prompt_tokens * CHARS_PER_TOKEN
+    chars = prompt_tokens * CHARS_PER_TOKEN * (2 if tokenizer else 1)  # then cut to the tokens
     texts = [t for t in texts if len(t) > 4 * chars]
     rng = random.Random(seed)
     prompts = []
@@ -154,9 +144,26 @@ def make_prompts(count: int, prompt_tokens: int, seed: int = 0) -> list[str]:
         start = rng.randrange(len(text) - 2 * chars)
         start = next((i + 1 for i in range(start, start + chars) if text[i].isspace()), start)
         piece = text[start : start + chars]
-        cut = max(piece.rfind(" "), piece.rfind("\n"))
-        prompts.append(piece[:cut] if cut > chars // 2 else piece)
+        if tokenizer is None:
+            cut = max(piece.rfind(" "), piece.rfind("\n"))
+            prompts.append(piece[:cut] if cut > chars // 2 else piece)
+            continue
+        ids = tokenizer.encode(piece).ids[:prompt_tokens]
+        while len(tokenizer.encode(tokenizer.decode(ids)).ids) > prompt_tokens:  # decoding can merge differently
+            ids = ids[:-1]
+        prompts.append(tokenizer.decode(ids))
     return prompts
+
+
+def served_tokenizer(args: argparse.Namespace) -> tuple[Tokenizer | None, int | None]:
+    """The tokenizer and context of the model the bench serves (``--ckpt``, ``--onnx``); nothing for ``--url``."""
+    if args.onnx:
+        context = export_config(args.onnx)["gpt2lab"]["context_length"]
+        return Tokenizer.from_file(str(args.onnx / "tokenizer.json")), context
+    if args.url:
+        return None, None
+    checkpoint = read_checkpoint(find_checkpoint(args.ckpt, "outputs"))  # serve's paths.log_dir, for last/best
+    return read_payload(checkpoint).tokenizer, checkpoint["hyper_parameters"]["model"].get("context_length")
 
 
 async def complete(client: httpx2.AsyncClient, body: dict[str, Any]) -> Outcome:
@@ -240,28 +247,17 @@ def request_bodies(model: str, prompts: list[str], max_tokens: int, stream: str)
     return bodies
 
 
-def process_tree_rss(pid: int) -> int | None:
-    """Resident bytes of process ``pid`` and all its descendants (a LitServe server decodes in worker processes),
-    read from ``/proc``; pages they share count once per process. None if ``pid`` is gone or ``/proc`` absent."""
-    parents: dict[int, int] = {}
+def session_rss(session: int) -> int | None:
+    """Resident bytes of the processes of ``session`` (the server runs in a session of its own, with the worker
+    processes LitServe decodes in), read from ``/proc``; pages they share count once per process. None if none."""
+    total = None
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command's name: state, ppid, ...
+            if int(fields[3]) == session:
+                total = (total or 0) + int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # stat's 24th field: rss pages
         except (OSError, IndexError, ValueError):
             continue  # ended while we read
-    tree, grew = {pid}, True
-    while grew:
-        children = {child for child, parent in parents.items() if parent in tree} - tree
-        tree |= children
-        grew = bool(children)
-    total = None
-    for member in tree:
-        try:
-            lines = Path(f"/proc/{member}/status").read_text().splitlines()
-        except OSError:
-            continue
-        kb = next((int(line.split()[1]) for line in lines if line.startswith("VmRSS:")), 0)
-        total = (total or 0) + kb * 1024
     return total
 
 
@@ -343,21 +339,23 @@ def model_id(url: str) -> str:
         raise ConfigError(f"{url}/v1/models named no model ({type(e).__name__}: {e}); --model NAME names it") from e
 
 
-def measure(args: argparse.Namespace, url: str, pid: int | None) -> tuple[str, list[Level]]:
+def measure(
+    args: argparse.Namespace, url: str, pid: int | None, tokenizer: Tokenizer | None
+) -> tuple[str, list[Level]]:
     """The model's name, one warm-up round (untimed: caches, compilation; a failure there stops the bench) and the
     levels, baseline first."""
     model = args.model or model_id(url)
-    bodies = request_bodies(model, make_prompts(args.requests, args.prompt_tokens, args.seed), args.max_tokens,
-                            args.stream)  # fmt: skip
+    prompts = make_prompts(args.requests, args.prompt_tokens, args.seed, tokenizer)
+    bodies = request_bodies(model, prompts, args.max_tokens, args.stream)
     if args.warmup:
         _, outcomes = asyncio.run(run_level(url, bodies[: args.warmup], 1, args.timeout))
         if errors := [o.error for o in outcomes if o.error]:
             raise ConfigError(f"the warm-up request failed: {errors[0]}")
     levels = []
     for clients in args.clients:
-        before = process_tree_rss(pid) if pid else None
+        before = session_rss(pid) if pid else None
         seconds, outcomes = asyncio.run(run_level(url, bodies, clients, args.timeout))
-        levels.append(Level(clients, seconds, outcomes, before, process_tree_rss(pid) if pid else None))
+        levels.append(Level(clients, seconds, outcomes, before, session_rss(pid) if pid else None))
         print(f"measured: {clients} clients", file=sys.stderr, flush=True)
     return model, levels
 
@@ -419,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     process, log = None, None
     try:
         gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available() and not args.onnx)
+        tokenizer, context = served_tokenizer(args)
+        if context and args.prompt_tokens + args.max_tokens > context:
+            raise ConfigError(f"--prompt-tokens {args.prompt_tokens} and --max-tokens {args.max_tokens} do not fit "
+                              f"the model's context of {context} tokens")  # fmt: skip
         at_start = machine.wait_for_free_cores(args.busy_ok, args.busy_wait, gpu=gpu)
         url = args.url.rstrip("/") if args.url else None
         if url is None:
@@ -428,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             process = start_server(server_command(args, port), log)
             print(f"server: {' '.join(server_command(args, port))} (its log: {log})", file=sys.stderr, flush=True)
         wait_ready(process, url, log, args.start_timeout or (URL_TIMEOUT_S if args.url else START_TIMEOUT_S))
-        model, levels = measure(args, url, process.pid if process else None)
+        model, levels = measure(args, url, process.pid if process else None, tokenizer)
     except ConfigError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
