@@ -284,7 +284,7 @@ def test_one_console_script_for_every_verb(run_main, trained_run, tmp_path, cach
             prog = "lm-eval" if verb == "lm-eval" else rf"(gpt2lab |python -m gpt2lab\.){verb}"
             assert re.match(rf"usage: {prog} \[-h\]", shown.stdout), (verb, shown.stdout)
             assert "\n  -h, --help " in shown.stdout, verb
-    assert len(configs) == 6 and len(set(configs.values())) == 6  # train evaluate generate chat export check
+    assert len(configs) == 7 and len(set(configs.values())) == 7  # train evaluate generate chat serve export check
     # The installed console script, in a real process of gpt2lab evaluate.
     cli = [str(Path(sys.executable).parent / "gpt2lab")]
     result = subprocess.run(
