@@ -97,17 +97,17 @@ def test_summary_and_table_row() -> None:
         serve.Outcome(seconds=3.0, stream=False, tokens=20, prompt_tokens=34),
         serve.Outcome(seconds=9.0, stream=True, error="HTTP 500: boom"),
     ]
-    level = serve.Level(clients=8, seconds=2.0, outcomes=outcomes, rss_before=100 * 2**20, rss_after=101 * 2**20)
+    level = serve.Level(8, 2.0, outcomes, client_cpu=0.25, rss_before=100 * 2**20, rss_after=101 * 2**20)
     summary = serve.summarize(level, baseline_tokens_per_s=5.0)
     assert summary["lost"] == 1
     assert summary["requests_per_s"] == 1.0  # answered requests only
     assert summary["tokens_per_s"] == 15.0
     assert summary["prompt_tokens_per_request"] == 32.0
     row = serve.table_row(summary)
-    assert row == ["8", "3", "1", "1.00", "15.0", "3.00x", "15.0", "2.000", "2.980", "0.250", "100 -> 101"]
+    assert row == ["8", "3", "1", "1.00", "15.0", "3.00x", "15.0", "2.000", "2.980", "0.250", "25%", "100 -> 101"]
     assert len(row) == len(serve.COLUMNS)
     bare = serve.table_row(serve.summarize(serve.Level(1, 1.0, [serve.Outcome(1.0, False, error="x")])))
-    assert bare == ["1", "1", "1", "0.00", "0.0", "-", "0.0", "-", "-", "-", "-"]
+    assert bare == ["1", "1", "1", "0.00", "0.0", "-", "0.0", "-", "-", "-", "0%", "-"]
 
 
 def test_requests_and_prompts() -> None:

@@ -26,9 +26,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from time import monotonic, perf_counter, sleep
+from time import monotonic, perf_counter, process_time, sleep
 from typing import Any
 
 import httpx2
@@ -53,7 +54,7 @@ URL_TIMEOUT_S = 30.0  # a server already running (--url)
 STOP_TIMEOUT_S = 10.0
 DONE = "[DONE]"  # the data of the last server-sent event of an OpenAI stream
 COLUMNS = ["clients", "requests", "lost", "requests/s", "tokens/s", "vs 1 client", "tokens/request", "p50 s",
-           "p99 s", "p50 first token s", "server RSS MiB"]  # fmt: skip
+           "p99 s", "p50 first token s", "client CPU", "server RSS MiB"]  # fmt: skip
 
 
 @dataclass
@@ -71,12 +72,14 @@ class Outcome:
 
 @dataclass
 class Level:
-    """One concurrency level: its clients, the wall time of its requests, their outcomes in request order, and the
-    server's resident memory (bytes, its whole process tree) before and after."""
+    """One concurrency level: its clients, the wall time of its requests, their outcomes in request order, the
+    bench's CPU time over the wall time, and the server's resident memory (bytes, all its processes) before and
+    after."""
 
     clients: int
     seconds: float
     outcomes: list[Outcome]
+    client_cpu: float = 0.0
     rss_before: int | None = None
     rss_after: int | None = None
 
@@ -105,6 +108,7 @@ def summarize(level: Level, baseline_tokens_per_s: float | None = None) -> dict[
         "p50_s": percentile([o.seconds for o in answered], 50),
         "p99_s": percentile([o.seconds for o in answered], 99),
         "p50_first_token_s": percentile([o.first_token_s for o in answered if o.first_token_s is not None], 50),
+        "client_cpu": level.client_cpu,
         "rss_before": level.rss_before,
         "rss_after": level.rss_after,
     }
@@ -117,7 +121,7 @@ def table_row(summary: dict[str, Any]) -> list[str]:
     times = ["-" if summary[key] is None else f"{summary[key]:.3f}" for key in ("p50_s", "p99_s", "p50_first_token_s")]
     return [str(summary["clients"]), str(summary["requests"]), str(summary["lost"]), f"{summary['requests_per_s']:.2f}",
             f"{summary['tokens_per_s']:,.1f}", "-" if ratio is None else f"{ratio:.2f}x",
-            f"{summary['tokens_per_request']:.1f}", *times, memory]  # fmt: skip
+            f"{summary['tokens_per_request']:.1f}", *times, f"{summary['client_cpu']:.0%}", memory]  # fmt: skip
 
 
 def sse_data(line: str) -> Any:
@@ -174,19 +178,17 @@ async def complete(client: httpx2.AsyncClient, body: dict[str, Any]) -> Outcome:
     outcome = Outcome(seconds=0.0, stream=stream)
     usage = None
     try:
-        if not stream:
-            response = await client.post("/v1/completions", json=body)
-            if response.status_code != 200:
-                outcome.error = f"HTTP {response.status_code}: {response.text[:200]}"
-            else:
-                usage = response.json().get("usage")
-        else:
+        if stream:
             async with client.stream("POST", "/v1/completions", json=body) as response:
-                if response.status_code != 200:
-                    outcome.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
-                else:
-                    usage = await read_stream(response, outcome, start)
-        if outcome.error is None and not (isinstance(usage, dict) and "completion_tokens" in usage):
+                usage = await (
+                    read_stream(response, outcome, start) if response.status_code == 200 else response.aread()
+                )
+        else:
+            response = await client.post("/v1/completions", json=body)
+            usage = response.json().get("usage") if response.status_code == 200 else None
+        if response.status_code != 200:
+            outcome.error = f"HTTP {response.status_code}: {response.text[:200]}"
+        elif outcome.error is None and not (isinstance(usage, dict) and "completion_tokens" in usage):
             outcome.error = "no usage.completion_tokens" + (" in the stream's last chunk" if stream else "")
         elif outcome.error is None:
             outcome.tokens, outcome.prompt_tokens = int(usage["completion_tokens"]), int(usage.get("prompt_tokens", 0))
@@ -197,30 +199,32 @@ async def complete(client: httpx2.AsyncClient, body: dict[str, Any]) -> Outcome:
 
 
 async def read_stream(response: httpx2.Response, outcome: Outcome, start: float) -> dict[str, Any] | None:
-    """Read an OpenAI stream to its ``data: [DONE]``: set ``outcome.first_token_s`` at the first chunk with text
-    (or ``outcome.error``, for an error event or a stream that ends early), and return the last usage seen."""
-    usage = None
+    """Read an OpenAI stream whole (past ``data: [DONE]``, so that its connection serves the next request): set
+    ``outcome.first_token_s`` at the first chunk with text, or ``outcome.error`` for an error event or a stream that
+    ends before ``[DONE]``; return the last usage seen."""
+    usage, done = None, False
     async for line in response.aiter_lines():
         data = sse_data(line)
-        if data is None:
+        if data is None or done:
             continue
         if data == DONE:
-            return usage
-        if "error" in data:
+            done = True
+        elif "error" in data:
             outcome.error = f"error event: {json.dumps(data['error'])[:200]}"
             return None
-        if outcome.first_token_s is None and any(c.get("text") for c in data.get("choices") or []):
-            outcome.first_token_s = perf_counter() - start
-        usage = data.get("usage") or usage
-    outcome.error = "the stream ended before data: [DONE]"
-    return None
+        else:
+            if outcome.first_token_s is None and any(c.get("text") for c in data.get("choices") or []):
+                outcome.first_token_s = perf_counter() - start
+            usage = data.get("usage") or usage
+    if not done:
+        outcome.error = "the stream ended before data: [DONE]"
+    return usage
 
 
-async def run_level(
-    url: str, bodies: list[dict[str, Any]], clients: int, timeout_s: float
-) -> tuple[float, list[Outcome]]:
+async def run_level(url: str, bodies: list[dict[str, Any]], clients: int, timeout_s: float) -> Level:
     """A closed loop: ``clients`` clients, each sending the next of ``bodies`` as soon as its last one is answered,
-    until all are. The wall time from the first request to the last answer, and the outcomes in ``bodies``' order."""
+    until all are; the wall time from the first request to the last answer, the outcomes in ``bodies``' order, and
+    the bench's own CPU time over it (a load generator near one whole core would measure itself)."""
     outcomes: list[Outcome | None] = [None] * len(bodies)
     queue = iter(range(len(bodies)))  # shared: the event loop runs one client at a time between awaits
 
@@ -230,10 +234,10 @@ async def run_level(
 
     limits = httpx2.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx2.AsyncClient(base_url=url, limits=limits, timeout=httpx2.Timeout(timeout_s)) as client:
-        start = perf_counter()
+        start, cpu = perf_counter(), process_time()
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
-        seconds = perf_counter() - start
-    return seconds, [o for o in outcomes if o is not None]
+        seconds, cpu = perf_counter() - start, process_time() - cpu
+    return Level(clients, seconds, [o for o in outcomes if o is not None], cpu / seconds)
 
 
 def request_bodies(model: str, prompts: list[str], max_tokens: int, stream: str) -> list[dict[str, Any]]:
@@ -296,11 +300,9 @@ def wait_ready(process: subprocess.Popen | None, url: str, log: Path | None, tim
         if process is not None and process.poll() is not None:
             print_tail(log)
             raise ConfigError(f"the server exited with status {process.returncode} before it was ready{where}")
-        try:
+        with suppress(httpx2.HTTPError):
             if httpx2.get(f"{url}/health", timeout=5).status_code == 200:
                 return
-        except httpx2.HTTPError:
-            pass
         sleep(0.5)
     print_tail(log)
     raise ConfigError(f"the server at {url} was not ready (GET /health) after {timeout_s:g} s{where}; "
@@ -348,14 +350,14 @@ def measure(
     prompts = make_prompts(args.requests, args.prompt_tokens, args.seed, tokenizer)
     bodies = request_bodies(model, prompts, args.max_tokens, args.stream)
     if args.warmup:
-        _, outcomes = asyncio.run(run_level(url, bodies[: args.warmup], 1, args.timeout))
-        if errors := [o.error for o in outcomes if o.error]:
+        warmup = asyncio.run(run_level(url, bodies[: args.warmup], 1, args.timeout))
+        if errors := [o.error for o in warmup.outcomes if o.error]:
             raise ConfigError(f"the warm-up request failed: {errors[0]}")
     levels = []
     for clients in args.clients:
         before = session_rss(pid) if pid else None
-        seconds, outcomes = asyncio.run(run_level(url, bodies, clients, args.timeout))
-        levels.append(Level(clients, seconds, outcomes, before, session_rss(pid) if pid else None))
+        levels.append(asyncio.run(run_level(url, bodies, clients, args.timeout)))
+        levels[-1].rss_before, levels[-1].rss_after = before, session_rss(pid) if pid else None
         print(f"measured: {clients} clients", file=sys.stderr, flush=True)
     return model, levels
 
@@ -399,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="concurrency levels; 1 (the baseline) is always measured, first")  # fmt: skip
     parser.add_argument("--requests", type=int, default=64, help="requests per level")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
-    parser.add_argument("--prompt-tokens", type=int, default=32, help="about this many tokens per prompt")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="tokens per prompt (GPT-2's, about, with --url)")
     parser.add_argument("--stream", choices=["both", "on", "off"], default="both", help="both: every other request")
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests first, one at a time")
     parser.add_argument("--seed", type=int, default=0, help="draws the prompts")
@@ -422,13 +424,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--prompt-tokens {args.prompt_tokens} and --max-tokens {args.max_tokens} do not fit "
                               f"the model's context of {context} tokens")  # fmt: skip
         at_start = machine.wait_for_free_cores(args.busy_ok, args.busy_wait, gpu=gpu)
-        url = args.url.rstrip("/") if args.url else None
-        if url is None:
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
+        port = free_port()
+        url = args.url.rstrip("/") if args.url else f"http://127.0.0.1:{port}"
+        if not args.url:
             log = Path(tempfile.mkstemp(prefix="gpt2lab-bench-serve-", suffix=".log")[1])
-            process = start_server(server_command(args, port), log)
-            print(f"server: {' '.join(server_command(args, port))} (its log: {log})", file=sys.stderr, flush=True)
+            process = start_server(command := server_command(args, port), log)
+            print(f"server: {' '.join(command)} (its log: {log})", file=sys.stderr, flush=True)
         wait_ready(process, url, log, args.start_timeout or (URL_TIMEOUT_S if args.url else START_TIMEOUT_S))
         model, levels = measure(args, url, process.pid if process else None, tokenizer)
     except ConfigError as e:
