@@ -9,9 +9,10 @@ the figure that matters is the throughput at C clients against one client at a t
 JSON and server-sent events a user's tools go through. One client at a time is the baseline, measured in the same
 run. Each level reports requests/s, generated tokens/s (``usage.completion_tokens``: the model may stop before
 ``max_tokens``), p50 and p99 latency, p50 time to first token of the streamed requests, the requests lost (any
-status but 200, a stream without ``data: [DONE]`` or usage, a timeout) and the server's resident memory before and
-after, so that a leak shows as a column that grows. The guard of ``bench.machine`` (``--busy-ok``,
-``--busy-wait``) applies: on a shared CPU the server and the clients would measure the sharing.
+status but 200, a stream without ``data: [DONE]`` or usage, a timeout), the bench's own CPU (near a whole core,
+the clients would set the pace) and the server's resident memory before and after (a leak shows as a growing
+column). The guard of ``bench.machine`` (``--busy-ok``, ``--busy-wait``) applies: on a shared CPU the server and
+the clients would measure the sharing.
 """
 
 from __future__ import annotations
