@@ -53,15 +53,16 @@ def served_model(cfg: DictConfig) -> tuple[ServedModel, ModelSource]:
         path = Path(cfg.onnx).expanduser()
         config = export_config(path)
         tokenizer_json, context = (path / "tokenizer.json").read_text(), config["gpt2lab"]["context_length"]
-        template, source = config.get("chat_template"), ModelSource(None, str(path), "cpu", 0, settings.top_k)
+        template, device = config.get("chat_template"), "cpu"
     else:
         from gpt2lab.checkpoint import find_checkpoint, read_checkpoint, read_payload
         from gpt2lab.inference.generator import usable_device
         from gpt2lab.model.adapter import is_gpt2
 
-        device = usable_device(cfg.device)
+        if cfg.device != "auto":  # auto: the GPU LitServe gives each worker
+            usable_device(cfg.device)
         path = find_checkpoint(cfg.ckpt, cfg.paths.log_dir)
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_checkpoint(path)  # memory-mapped: the weights are not read here
         spec = checkpoint["hyper_parameters"]["model"]
         if not is_gpt2(spec):
             raise ConfigError(
@@ -71,14 +72,16 @@ def served_model(cfg: DictConfig) -> tuple[ServedModel, ModelSource]:
         payload = read_payload(checkpoint)
         if payload.tokenizer is None:
             raise ConfigError(f"ckpt={str(path)!r} carries no tokenizer, so prompts cannot be encoded")
-        tokenizer_json, context, template = payload.tokenizer.to_str(), spec["context_length"], payload.chat_template
-        device = "auto" if cfg.device == "auto" else device  # auto: the GPU LitServe gives each worker
-        source = ModelSource(str(path), None, device, 0, settings.top_k)
+        tokenizer_json, context = payload.tokenizer.to_str(), spec["context_length"]
+        template, device = payload.chat_template, cfg.device
     model = ServedModel(
         settings.model_name, tokenizer_json, context, template, settings.max_tokens, settings.max_n,
         settings.max_body_bytes,
     )  # fmt: skip
-    return model, ModelSource(source.ckpt, source.onnx, source.device, settings.max_batch_size, settings.top_k)
+    onnx = cfg.onnx is not None
+    source = ModelSource(None if onnx else str(path), str(path) if onnx else None, device, settings.max_batch_size,
+                         settings.top_k)  # fmt: skip
+    return model, source
 
 
 def build_server(cfg: DictConfig) -> tuple[ls.LitServer, ServedModel, ModelSource]:
