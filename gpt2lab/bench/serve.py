@@ -217,8 +217,7 @@ async def read_stream(response: httpx2.Response, outcome: Outcome, start: float)
             if outcome.first_token_s is None and any(c.get("text") for c in data.get("choices") or []):
                 outcome.first_token_s = perf_counter() - start
             usage = data.get("usage") or usage
-    if not done:
-        outcome.error = "the stream ended before data: [DONE]"
+    outcome.error = None if done else "the stream ended before data: [DONE]"
     return usage
 
 
@@ -331,7 +330,6 @@ def stop_server(process: subprocess.Popen) -> None:
             except ProcessLookupError:
                 return
             sleep(0.1)
-    process.poll()
 
 
 def model_id(url: str) -> str:
@@ -418,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--clients, --requests, --max-tokens and --prompt-tokens must be 1 or more")
     args.clients = sorted({1, *args.clients})
     process, log = None, None
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill or timeout: stopped as by Ctrl-C
     try:
         gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available() and not args.onnx)
         tokenizer, context = served_tokenizer(args)
@@ -440,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         print("Error: interrupted; the server is stopped", file=sys.stderr)
         return 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if process is not None:
             stop_server(process)
     return report(args, model, levels, (at_start, machine.busy_share()))
