@@ -6,9 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx2
 import pytest
 from conftest import TINY
 
@@ -203,3 +207,24 @@ def test_help(capsys) -> None:
     with pytest.raises(SystemExit) as e:
         bench_main(["serve", "--help"])
     assert e.value.code == 0 and "--clients" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_stopped_bench_stops_its_server(fake_server: Path) -> None:
+    """SIGTERM (as kill and timeout send; Ctrl-C takes the same path) mid-level: exit 130, and the server is gone."""
+    driver = (
+        "import sys; from gpt2lab.bench import serve; "
+        f"serve.server_command = lambda args, port: [sys.executable, {str(fake_server)!r}, f'port={{port}}']; "
+        "serve.served_tokenizer = lambda args: (None, None); "
+        "sys.exit(serve.main(['--ckpt', 'x', '--busy-ok', '--requests', '100000', '--max-tokens', '4']))"
+    )
+    bench = subprocess.Popen([sys.executable, "-c", driver], stderr=subprocess.PIPE, text=True)
+    started = next(line for line in bench.stderr if line.startswith("server: "))  # "server: <command> port=P ..."
+    port = int(started.split("port=")[1].split()[0])
+    serve.wait_ready(None, f"http://127.0.0.1:{port}", None, 30)  # then the warm-up and the first level
+    time.sleep(2)
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=30) == 130
+    assert bench.stderr.read().strip().endswith("Error: interrupted; the server is stopped")
+    with pytest.raises(httpx2.ConnectError):
+        httpx2.get(f"http://127.0.0.1:{port}/health", timeout=5)
