@@ -15,7 +15,9 @@ def run(cfg: DictConfig) -> None:
     try:
         from gpt2lab.serve.server import serve
     except ModuleNotFoundError as e:
-        raise ConfigError(f"gpt2lab serve needs {e.name}, which is not installed: pip install 'gpt2lab[serve]'") from None
+        raise ConfigError(
+            f"gpt2lab serve needs {e.name}, which is not installed: pip install 'gpt2lab[serve]'"
+        ) from None
     serve(cfg)
 
 
