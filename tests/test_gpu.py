@@ -15,10 +15,13 @@ from conftest import TINY, run_cli, train_in_process
 from test_cross_entropy import _errors as fused_loss_errors
 from test_cross_entropy import _inputs as fused_loss_inputs
 from test_cross_entropy import _plain as plain_loss
+from test_serve_batching import Characters
 
 from gpt2lab.checkpoint import load_checkpoint
 from gpt2lab.inference.generator import TextGenerator
 from gpt2lab.model import GPT2Config, GPT2Model, cross_entropy
+from gpt2lab.model.generation import DecodeSlots
+from gpt2lab.serve.batching import Batcher, Choice
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 needs_triton = pytest.mark.skipif(cross_entropy.triton is None, reason="the fused loss needs Triton")
@@ -59,6 +62,30 @@ def test_the_cuda_graph_decoder_gives_the_eager_tokens(model, dtype):
     eager = gpu.generate(prompt, 40, do_sample=False, static_cache=False)
     assert torch.equal(graphed[0], graphed[1])
     assert (graphed[0] == eager).float().mean() > (0.99 if dtype == torch.float32 else 0.9)  # bf16: ties may flip
+
+
+def test_the_servers_slots_on_cuda_decode_each_request_as_alone(model, exact_fp32):
+    """gpt2lab serve's continuous batching on a GPU: one CUDA graph per step, rows joining and leaving it at
+    different steps and the ring wrapping, each request's greedy tokens those of its own eager decoding."""
+    gpu = copy.deepcopy(model).cuda()
+    slots = DecodeSlots(gpu, batch_size=3)
+    assert slots.decode._graph is not None  # recorded at start, before any row holds keys
+    batcher = Batcher(slots, Characters("".join(chr(65 + i) for i in range(VOCAB))), rows=3)
+    g = torch.Generator().manual_seed(3)
+    requests = {i: (torch.randint(VOCAB, (n,), generator=g).tolist(), new) for i, (n, new) in
+                enumerate([(5, 20), (9, 22), (3, 28), (20, 10), (2, 29)])}  # fmt: skip
+    done: dict[int, list[int]] = {}
+    for step in range(200):
+        if step in (0, 2, 4, 6, 9):
+            uid = (0, 2, 4, 6, 9).index(step)
+            batcher.add(Choice(str(uid), requests[uid][0], requests[uid][1], 0.0, 1.0, 0, stop=[], ends=[]))
+        done |= {int(uid): c.tokens for uid, _, finish, c in batcher.step() if finish}
+        if len(done) == len(requests):
+            break
+    assert step > 40  # the 32-column ring went round
+    for uid, (prompt, new) in requests.items():
+        alone = gpu.generate(torch.tensor([prompt]).cuda(), new, do_sample=False, static_cache=False)[0, len(prompt) :]
+        assert done[uid] == alone.tolist(), uid
 
 
 # --- the fused output layer + loss on CUDA ---------------------------------------------------------------------
