@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 
 from gpt2lab.inference.generator import TextGenerator, complete
@@ -51,9 +51,9 @@ class Server:
             if self.process.poll() is not None:
                 raise AssertionError(f"the server stopped: {self.output.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/health", headers=self.auth(), timeout=2).status_code == 200:
+                if httpx2.get(f"{self.url}/health", headers=self.auth(), timeout=2).status_code == 200:
                     return
-            except httpx.HTTPError:
+            except httpx2.HTTPError:
                 pass
             time.sleep(0.5)
         self.stop()
@@ -65,8 +65,8 @@ class Server:
     def client(self, key: str = KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
 
-    def post(self, path: str, content: bytes | str, headers: dict[str, str] | None = None) -> httpx.Response:
-        return httpx.post(f"{self.url}{path}", content=content, headers={**self.auth(), **(headers or {})}, timeout=60)
+    def post(self, path: str, content: bytes | str, headers: dict[str, str] | None = None) -> httpx2.Response:
+        return httpx2.post(f"{self.url}{path}", content=content, headers={**self.auth(), **(headers or {})}, timeout=60)
 
     def logs(self) -> str:
         return self.output.read_text() + "".join(p.read_text() for p in self.cwd.rglob("*.log"))
@@ -193,7 +193,7 @@ def test_the_api_key_is_required_and_never_logged(server):
     for key in ("wrong-key", ""):
         with pytest.raises(openai.AuthenticationError):
             server.client(key or "x").completions.create(model="gpt2lab", prompt="a", max_tokens=2)
-    assert httpx.get(f"{server.url}/v1/models", timeout=10).status_code == 401  # no header at all
+    assert httpx2.get(f"{server.url}/v1/models", timeout=10).status_code == 401  # no header at all
     assert server.client().completions.create(model="gpt2lab", prompt="a", max_tokens=2).choices
     logs = server.logs()
     assert "POST /v1/completions" in logs  # the request log is there ...
