@@ -83,9 +83,6 @@ class Batcher:
     def add(self, choice: Choice) -> None:
         self.waiting.append(choice)
 
-    def has_capacity(self) -> bool:
-        return len(self.active) + len(self.waiting) < self.rows
-
     def busy(self) -> bool:
         return bool(self.active or self.waiting)
 
