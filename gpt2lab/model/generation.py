@@ -97,6 +97,14 @@ class KVCache:
         self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def first_rows(self, n: int) -> KVCache:
+        """The first ``n`` rows as a cache of their own, sharing this one's memory and its ``index``."""
+        rows = object.__new__(KVCache)
+        rows.__dict__.update(self.__dict__)
+        rows.keys, rows.values = self.keys[:, :n], self.values[:, :n]
+        rows.valid, rows.next_position = self.valid[:n], self.next_position[:n]
+        return rows
+
     def _attention_mask(self) -> torch.Tensor:
         """(B, 1, T, length + T) booleans: a new token sees the real tokens up to itself, and itself (so that a
         padding position's row is never empty)."""
@@ -126,11 +134,13 @@ class DecodeStep:
     model, batch size and capacity, and kept (``decode_step``), so that the next generation replays it.
     """
 
-    def __init__(self, model: CachedModel, batch_size: int, capacity: int, static: bool) -> None:
+    def __init__(
+        self, model: CachedModel, batch_size: int, capacity: int, static: bool, cache: KVCache | None = None
+    ) -> None:
         self.model, self.static = model, static
         weight = model.wte.weight
         c = model.config
-        self.cache = KVCache(
+        self.cache = cache or KVCache(
             c.num_layers, batch_size, c.num_heads, c.d_model // c.num_heads, capacity, weight.device, weight.dtype
         )
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=weight.device)
@@ -335,26 +345,34 @@ def sample_rows(
 class DecodeSlots:
     """``batch_size`` rows decoding independently over one static KV cache of the whole context: a server's
     continuous batching. A prompt joins a free row (``admit``) while the other rows go on, and each ``step``
-    moves every row by one token, replayed as one CUDA graph on a GPU.
+    moves every row by one token.
 
     The rows share the column a step writes, which goes round the cache as a ring. GPT-2 keeps positions in its
     embeddings, not in where a key is stored, so a row's keys may sit anywhere in its row of the cache; a row
     holds at most the context (its prompt and its tokens), so it never reaches its own oldest column.
+
+    A step reads only the first rows, as many as the highest row in use needs, rounded up to a power of two: one
+    request alone costs one row, not ``batch_size``. On a GPU each of those sizes is a CUDA graph, all recorded
+    when the slots are made, before any row holds keys that a recording's warm-up steps would overwrite.
     """
 
     def __init__(self, model: CachedModel, batch_size: int) -> None:
         self.model = model
-        self.decode = DecodeStep(model, batch_size, model.config.context_length, static=True)
-        self.cache = cache = self.decode.cache
-        cache.fixed_shape = True
-        device = model.wte.weight.device
-        self.free = torch.ones(batch_size, dtype=torch.bool, device=device)
-        self.last = torch.zeros(batch_size, dtype=torch.long, device=device)  # each row's token to read next
-        self.logits = torch.zeros(batch_size, model.config.vocab_size, device=device)
-        with torch.no_grad():  # records the CUDA graph now, before any row holds keys its warm-up would overwrite
-            self.decode(self.last)
-        cache.valid.zero_()
-        cache.next_position.zero_()
+        c, weight = model.config, model.wte.weight
+        self.cache = KVCache(c.num_layers, batch_size, c.num_heads, c.d_model // c.num_heads, c.context_length,
+                             weight.device, weight.dtype)  # fmt: skip
+        self.cache.fixed_shape = True
+        sizes = sorted({min(1 << i, batch_size) for i in range(batch_size.bit_length() + 1)})
+        self.steps = {n: DecodeStep(model, n, c.context_length, True, self.cache.first_rows(n)) for n in sizes}
+        self.used: set[int] = set()
+        self.free = torch.ones(batch_size, dtype=torch.bool, device=weight.device)
+        self.last = torch.zeros(batch_size, dtype=torch.long, device=weight.device)  # each row's token to read next
+        self.logits = torch.zeros(batch_size, c.vocab_size, device=weight.device)
+        with torch.no_grad():
+            for n, step in self.steps.items():
+                step(self.last[:n])
+        self.cache.valid.zero_()
+        self.cache.next_position.zero_()
 
     @torch.no_grad()
     def admit(self, row: int, prompt: list[int]) -> None:
@@ -373,15 +391,20 @@ class DecodeSlots:
         cache.valid[row, columns] = True
         cache.next_position[row] = len(prompt)
         self.free[row] = False
+        self.used.add(row)
 
     def release(self, row: int) -> None:
         self.free[row] = True
+        self.used.discard(row)
 
     @torch.no_grad()
     def step(self) -> None:
-        """Every row reads its last token; the logits of the next ones await ``sample``."""
+        """Every row in use reads its last token; the logits of the next ones await ``sample``."""
+        if not self.used:
+            return
+        n = min(size for size in self.steps if size > max(self.used))
         self.cache.next_position.masked_fill_(self.free, 0)  # a free row reads filler: its positions stay in range
-        self.logits.copy_(self.decode(self.last))
+        self.logits[:n].copy_(self.steps[n](self.last[:n]))
 
     @torch.no_grad()
     def sample(

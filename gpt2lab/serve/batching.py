@@ -40,6 +40,7 @@ class Choice:
     seed: int
     stop: list[str]
     ends: list[int]
+    stream: bool = True  # False: the text is wanted whole, once it ends
     tokens: list[int] = field(default_factory=list)  # the text's tokens
     sampled: int = 0  # tokens drawn, an end token included
     text: str = ""

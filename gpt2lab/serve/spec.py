@@ -254,7 +254,8 @@ class OpenAICompatibleSpec(LitSpec):
         seed = random.getrandbits(62) if body.seed is None else body.seed
         return [
             {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-             "seed": (seed + 1_000_003 * i) % 2**62, "stop": [s for s in stop if s], "ends": ends}
+             "seed": (seed + 1_000_003 * i) % 2**62, "stop": [s for s in stop if s], "ends": ends,
+             "stream": body.stream}
             for i in range(body.n)
         ]  # fmt: skip
 
