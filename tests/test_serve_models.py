@@ -14,6 +14,9 @@ from test_serve import Server, openai
 
 from gpt2lab.checkpoint import saved_chat_template
 from gpt2lab.inference.generator import TextGenerator, complete
+from gpt2lab.inference.onnx import ONNXSlots, ONNXTextGenerator
+from gpt2lab.model.generation import DecodeSlots
+from gpt2lab.serve.batching import Batcher, Choice
 from gpt2lab.tokenizers.chat_template import ChatTemplate
 
 WORDS = [
@@ -59,9 +62,13 @@ def chat_server(chat_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def onnx_server(chat_run, tmp_path_factory):
-    export = export_all(chat_run / "checkpoints" / "last.ckpt", tmp_path_factory.mktemp("export"), "format=onnx")
-    running = Server(f"onnx={export}", cwd=tmp_path_factory.mktemp("serve_onnx"))
+def onnx_export(chat_run, tmp_path_factory) -> Path:
+    return export_all(chat_run / "checkpoints" / "last.ckpt", tmp_path_factory.mktemp("export"), "format=onnx")
+
+
+@pytest.fixture(scope="module")
+def onnx_server(onnx_export, tmp_path_factory):
+    running = Server(f"onnx={onnx_export}", cwd=tmp_path_factory.mktemp("serve_onnx"))
     yield running
     running.stop()
 
@@ -115,6 +122,30 @@ def test_an_onnx_export_serves_as_its_checkpoint(onnx_server, chat_server, chat_
     seeded = [s.client().completions.create(model="gpt2lab", prompt="a ", max_tokens=8, seed=3, n=2)
               for s in (onnx_server, onnx_server)]  # fmt: skip
     assert [c.text for c in seeded[0].choices] == [c.text for c in seeded[1].choices]
+
+
+@pytest.mark.slow
+def test_onnx_slots_decode_as_the_checkpoints_slots(onnx_export, chat_run):
+    """Requests joining and leaving the rows at different steps, the ring wrapping: onnxruntime's slots give the
+    greedy tokens PyTorch's give."""
+    generator = TextGenerator(str(chat_run / "checkpoints" / "last.ckpt"), device="cpu")
+    onnx = ONNXTextGenerator(onnx_export)
+    vocab = generator.model.config.vocab_size
+    prompts = [[5, 6, 7], [9] * 12, [3, 4], [20] * 40, [7]]
+    news = [30, 25, 40, 20, 50]
+
+    def decode(slots) -> dict[str, list[int]]:
+        batcher, done = Batcher(slots, generator.tokenizer, rows=3), {}
+        for step in range(400):
+            if step in (0, 3, 5, 9, 14):
+                i = (0, 3, 5, 9, 14).index(step)
+                batcher.add(Choice(str(i), prompts[i], news[i], 0.0, 1.0, 0, stop=[], ends=[]))
+            done |= {uid: list(c.tokens) for uid, _, finish, c in batcher.step() if finish}
+            if len(done) == len(prompts):
+                return done
+        raise AssertionError("not all finished")
+
+    assert decode(ONNXSlots(onnx.decoder, 3, vocab)) == decode(DecodeSlots(generator.model, 3))
 
 
 @pytest.mark.parametrize(

@@ -194,6 +194,7 @@ class ONNXSlots:
         self.next_position = np.zeros(batch_size, np.int64)
         self.index = 0  # the column the next step writes
         self.free = np.ones(batch_size, bool)
+        self.used: set[int] = set()
         self.last = np.zeros(batch_size, np.int64)
         self.logits = np.zeros((batch_size, vocab_size), np.float32)
 
@@ -207,19 +208,25 @@ class ONNXSlots:
         self.valid[row, columns] = 1
         self.next_position[row] = len(prompt)
         self.free[row] = False
+        self.used.add(row)
 
     def release(self, row: int) -> None:
         self.free[row] = True
+        self.used.discard(row)
 
     def step(self) -> None:
-        d, B = self.decoder, len(self.last)
+        """As ``DecodeSlots.step``: the rows in use (the first 1, 2, 4, ... rows) read their last tokens."""
+        if not self.used:
+            return
+        d, n = self.decoder, min(1 << max(self.used).bit_length(), len(self.last))
         self.next_position[self.free] = 0
-        d.past, d.mask = self.ring, np.concatenate([self.valid, np.ones((B, 1), np.int64)], 1)
-        self.logits[:] = d._run(self.last[:, None], self.next_position[:, None].copy())
-        for name, present in d.past.items():  # (B, heads, C + 1, head_dim): the new column is the last
-            self.ring[name][:, :, self.index] = present[:, :, -1]
-        self.valid[:, self.index] = 1
-        self.next_position += 1
+        d.past = {name: ring[:n] for name, ring in self.ring.items()}
+        d.mask = np.concatenate([self.valid[:n], np.ones((n, 1), np.int64)], 1)
+        self.logits[:n] = d._run(self.last[:n, None], self.next_position[:n, None].copy())
+        for name, present in d.past.items():  # (n, heads, C + 1, head_dim): the new column is the last
+            self.ring[name][:n, :, self.index] = present[:, :, -1]
+        self.valid[:n, self.index] = 1
+        self.next_position[:n] += 1
         self.index = (self.index + 1) % self.valid.shape[1]
 
     def sample(
