@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -158,11 +159,14 @@ def test_onnx_slots_decode_as_the_checkpoints_slots(onnx_export, chat_run):
         (["onnx=/nowhere"], "not an ONNX export directory"),
         (["ckpt=/nowhere.ckpt"], "nowhere"),
         (["device=cuda:7"], "device='cuda:7' cannot be used here"),
+        (["port=PORT_IN_USE"], "cannot be listened on"),
     ],
 )
 def test_a_bad_setting_is_one_error_line(run_main, trained_run, tmp_path, args, message):
     given = args if any(a.startswith(("ckpt=", "onnx=")) for a in args) else [f"ckpt={trained_run}", *args]
-    result = run_main("gpt2lab.serve", *given, cwd=tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as busy:  # a port something else listens on
+        given = [a.replace("PORT_IN_USE", str(busy.getsockname()[1])) for a in given]
+        result = run_main("gpt2lab.serve", *given, cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
@@ -176,7 +180,10 @@ def test_a_typo_in_a_key_fails_naming_it(run_main, trained_run, tmp_path):
 def test_a_public_address_is_served_with_a_warning(run_main, trained_run, tmp_path, monkeypatch):
     started = {}
     monkeypatch.setattr("litserve.LitServer.run", lambda self, **kw: started.update(kw))
-    result = run_main("gpt2lab.serve", f"ckpt={trained_run}", "host=0.0.0.0", cwd=tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run_main("gpt2lab.serve", f"ckpt={trained_run}", "host=0.0.0.0", f"port={port}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert started["host"] == "0.0.0.0"
     said = result.stdout + result.stderr

@@ -6,6 +6,7 @@ text as it is decoded, and a last message with the finish reason and the token c
 from __future__ import annotations
 
 import asyncio
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,9 @@ class GPT2LabAPI(ls.LitAPI):
         self.source, self._key = source, api_key
 
     def setup(self, device: str) -> None:
+        # Ctrl-C reaches every process of the terminal's group: the main process stops this one, which would
+        # otherwise print a KeyboardInterrupt traceback of its own.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         source = self.source
         if source.onnx is not None:
             from gpt2lab.inference.onnx import ONNXSlots, ONNXTextGenerator

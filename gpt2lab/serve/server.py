@@ -7,6 +7,7 @@ nothing on that path imports torch. See docs/serving.md.
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 import litserve as ls
@@ -40,6 +41,17 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"serve.top_k={cfg.serve.top_k}: expected at least 1, or null for no limit")
     if not cfg.serve.model_name:
         raise ConfigError("serve.model_name is empty: name the model clients ask for, e.g. serve.model_name=gpt2lab")
+
+
+def check_port(host: str, port: int) -> None:
+    """The address can be listened on: a port in use fails here, by name, not after the model has loaded."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"port={port} on host={host} cannot be listened on ({e.strerror}): stop what uses it, or give port=<another>"
+        ) from None
 
 
 def served_model(cfg: DictConfig) -> tuple[ServedModel, ModelSource]:
@@ -87,6 +99,7 @@ def served_model(cfg: DictConfig) -> tuple[ServedModel, ModelSource]:
 def build_server(cfg: DictConfig) -> tuple[ls.LitServer, ServedModel, ModelSource]:
     """The LitServer ``conf/serve.yaml`` describes, not yet started."""
     check_settings(cfg)
+    check_port(cfg.host, cfg.port)
     model, source = served_model(cfg)
     api = GPT2LabAPI(source, OpenAICompatibleSpec(model), cfg.serve.api_key or None)
     if source.onnx is not None or source.device == "cpu":
