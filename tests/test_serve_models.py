@@ -131,7 +131,6 @@ def test_onnx_slots_decode_as_the_checkpoints_slots(onnx_export, chat_run):
     greedy tokens PyTorch's give."""
     generator = TextGenerator(str(chat_run / "checkpoints" / "last.ckpt"), device="cpu")
     onnx = ONNXTextGenerator(onnx_export)
-    vocab = generator.model.config.vocab_size
     prompts = [[5, 6, 7], [9] * 12, [3, 4], [20] * 40, [7]]
     news = [30, 25, 40, 20, 50]
 
@@ -146,7 +145,7 @@ def test_onnx_slots_decode_as_the_checkpoints_slots(onnx_export, chat_run):
                 return done
         raise AssertionError("not all finished")
 
-    assert decode(ONNXSlots(onnx.decoder, 3, vocab)) == decode(DecodeSlots(generator.model, 3))
+    assert decode(ONNXSlots(onnx.decoder, 3)) == decode(DecodeSlots(generator.model, 3))
 
 
 @pytest.mark.parametrize(

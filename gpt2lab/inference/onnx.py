@@ -186,7 +186,7 @@ class ONNXSlots:
     joining a free row while the others go on, their keys and values in a ring of the whole context kept here
     and passed to the graph as its past at every step."""
 
-    def __init__(self, decoder: ONNXDecoder, batch_size: int, vocab_size: int) -> None:
+    def __init__(self, decoder: ONNXDecoder, batch_size: int) -> None:
         self.decoder, g, C = decoder, decoder.graph, decoder.context_length
         shape = (batch_size, g["num_heads"], C, g["head_dim"])
         self.ring = {name: np.zeros(shape, np.float32) for name in decoder._empty_past(batch_size)}
@@ -196,11 +196,14 @@ class ONNXSlots:
         self.free = np.ones(batch_size, bool)
         self.used: set[int] = set()
         self.last = np.zeros(batch_size, np.int64)
-        self.logits = np.zeros((batch_size, vocab_size), np.float32)
+        self.logits = np.zeros((batch_size, 0), np.float32)  # as wide as the graph's logits, once it has run
 
     def admit(self, row: int, prompt: list[int]) -> None:
         d = self.decoder
-        self.logits[row] = d.prefill(np.array([prompt], np.int64), np.ones((1, len(prompt)), np.int64))[0]
+        logits = d.prefill(np.array([prompt], np.int64), np.ones((1, len(prompt)), np.int64))[0]
+        if self.logits.shape[1] != len(logits):
+            self.logits = np.zeros((len(self.last), len(logits)), np.float32)
+        self.logits[row] = logits
         columns = (self.index - len(prompt) + np.arange(len(prompt))) % self.valid.shape[1]
         for name, past in d.past.items():
             self.ring[name][row][:, columns] = past[0]

@@ -56,9 +56,7 @@ class GPT2LabAPI(ls.LitAPI):
             from gpt2lab.inference.onnx import ONNXSlots, ONNXTextGenerator
 
             generator = ONNXTextGenerator(source.onnx)
-            slots = ONNXSlots(
-                generator.decoder, source.rows, generator.tokenizer.get_vocab_size(with_added_tokens=True)
-            )
+            slots = ONNXSlots(generator.decoder, source.rows)
         else:
             from gpt2lab.inference.generator import TextGenerator
             from gpt2lab.model.generation import DecodeSlots
