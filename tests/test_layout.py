@@ -18,7 +18,19 @@ LAYERS = [
     ("lit", ["lit"]),
     (
         "library verbs",
-        ["train", "evaluate", "harness", "serve", "inference", "exporters", "checkup", "runs", "presets", "wizard", "sweep"]
+        [
+            "train",
+            "evaluate",
+            "harness",
+            "serve",
+            "inference",
+            "exporters",
+            "checkup",
+            "runs",
+            "presets",
+            "wizard",
+            "sweep",
+        ]
         + ["generate", "chat", "export", "check"],  # the old names' packages: aliases of inference/exporters
     ),
     ("benchmarks", ["bench"]),
