@@ -32,11 +32,11 @@ from gpt2lab.tokenizers import EOS_TOKEN
 from gpt2lab.tokenizers.chat_template import ChatTemplate
 
 MAX_STOPS = 4  # as OpenAI
-# Request fields of OpenAI's API that gpt2lab does not do, with the value that asks for nothing
+# Request fields of OpenAI's API that gpt2lab does not do, with the values (besides null) that ask for nothing
 UNSUPPORTED = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "suffix": (None, ""), "logit_bias": (None, {}), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
-    "tools": (None, []), "functions": (None, []), "response_format": (None, {"type": "text"}),
+    "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
+    "logit_bias": ({},), "frequency_penalty": (0,), "presence_penalty": (0,), "tools": ([],), "functions": ([],),
+    "response_format": ({"type": "text"},),
 }  # fmt: skip
 
 
@@ -195,7 +195,7 @@ class OpenAICompatibleSpec(LitSpec):
         if body.model != self.model.name:
             raise RequestError(404, f"the model {body.model!r} does not exist: this server serves {self.model.name!r}"
                                " (GET /v1/models)", "model", "model_not_found")  # fmt: skip
-        for name, (_, *nothing) in UNSUPPORTED.items():
+        for name, nothing in UNSUPPORTED.items():
             value = (body.model_extra or {}).get(name)
             if value is not None and value not in nothing:
                 raise RequestError(400, f"{name} is not supported by gpt2lab serve: leave it out", name)
