@@ -11,6 +11,7 @@ the worker (``api.py``) streams each choice's text back, which is answered whole
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import random
@@ -65,6 +66,12 @@ class RequestError(Exception):
         body = {"message": self.message, "type": kind.get(self.status, "invalid_request_error" if self.status < 500
                 else "server_error"), "param": self.param, "code": self.code}  # fmt: skip
         return JSONResponse({"error": body}, status_code=self.status)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """OpenAI's ``usage`` object."""
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
 async def http_error(request: Request, error: HTTPException) -> JSONResponse:
@@ -173,11 +180,12 @@ class OpenAICompatibleSpec(LitSpec):
     async def read(self, request: Request, shape: type[Sampling]) -> Any:
         """The request's JSON body as ``shape``, or the RequestError that says what is wrong with it."""
         limit = self.model.max_body_bytes
+        too_large = RequestError(413, f"the request body is over {limit:,} bytes (serve.max_body_bytes)")
         if int(request.headers.get("content-length") or 0) > limit:
-            raise RequestError(413, f"the request body is over {limit:,} bytes (serve.max_body_bytes)")
+            raise too_large  # before reading it
         raw = await request.body()
         if len(raw) > limit:
-            raise RequestError(413, f"the request body is over {limit:,} bytes (serve.max_body_bytes)")
+            raise too_large
         try:
             data = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -201,12 +209,17 @@ class OpenAICompatibleSpec(LitSpec):
                 raise RequestError(400, f"{name} is not supported by gpt2lab serve: leave it out", name)
         return body
 
+    @functools.cached_property
+    def chat_template(self) -> ChatTemplate | None:
+        template = self.model.chat_template
+        return None if template is None else ChatTemplate.from_dict(template)
+
     def template(self) -> ChatTemplate:
-        if self.model.chat_template is None:
+        if self.chat_template is None:
             raise RequestError(400, "this model was not trained on chats (data.format=chat), so it has no chat "
                                "template: send its text to /v1/completions instead", "messages",
                                "chat_not_supported")  # fmt: skip
-        return ChatTemplate.from_dict(self.model.chat_template)
+        return self.chat_template
 
     @staticmethod
     def message(message: Message, i: int, template: ChatTemplate) -> dict[str, str]:
@@ -266,8 +279,8 @@ class OpenAICompatibleSpec(LitSpec):
         head = {"id": f"{name}-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model.name}
         prompt_tokens = sum(len(c["prompt"]) for c in choices[:: len(choices) // prompts])
         if body.stream:
-            usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self.sse(events, head, len(choices), prompt_tokens, chat, usage),
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(self.sse(events, head, len(choices), prompt_tokens, chat, include_usage),
                                      media_type="text/event-stream")  # fmt: skip
         texts, finish, completion_tokens = [""] * len(choices), [None] * len(choices), 0
         try:
@@ -283,10 +296,10 @@ class OpenAICompatibleSpec(LitSpec):
         else:
             answers = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
                        for i, (t, f) in enumerate(zip(texts, finish, strict=True))]  # fmt: skip
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
         kind = "chat.completion" if chat else "text_completion"
-        return JSONResponse({**head, "object": kind, "choices": answers, "usage": usage})
+        return JSONResponse(
+            {**head, "object": kind, "choices": answers, "usage": usage(prompt_tokens, completion_tokens)}
+        )
 
     async def sse(
         self, events: AsyncIterator, head: dict, n: int, prompt_tokens: int, chat: bool, include_usage: bool
@@ -310,9 +323,7 @@ class OpenAICompatibleSpec(LitSpec):
             yield f"data: {json.dumps({'error': {'message': e.message, 'type': 'server_error', 'code': e.code}})}\n\n"
             return
         if include_usage:
-            total = prompt_tokens + completion_tokens
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
-            yield chunk([], usage=usage)
+            yield chunk([], usage=usage(prompt_tokens, completion_tokens))
         yield "data: [DONE]\n\n"
 
     async def decoded(self, choices: list[dict[str, Any]]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
