@@ -173,16 +173,21 @@ class OptunaSweeper(OptunaSweeperImpl):
             log.info("Study %s in %s: %d trials so far", study.study_name, url, len(study.trials))
             if study.trials:
                 study.sampler = self._sampler(grid, seed_offset=len(study.trials))
+            # Asked under the same lock: a worker that counted the trials must add its own before the next one
+            # counts, or both would seed their samplers alike and draw the same first points.
+            trials: list[optuna.trial.Trial] | None = self._ask(study, storage, 0, deadline)
         own = done = failed = 0  # own: the trials this worker added (not the retries it ran)
         others: set[int] | None = None  # when this worker is done: the other workers' trials it waits for
         while True:
-            with lock:
-                trials = self._ask(study, storage, own, deadline)
+            if trials is None:
+                with lock:
+                    trials = self._ask(study, storage, own, deadline)
             if not trials:
                 others = self._others_running(study, deadline, others)
                 if not others:
                     break
                 time.sleep(min(self.heartbeat_interval, 10))
+                trials = None
                 continue
             own += sum(retried_from(storage, t) is None for t in trials)
             overrides = self._configure_trials(trials, space, fixed_params, fixed_overrides)
@@ -202,7 +207,7 @@ class OptunaSweeper(OptunaSweeperImpl):
             failed += self._record(study, trials, returns)
             done += len(returns)
             release_memory(returns)
-            del trials, returns
+            trials = returns = None
             if failed / done > self.max_failure_rate and done >= min(self.n_trials, 4):
                 first = next(t.user_attrs.get("error") for t in study.trials if t.user_attrs.get("error"))
                 save_results(study, sweep_dir)
