@@ -214,6 +214,26 @@ def check_steps_left(path: str | os.PathLike, max_steps: int) -> None:
         )
 
 
+OPTIMIZER_OPTIONS = {"torch.optim.AdamW": "adamw", "gpt2lab.lit.optimization.MuonWithAdamW": "muon"}
+
+
+def check_same_optimizer(path: str | os.PathLike, optimizer: dict[str, Any]) -> None:
+    """A resumed run steps its checkpoint's optimizer: the state of one (AdamW's moments, Muon's momentum) is not
+    the state of another, and starting the new one fresh would change the run without a word. Refuse, with both
+    ways on: resume with the checkpoint's optimizer, or start a new run from its weights."""
+    saved = (read_checkpoint(path).get("hyper_parameters") or {}).get("optimizer") or {}
+    before, now = saved.get("_target_"), optimizer.get("_target_")
+    if not before or not now or before == now:
+        return
+    name = lambda target: f"optimizer={OPTIMIZER_OPTIONS[target]}" if target in OPTIMIZER_OPTIONS else target  # noqa: E731
+    raise ConfigError(
+        f"ckpt_path={str(path)!r} was trained with {name(before)}, and this run sets {name(now)}: one's state cannot "
+        f"go on in the other, and a fresh one would change the run unannounced. Resume with {name(before)}, or start "
+        f"a new run from its weights: python -m gpt2lab.export ckpt={path} format=hf output_dir=<dir>, then "
+        f"python train.py model.init_from=<dir> {name(now)} (the new optimizer starts fresh, at step 0)"
+    )
+
+
 def model_diff(saved: dict[str, Any], model: dict[str, Any]) -> str:
     """The architecture keys on which a checkpoint's model and ``model`` differ, as text; empty if none."""
     ignore = {"gradient_checkpointing", "dropout", "attention_dropout", "residual_dropout", "fused_loss", "init_from"}

@@ -115,7 +115,14 @@ TrainerSchema = schema_from_signature("TrainerSchema", pl.Trainer, "pytorch_ligh
 
 
 @dataclasses.dataclass
-class OptimizerSchema:
+class OptimizerBaseSchema:
+    """What every ``optimizer`` option is; each option's own schema names its keys (as the model group's do)."""
+
+    _target_: str = MISSING
+
+
+@dataclasses.dataclass
+class AdamWSchema(OptimizerBaseSchema):
     _target_: str = "torch.optim.AdamW"
     lr: float = 3e-4
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
@@ -125,12 +132,51 @@ class OptimizerSchema:
 
 
 @dataclasses.dataclass
+class MuonSchema(OptimizerBaseSchema):
+    """``optimizer=muon``: Muon for the hidden matrices, AdamW for the rest (``gpt2lab.lit.optimization``)."""
+
+    _target_: str = "gpt2lab.lit.optimization.MuonWithAdamW"
+    lr: float = 3e-3  # AdamW's: embeddings, output layer, biases, norms (optimizer=adamw's keys)
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW's, on the embedding (and any untied output) matrices
+    fused: Optional[bool] = None  # noqa: UP045 - None: AdamW's fused kernel on CUDA
+    muon_lr: float = 0.02  # Muon's: the hidden matrices
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    muon_weight_decay: float = 0.0
+    adjust_lr_fn: Optional[str] = None  # noqa: UP045 - null/original, or match_rms_adamw
+
+
+@dataclasses.dataclass
 class SchedulerSchema:
     # Set by the scheduler group; without one (scheduler=null, ~scheduler) the learning rate is constant.
     _target_: Optional[str] = None  # noqa: UP045
+
+
+@dataclasses.dataclass
+class WarmupCosineSchema(SchedulerSchema):
     warmup_steps: int = 100
     max_steps: int = 1000
     min_lr_ratio: float = 0.1
+
+
+@dataclasses.dataclass
+class WSDSchema(WarmupCosineSchema):
+    """``scheduler=wsd``: warmup, stable, then a decay over the last ``decay_fraction`` of the steps."""
+
+    decay_fraction: float = 0.2
+    min_lr_ratio: float = 0.0
+
+
+for _group, _name, _schema in (
+    ("optimizer", "adamw", AdamWSchema),
+    ("optimizer", "muon", MuonSchema),
+    ("scheduler", "warmup_cosine", WarmupCosineSchema),
+    ("scheduler", "wsd", WSDSchema),
+):
+    ConfigStore.instance().store(group=f"schema/{_group}", name=_name, node=_schema, replace=True)
 
 
 @dataclasses.dataclass
@@ -160,7 +206,7 @@ class TrainSchema:
     data: DataSchema = dataclasses.field(default_factory=DataSchema)
     tokenizer: TokenizerSchema = dataclasses.field(default_factory=TokenizerSchema)
     trainer: TrainerSchema = dataclasses.field(default_factory=TrainerSchema)
-    optimizer: OptimizerSchema = dataclasses.field(default_factory=OptimizerSchema)
+    optimizer: OptimizerBaseSchema = MISSING  # typed by the chosen option's schema (adamw, muon)
     scheduler: Optional[SchedulerSchema] = None  # noqa: UP045 - None: a constant learning rate
     paths: PathsSchema = dataclasses.field(default_factory=PathsSchema)
     sample: Optional[SampleSchema] = dataclasses.field(default_factory=SampleSchema)  # noqa: UP045

@@ -17,7 +17,7 @@ from typing import Any
 import hydra.utils
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from tokenizers import Tokenizer
@@ -26,67 +26,13 @@ from gpt2lab.checkpoint import Payload, read_payload, set_rng_states, write_payl
 from gpt2lab.config import TRUSTED_TARGETS
 from gpt2lab.data.formats import split_batch
 from gpt2lab.errors import ConfigError
+from gpt2lab.lit.optimization import build_optimizer
 from gpt2lab.model import GPT2Config, GPT2Model
 from gpt2lab.model.adapter import build_model
 from gpt2lab.model.cross_entropy import IGNORE_INDEX
 from gpt2lab.tokenizers import token_byte_lengths
 
 log = logging.getLogger(__name__)
-
-
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0 to the optimizer's lr, then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min((step - warmup_steps) / max(max_steps - warmup_steps, 1), 1.0)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def check_optimization(optimizer: DictConfig, scheduler: DictConfig | None, max_steps: int) -> None:
-    """Optimizer and schedule values, checked before any data is read, naming the key: torch.optim would
-    refuse them only after data preparation and the first validation, with a bare traceback."""
-    for key, ok, expected in (
-        ("lr", lambda v: v > 0, "a positive learning rate, e.g. 3e-4"),
-        ("eps", lambda v: v >= 0, "a small non-negative number, e.g. 1e-8"),
-        ("weight_decay", lambda v: v >= 0, "a non-negative decay, e.g. 0.1"),
-        ("betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. [0.9, 0.95]"),
-    ):
-        value = optimizer.get(key)
-        if value is not None and not ok(value):
-            raise ConfigError(f"optimizer.{key}={_plain(value)}: expected {expected}")
-    try:  # whatever else this optimizer checks in its constructor
-        build = hydra.utils.instantiate(
-            optimizer, _partial_=True, _convert_="all", _execution_whitelist_=TRUSTED_TARGETS
-        )
-        build([torch.zeros(1, requires_grad=True)])
-    except Exception as e:
-        cause = e.__cause__ or e
-        raise ConfigError(f"optimizer ({optimizer.get('_target_')}): {type(cause).__name__}: {cause}") from e
-    if not scheduler or not scheduler.get("_target_"):
-        return
-    warmup, min_lr_ratio = scheduler.get("warmup_steps"), scheduler.get("min_lr_ratio")
-    if warmup is not None and warmup < 0:
-        raise ConfigError(f"scheduler.warmup_steps={warmup}: expected 0 or more steps")
-    if min_lr_ratio is not None and not 0 <= min_lr_ratio <= 1:
-        raise ConfigError(
-            f"scheduler.min_lr_ratio={min_lr_ratio}: expected a fraction of optimizer.lr in [0, 1] (1: no decay)"
-        )
-    if warmup and max_steps > 0 and warmup >= max_steps:
-        log.warning(
-            "scheduler.warmup_steps=%d >= trainer.max_steps=%d: the learning rate never reaches optimizer.lr=%s; "
-            "lower scheduler.warmup_steps for a run this short",
-            warmup, max_steps, optimizer.get("lr"),
-        )  # fmt: skip
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, list | tuple | ListConfig) else value
 
 
 def check_compile_options(cfg: DictConfig) -> None:
@@ -338,20 +284,7 @@ class GPT2LitModule(pl.LightningModule):
         )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        # Decay only matrices (linear weights, embeddings); biases and LayerNorm gains stay undecayed.
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt_cfg = dict(self.hparams.optimizer)
-        weight_decay = opt_cfg.pop("weight_decay", 0.0)
-        if opt_cfg.get("fused") is None and "fused" in opt_cfg:
-            # The fused CUDA kernel is the fast path; fp16's GradScaler needs the unfused one.
-            opt_cfg["fused"] = self.device.type == "cuda" and not self._uses_grad_scaler()
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        optimizer = hydra.utils.instantiate(
-            opt_cfg, _partial_=True, _convert_="all", _execution_whitelist_=TRUSTED_TARGETS
-        )(groups)
+        optimizer = build_optimizer(self.model, self.hparams.optimizer, self.device, self._uses_grad_scaler())
         if not self.hparams.scheduler or not self.hparams.scheduler.get("_target_"):
             return {"optimizer": optimizer}  # a constant learning rate
         scheduler_cfg = dict(self.hparams.scheduler)

@@ -21,9 +21,10 @@ from omegaconf.errors import InterpolationToMissingValueError, InterpolationVali
 from gpt2lab.config import TRUSTED_TARGETS
 from gpt2lab.data.datamodule import TokenBlockDataset
 from gpt2lab.errors import ConfigError
-from gpt2lab.lit.module import check_compile_options, check_optimization
+from gpt2lab.lit.module import check_compile_options
+from gpt2lab.lit.optimization import check_optimization, is_muon, muon_groups
 from gpt2lab.lit.trainer import check_fsdp_world, check_launch
-from gpt2lab.model.adapter import is_gpt2
+from gpt2lab.model.adapter import build_model, is_gpt2
 from gpt2lab.tokenizers import check_model_vocab
 
 MATMUL_PRECISIONS = ("highest", "high", "medium")
@@ -43,6 +44,7 @@ def validate_config(cfg: DictConfig, token_counts: Mapping[str, int] | None = No
         lambda: _length(cfg.trainer),
         lambda: check_optimization(cfg.optimizer, cfg.scheduler, cfg.trainer.max_steps),
         lambda: _model(cfg),
+        lambda: _muon(cfg),
         lambda: _vocabulary(cfg),
         lambda: _data_and_batch(cfg),
         lambda: _accumulation(cfg),
@@ -116,6 +118,32 @@ def _model(cfg: DictConfig) -> None:
     if is_gpt2(cfg.model) and not cfg.model.get("init_from"):
         with execution_whitelist(TRUSTED_TARGETS):
             instantiate(_plain(cfg.model))
+
+
+def _muon(cfg: DictConfig) -> None:
+    """``optimizer=muon`` needs whole weight matrices, which FSDP splits into flat shards, and a model that has
+    hidden ones (built here on the meta device, so no memory is taken: gpt2lab's GPT-2, or ``model=module``'s own
+    class; ``model=hf`` is checked once it is loaded)."""
+    if not is_muon(cfg.optimizer):
+        return
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    if "fsdp" in target.lower():
+        raise ConfigError(
+            "optimizer=muon with trainer=fsdp: Muon orthogonalises each weight matrix whole, and FSDP gives each GPU "
+            "flat slices of them. Use trainer=ddp with optimizer=muon, or optimizer=adamw with trainer=fsdp"
+        )
+    if cfg.model.get("init_from") or cfg.model.get("_target_") == "gpt2lab.hf.causal_lm":
+        return
+    spec = OmegaConf.to_container(cfg.model, resolve=True)
+    if spec.get("vocab_size") is None and cfg.tokenizer.kind in SIZED_TOKENIZERS:
+        spec["vocab_size"] = cfg.tokenizer.vocab_size
+    try:
+        with torch.device("meta"), execution_whitelist(TRUSTED_TARGETS):
+            model = build_model(spec)
+    except Exception:  # a model that cannot be built here: its own check says why, or the run builds it later
+        return
+    muon_groups(model, 0.0)
 
 
 def _vocabulary(cfg: DictConfig) -> None:

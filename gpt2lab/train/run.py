@@ -28,7 +28,14 @@ from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from tokenizers import Tokenizer
 
-from gpt2lab.checkpoint import check_same_run, check_steps_left, load_checkpoint, resolve_ckpt_path, run_settings
+from gpt2lab.checkpoint import (
+    check_same_optimizer,
+    check_same_run,
+    check_steps_left,
+    load_checkpoint,
+    resolve_ckpt_path,
+    run_settings,
+)
 from gpt2lab.config import TRUSTED_TARGETS
 from gpt2lab.data import GPT2DataModule
 from gpt2lab.errors import ConfigError
@@ -174,6 +181,7 @@ def resume_or_initialize(plan: Plan, trainer: pl.Trainer, module: GPT2LitModule,
     if ckpt_path:
         check_same_run(ckpt_path, settings, tokenizer, strict=cfg.resume.strict)  # tokenizer, data, batch layout
         check_steps_left(ckpt_path, cfg.trainer.max_steps)
+        check_same_optimizer(ckpt_path, module.hparams.optimizer)
         log.info("Resuming from %s", ckpt_path)
         continue_wandb_run(trainer.loggers, ckpt_path)
         keep_csv_history(trainer.loggers, ckpt_path)
