@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
+from gpt2lab.config.schemas import OPTIMIZER_OPTIONS
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT2Model
 from gpt2lab.model.adapter import CausalLM, build_model
@@ -212,9 +213,6 @@ def check_steps_left(path: str | os.PathLike, max_steps: int) -> None:
             f"ckpt_path={str(path)!r} is at step {step}, and trainer.max_steps={max_steps} leaves nothing to train: "
             f"raise trainer.max_steps above {step}"
         )
-
-
-OPTIMIZER_OPTIONS = {"torch.optim.AdamW": "adamw", "gpt2lab.lit.optimization.MuonWithAdamW": "muon"}
 
 
 def check_same_optimizer(path: str | os.PathLike, optimizer: dict[str, Any]) -> None:

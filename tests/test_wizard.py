@@ -19,7 +19,8 @@ from gpt2lab.wizard.questions import Session
 
 FLAGS = ["--preset", "tiny", "--data", "files", "--tokenizer", "bpe", "--vocab-size", "320", "--model", "gpt2-tiny",
          "--context-length", "64", "--trainer", "cpu", "--precision", "32-true", "--batch-size", "8", "--accumulate",
-         "2", "--lr", "0.004", "--warmup-steps", "5", "--max-steps", "20"]  # fmt: skip
+         "2", "--optimizer", "muon", "--muon-lr", "0.03", "--lr", "0.004", "--scheduler", "wsd", "--decay-fraction", "0.3",
+         "--warmup-steps", "5", "--max-steps", "20"]  # fmt: skip
 
 
 def answer(child: Any, prompt: str, reply: str) -> None:
@@ -93,7 +94,9 @@ def test_typed_answers_are_checked_on_the_spot_and_write_the_flags_file(corpus_f
         ("Context length (tokens) [128]", "100000"), ("Context length (tokens) [128]", "64"),
         ("Run the model check-up now", "n"), ("Trainer (devices)", ""), ("Precision", ""),
         ("Micro-batch size", "eight"), ("Micro-batch size", "8"), ("Gradient accumulation", "2"),
-        ("Peak learning rate [0.005]", "0.004"), ("Warmup steps [50]", "5"), ("Optimizer steps [700]", "20"),
+        ("Optimizer (", "muon"), ("Muon's peak learning rate (attention and MLP matrices) [0.02]", "0.03"), ("Peak learning rate (with muon", "0.004"),
+        ("Learning-rate schedule", "wsd"), ("Fraction of the steps that decays [0.2]", "-1"),
+        ("Fraction of the steps that decays [0.2]", "0.3"), ("Warmup steps [50]", "5"), ("Optimizer steps [700]", "20"),
         ("Experiment name", "my_run"),
     ]  # fmt: skip
     replies = iter(script)
@@ -110,6 +113,7 @@ def test_typed_answers_are_checked_on_the_spot_and_write_the_flags_file(corpus_f
     assert "✗ data.path='/nonexistent/corpus.txt': no such file or directory" in out
     assert "too few for one window of 100001 (model.context_length + 1)" in out
     assert "✗ 'eight' is not a whole number" in out
+    assert "✗ scheduler.decay_fraction=-1.0: expected the fraction of trainer.max_steps to decay over" in out
 
     # The same answers as flags: the same file, byte for byte
     flags = tmp_path / "flags"
@@ -117,6 +121,8 @@ def test_typed_answers_are_checked_on_the_spot_and_write_the_flags_file(corpus_f
     written = (tmp_path / "typed" / "experiment" / "my_run.yaml").read_text()
     assert (flags / "experiment" / "my_run.yaml").read_text() == written
     assert "- override /data: files\n" in written and f"path: {corpus_file}\n" in written
+    assert "- override /optimizer: muon\n" in written and "muon_lr: 0.03\n" in written
+    assert "- override /scheduler: wsd\n" in written and "decay_fraction: 0.3\n" in written
 
     # An experiment of that name is not replaced, unless --force
     with pytest.raises(SystemExit) as refused:

@@ -170,6 +170,10 @@ class WSDSchema(WarmupCosineSchema):
     min_lr_ratio: float = 0.0
 
 
+# The options of conf/optimizer/ and conf/scheduler/, by the _target_ a composed config or a checkpoint records
+OPTIMIZER_OPTIONS = {AdamWSchema._target_: "adamw", MuonSchema._target_: "muon"}
+SCHEDULE_OPTIONS = {"gpt2lab.lit.warmup_cosine": "warmup_cosine", "gpt2lab.lit.warmup_stable_decay": "wsd"}
+
 for _group, _name, _schema in (
     ("optimizer", "adamw", AdamWSchema),
     ("optimizer", "muon", MuonSchema),

@@ -172,6 +172,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
             )
             first += count
             offset += len(ids)
+        # torch's load_state_dict gives each optimizer new group dicts: these must be them, for the schedule
+        self.param_groups = [g for o in self._inner for g in o.param_groups]
 
 
 def is_muon(optimizer: DictConfig | dict[str, Any]) -> bool:
@@ -224,7 +226,7 @@ def warmup_stable_decay(
 
     def factor(step: int) -> float:
         warm = (step + 1) / (warmup_steps + 1) if step < warmup_steps else 1.0
-        if step < decay_start:
+        if step < decay_start or not decay_steps:
             return warm
         progress = min((step - decay_start) / decay_steps, 1.0)
         return min(warm, 1 - (1 - min_lr_ratio) * progress)

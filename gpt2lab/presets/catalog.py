@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from gpt2lab.config import compose_train
 from gpt2lab.config.experiments import write_experiment
+from gpt2lab.config.schemas import OPTIMIZER_OPTIONS, SCHEDULE_OPTIONS
 from gpt2lab.config.tree import config_root
 from gpt2lab.console import format_duration, table
 from gpt2lab.errors import ConfigError
@@ -39,8 +40,8 @@ HEADER_NUMBERS = re.compile(
     r"#\s*parameters:\s*([\d,]+)\s*\|\s*tokens/step:\s*([\d,]+).*\|\s*total:\s*([\d,]+) tokens \(([\d,]+) steps\)"
 )
 SIZE_ORDER = ("tiny", "small", "medium", "large", "code_generation", "chat", "summarization")
-COLUMNS = ("preset", "description", "parameters", "tokens (per step)", "est. time here", "probe")
-ALIGN = ("left", "left", "right", "right", "right", "left")
+COLUMNS = ("preset", "description", "parameters", "tokens (per step)", "optimizer, schedule", "est. time here", "probe")
+ALIGN = ("left", "left", "right", "right", "left", "right", "left")
 
 # --recommend goal=...: the presets each goal considers, most ambitious first, and the share of a preset's
 # estimated time a budget must cover for it to be picked with its schedule shortened (trainer.time_budget).
@@ -119,6 +120,7 @@ class Recipe:
     context: int
     devices: int
     steps: int
+    optimization: str = ""  # "adamw lr 5e-3, warmup_cosine": the optimizer and schedule options, with learning rates
 
     @property
     def tokens_per_step(self) -> int:
@@ -143,7 +145,18 @@ def recipe(name: str, cfg: DictConfig) -> Recipe:
         context=cfg.model.context_length,
         devices=max(devices, 1) * cfg.trainer.num_nodes,
         steps=cfg.trainer.max_steps,
+        optimization=optimization(cfg),
     )
+
+
+def optimization(cfg: DictConfig) -> str:
+    """The optimizer and schedule options a composed config uses, named as on the command line, with the rates."""
+    optimizer = cfg.optimizer
+    name = OPTIMIZER_OPTIONS.get(optimizer._target_, optimizer._target_)
+    rates = f"lr {optimizer.lr:g}" + (f", muon_lr {optimizer.muon_lr:g}" if "muon_lr" in optimizer else "")
+    target = (cfg.get("scheduler") or {}).get("_target_")
+    schedule = SCHEDULE_OPTIONS.get(target, target) if target else "constant lr"
+    return f"{name} ({rates}), {schedule}"
 
 
 def _short(n: float) -> str:
@@ -175,6 +188,7 @@ def format_rows(rows: list[dict[str, Any]], markdown: bool = False) -> str:
             r["recipe"].description,
             _short(r["recipe"].parameters),
             f"{_short(r['recipe'].total_tokens)} ({_short(r['recipe'].tokens_per_step)})",
+            r["recipe"].optimization,
             format_duration(r["seconds"]),
             "cached" if r["probe"].cached else "measured now",
         ]

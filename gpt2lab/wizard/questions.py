@@ -29,8 +29,8 @@ from gpt2lab.train.checks import validate_config
 
 STEPS = ("Dataset", "Tokenizer", "Model check", "Training parameters", "Validation and summary")
 FLAGS = ("--data", "--data-path", "--data-name", "--tokenizer", "--vocab-size", "--tokenizer-name", "--tokenizer-path",
-         "--model", "--context-length", "--trainer", "--precision", "--batch-size", "--accumulate", "--lr",
-         "--warmup-steps", "--max-steps")  # fmt: skip
+         "--model", "--context-length", "--trainer", "--precision", "--batch-size", "--accumulate", "--optimizer",
+         "--muon-lr", "--lr", "--scheduler", "--decay-fraction", "--warmup-steps", "--max-steps")  # fmt: skip
 
 
 @dataclass
@@ -140,7 +140,11 @@ def questions(step: int, cfg: DictConfig) -> list[Question]:
             Question(
                 "trainer.accumulate_grad_batches", "--accumulate", "Gradient accumulation (micro-batches per step)", int
             ),
-            Question("optimizer.lr", "--lr", "Peak learning rate", float),
+            Question("optimizer", "--optimizer", "Optimizer", choices=lambda: group_options("optimizer")),
+            Question(
+                "optimizer.lr", "--lr", "Peak learning rate (with muon: AdamW's, for embeddings and norms)", float
+            ),
+            Question("scheduler", "--scheduler", "Learning-rate schedule", choices=lambda: group_options("scheduler")),
         ]
         if cfg.get("scheduler") is not None:
             asked.append(Question("scheduler.warmup_steps", "--warmup-steps", "Warmup steps", int))
@@ -153,6 +157,12 @@ def follow_ups(key: str, cfg: DictConfig) -> list[Question]:
     if key == "data" and cfg.data.get("source") == "files":
         return [Question("data.path", "--data-path", "Path to your text (a file, a directory or a glob)",
                          check=_path_exists("data.path"))]  # fmt: skip
+    if key == "optimizer" and "muon_lr" in cfg.optimizer:
+        return [
+            Question("optimizer.muon_lr", "--muon-lr", "Muon's peak learning rate (attention and MLP matrices)", float)
+        ]
+    if key == "scheduler" and "decay_fraction" in (cfg.get("scheduler") or {}):
+        return [Question("scheduler.decay_fraction", "--decay-fraction", "Fraction of the steps that decays", float)]
     if key == "data" and cfg.data.get("source") == "hub":
         return [Question("data.name", "--data-name", "Hub dataset name (e.g. wikitext)")]
     if key == "tokenizer":
