@@ -44,13 +44,14 @@ def test_ddp_jobs_inside_a_multirun(tmp_path, corpus_file, cache_dir):
 
 @pytest.mark.slow
 def test_ddp_run_stopped_mid_epoch_resumes_to_the_same_final_loss(tmp_path, corpus_file, cache_dir):
-    """Each rank resumes at its own place in its own share of the epoch's permutation."""
+    """Each rank resumes at its own place in its own share of the epoch's permutation. With optimizer=muon: both
+    optimizers' state comes back on each rank (AdamW's under DDP is resumed in test_multinode and test_faults)."""
     # 128-token contexts: the train split makes 977 windows, 488 per rank, 10 batches of 48 per rank and
     # epoch. The stop at step 12 (validation, which saves last.ckpt) is 2 batches into the second epoch.
     # Dropout on, so that the RNG state has to be restored too; one LR schedule for all three runs.
     common = [
         "model.context_length=128", "data.batch_size=48", "scheduler.max_steps=24", "model.dropout=0.1",
-        "model.residual_dropout=0.1", "model.attention_dropout=0.1", "test=false",
+        "model.residual_dropout=0.1", "model.attention_dropout=0.1", "test=false", "optimizer=muon",
     ]  # fmt: skip
     runs = {name: tmp_path / name for name in ("whole", "stopped", "resumed")}
 

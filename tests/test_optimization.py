@@ -13,6 +13,8 @@ from test_train import cli_args, final_val_loss
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit.optimization import (
     MuonWithAdamW,
+    _float32_orthogonalisation,
+    _newton_schulz_float32,
     adamw_groups,
     hidden_matrices,
     muon_groups,
@@ -62,10 +64,29 @@ def test_a_step_is_torch_muon_on_the_matrices_and_adamw_on_the_rest():
         _grads(reference, seed)
         optimizer.step()
         adamw.step()
-        muon.step()
+        with _float32_orthogonalisation(on_cpu=True):  # as MuonWithAdamW steps on a CPU (the next test)
+            muon.step()
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
     assert [g["lr"] for g in optimizer.param_groups] == [3e-3, 3e-3, 0.05]
+
+
+def test_on_a_cpu_the_orthogonalisation_is_torch_s_iteration_in_float32():
+    import torch.optim._muon as torch_muon
+
+    original = torch_muon._zeropower_via_newtonschulz
+    grad = torch.randn(96, 32, generator=torch.Generator().manual_seed(0))
+    theirs = original(grad, (3.4445, -4.775, 2.0315), 5, 1e-7)
+    ours = _newton_schulz_float32(grad, (3.4445, -4.775, 2.0315), 5, 1e-7)
+    assert theirs.dtype == torch.bfloat16 and ours.dtype == torch.float32 and ours.shape == grad.shape
+    torch.testing.assert_close(ours, theirs.float(), rtol=0.05, atol=0.01)  # bfloat16's precision
+    singular = torch.linalg.svdvals(ours)
+    assert singular.min() > 0.5 and singular.max() < 1.5  # orthogonalised, as Muon's iteration leaves it
+    model = _model()
+    optimizer = MuonWithAdamW(muon_groups(model, 0.0))
+    _grads(model, 0)
+    optimizer.step()
+    assert torch_muon._zeropower_via_newtonschulz is original  # torch's own again after the step
 
 
 def test_the_state_goes_through_a_checkpoint_and_steps_on_exactly(tmp_path):

@@ -352,10 +352,11 @@ def test_bad_durations_name_the_key_and_the_forms(text):
         parse_duration(text, key="trainer.time_budget")
 
 
-def test_time_budget_sets_max_steps_from_the_probe_and_max_time(compose_cfg, cache_dir):
+@pytest.mark.parametrize("scheduler", ["warmup_cosine", "wsd"])
+def test_time_budget_sets_max_steps_from_the_probe_and_max_time(compose_cfg, cache_dir, scheduler):
     from gpt2lab.train.run import train
 
-    cfg = compose_cfg("trainer.time_budget=4s", "sample=null", "test=false")
+    cfg = compose_cfg("trainer.time_budget=4s", "sample=null", "test=false", f"scheduler={scheduler}")
     path = throughput.cache_file(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     cache = throughput._read_cache(path)  # a measured step of 0.5 s: the budget fits 7 steps and their validation
@@ -365,7 +366,7 @@ def test_time_budget_sets_max_steps_from_the_probe_and_max_time(compose_cfg, cac
     train(cfg)
     written = OmegaConf.load(Path(cfg.paths.output_dir) / "config.yaml")
     assert written.trainer.max_steps == expected == 7
-    assert written.scheduler.max_steps == expected  # the cosine decay ends with the run
+    assert written.scheduler.max_steps == expected  # the decay (cosine, or wsd's last stretch) ends with the run
     assert written.trainer.max_time == "00:00:00:14"  # the budget and a margin: training stops there in any case
     results = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
     assert results["global_step"] == expected

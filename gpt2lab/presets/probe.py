@@ -1,7 +1,7 @@
 """The throughput probe: how long a run's optimizer step and validation batch take on this machine, measured.
 
-The probe times a few optimizer steps of the run's model (forward, backward, AdamW) on random tokens, at the run's
-micro-batch and context, in its precision, on the GPU when there is one (else the CPU), eagerly (a ``compile=true``
+The probe times a few optimizer steps of the run's model (forward, backward, the run's optimizer) on random tokens,
+at the run's micro-batch and context, in its precision, on the GPU when there is one (else the CPU), eagerly (a ``compile=true``
 run is faster). A model that would take too long on a CPU is timed in parts on fewer windows: the model with one
 decoder block, and one block alone; every block costs the same, so the step of L blocks is the first plus L - 1
 times the second, scaled to the whole micro-batch. Results are cached per device and per probed config under
@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit.cpu_threads import use_free_cores
+from gpt2lab.lit.optimization import build_optimizer
 from gpt2lab.lit.speed import precision_dtype, synchronize
 from gpt2lab.model import DecoderBlock, GPT2Config, GPT2Model
 
@@ -38,7 +39,7 @@ PROBE_VERSION = 2  # part of the cache key: a change to how the probe measures i
 CPU_PROBE_TOKENS = 1024  # tokens per probed micro-batch on a CPU (at least one window)
 CPU_PROBE_FLOPS = 5e10  # a model whose probe step costs more is probed in parts on a CPU (see _measure)
 
-Timings = tuple[float, float, float]  # seconds: forward + backward of a micro-batch, AdamW step, evaluation forward
+Timings = tuple[float, float, float]  # seconds: forward + backward of a micro-batch, optimizer step, evaluation forward
 
 
 def model_config(cfg: DictConfig, num_layers: int | None = None) -> GPT2Config:
@@ -62,7 +63,7 @@ class Probe:
     """Measured times of one run's steps on one device."""
 
     device: str
-    step_s: float  # one optimizer step: accumulate x (forward + backward of a micro-batch) + AdamW
+    step_s: float  # one optimizer step: accumulate x (forward + backward of a micro-batch) + the optimizer's step
     eval_batch_s: float  # one validation batch (forward only)
     method: str  # how it was measured, in words
     preset: str = ""
@@ -102,6 +103,7 @@ def _probe_settings(cfg: DictConfig) -> dict[str, Any]:
         "micro_batch": cfg.data.batch_size,
         "eval_batch": cfg.data.eval_batch_size or cfg.data.batch_size,
         "accumulate": cfg.trainer.accumulate_grad_batches,
+        "optimizer": [cfg.optimizer.get("_target_"), cfg.optimizer.get("ns_steps")],  # Muon's step costs more
         "torch": torch.__version__,
     }
 
@@ -152,6 +154,7 @@ def _measure(cfg: DictConfig) -> Probe:
     device, dtype = probe_device(cfg)
     config = model_config(cfg)
     layers, batch = config.num_layers, cfg.data.batch_size
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
     eval_batch = cfg.data.eval_batch_size or batch
     accumulate = cfg.trainer.accumulate_grad_batches
     dtype_name = str(dtype).removeprefix("torch.")
@@ -165,12 +168,12 @@ def _measure(cfg: DictConfig) -> Probe:
             # its own, each timed; every block costs the same, so t(L) = t(model with 1 block) + (L - 1) * t(block).
             # Two direct timings rather than the difference of two models', which a busy CPU's noise would swamp.
             if layers > 1 and flops > CPU_PROBE_FLOPS:
-                one = _time_step(model_config(cfg, 1), probe_batch, device, dtype, steps=3, warmup=1, reduce=min)
-                block = _time_step(config, probe_batch, device, dtype, steps=3, warmup=1, reduce=min, block=True)
+                one = _time_step(model_config(cfg, 1), probe_batch, device, dtype, 3, 1, min, optimizer=optimizer)
+                block = _time_step(config, probe_batch, device, dtype, 3, 1, min, block=True, optimizer=optimizer)
                 fb, opt, fwd = (m + (layers - 1) * b for m, b in zip(one, block, strict=True))
                 how = f"the model with 1 block and 1 block alone, extrapolated to {layers}; "
             else:
-                fb, opt, fwd = _time_step(config, probe_batch, device, dtype, steps=3, warmup=1, reduce=min)
+                fb, opt, fwd = _time_step(config, probe_batch, device, dtype, 3, 1, min, optimizer=optimizer)
                 how = ""
             method = (
                 f"{how}{probe_batch} x {config.context_length} tokens per micro-batch, scaled to {batch} x "
@@ -180,7 +183,7 @@ def _measure(cfg: DictConfig) -> Probe:
         probe_batch = batch
         while True:  # a micro-batch that does not fit: half of it, timed, then scaled
             try:
-                fb, opt, fwd = _time_step(config, probe_batch, device, dtype, steps=5, warmup=2)
+                fb, opt, fwd = _time_step(config, probe_batch, device, dtype, steps=5, warmup=2, optimizer=optimizer)
                 break
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
@@ -211,11 +214,14 @@ def _time_step(
     warmup: int,
     reduce: Callable[[list[float]], float] = statistics.median,
     block: bool = False,
+    optimizer: dict[str, Any] | None = None,
 ) -> Timings:
     """``reduce`` (median; min on a shared CPU, whose other processes only ever add time) of each part of a step:
-    of the model, or with ``block`` of one decoder block (``_subject``)."""
+    of the model, or with ``block`` of one decoder block (``_subject``), stepped by the run's ``optimizer`` config
+    (default: AdamW)."""
     module, loss_fn = _subject(config, batch, device, block)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer_cfg = optimizer or {"_target_": "torch.optim.AdamW", "lr": 1e-4, "fused": None}
+    optimizer = build_optimizer(module, optimizer_cfg, device, grad_scaler=False)  # AdamW, or Muon beside AdamW
     autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def now() -> float:
