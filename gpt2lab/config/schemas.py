@@ -151,19 +151,17 @@ class MuonSchema(OptimizerBaseSchema):
 
 @dataclasses.dataclass
 class SchedulerSchema:
+    """What every schedule has (``warmup_cosine``'s keys); ``scheduler=null`` keeps a preset's values here, unused."""
+
     # Set by the scheduler group; without one (scheduler=null, ~scheduler) the learning rate is constant.
     _target_: Optional[str] = None  # noqa: UP045
-
-
-@dataclasses.dataclass
-class WarmupCosineSchema(SchedulerSchema):
     warmup_steps: int = 100
     max_steps: int = 1000
     min_lr_ratio: float = 0.1
 
 
 @dataclasses.dataclass
-class WSDSchema(WarmupCosineSchema):
+class WSDSchema(SchedulerSchema):
     """``scheduler=wsd``: warmup, stable, then a decay over the last ``decay_fraction`` of the steps."""
 
     decay_fraction: float = 0.2
@@ -177,7 +175,7 @@ SCHEDULE_OPTIONS = {"gpt2lab.lit.warmup_cosine": "warmup_cosine", "gpt2lab.lit.w
 for _group, _name, _schema in (
     ("optimizer", "adamw", AdamWSchema),
     ("optimizer", "muon", MuonSchema),
-    ("scheduler", "warmup_cosine", WarmupCosineSchema),
+    ("scheduler", "warmup_cosine", SchedulerSchema),
     ("scheduler", "wsd", WSDSchema),
 ):
     ConfigStore.instance().store(group=f"schema/{_group}", name=_name, node=_schema, replace=True)
