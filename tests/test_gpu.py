@@ -165,6 +165,44 @@ def test_compiled_bf16_training_on_cuda_matches_eager(tmp_path, corpus_file, cac
     assert compiled["final"] == pytest.approx(eager["final"], rel=1e-2)
 
 
+def test_muon_on_cuda_steps_with_torch_s_own_iteration_and_trains_compiled_in_bf16(tmp_path, corpus_file, cache_dir):
+    import torch.optim._muon as torch_muon
+
+    from gpt2lab.lit.optimization import MuonWithAdamW, muon_groups
+
+    model = GPT2Model(GPT2Config(vocab_size=64, context_length=16, d_model=32, num_heads=2, num_layers=2)).cuda()
+    reference = copy.deepcopy(model)
+    optimizer = MuonWithAdamW(muon_groups(model, 0.0), fused=True, muon_lr=0.05)
+    groups = muon_groups(reference, 0.0)
+    adamw = torch.optim.AdamW(groups[:2], lr=3e-3, fused=True)
+    muon = torch.optim.Muon([{"params": groups[2]["params"]}], lr=0.05, weight_decay=0.0)
+    seen = []
+    original = torch_muon._zeropower_via_newtonschulz
+    torch_muon._zeropower_via_newtonschulz = lambda g, *a: seen.append(g.dtype) or original(g, *a)
+    try:
+        for seed in range(3):
+            generator = torch.Generator("cuda").manual_seed(seed)
+            for m in (model, reference):
+                generator.manual_seed(seed)
+                for p in m.parameters():
+                    p.grad = torch.randn(p.shape, device="cuda", generator=generator)
+            optimizer.step()
+            adamw.step()
+            muon.step()
+    finally:
+        torch_muon._zeropower_via_newtonschulz = original
+    assert seen  # torch's own (bfloat16) iteration ran on the GPU: the float32 one is for CPUs
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    run = train_in_process(
+        tmp_path / "muon",
+        [*TINY, f"data.path={corpus_file}", f"paths.cache_dir={cache_dir}", *GPU_RUN, "compile=true", "optimizer=muon"],
+    )
+    torch._dynamo.reset()
+    losses = _final_losses(run)
+    assert math.isfinite(losses["final"]) and losses["final"] < 0.97 * losses["initial"], losses
+
+
 def test_generate_on_cuda_decodes_as_on_the_cpu(run_main, trained_run, tmp_path, exact_fp32):
     args = [f"ckpt={trained_run}", "prompt=def main():", "inference.max_new_tokens=12", "inference.do_sample=false"]
     args.append("inference.repetition_penalty=1.0")

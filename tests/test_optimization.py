@@ -214,13 +214,16 @@ def test_an_older_torch_gets_the_version_muon_needs(monkeypatch):
         MuonWithAdamW(muon_groups(_model(), 0.0))
 
 
-def test_muon_and_wsd_show_in_help_and_the_presets_table(train_cli, tmp_path):
+def test_muon_and_wsd_show_in_help_the_presets_table_and_a_study(train_cli, tmp_path):
     from gpt2lab.presets.catalog import compose_preset, optimization
 
     result = train_cli("--help", cwd=tmp_path)
     assert "optimizer: adamw, muon" in result.stdout and "scheduler: warmup_cosine, wsd" in result.stdout
     assert optimization(compose_preset("tiny", ["optimizer=adamw", "scheduler=wsd"])) == "adamw (lr 0.005), wsd"
     assert optimization(compose_preset("small", ["optimizer=muon"])) == "muon (lr 0.002, muon_lr 0.02), warmup_cosine"
+    study = train_cli("hparams_search=optuna_muon", "--cfg", "hydra", cwd=tmp_path)  # optuna's study, Muon's lr too
+    assert "optimizer.muon_lr: tag(log, interval(5e-3, 1e-1))" in study.stdout
+    assert "optimizer.lr: tag(log, interval(3e-4, 1e-2))" in study.stdout
 
 
 def test_a_muon_run_with_accumulation_stopped_and_resumed_ends_at_the_same_loss(
