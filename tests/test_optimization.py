@@ -53,6 +53,22 @@ def test_muon_trains_the_attention_and_mlp_matrices_and_adamw_the_rest():
     assert sorted(covered) == sorted(id(p) for p in model.parameters())  # each parameter once
 
 
+def test_a_transformers_model_gives_muon_its_blocks_matrices_and_keeps_its_output_layer_for_adamw():
+    import transformers
+
+    from gpt2lab.model.adapter import CausalLM
+
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    model = CausalLM(transformers.GPT2LMHeadModel(config), context_length=16, vocab_size=64)
+    names = {id(p): n for n, p in model.named_parameters()}
+    hidden = sorted(names[id(p)].split("transformer.")[-1] for p in hidden_matrices(model))
+    assert hidden == sorted(
+        f"h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    )
+    untied = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**config.to_dict(), "tie_word_embeddings": False}))
+    assert not any(p is untied.lm_head.weight for p in hidden_matrices(CausalLM(untied, 16, 64)))
+
+
 def test_a_step_is_torch_muon_on_the_matrices_and_adamw_on_the_rest():
     model, reference = _model(), _model()
     optimizer = MuonWithAdamW(muon_groups(model, 0.1), lr=3e-3, muon_lr=0.05, weight_decay=0.1)
