@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
-from gpt2lab.config.schemas import OPTIMIZER_OPTIONS
+from gpt2lab.config.schemas import OPTIMIZER_OPTIONS, SCHEDULE_OPTIONS
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT2Model
 from gpt2lab.model.adapter import CausalLM, build_model
@@ -215,21 +215,37 @@ def check_steps_left(path: str | os.PathLike, max_steps: int) -> None:
         )
 
 
-def check_same_optimizer(path: str | os.PathLike, optimizer: dict[str, Any]) -> None:
+def check_same_optimization(
+    path: str | os.PathLike, optimizer: dict[str, Any], scheduler: dict[str, Any] | None
+) -> None:
     """A resumed run steps its checkpoint's optimizer: the state of one (AdamW's moments, Muon's momentum) is not
     the state of another, and starting the new one fresh would change the run without a word. Refuse, with both
-    ways on: resume with the checkpoint's optimizer, or start a new run from its weights."""
-    saved = (read_checkpoint(path).get("hyper_parameters") or {}).get("optimizer") or {}
-    before, now = saved.get("_target_"), optimizer.get("_target_")
-    if not before or not now or before == now:
-        return
-    name = lambda target: f"optimizer={OPTIMIZER_OPTIONS[target]}" if target in OPTIMIZER_OPTIONS else target  # noqa: E731
-    raise ConfigError(
-        f"ckpt_path={str(path)!r} was trained with {name(before)}, and this run sets {name(now)}: one's state cannot "
-        f"go on in the other, and a fresh one would change the run unannounced. Resume with {name(before)}, or start "
-        f"a new run from its weights: python -m gpt2lab.export ckpt={path} format=hf output_dir=<dir>, then "
-        f"python train.py model.init_from=<dir> {name(now)} (the new optimizer starts fresh, at step 0)"
-    )
+    ways on: resume with the checkpoint's optimizer, or start a new run from its weights. Another schedule is
+    allowed (extending a run may call for one) but said: the learning rate follows it from the checkpoint's step."""
+    hparams = read_checkpoint(path).get("hyper_parameters") or {}
+    before, now = (hparams.get("optimizer") or {}).get("_target_"), optimizer.get("_target_")
+    if before and now and before != now:
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} was trained with {_option(before)}, and this run's config has {_option(now)}: "
+            "one's state cannot go on in the other, and a fresh one would change the run unannounced. Resume with "
+            f"{_option(before)} (add it to the command, with the run's other settings), or start a new run from its "
+            f"weights: python -m gpt2lab.export ckpt={path} format=hf output_dir=<dir>, then python train.py "
+            f"model.init_from=<dir> {_option(now)} (the new optimizer starts fresh, at step 0)"
+        )
+    before = (hparams.get("scheduler") or {}).get("_target_")
+    now = (scheduler or {}).get("_target_")
+    if "scheduler" in hparams and before != now:
+        log.warning(
+            "ckpt_path=%s was trained with %s, and this run's config has %s: from its step on, the learning rate "
+            "follows the new schedule (add %s to the command to keep the run's own)",
+            path, _option(before, "scheduler"), _option(now, "scheduler"), _option(before, "scheduler"),
+        )  # fmt: skip
+
+
+def _option(target: str | None, group: str = "optimizer") -> str:
+    """A recorded ``_target_`` as the command line names its option: ``optimizer=muon``, ``scheduler=null``."""
+    names = OPTIMIZER_OPTIONS if group == "optimizer" else SCHEDULE_OPTIONS
+    return f"{group}={names.get(target, target) if target else 'null'}"
 
 
 def model_diff(saved: dict[str, Any], model: dict[str, Any]) -> str:

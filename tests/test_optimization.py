@@ -262,7 +262,9 @@ def test_a_muon_run_with_accumulation_stopped_and_resumed_ends_at_the_same_loss(
     assert final_val_loss(whole) < json.loads((whole / "results.json").read_text())["initial_val_loss"]
 
 
-def test_an_adamw_run_is_not_continued_with_muon(train_cli, tmp_path, corpus_file, cache_dir):
+def test_an_adamw_run_is_not_continued_with_muon_and_another_schedule_is_said(
+    train_cli, tmp_path, corpus_file, cache_dir
+):
     adamw = tmp_path / "adamw"
     result = train_cli(*cli_args(corpus_file, cache_dir, adamw, "sample=null", "test=false"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -274,11 +276,21 @@ def test_an_adamw_run_is_not_continued_with_muon(train_cli, tmp_path, corpus_fil
     )
     assert refused.returncode == 1
     assert (
-        f"Error: ckpt_path='{last}' was trained with optimizer=adamw, and this run sets optimizer=muon: one's state "
-        "cannot go on in the other" in refused.stderr
+        f"Error: ckpt_path='{last}' was trained with optimizer=adamw, and this run's config has optimizer=muon: one's "
+        "state cannot go on in the other" in refused.stderr
     )
     assert "python train.py model.init_from=<dir> optimizer=muon" in refused.stderr
     assert last.read_bytes() == before  # the checkpoint stays as it was
+    # Another schedule is allowed, and said
+    args = cli_args(
+        corpus_file, cache_dir, tmp_path / "wsd", "scheduler=wsd", "trainer.max_steps=12", f"ckpt_path={last}"
+    )
+    extended = train_cli(*args, "sample=null", "test=false", cwd=tmp_path)
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert (
+        "was trained with scheduler=warmup_cosine, and this run's config has scheduler=wsd: from its step on, the "
+        "learning rate follows the new schedule (add scheduler=warmup_cosine to the command"
+    ) in extended.stdout + extended.stderr
 
 
 def test_a_muon_checkpoint_evaluates_generates_exports_and_starts_another_run(

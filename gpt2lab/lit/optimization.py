@@ -121,7 +121,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 ns_steps=ns_steps,
                 weight_decay=muon_weight_decay,
                 adjust_lr_fn=adjust_lr_fn,
-            )  # fmt: skip
+            )
         )
         # The inner optimizers' group dicts themselves: a schedule that sets an lr here sets it there.
         super().__init__([g for o in inner for g in o.param_groups], {})

@@ -29,7 +29,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from tokenizers import Tokenizer
 
 from gpt2lab.checkpoint import (
-    check_same_optimizer,
+    check_same_optimization,
     check_same_run,
     check_steps_left,
     load_checkpoint,
@@ -181,7 +181,7 @@ def resume_or_initialize(plan: Plan, trainer: pl.Trainer, module: GPT2LitModule,
     if ckpt_path:
         check_same_run(ckpt_path, settings, tokenizer, strict=cfg.resume.strict)  # tokenizer, data, batch layout
         check_steps_left(ckpt_path, cfg.trainer.max_steps)
-        check_same_optimizer(ckpt_path, module.hparams.optimizer)
+        check_same_optimization(ckpt_path, module.hparams.optimizer, module.hparams.scheduler)
         log.info("Resuming from %s", ckpt_path)
         continue_wandb_run(trainer.loggers, ckpt_path)
         keep_csv_history(trainer.loggers, ckpt_path)

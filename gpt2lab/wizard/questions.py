@@ -224,7 +224,7 @@ def describe(cfg: DictConfig, session: Session) -> list[str]:
         f"model      {r.parameters:,} parameters: {model.num_layers} layers x {model.d_model} wide, "
         f"{model.num_heads} heads, context {model.context_length}",
         f"training   {r.steps:,} steps of {r.tokens_per_step:,} tokens ({r.micro_batch} x {r.accumulate} x "
-        f"{r.devices} x {r.context}) = {r.total_tokens:,} tokens; lr {cfg.optimizer.lr}, {cfg.trainer.precision} on "
+        f"{r.devices} x {r.context}) = {r.total_tokens:,} tokens; {r.optimization}; {cfg.trainer.precision} on "
         f"{cfg.trainer.accelerator}",
     ]
     if session.token_counts:
