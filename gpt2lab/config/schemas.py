@@ -164,7 +164,7 @@ class SchedulerSchema:
 class WSDSchema(SchedulerSchema):
     """``scheduler=wsd``: warmup, stable, then a decay over the last ``decay_fraction`` of the steps."""
 
-    decay_fraction: float = 0.2
+    decay_fraction: float = 0.3
     min_lr_ratio: float = 0.0
 
 

@@ -248,7 +248,7 @@ def warmup_stable_decay(
     optimizer: torch.optim.Optimizer,
     warmup_steps: int,
     max_steps: int,
-    decay_fraction: float = 0.2,
+    decay_fraction: float = 0.3,
     min_lr_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup-stable-decay: linear warmup to the optimizer's lr, the lr held there, then a linear decay to
