@@ -84,7 +84,7 @@ def test_every_lightning_trainer_argument_is_a_trainer_key(compose_cfg):
     [
         ("model.num_layer=4", "Key 'num_layer' not in 'ModelSchema'"),
         ("trainer.max_step=4", "Key 'max_step' not in 'TrainerSchema'"),
-        ("optimizer.learning_rate=1", "Key 'learning_rate' not in 'AdamWSchema'"),
+        ("optimizer=adamw optimizer.learning_rate=1", "Key 'learning_rate' not in 'AdamWSchema'"),
         ("optimizer=muon optimizer.muon_lrr=1", "Key 'muon_lrr' not in 'MuonSchema'. Did you mean: 'muon_lr'?"),
         ("scheduler=wsd scheduler.decay_fractoin=1", "Key 'decay_fractoin' not in 'WSDSchema'"),
         ("model.num_layers=abc", "Value 'abc' of type 'str' could not be converted to Integer"),

@@ -174,7 +174,7 @@ def test_muon_on_cuda_steps_with_torch_s_own_iteration_and_trains_compiled_in_bf
     reference = copy.deepcopy(model)
     optimizer = MuonWithAdamW(muon_groups(model, 0.0), fused=True, muon_lr=0.05)
     groups = muon_groups(reference, 0.0)
-    adamw = torch.optim.AdamW(groups[:2], lr=3e-3, fused=True)
+    adamw = torch.optim.AdamW(groups[:2], lr=3e-3, betas=(0.9, 0.95), fused=True)
     muon = torch.optim.Muon([{"params": groups[2]["params"]}], lr=0.05, weight_decay=0.0)
     seen = []
     original = torch_muon._zeropower_via_newtonschulz

@@ -150,7 +150,7 @@ def test_presets_ls_measures_once_and_then_reads_the_cache(run_main, tmp_path, m
     assert first.returncode == 0, first.stderr
     assert "Measuring tiny" in first.stderr and "measured now" in first.stdout
     row = next(line for line in first.stdout.splitlines() if line.startswith("tiny "))
-    assert "941K" in row and "2.87M (4.1K)" in row  # parameters, total tokens (per step)
+    assert "941K" in row and "2.79M (4.1K)" in row  # parameters, total tokens (per step)
     stored = json.loads((cache / "throughput" / "probes.json").read_text())
     monkeypatch.setenv("GPT2LAB_CACHE_DIR", str(cache))
     cfg = compose_preset("tiny")
@@ -252,7 +252,7 @@ def _seed_cache(step_seconds: dict[str, float]) -> None:
 
 def test_recommend_picks_the_preset_the_budget_trains(tmp_path, monkeypatch, run_main):
     monkeypatch.setenv("GPT2LAB_CACHE_DIR", str(tmp_path))
-    # small: 20,000 steps of 1 s (about 5.6 h with validation); tiny: 700 steps of 0.1 s
+    # small: 20,000 steps of 1 s (about 5.6 h with validation); tiny: 680 steps of 0.1 s
     _seed_cache({"small": 1.0, "tiny": 0.1, "medium": 3.0, "large": 8.0})
     five_hours = run_main("gpt2lab.cli", "presets", "--recommend", "goal=learning", "time_budget_hours=5", cwd=tmp_path)
     assert five_hours.returncode == 0, five_hours.stderr

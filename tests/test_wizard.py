@@ -19,7 +19,7 @@ from gpt2lab.wizard.questions import Session
 
 FLAGS = ["--preset", "tiny", "--data", "files", "--tokenizer", "bpe", "--vocab-size", "320", "--model", "gpt2-tiny",
          "--context-length", "64", "--trainer", "cpu", "--precision", "32-true", "--batch-size", "8", "--accumulate",
-         "2", "--optimizer", "muon", "--muon-lr", "0.03", "--lr", "0.004", "--scheduler", "wsd", "--decay-fraction", "0.3",
+         "2", "--optimizer", "muon", "--muon-lr", "0.03", "--lr", "0.004", "--scheduler", "wsd", "--decay-fraction", "0.25",
          "--warmup-steps", "5", "--max-steps", "20"]  # fmt: skip
 
 
@@ -95,8 +95,8 @@ def test_typed_answers_are_checked_on_the_spot_and_write_the_flags_file(corpus_f
         ("Run the model check-up now", "n"), ("Trainer (devices)", ""), ("Precision", ""),
         ("Micro-batch size", "eight"), ("Micro-batch size", "8"), ("Gradient accumulation", "2"),
         ("Optimizer (", "muon"), ("Muon's peak learning rate (attention and MLP matrices) [0.02]", "0.03"), ("Peak learning rate (with muon", "0.004"),
-        ("Learning-rate schedule", "wsd"), ("Fraction of the steps that decays [0.2]", "-1"),
-        ("Fraction of the steps that decays [0.2]", "0.3"), ("Warmup steps [50]", "5"), ("Optimizer steps [700]", "20"),
+        ("Learning-rate schedule", "wsd"), ("Fraction of the steps that decays [0.3]", "-1"),
+        ("Fraction of the steps that decays [0.3]", "0.25"), ("Warmup steps [50]", "5"), ("Optimizer steps [680]", "20"),
         ("Experiment name", "my_run"),
     ]  # fmt: skip
     replies = iter(script)
@@ -122,7 +122,7 @@ def test_typed_answers_are_checked_on_the_spot_and_write_the_flags_file(corpus_f
     assert (flags / "experiment" / "my_run.yaml").read_text() == written
     assert "- override /data: files\n" in written and f"path: {corpus_file}\n" in written
     assert "- override /optimizer: muon\n" in written and "muon_lr: 0.03\n" in written
-    assert "- override /scheduler: wsd\n" in written and "decay_fraction: 0.3\n" in written
+    assert "- override /scheduler: wsd\n" in written and "decay_fraction: 0.25\n" in written
 
     # An experiment of that name is not replaced, unless --force
     with pytest.raises(SystemExit) as refused:
