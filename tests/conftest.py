@@ -263,6 +263,8 @@ def trained_run(tmp_path_factory, corpus_file, cache_dir):
             "trainer.val_check_interval=20",
             "sample=null",
             "test=false",
+            "optimizer=adamw",  # the recipe the evaluation tests' expectations were measured on
+            "scheduler=warmup_cosine",
         ],
     )
 

@@ -85,7 +85,7 @@ def test_a_model_handed_over_in_eval_mode_trains_with_its_dropout(corpus_file, c
     mode, so model=hf trained without dropout. Any model gpt2lab trains is in train mode in its training steps."""
     module = WithDropout().eval()
     overrides = ["tokenizer=bpe", "tokenizer.vocab_size=320", "tokenizer.show_progress=false",
-                 "model.context_length=32", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
+                 "model.context_length=32", "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "optimizer=adamw",
                  "trainer.enable_progress_bar=false", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}",
                  *QUIET]  # fmt: skip
     train_model(model=module, dataset=corpus_file, max_steps=6, overrides=overrides)
@@ -96,7 +96,7 @@ def test_an_nn_module_object_trains_in_place(corpus_file, cache_dir, tmp_path, m
     module = Bigram()
     before = module.out.weight.detach().clone()
     overrides = ["tokenizer=bpe", "tokenizer.vocab_size=320", "tokenizer.show_progress=false",
-                 "model.context_length=32", "trainer.val_check_interval=4", "trainer.limit_val_batches=2",
+                 "model.context_length=32", "trainer.val_check_interval=4", "trainer.limit_val_batches=2", "optimizer=adamw",
                  "trainer.enable_progress_bar=false", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}",
                  "optimizer.lr=1e-2", *QUIET]  # fmt: skip
     results = train_model(model=module, dataset=corpus_file, max_steps=12, overrides=overrides)

@@ -266,7 +266,10 @@ def test_an_adamw_run_is_not_continued_with_muon_and_another_schedule_is_said(
     train_cli, tmp_path, corpus_file, cache_dir
 ):
     adamw = tmp_path / "adamw"
-    result = train_cli(*cli_args(corpus_file, cache_dir, adamw, "sample=null", "test=false"), cwd=tmp_path)
+    old_default = ["optimizer=adamw", "scheduler=warmup_cosine"]
+    result = train_cli(
+        *cli_args(corpus_file, cache_dir, adamw, *old_default, "sample=null", "test=false"), cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     last = adamw / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
@@ -283,7 +286,13 @@ def test_an_adamw_run_is_not_continued_with_muon_and_another_schedule_is_said(
     assert last.read_bytes() == before  # the checkpoint stays as it was
     # Another schedule is allowed, and said
     args = cli_args(
-        corpus_file, cache_dir, tmp_path / "wsd", "scheduler=wsd", "trainer.max_steps=12", f"ckpt_path={last}"
+        corpus_file,
+        cache_dir,
+        tmp_path / "wsd",
+        "optimizer=adamw",
+        "scheduler=wsd",
+        "trainer.max_steps=12",
+        f"ckpt_path={last}",
     )
     extended = train_cli(*args, "sample=null", "test=false", cwd=tmp_path)
     assert extended.returncode == 0, extended.stderr[-3000:]

@@ -216,7 +216,7 @@ def test_a_run_ends_with_its_curves(trained_run):
 def test_a_diverging_run_is_failed_and_still_drawn(compose_cfg, tmp_path):
     from gpt2lab.train.run import train
 
-    cfg = compose_cfg("optimizer.lr=3e3", "scheduler.warmup_steps=1", "sample=null", "test=false")
+    cfg = compose_cfg("optimizer=adamw", "optimizer.lr=3e3", "scheduler.warmup_steps=1", "sample=null", "test=false")
     with pytest.raises(ConfigError, match="training diverged"):
         train(cfg)
     run = Path(cfg.paths.output_dir)

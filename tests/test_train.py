@@ -133,7 +133,7 @@ def test_killed_run_resumes_to_the_same_final_loss(train_cli, tmp_path, corpus_f
         (["trainer.precision=banana"], "trainer: ValueError: Precision 'banana' is invalid"),
         (["compile=true", "compile_mode=fastest"], "compile_mode='fastest': expected one of default, "),
         (
-            ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true"],
+            ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true", "optimizer=adamw"],
             "FSDP shards over CUDA GPUs only; on CPUs use trainer=ddp trainer.accelerator=cpu",
         ),
         (["compile_mode=fastest"], "compile_mode='fastest': expected one of default, "),
@@ -399,7 +399,8 @@ def test_fractional_val_check_interval_is_a_fraction_of_an_epoch(compose_cfg):
 
 def test_a_diverging_run_stops_with_an_error_and_no_nan_checkpoint(train_cli, tmp_path, corpus_file, cache_dir):
     run = tmp_path / "r"
-    args = ["optimizer.lr=3e3", "trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.log_every_n_steps=4"]
+    args = ["optimizer=adamw", "optimizer.lr=3e3", "trainer.max_steps=20", "trainer.val_check_interval=10",
+            "trainer.log_every_n_steps=4"]  # fmt: skip
     result = train_cli(*cli_args(corpus_file, cache_dir, run, *args), cwd=tmp_path)
     assert result.returncode == 1
     error = result.stderr[result.stderr.index("Error: training diverged") :]
