@@ -51,12 +51,17 @@ def make_trainer(trainer_cfg: DictConfig, **overrides: Any) -> pl.Trainer:
         raise ConfigError(f"trainer: {type(cause).__name__}: {cause}{hint}") from e
 
 
+def uses_fsdp(trainer_cfg: DictConfig) -> bool:
+    """Whether ``trainer.strategy`` is FSDP: ``trainer=fsdp``'s ``_target_``, or Lightning's ``"fsdp"`` string."""
+    strategy = trainer_cfg.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    return "fsdp" in target.lower()
+
+
 def check_fsdp_world(trainer_cfg: DictConfig) -> None:
     """FSDP on a single process falls back to NO_SHARD, where torch's FSDP drops the parameters from the
     state dict after an evaluation pass: the first checkpoint would fail, after the training before it."""
-    strategy = trainer_cfg.get("strategy")
-    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
-    if "fsdp" not in target.lower() or trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available():
+    if not uses_fsdp(trainer_cfg) or trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available():
         return  # without GPUs Lightning refuses FSDP itself, and train() adds the hint
     launched = external_rank()
     try:  # Lightning's own reading of `devices`; a value it rejects gets its error when the Trainer is built

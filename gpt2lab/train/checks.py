@@ -23,7 +23,7 @@ from gpt2lab.data.datamodule import TokenBlockDataset
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit.module import check_compile_options
 from gpt2lab.lit.optimization import check_optimization, is_muon, muon_groups
-from gpt2lab.lit.trainer import check_fsdp_world, check_launch
+from gpt2lab.lit.trainer import check_fsdp_world, check_launch, uses_fsdp
 from gpt2lab.model.adapter import build_model, is_gpt2
 from gpt2lab.tokenizers import check_model_vocab
 
@@ -126,9 +126,7 @@ def _muon(cfg: DictConfig) -> None:
     class; ``model=hf`` is checked once it is loaded)."""
     if not is_muon(cfg.optimizer):
         return
-    strategy = cfg.trainer.get("strategy")
-    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
-    if "fsdp" in target.lower():
+    if uses_fsdp(cfg.trainer):
         raise ConfigError(
             "optimizer=muon with trainer=fsdp: Muon orthogonalises each weight matrix whole, and FSDP gives each GPU "
             "flat slices of them. Use trainer=ddp with optimizer=muon, or optimizer=adamw with trainer=fsdp"
