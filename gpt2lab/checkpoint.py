@@ -251,6 +251,7 @@ def _option(target: str | None, group: str = "optimizer") -> str:
 def model_diff(saved: dict[str, Any], model: dict[str, Any]) -> str:
     """The architecture keys on which a checkpoint's model and ``model`` differ, as text; empty if none."""
     ignore = {"gradient_checkpointing", "dropout", "attention_dropout", "residual_dropout", "fused_loss", "init_from"}
+    ignore |= {"float8", "float8_recipe"}  # how the matmuls run, not the weights: a run may resume with it toggled
     diff = {k: (saved.get(k), v) for k, v in model.items() if k not in ignore and saved.get(k) != v}
     return ", ".join(f"model.{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
 
@@ -285,8 +286,8 @@ def check_resumable(path: str | os.PathLike, model: dict[str, Any]) -> None:
 # split, window) and the batch layout. Left out: settings that change how the same batches are computed or read
 # (workers, evaluation batch size, cache directory, seeds), which a resumed run may change freely.
 SETTINGS_IGNORED = {
-    "data": {"_target_", "eval_batch_size", "num_workers", "pin_memory", "preprocessing_num_workers", "cache_dir",
-             "seed", "offline_fallback"},
+    "data": {"_target_", "eval_batch_size", "num_workers", "pin_memory", "preprocessing_num_workers", "shard_mb",
+             "cache_dir", "seed", "offline_fallback"},
     "tokenizer": {"_target_", "show_progress"},
 }  # fmt: skip
 WORLD_SIZE = "world size (trainer.devices x trainer.num_nodes)"

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from gpt2lab.data import formats, token_files
 from gpt2lab.data.corpus import load_corpus
 from gpt2lab.data.formats import OVERLONG, MaskedWindowDataset, TaskFormat
+from gpt2lab.data.token_shards import SHARD_MB
 from gpt2lab.data.windows import (
     BlankPadded,
     EvalSampler,
@@ -59,6 +60,7 @@ class GPT2DataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         preprocessing_num_workers: int | None = None,
+        shard_mb: float = SHARD_MB,
         cache_dir: str | None = None,
         seed: int = 1234,
         tokenizer: TokenizerSpec | dict | None = None,
@@ -107,6 +109,11 @@ class GPT2DataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.preprocessing_num_workers = preprocessing_num_workers
+        if not shard_mb > 0:
+            raise ConfigError(
+                f"data.shard_mb={shard_mb}: expected a positive size in MB of text per tokenization shard"
+            )
+        self.shard_mb = shard_mb
         # None: where the config's paths.cache_dir points by default ($GPT2LAB_CACHE_DIR, else ~/.cache/gpt2lab)
         self.cache_dir = Path(cache_dir or os.environ.get("GPT2LAB_CACHE_DIR") or "~/.cache/gpt2lab").expanduser()
         self.seed = seed
@@ -171,7 +178,9 @@ class GPT2DataModule(pl.LightningDataModule):
                         self.overlong, self.preprocessing_num_workers,
                     )  # fmt: skip
                 else:
-                    token_files.write_token_files(corpus, tokenizer, self._token_dir, self.preprocessing_num_workers)
+                    token_files.write_token_files(
+                        corpus, tokenizer, self._token_dir, self.preprocessing_num_workers, self.shard_mb
+                    )
         finally:
             lock.release()
         self.stats = json.loads((self._token_dir / "meta.json").read_text())["splits"]

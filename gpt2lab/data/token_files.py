@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from gpt2lab.data import formats
 from gpt2lab.data.corpus import Corpus
 from gpt2lab.data.formats import TaskFormat
+from gpt2lab.data.token_shards import SHARD_MB, write_sharded
 from gpt2lab.tokenizers import EOS_TOKEN, PAD_TOKEN, fingerprint
 from gpt2lab.tokenizers.build import unknown_token_id
 
@@ -71,49 +72,31 @@ def token_dtype(tokenizer: Tokenizer) -> type[np.unsignedinteger]:
     return np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.uint32
 
 
-def staging_dir(out: Path) -> Path:
-    """This process's directory beside ``out`` to write in, published whole by ``publish``."""
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+def partial_dir(out: Path) -> Path:
+    """The directory beside ``out`` that its files are written in, published whole by ``publish``. One name for
+    every process (one writes at a time, behind the data module's lock), so that a killed run's work is found."""
+    tmp = out.with_name(f"{out.name}.partial")
     tmp.mkdir(parents=True, exist_ok=True)
     return tmp
 
 
-def write_token_files(corpus: Corpus, tokenizer: Tokenizer, out: Path, num_proc: int | None = None) -> None:
+def write_token_files(
+    corpus: Corpus, tokenizer: Tokenizer, out: Path, num_proc: int | None = None, shard_mb: float = SHARD_MB
+) -> None:
     """Plain text's token files: per split, its documents' tokens, each document ended by an end-of-text
-    (``<split>.bin``), their sizes and hashes in meta.json."""
-    eos = tokenizer.token_to_id(EOS_TOKEN)
-    unk = unknown_token_id(tokenizer)
-    dtype, tmp = token_dtype(tokenizer), staging_dir(out)
-    stats, files = {}, {}
+    (``<split>.bin``), their sizes and hashes in meta.json. Tokenized in shards by ``num_proc`` processes, in
+    bounded memory and disk, and resumed after a kill where it stopped (gpt2lab/data/token_shards.py)."""
+    dtype, tmp = token_dtype(tokenizer), partial_dir(out)
     for split, ds in corpus.splits.items():
         log.info("Tokenizing the %s split (%d documents)", split, len(ds))
-        encoded = ds.map(
-            lambda b: {
-                "ids": [e.ids + [eos] for e in tokenizer.encode_batch(b["text"])],
-                "chars": [len(t) for t in b["text"]],
-            },
-            batched=True,
-            batch_size=256,
-            num_proc=num_proc,
-            remove_columns=["text"],
-            desc=f"Tokenizing {split}",
-        )
-        n_tokens = n_unknown = 0
-        digest = hashlib.blake2b(digest_size=16)
-        with open(tmp / f"{split}.bin", "wb") as f:
-            for batch in encoded.iter(batch_size=1024):
-                arr = np.concatenate([np.asarray(ids, dtype=dtype) for ids in batch["ids"]])
-                f.write(arr.tobytes())
-                digest.update(arr.tobytes())
-                n_tokens += len(arr)
-                n_unknown += 0 if unk is None else int(np.count_nonzero(arr == unk))
-        files[f"{split}.bin"] = {"bytes": n_tokens * np.dtype(dtype).itemsize, "blake2b": digest.hexdigest()}
-        stats[split] = {
-            "documents": len(ds),
-            "characters": int(sum(encoded["chars"])),
-            "tokens": n_tokens,
-            "unknown": n_unknown,
-        }
+    stats = write_sharded(
+        corpus.splits, tokenizer, tmp, tokenizer.token_to_id(EOS_TOKEN), unknown_token_id(tokenizer), dtype,
+        num_proc, shard_mb,
+    )  # fmt: skip
+    files = {
+        f"{split}.bin": {"bytes": (tmp / f"{split}.bin").stat().st_size, "blake2b": file_hash(tmp / f"{split}.bin")}
+        for split in stats
+    }
     meta = {"dtype": np.dtype(dtype).name, "tokenizer": fingerprint(tokenizer), "splits": stats, "files": files}
     publish(tmp, out, meta)
 
@@ -128,7 +111,7 @@ def write_example_files(
     pad = tokenizer.token_to_id(PAD_TOKEN)
     pad = tokenizer.token_to_id(EOS_TOKEN) if pad is None else pad  # never scored, so any token does
     unk = unknown_token_id(tokenizer)
-    dtype, tmp = token_dtype(tokenizer), staging_dir(out)
+    dtype, tmp = token_dtype(tokenizer), partial_dir(out)
     stats, files = {}, {}
     for split, ds in corpus.splits.items():
         log.info("Tokenizing the %s split (%d %s records)", split, len(ds), fmt.name)

@@ -1,0 +1,223 @@
+"""Plain text tokenized at any size: each split cut into shards of about ``data.shard_mb`` MB of text, the shards
+tokenized by worker processes, and each shard's tokens appended, in order, to its split's token file as soon as
+the shards before it are in.
+
+What this bounds, whatever the size of the corpus:
+
+- memory: a worker holds one shard's text and tokens; the main process holds a chunk of one shard's tokens;
+- disk: the final token files, plus the shards tokenized ahead of the one being appended (at most two per worker),
+  each deleted once appended. No copy of the corpus is made (the splits are ``datasets``' memory-mapped Arrow);
+- lost work: ``progress.json`` in the staging directory records each split's appended shards and bytes. After a
+  kill the next run truncates each token file to what was recorded, re-reads its hash, keeps the shards already
+  tokenized, and goes on from the first shard that was not appended.
+
+A document's tokens do not depend on the shard it falls in, so the files are byte for byte those of one pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from tokenizers import Tokenizer
+
+log = logging.getLogger("gpt2lab.data.datamodule")
+
+SHARD_MB = 32.0  # data.shard_mb's default: text per shard, the unit of a worker's memory and of resuming
+ENCODE_BATCH = 1024  # documents per encode_batch call inside a shard
+STATS = ("documents", "characters", "tokens", "unknown")
+
+# Per worker process: what every shard task reads (set once by _start_worker, not sent with each task).
+_worker: dict[str, Any] = {}
+
+
+def plan_shards(ds: datasets.Dataset, shard_mb: float) -> list[tuple[int, int]]:
+    """Contiguous row ranges of ``ds`` holding about ``shard_mb`` MB of text each, from the mean row size of the
+    Arrow table under it (a split carved out of a larger table has the same mean)."""
+    table = ds.data
+    mean_bytes = max(1, table.nbytes // max(1, table.num_rows))
+    rows = max(1, int(shard_mb * 1e6) // mean_bytes)
+    return [(start, min(start + rows, len(ds))) for start in range(0, len(ds), rows)]
+
+
+def tokenize_shard(
+    texts: list[str], tokenizer: Tokenizer, eos: int, unk: int | None, dtype: type
+) -> tuple[np.ndarray, dict[str, int]]:
+    """The shard's documents' tokens, each document ended by ``eos``, and their statistics."""
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # no offsets (tokenizers >= 0.21)
+    ids: list[int] = []
+    for i in range(0, len(texts), ENCODE_BATCH):
+        for encoding in encode(texts[i : i + ENCODE_BATCH]):
+            ids.extend(encoding.ids)
+            ids.append(eos)
+    tokens = np.asarray(ids, dtype=dtype)
+    unknown = 0 if unk is None else int(np.count_nonzero(tokens == unk))
+    stats = {"documents": len(texts), "characters": sum(map(len, texts)), "tokens": len(tokens), "unknown": unknown}
+    return tokens, stats
+
+
+def _start_worker(splits: dict[str, datasets.Dataset], tokenizer: Tokenizer, settings: dict[str, Any]) -> None:
+    _worker.update(splits=splits, tokenizer=tokenizer, **settings)
+
+
+def _shard_task(task: tuple[str, int, int, int]) -> None:
+    """In a worker: tokenize one shard into ``<split>.<index>.bin``, then its statistics into ``.json``, each
+    written under a temporary name and renamed, so that a shard on disk with its ``.json`` is whole."""
+    split, index, start, stop = task
+    w = _worker
+    texts = w["splits"][split][start:stop]["text"]
+    tokens, stats = tokenize_shard(texts, w["tokenizer"], w["eos"], w["unk"], w["dtype"])
+    path = shard_path(Path(w["tmp"]), split, index)
+    tokens.tofile(f"{path}.part")
+    os.replace(f"{path}.part", path)
+    path.with_suffix(".json.part").write_text(json.dumps(stats))
+    os.replace(path.with_suffix(".json.part"), path.with_suffix(".json"))
+
+
+def shard_path(tmp: Path, split: str, index: int) -> Path:
+    return tmp / f"{split}.shard{index:06d}.bin"
+
+
+def _shard_done(tmp: Path, split: str, index: int) -> bool:
+    return shard_path(tmp, split, index).with_suffix(".json").exists()
+
+
+def write_sharded(
+    splits: dict[str, datasets.Dataset],
+    tokenizer: Tokenizer,
+    tmp: Path,
+    eos: int,
+    unk: int | None,
+    dtype: type,
+    num_proc: int | None = None,
+    shard_mb: float = SHARD_MB,
+) -> dict[str, dict[str, int]]:
+    """Write ``<split>.bin`` for every split into ``tmp``, resuming what ``tmp/progress.json`` recorded there; return
+    each split's statistics. ``num_proc`` worker processes (None: every core this
+    process may use); one shard in all, or ``num_proc=1``, tokenizes in this process with the tokenizer's threads."""
+    plan = {split: plan_shards(ds, shard_mb) for split, ds in splits.items()}
+    progress = _load_progress(tmp, plan, dtype)
+    tasks = [
+        (split, i, start, stop)
+        for split, ranges in plan.items()
+        for i, (start, stop) in enumerate(ranges)
+        if i >= progress["splits"][split]["shards"]
+    ]
+    done_before = sum(len(r) for r in plan.values()) - len(tasks)
+    if done_before:
+        log.info(
+            "Resuming the token files in %s: %d of %d shards were appended before",
+            tmp,
+            done_before,
+            done_before + len(tasks),
+        )
+    if num_proc is None:
+        num_proc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = max(1, min(num_proc, len(tasks)))
+    settings = {"tmp": str(tmp), "eos": eos, "unk": unk, "dtype": dtype}
+    ahead = 2 * processes  # shards tokenized ahead of the one being appended: what bounds the temporary disk
+    to_run = deque(t for t in tasks if not _shard_done(tmp, t[0], t[1]))
+    in_flight: deque = deque()
+    with _ShardRunner(splits, tokenizer, settings, processes) as run:
+        for task in tasks:  # in order; each one is in to_run, in flight or already on disk
+            while to_run and len(in_flight) < ahead:
+                in_flight.append((to_run[0], run(to_run.popleft())))
+            if in_flight and in_flight[0][0] == task:
+                in_flight.popleft()[1].get()  # a worker's exception surfaces here
+            _append_shard(tmp, task[0], task[1], progress)
+    for split in plan:
+        (tmp / f"{split}.bin").touch()  # a split with no documents
+    (tmp / "progress.json").unlink()
+    return {split: {k: progress["splits"][split][k] for k in STATS} for split in plan}
+
+
+class _Inline:
+    """``apply_async``'s result for a task run at once in this process."""
+
+    def get(self) -> None:
+        return None
+
+
+class _ShardRunner:
+    """Runs shard tasks: a pool of worker processes, or this process when one is enough."""
+
+    def __init__(self, splits: dict, tokenizer: Tokenizer, settings: dict, processes: int) -> None:
+        self.args, self.processes, self.pool = (splits, tokenizer, settings), processes, None
+
+    def __enter__(self):  # noqa: ANN204
+        if self.processes == 1:
+            _start_worker(*self.args)
+            return lambda task: (_shard_task(task), _Inline())[1]
+        # fork where there is one (no re-import, the Arrow tables stay mapped); the workers tokenize one thread each,
+        # and TOKENIZERS_PARALLELISM set at the fork keeps tokenizers from warning about its threads in the parent.
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        before = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            self.pool = context.Pool(self.processes, initializer=_start_worker, initargs=self.args)
+        finally:
+            if before is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = before
+        return lambda task: self.pool.apply_async(_shard_task, (task,))
+
+    def __exit__(self, *exc: object) -> None:
+        _worker.clear()
+        if self.pool is not None:
+            self.pool.terminate() if exc[0] else self.pool.close()
+            self.pool.join()
+
+
+def _append_shard(tmp: Path, split: str, index: int, progress: dict[str, Any]) -> None:
+    """Append a tokenized shard to its split's file, record it in progress.json, then delete the shard."""
+    shard = shard_path(tmp, split, index)
+    stats = json.loads(shard.with_suffix(".json").read_text())
+    with open(tmp / f"{split}.bin", "ab") as out, open(shard, "rb") as f:
+        while chunk := f.read(1 << 23):
+            out.write(chunk)
+        size = out.tell()
+    record = progress["splits"][split]
+    record.update({k: record[k] + stats[k] for k in STATS}, shards=index + 1, bytes=size)
+    _write_json(tmp / "progress.json", progress)
+    shard.unlink()
+    shard.with_suffix(".json").unlink()
+
+
+def _load_progress(tmp: Path, plan: dict[str, list[tuple[int, int]]], dtype: type) -> dict[str, Any]:
+    """``tmp``'s progress when it was made for this plan, with each token file cut back to the bytes recorded;
+    else a fresh start (anything in ``tmp`` removed)."""
+    fresh = {"plan": {s: [list(r) for r in ranges] for s, ranges in plan.items()}, "dtype": np.dtype(dtype).name}
+    try:
+        progress = json.loads((tmp / "progress.json").read_text())
+    except (OSError, ValueError):
+        progress = None
+    if progress is None or {k: progress.get(k) for k in fresh} != fresh:
+        if progress is not None:
+            log.info("The partial token files in %s are from other settings: starting them again", tmp)
+        for path in tmp.iterdir():
+            path.unlink()
+        progress = fresh | {"splits": {s: dict.fromkeys(("shards", "bytes", *STATS), 0) for s in plan}}
+        _write_json(tmp / "progress.json", progress)
+        return progress
+    for split, record in progress["splits"].items():
+        path = tmp / f"{split}.bin"
+        with open(path, "ab") as f:
+            f.truncate(record["bytes"])
+        for index in range(record["shards"]):  # appended, but killed before they were deleted
+            for leftover in (shard_path(tmp, split, index), shard_path(tmp, split, index).with_suffix(".json")):
+                leftover.unlink(missing_ok=True)
+    return progress
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    path.with_suffix(".part").write_text(json.dumps(value))
+    os.replace(path.with_suffix(".part"), path)
