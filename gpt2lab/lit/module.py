@@ -26,6 +26,7 @@ from gpt2lab.checkpoint import Payload, read_payload, set_rng_states, write_payl
 from gpt2lab.config import TRUSTED_TARGETS
 from gpt2lab.data.formats import split_batch
 from gpt2lab.errors import ConfigError
+from gpt2lab.lit.float8 import convert_to_float8
 from gpt2lab.lit.optimization import build_optimizer
 from gpt2lab.model import GPT2Config, GPT2Model
 from gpt2lab.model.adapter import build_model
@@ -123,7 +124,11 @@ class GPT2LitModule(pl.LightningModule):
     def configure_model(self) -> None:
         """Compile the model in place, before the strategy wraps it, so state_dict keys stay those of the
         plain model. Under DDP the whole model is one compiled call inside the wrapper; under FSDP each
-        decoder block, the unit FSDP gathers, is compiled, as PyTorch advises for its wrapper modules."""
+        decoder block, the unit FSDP gathers, is compiled, as PyTorch advises for its wrapper modules. With
+        ``model.float8`` a fit first swaps the blocks' linear layers for torchao's float8 ones (``lit/float8.py``)."""
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if fitting and isinstance(self.model, GPT2Model) and self.model.config.float8:
+            convert_to_float8(self.model, self.model.config.float8_recipe)  # converts nothing a second time
         if not self.hparams.compile or self._compiled:
             return
         if self._trainer is not None and isinstance(self.trainer.strategy, DDPStrategy):

@@ -45,6 +45,10 @@ class GPT2Config:
     # On CUDA with Triton: the output layer and the loss as one op that never keeps the logits, only their
     # gradient (gpt2lab/model/cross_entropy.py). The same loss; false gives the plain path.
     fused_loss: bool = True
+    # Training only (gpt2lab/lit/float8.py): the block's linear layers run their matmuls in float8 through torchao,
+    # on GPUs of compute capability 8.9 or more. The weights stay as they are, so checkpoints do not change.
+    float8: bool = False
+    float8_recipe: str = "tensorwise"  # torchao's scaling recipe: tensorwise (fastest) or rowwise
     # The embedding table gets this many rows rounded up (50257 -> 50304): matmuls whose sizes are
     # multiples of 64 are markedly faster on GPUs. Returned logits are sliced back; the training loss
     # gives the extra columns -inf.

@@ -21,6 +21,7 @@ from omegaconf.errors import InterpolationToMissingValueError, InterpolationVali
 from gpt2lab.config import TRUSTED_TARGETS
 from gpt2lab.data.datamodule import TokenBlockDataset
 from gpt2lab.errors import ConfigError
+from gpt2lab.lit.float8 import check_float8
 from gpt2lab.lit.module import check_compile_options
 from gpt2lab.lit.optimization import check_optimization, is_muon, muon_groups
 from gpt2lab.lit.trainer import check_fsdp_world, check_launch, uses_fsdp
@@ -49,6 +50,7 @@ def validate_config(cfg: DictConfig, token_counts: Mapping[str, int] | None = No
         lambda: _data_and_batch(cfg),
         lambda: _accumulation(cfg),
         lambda: _device_precision(cfg),
+        lambda: check_float8(cfg.model, cfg.trainer),
     ]
     if token_counts is not None:
         checks.append(lambda: _windows(cfg, token_counts))
