@@ -1,8 +1,9 @@
 """``python -m gpt2lab.bench``: speed measurements. ``[overrides] [options]``: the training step
-(``bench.training``); ``decode ...``: decoding beside transformers (``bench.decode``); ``export ...``: exported
-graphs beside PyTorch eager on the CPU (``bench.export``); ``harness ...``: lm-eval's ``--model gpt2lab`` beside
-``--model hf`` (``bench.harness``); ``serve ...``: gpt2lab's OpenAI-compatible server under HTTP load at 1, 8
-and 32 clients (``bench.serve``). Each one measures only while other processes leave the
+(``bench.training``); ``decode ...``: decoding beside transformers (``bench.decode``); ``loss ...``: the output
+layer and its loss, plain, gpt2lab's Triton kernel and liger-kernel's, side by side (``bench.loss``);
+``export ...``: exported graphs beside PyTorch eager on the CPU (``bench.export``); ``harness ...``: lm-eval's
+``--model gpt2lab`` beside ``--model hf`` (``bench.harness``); ``serve ...``: gpt2lab's OpenAI-compatible server
+under HTTP load at 1, 8 and 32 clients (``bench.serve``). Each one measures only while other processes leave the
 CPU cores free (``bench.machine``: ``--busy-ok`` measures anyway, ``--busy-wait SECONDS``) and prints the load. ``python -m gpt2lab.bench.reference_loop`` is gpt2lab's
 model in the reference script's own loop."""
 
@@ -12,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt2lab.bench import decode, export, machine, training
+from gpt2lab.bench import decode, export, loss, machine, training
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         return decode.main(argv[1:])
     if argv[:1] == ["export"]:
         return export.main(argv[1:])
+    if argv[:1] == ["loss"]:
+        return loss.main(argv[1:])
     if argv[:1] == ["harness"]:
         from gpt2lab.bench import harness  # needs lm-eval (pip install 'gpt2lab[eval]')
 
@@ -32,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gpt2lab.bench",
         description="Training-step throughput (and memory) of a gpt2lab config, through the real training path.",
-        epilog="python -m gpt2lab.bench decode|export|harness|serve --help: the other benchmarks",
+        epilog="python -m gpt2lab.bench decode|export|harness|loss|serve --help: the other benchmarks",
     )
     parser.add_argument("overrides", nargs="*", help="config overrides, as for train.py (default: preset=small)")
     parser.add_argument("-b", "--micro-batch", type=int, nargs="+", help="micro-batch sizes (default: data.batch_size)")
