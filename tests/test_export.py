@@ -4,6 +4,7 @@ gpt2lab."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -157,6 +158,26 @@ def test_onnx_decoding_gives_gpt2labs_greedy_tokens_with_padding_and_past_the_co
     assert ours.tolist() == theirs.tolist()
 
 
+def test_onnx_graph_runs_attention_layer_norms_and_gelu_as_onnxruntimes_fused_operators(exported, trained):
+    """The default export (onnx.optimize=extended) fuses each layer's attention, reading the past and writing the
+    present, into com.microsoft MultiHeadAttention, and its residual layer norms and GELU into SkipLayerNormalization
+    and FastGelu (issue 31). A graph the fusions stopped matching would still validate and decode, only slower, so
+    the operators are counted here; the test above decodes this graph to gpt2lab's greedy tokens."""
+    import onnx
+
+    layers = trained[0].config.num_layers
+    graph = onnx.load(exported / "onnx" / "model.onnx").graph
+    fused = {"MultiHeadAttention": layers, "SkipLayerNormalization": 2 * layers + 1, "FastGelu": layers}
+    ops = collections.Counter(node.op_type for node in graph.node if node.domain == "com.microsoft")
+    assert {name: ops[name] for name in fused} == fused
+    assert not {node.op_type for node in graph.node} & {"Softmax", "Tanh", "LayerNormalization", "Transpose"}
+    attention = [node for node in graph.node if node.op_type == "MultiHeadAttention"]
+    assert sorted(name for node in attention for name in node.input[6:8]) == sorted(i.name for i in graph.input[3:])
+    assert sorted(name for node in attention for name in node.output[1:]) == sorted(o.name for o in graph.output[1:])
+    record = json.loads((exported.parent / "log" / "export.json").read_text())["onnx"]
+    assert record["fused"] == fused and record["max_abs_diff"] < 1e-4
+
+
 def test_onnx_generation_runs_without_torch_and_matches_gpt2lab(exported, trained_run, tmp_path):
     from gpt2lab.inference.generator import TextGenerator
 
@@ -255,6 +276,7 @@ def test_python_api_returns_sizes_differences_and_a_benchmark(trained, tmp_path)
     assert onnx.load(tmp_path / "m.onnx").opset_import[0].version == newest
     assert onnx_result["output_path"] == str(tmp_path / "m.onnx") and onnx_result["file_size_mb"] > 0
     assert onnx_result["max_abs_diff"] < 1e-4
+    assert not any(onnx_result["fused"].values())  # optimize=none: ONNX's own operators only
     table = format_benchmark(onnx_result["benchmark"])
     assert "forward, batch 8" in table and "greedy decoding, batch 1" in table
     ts = TorchScriptExporter(method="trace", benchmark=True).export(model, tmp_path / "ts")
@@ -268,6 +290,7 @@ def test_half_and_int8_graphs_are_validated_with_their_own_tolerance(trained, tm
     model = trained[0]
     result = ONNXExporter(**options).export(model, tmp_path)
     assert 1e-5 < result["max_abs_diff"] < tolerance
+    assert result["fused"]["MultiHeadAttention"] == model.config.num_layers  # fused before halving or quantizing
     decoder = onnx_generation.ONNXDecoder(result["output_path"], graph_shape(model), model.config.context_length)
     assert len(list(onnx_generation.stream_tokens(decoder, np.array([[5, 6, 7]]), np.ones((1, 3)), 4))) == 4
 

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # invalid (Split keeps opset 18's num_outputs), and below that the exporter silently keeps 18.
 MIN_OPSET = 18
 OPTIMIZE_LEVELS = ("none", "basic", "extended", "all")  # onnxruntime's graph optimisation levels
+# The levels whose graphs hold onnxruntime's own operators (com.microsoft): there, onnxscript's rewriter first fuses
+# each layer's attention, layer norms and GELU into them (``fuse_for_onnxruntime``).
+FUSING_LEVELS = ("extended", "all")
+FUSED_OPERATORS = ("MultiHeadAttention", "SkipLayerNormalization", "FastGelu")
 QUANTIZE = (None, "int8")
 
 
@@ -72,7 +76,8 @@ class CachedDecoder(nn.Module):
         for (past_k, past_v), block in zip(past, m.blocks, strict=True):
             q, k, v = block.attn.qkv(block.ln_1(x)).split(C, dim=2)
             q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-            k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+            # axis -2, as onnxscript's MultiHeadAttention fusion matches it (2 would leave the cache unfused)
+            k, v = torch.cat([past_k, k], -2), torch.cat([past_v, v], -2)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             x = x + block.attn.proj(y.transpose(1, 2).reshape(B, T, C))
             x = x + block.mlp(block.ln_2(x))
@@ -149,7 +154,9 @@ class ONNXExporter:
     inputs, prompt and decoding step; None without ``validate``) and ``benchmark`` (None unless asked).
 
     ``optimize`` is an onnxruntime graph optimisation level applied offline (``none``, ``basic``, ``extended``;
-    ``all`` adds layout changes for this machine's CPU); ``fp16`` halves the weights and activations for GPU
+    ``all`` adds layout changes for this machine's CPU); at ``extended`` and ``all`` each layer's attention, layer
+    norms and GELU are first fused into onnxruntime's operators (``fuse_for_onnxruntime``; ``fused`` in the result
+    counts them); ``fp16`` halves the weights and activations for GPU
     runtimes (inputs and outputs stay float32); ``quantize="int8"`` stores the matrix weights as int8 (onnxruntime's
     dynamic quantization: activations quantized on the fly), a quarter of the bytes each decoding step reads on a
     CPU, at some accuracy (logits within ~0.1-0.5; greedy tokens can differ). An export that differs from PyTorch by
@@ -220,6 +227,7 @@ class ONNXExporter:
             "optimize": self.optimize,
             "fp16": self.fp16,
             "quantize": self.quantize,
+            "fused": fused_operators(path),
             "max_abs_diff": None,
             "benchmark": None,
         }
@@ -255,8 +263,42 @@ class ONNXExporter:
         import onnx_ir
 
         program.model.graph.inputs[1].shape = onnx_ir.Shape(["batch", "past_sequence + sequence"])  # a readable name
-        save_single_file(program.model_proto, path)
+        if self.optimize in FUSING_LEVELS:
+            fuse_for_onnxruntime(program.model, c.num_layers)
+        save_single_file(onnx_ir.to_proto(program.model), path)
         onnx.checker.check_model(str(path))
+
+
+def fuse_for_onnxruntime(model: Any, num_layers: int) -> None:
+    """Fuse, in place in the ``onnx_ir`` model, each layer's attention (with its past and present keys and values),
+    residual layer norms and tanh GELU into onnxruntime's ``com.microsoft`` operators ``MultiHeadAttention``,
+    ``SkipLayerNormalization`` and ``FastGelu``, by onnxscript's rewriter (``optimize_for_ort``). onnxruntime's own
+    optimizer fuses none of the dynamo exporter's attention (nor its GELU at opset 18), leaving a dozen small operators
+    per layer. Attention left unfused (at opsets from 23, written as another pattern, or with an onnxscript whose
+    patterns no longer match) is logged as a warning: the graph is still right, only slower."""
+    try:
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    except ImportError:  # an onnxscript older than its onnxruntime fusions
+        log.warning("onnxscript has no onnxruntime fusions (onnxscript.rewriter.ort_fusions): attention left unfused")
+        return
+    with quiet_exporter():
+        optimize_for_ort(model)
+    attention = sum(node.op_type == "MultiHeadAttention" for node in model.graph.all_nodes())
+    if attention != num_layers:
+        log.warning(
+            "onnxscript fused the attention of %d of %d layers into MultiHeadAttention: the rest runs slower",
+            attention,
+            num_layers,
+        )
+
+
+def fused_operators(path: Path) -> dict[str, int]:
+    """How many of onnxruntime's fused operators (``FUSED_OPERATORS``) the graph at ``path`` holds, by name."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops = [node.op_type for node in graph.node if node.domain == "com.microsoft"]
+    return {name: ops.count(name) for name in FUSED_OPERATORS}
 
 
 @contextlib.contextmanager
