@@ -1,6 +1,7 @@
 """``python -m gpt2lab.bench``: speed measurements. ``[overrides] [options]``: the training step
 (``bench.training``); ``decode ...``: decoding beside transformers (``bench.decode``); ``loss ...``: the output
 layer and its loss, plain, gpt2lab's Triton kernel and liger-kernel's, side by side (``bench.loss``);
+``data ...``: preparing a synthetic corpus of a few GB, its memory and disk (``bench.data``);
 ``export ...``: exported graphs beside PyTorch eager on the CPU (``bench.export``); ``harness ...``: lm-eval's
 ``--model gpt2lab`` beside ``--model hf`` (``bench.harness``); ``serve ...``: gpt2lab's OpenAI-compatible server
 under HTTP load at 1, 8 and 32 clients (``bench.serve``). Each one measures only while other processes leave the
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         return decode.main(argv[1:])
     if argv[:1] == ["export"]:
         return export.main(argv[1:])
+    if argv[:1] == ["data"]:
+        from gpt2lab.bench import data  # imports datasets and the data module, which the GPU benches need not
+
+        return data.main(argv[1:])
     if argv[:1] == ["loss"]:
         return loss.main(argv[1:])
     if argv[:1] == ["harness"]:
@@ -35,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gpt2lab.bench",
         description="Training-step throughput (and memory) of a gpt2lab config, through the real training path.",
-        epilog="python -m gpt2lab.bench decode|export|harness|loss|serve --help: the other benchmarks",
+        epilog="python -m gpt2lab.bench data|decode|export|harness|loss|serve --help: the other benchmarks",
     )
     parser.add_argument("overrides", nargs="*", help="config overrides, as for train.py (default: preset=small)")
     parser.add_argument("-b", "--micro-batch", type=int, nargs="+", help="micro-batch sizes (default: data.batch_size)")

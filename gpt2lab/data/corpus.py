@@ -102,7 +102,7 @@ def load_corpus(
     elif source == "pysource":
         raw, description, base_fingerprint = pysource.load_pysource(max_bytes, hf_cache_dir)
     elif source == "files":
-        raw, description = _load_files(path, None if columns else text_column, sample_by, hf_cache_dir)
+        raw, description = _load_files(path, None if columns else text_column, sample_by, hf_cache_dir, num_proc)
         base_fingerprint = _fingerprint_splits(raw)
     else:
         try:
@@ -198,9 +198,10 @@ def _is_text(feature: datasets.features.features.FeatureType) -> bool:
 
 
 def _load_files(
-    path: str | None, text_column: str | None, sample_by: str, cache_dir: str | None
+    path: str | None, text_column: str | None, sample_by: str, cache_dir: str | None, num_proc: int | None = None
 ) -> tuple[datasets.DatasetDict, str]:
-    """``path``'s files as a dataset; ``text_column`` None: records of a task format, which text files are not."""
+    """``path``'s files as a dataset; ``text_column`` None: records of a task format, which text files are not.
+    ``num_proc`` processes read them into ``datasets``' Arrow cache, a file each at a time."""
     if not path:
         raise ConfigError("data=files needs data.path=<file, directory or glob of .txt/.jsonl/.json/.csv/.parquet>")
     expanded = os.path.expanduser(str(path))
@@ -249,6 +250,8 @@ def _load_files(
     if builder == "text" and sample_by not in ("line", "paragraph", "document"):
         raise ConfigError(f"data.sample_by={sample_by!r}: expected line, paragraph or document")
     try:
+        if num_proc and num_proc > 1 and len(files) > 1:
+            kwargs["num_proc"] = min(num_proc, len(files))
         raw = datasets.load_dataset(builder, data_files={"train": files}, cache_dir=cache_dir, **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
         # DatasetGenerationError says only that it failed; its cause is the parser's own message (what, which row)

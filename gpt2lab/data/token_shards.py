@@ -4,18 +4,19 @@ the shards before it are in.
 
 What this bounds, whatever the size of the corpus:
 
-- memory: a worker holds one shard's text and tokens; the main process holds a chunk of one shard's tokens;
-- disk: the final token files, plus the shards tokenized ahead of the one being appended (at most two per worker),
-  each deleted once appended. No copy of the corpus is made (the splits are ``datasets``' memory-mapped Arrow);
+- memory: a worker holds one shard's text and tokens; the main process copies one shard in chunks;
+- disk: the final token files, plus the shards tokenized ahead of the one being appended (one per worker, and one
+  more), each deleted once appended. No copy of the text is made: the splits read ``datasets``' Arrow cache;
 - lost work: ``progress.json`` in the staging directory records each split's appended shards and bytes. After a
-  kill the next run truncates each token file to what was recorded, re-reads its hash, keeps the shards already
-  tokenized, and goes on from the first shard that was not appended.
+  kill the next run cuts each token file back to what was recorded, keeps the shards already tokenized, and goes
+  on from the first shard that was not appended. The files' hashes are taken once they are whole.
 
 A document's tokens do not depend on the shard it falls in, so the files are byte for byte those of one pass.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import multiprocessing
@@ -53,12 +54,14 @@ def tokenize_shard(
 ) -> tuple[np.ndarray, dict[str, int]]:
     """The shard's documents' tokens, each document ended by ``eos``, and their statistics."""
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # no offsets (tokenizers >= 0.21)
-    ids: list[int] = []
+    parts = []
     for i in range(0, len(texts), ENCODE_BATCH):
+        ids: list[int] = []  # a batch's ids as Python ints (28 bytes each) at most, then 2 or 4 bytes
         for encoding in encode(texts[i : i + ENCODE_BATCH]):
             ids.extend(encoding.ids)
             ids.append(eos)
-    tokens = np.asarray(ids, dtype=dtype)
+        parts.append(np.asarray(ids, dtype=dtype))
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
     unknown = 0 if unk is None else int(np.count_nonzero(tokens == unk))
     stats = {"documents": len(texts), "characters": sum(map(len, texts)), "tokens": len(tokens), "unknown": unknown}
     return tokens, stats
@@ -123,7 +126,7 @@ def write_sharded(
         num_proc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     processes = max(1, min(num_proc, len(tasks)))
     settings = {"tmp": str(tmp), "eos": eos, "unk": unk, "dtype": dtype}
-    ahead = 2 * processes  # shards tokenized ahead of the one being appended: what bounds the temporary disk
+    ahead = processes + 1  # shards tokenized ahead of the one being appended: what bounds the temporary disk
     to_run = deque(t for t in tasks if not _shard_done(tmp, t[0], t[1]))
     in_flight: deque = deque()
     with _ShardRunner(splits, tokenizer, settings, processes) as run:
@@ -161,9 +164,14 @@ class _ShardRunner:
         context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         before = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # Objects the workers inherit stay shared only while nothing writes to their pages: frozen, the garbage
+        # collector's passes in the workers leave them alone (without, each worker copied about 300 MB of this
+        # process, torch and Lightning included).
+        gc.freeze()
         try:
             self.pool = context.Pool(self.processes, initializer=_start_worker, initargs=self.args)
         finally:
+            gc.unfreeze()
             if before is None:
                 del os.environ["TOKENIZERS_PARALLELISM"]
             else:
