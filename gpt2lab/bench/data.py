@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-mb", type=float, default=32.0, help="data.shard_mb: MB of text per shard")
     parser.add_argument("--vocab", type=int, default=32768, help="BPE vocabulary, trained on the first 32 MB")
     parser.add_argument("--ceiling-mb", type=float, default=128.0, help="MB of text that encode_batch is timed on")
-    parser.add_argument("--dir", type=Path, help="work directory (default: a new temporary one)")
+    parser.add_argument(
+        "--dir", type=Path, help="a new work directory, removed at the end unless --keep (default: a temporary one)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the corpus and the token files")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     machine.add_busy_options(parser)
@@ -236,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.gigabytes <= 0 or args.shard_mb <= 0 or (args.workers is not None and args.workers < 1):
             raise ConfigError("--gigabytes, --shard-mb and --workers: expected positive numbers")
+        if args.dir is not None and args.dir.exists() and any(args.dir.iterdir()):
+            raise ConfigError(
+                f"--dir {args.dir} is not empty, and the bench removes its work directory at the end: name a new one"
+            )
         at_start = machine.wait_for_free_cores(args.busy_ok, args.busy_wait)
         r = bench(args)
     except ConfigError as e:
