@@ -1,9 +1,10 @@
-"""``python -m gpt2lab.bench export [--model gpt2-tiny gpt2]``: exported models against PyTorch eager on this
-machine's CPU, for randomly initialised models of the sizes in ``conf/model/``, exported in float32 and with int8
-weights. The rows are an export's own speed check (``gpt2lab.exporters.speed``; ``python -m gpt2lab.export ...
-benchmark=true`` measures an exported checkpoint the same way), plus each runtime's share of its decoding limit:
-this machine's copy bandwidth over the bytes of weights that runtime reads per token (fewer with int8 weights). It
-measures only while other processes leave the cores free (``bench.machine``: ``--busy-ok``, ``--busy-wait``).
+"""``python -m gpt2lab.bench export [--model gpt2-tiny gpt2]``: exported models against PyTorch eager on this machine's
+CPU, for randomly initialised models of the sizes in ``conf/model/``, exported in float32 and with int8 weights. The
+rows are an export's own speed check (``gpt2lab.exporters.speed``; ``python -m gpt2lab.export ... benchmark=true``
+measures an exported checkpoint the same way), plus each runtime's share of its decoding limit: this machine's copy
+bandwidth over the bytes of weights that runtime reads per token (fewer with int8 weights), and the onnxruntime
+operators the export fused (``exporters.onnx.fuse_for_onnxruntime``). It measures only while other processes leave
+the cores free (``bench.machine``: ``--busy-ok``, ``--busy-wait``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"Decoding at batch 1 bound by memory bandwidth: {bandwidth / 1e9:,.1f} GB/s ({source}) over the "
                 f"weights read per token, {eager_bytes / 1e9:.3f} GB in PyTorch float32 and {onnx_bytes / 1e9:.3f} GB "
-                f"in onnxruntime {weights}\n",
+                f"in onnxruntime {weights}",
                 flush=True,
             )
+            fused = ", ".join(f"{count} {op}" for op, count in exported["fused"].items())
+            print(f"onnxruntime's fused operators in the graph (--optimize {args.optimize}): {fused}\n", flush=True)
     return 0

@@ -1,7 +1,7 @@
 """gpt2lab's GPT-2 as one ONNX decoder graph with a KV cache, exported by ``torch.onnx`` (its dynamo exporter,
 which needs ``onnxscript``), optionally optimised offline by onnxruntime, and validated by it.
 
-The graph serves the prompt and every decoding step (``gpt2lab/exporters/onnx_generation.py`` runs it):
+The graph serves the prompt and every decoding step (``gpt2lab/inference/onnx.py`` runs it):
 
 - inputs: ``input_ids`` and ``position_ids`` (batch, sequence), ``attention_mask`` (batch, past + sequence),
   and ``past_key_values.<layer>.key`` / ``.value`` (batch, heads, past, head_dim): a past of length 0 reads a
@@ -87,7 +87,7 @@ class CachedDecoder(nn.Module):
 
 
 def graph_shape(model: GPT2Model) -> dict[str, int]:
-    """The sizes a runtime needs to build the empty past (``onnx_generation.ONNXDecoder``)."""
+    """The sizes a runtime needs to build the empty past (``gpt2lab.inference.onnx.ONNXDecoder``)."""
     c = model.config
     return {"num_layers": c.num_layers, "num_heads": c.num_heads, "head_dim": c.d_model // c.num_heads}
 
