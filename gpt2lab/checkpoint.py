@@ -290,6 +290,9 @@ SETTINGS_IGNORED = {
              "cache_dir", "seed", "offline_fallback"},
     "tokenizer": {"_target_", "show_progress"},
 }  # fmt: skip
+# Settings added after runs were recorded without them: at this value they are left out of the record, so that a
+# checkpoint from before them compares equal.
+RECORDED_WHEN_SET = {"data.streaming": False}
 WORLD_SIZE = "world size (trainer.devices x trainer.num_nodes)"
 RUN_SETTINGS_KEY = "RunSettings"  # the state key of gpt2lab.lit.callbacks.RunSettings in a checkpoint's callbacks
 
@@ -300,9 +303,10 @@ def run_settings(cfg: DictConfig, world_size: int) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     for group in ("data", "tokenizer"):
         for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
-            if key not in SETTINGS_IGNORED[group]:
-                local = key == "path" and isinstance(value, str) and "://" not in value
-                settings[f"{group}.{key}"] = os.path.abspath(os.path.expanduser(value)) if local else value
+            if key in SETTINGS_IGNORED[group] or RECORDED_WHEN_SET.get(f"{group}.{key}", ...) == value:
+                continue
+            local = key == "path" and isinstance(value, str) and "://" not in value
+            settings[f"{group}.{key}"] = os.path.abspath(os.path.expanduser(value)) if local else value
     settings["trainer.accumulate_grad_batches"] = cfg.trainer.accumulate_grad_batches
     settings[WORLD_SIZE] = world_size
     return settings

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,9 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpt2lab.checkpoint import run_settings
+from gpt2lab.config import compose_train
 from gpt2lab.data import token_shards
+from gpt2lab.data.corpus import load_corpus
 from gpt2lab.data.datamodule import GPT2DataModule
 from gpt2lab.errors import ConfigError
+from gpt2lab.tokenizers.build import train_bpe
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
 
@@ -78,8 +83,6 @@ def test_shards_and_processes_give_the_same_files(
 def test_a_shard_is_about_shard_mb_of_text(corpus_dir: Path, tmp_path: Path) -> None:
     dm = module(corpus_dir, tmp_path)
     dm.prepare_data()
-    from gpt2lab.data.corpus import load_corpus
-
     train = load_corpus("files", path=str(corpus_dir), hf_cache_dir=str(tmp_path / "hf")).splits["train"]
     ranges = token_shards.plan_shards(train, 0.1)
     sizes = [sum(len(t) for t in train[a:b]["text"]) for a, b in ranges]
@@ -167,3 +170,115 @@ def test_a_partial_directory_from_other_settings_starts_again(
 def test_shard_mb_must_be_positive(corpus_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data.shard_mb=0: expected a positive size in MB"):
         module(corpus_dir, tmp_path, shard_mb=0)
+
+
+# -- data.streaming=true: the documents read once, in order, while they are tokenized -----------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tokenizer for the streamed and the Arrow runs, so that their tokens compare."""
+    texts = [p for f in sorted(corpus_dir.glob("*.txt")) for p in f.read_text().split("\n\n")]
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    train_bpe(texts, 300, show_progress=False).save(str(path))
+    return path
+
+
+def streamed(corpus_dir: Path, cache: Path, tokenizer_file: Path, **kwargs: object) -> GPT2DataModule:
+    return GPT2DataModule(
+        source="files", path=str(corpus_dir), cache_dir=str(cache), max_length=32, streaming=True,
+        tokenizer={"kind": "file", "path": str(tokenizer_file)}, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_stream(corpus_dir: Path, tokenizer_file: Path, tmp_path_factory: pytest.TempPathFactory) -> GPT2DataModule:
+    dm = streamed(corpus_dir, tmp_path_factory.mktemp("cache"), tokenizer_file, shard_mb=1000)
+    dm.prepare_data()
+    return dm
+
+
+def test_a_streamed_corpus_is_every_document_once_split_by_fraction(
+    corpus_dir: Path, tokenizer_file: Path, tmp_path: Path, one_stream: GPT2DataModule
+) -> None:
+    arrow = GPT2DataModule(
+        source="files", path=str(corpus_dir), cache_dir=str(tmp_path), max_length=32,
+        tokenizer={"kind": "file", "path": str(tokenizer_file)},
+    )  # fmt: skip
+    arrow.prepare_data()
+    total = {k: sum(s[k] for s in one_stream.stats.values()) for k in ("documents", "characters", "tokens")}
+    assert total == {k: sum(s[k] for s in arrow.stats.values()) for k in ("documents", "characters", "tokens")}
+    assert total["documents"] == 4500
+    assert set(one_stream.stats) == {"train", "validation", "test"}
+    for split in ("validation", "test"):  # data.val_split and data.test_split: 5% each, by a hash of the position
+        assert 0.03 < one_stream.stats[split]["documents"] / total["documents"] < 0.07
+    assert list(tmp_path.glob("hf/**/*.arrow"))  # the Arrow run wrote a copy of the text ...
+    assert not list(Path(one_stream.cache_dir).glob("hf/**/*.arrow"))  # ... the streamed one none
+
+
+@pytest.mark.parametrize("shard_mb, workers", [(0.05, 2), (0.02, 1)])
+def test_streamed_files_do_not_depend_on_shards_or_processes(
+    corpus_dir: Path, tokenizer_file: Path, tmp_path: Path, one_stream: GPT2DataModule, shard_mb: float, workers: int
+) -> None:
+    dm = streamed(corpus_dir, tmp_path, tokenizer_file, shard_mb=shard_mb, preprocessing_num_workers=workers)
+    dm.prepare_data()
+    assert token_files(dm) == token_files(one_stream)
+    assert dm.stats == one_stream.stats
+
+
+KILLED_STREAM = """
+import sys
+from gpt2lab.data.datamodule import GPT2DataModule
+GPT2DataModule(source="files", path=sys.argv[1], cache_dir=sys.argv[2], max_length=32, shard_mb=0.004,
+               streaming=True, preprocessing_num_workers=2,
+               tokenizer={"kind": "file", "path": sys.argv[3]}).prepare_data()
+"""
+
+
+def test_a_killed_streamed_preparation_resumes_where_it_was(
+    corpus_dir: Path,
+    tokenizer_file: Path,
+    tmp_path: Path,
+    one_stream: GPT2DataModule,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache = tmp_path / "cache"
+    run = subprocess.Popen([sys.executable, "-c", KILLED_STREAM, str(corpus_dir), str(cache), str(tokenizer_file)])
+    progress, read, deadline = None, 0, time.monotonic() + 240
+    while read < 500 and run.poll() is None and time.monotonic() < deadline:
+        progress = next(cache.glob("tokens/*.partial/progress.json"), None)
+        if progress is not None:
+            with contextlib.suppress(OSError, ValueError, KeyError):  # replaced while being read
+                read = json.loads(progress.read_text())["read"].get("train", 0)
+        time.sleep(0.005)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    assert 500 <= read < 4000, "the run ended before it could be killed part way"
+    with caplog.at_level(logging.INFO, logger="gpt2lab.data.datamodule"):
+        dm = streamed(corpus_dir, cache, tokenizer_file, shard_mb=0.004, preprocessing_num_workers=2)
+        dm.prepare_data()
+    resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Resuming the token files")]
+    assert len(resumed) == 1 and "documents of train were tokenized before" in resumed[0]
+    assert int(resumed[0].split(": ")[1].split(" documents")[0].replace(",", "")) >= read
+    assert token_files(dm) == token_files(one_stream)
+    assert dm.stats == one_stream.stats
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"source": "pystdlib"}, "data.streaming=true reads data=hub or data=files, and data.source is 'pystdlib'"),
+        ({"source": "files", "remove_duplicates": True}, "data.remove_duplicates=true compares every document"),
+        ({"source": "files", "columns": {"messages_column": ["messages"]}}, "data.format reads records"),
+    ],
+)
+def test_what_streaming_cannot_do_is_one_error(corpus_dir: Path, kwargs: dict, message: str) -> None:
+    path = {"path": str(corpus_dir)} if kwargs["source"] == "files" else {}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_corpus(**kwargs, **path, streaming=True)
+
+
+def test_a_checkpoint_records_streaming_only_when_it_is_on() -> None:
+    """Checkpoints from before data.streaming compare equal to a run that leaves it off."""
+    assert "data.streaming" not in run_settings(compose_train([]), 1)
+    assert run_settings(compose_train(["data.streaming=true"]), 1)["data.streaming"] is True

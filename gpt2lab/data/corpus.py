@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 
 from gpt2lab import hub
-from gpt2lab.data import pysource, pystdlib
+from gpt2lab.data import pysource, pystdlib, stream
 from gpt2lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,26 @@ SOURCE_KEYS = {
 @dataclass
 class Corpus:
     """Train/validation/test splits, each a ``datasets.Dataset`` with a ``text`` column, or (``columns``) the
-    record columns of a task format and ``record``, each record's number in its file or Hub split."""
+    record columns of a task format and ``record``, each record's number in its file or Hub split.
 
-    splits: dict[str, datasets.Dataset]
+    Streamed (``data.streaming``), each split is a ``datasets.IterableDataset`` read once, in order, and
+    ``carve`` holds the validation and test fractions (and seed) that ``route`` takes out of train's documents as
+    they stream by; the dataset's own validation and test splits, where it has them, stream as they are."""
+
+    splits: dict[str, datasets.Dataset | datasets.IterableDataset]
     fingerprint: str
     description: str
+    carve: tuple[float, float, int] = (0.0, 0.0, 0)
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.splits["train"], datasets.IterableDataset)
+
+    def split_names(self) -> list[str]:
+        """The splits that get token files: the corpus' own, and those ``carve`` takes out of train."""
+        val, test, _ = self.carve
+        carved = [name for name, fraction in (("validation", val), ("test", test)) if fraction > 0]
+        return list(dict.fromkeys(["train", *[n for n in ("validation", "test") if n in self.splits or n in carved]]))
 
 
 def load_corpus(
@@ -65,15 +80,19 @@ def load_corpus(
     offline_fallback: str | None = None,
     columns: dict[str, list[str]] | None = None,
     hold_out: bool = True,
+    streaming: bool = False,
 ) -> Corpus:
     """Load, clean and split a corpus; the dataset's own validation/test splits win over the fractions.
     ``hold_out=False`` (a text to be scored whole) carves nothing out: every document stays in the train split,
     in its order, and ``val_split`` and ``test_split`` are not read.
     ``offline_fallback`` (pystdlib or pysource) replaces a Hub dataset that is neither reachable nor cached.
     ``columns`` (data.<key> -> column names) keeps records of a task format (gpt2lab/data/formats.py) instead
-    of a column of text."""
+    of a column of text. ``streaming`` (data=hub and data=files) reads the documents once, in order, as they are
+    tokenized, with no copy on disk (``Corpus``)."""
     if source not in SOURCES:
         raise ConfigError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")
+    if streaming:
+        stream.check(source, columns, remove_duplicates)
     if offline_fallback not in (None, *OFFLINE_SOURCES):
         raise ConfigError(
             f"data.offline_fallback={offline_fallback!r}: expected {' or '.join(OFFLINE_SOURCES)} (or null: no fallback)"
@@ -102,12 +121,14 @@ def load_corpus(
     elif source == "pysource":
         raw, description, base_fingerprint = pysource.load_pysource(max_bytes, hf_cache_dir)
     elif source == "files":
-        raw, description = _load_files(path, None if columns else text_column, sample_by, hf_cache_dir, num_proc)
-        base_fingerprint = _fingerprint_splits(raw)
+        raw, description, files = _load_files(
+            path, None if columns else text_column, sample_by, hf_cache_dir, num_proc, streaming
+        )
+        base_fingerprint = stream.fingerprint(files=files) if streaming else _fingerprint_splits(raw)
     else:
         try:
-            raw, description = _load_hub(name, config_name, hf_cache_dir)
-            base_fingerprint = _fingerprint_splits(raw)
+            raw, description = _load_hub(name, config_name, hf_cache_dir, streaming)
+            base_fingerprint = stream.fingerprint(hub=[name, config_name]) if streaming else _fingerprint_splits(raw)
         except ConfigError:
             why_offline = hub.go_offline_if_unreachable()
             if not (offline_fallback and why_offline) or columns:  # no offline corpus of records
@@ -123,6 +144,11 @@ def load_corpus(
 
     if columns:
         return _record_corpus(raw, columns, description, base_fingerprint, val_split, test_split, split_seed)
+    if streaming:
+        splits, carve = stream.text_splits(raw, text_column, min_length, val_split, test_split, split_seed)
+        settings = [base_fingerprint, *carve, min_length, text_column, "streamed"]
+        fingerprint = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
+        return Corpus(splits=splits, fingerprint=fingerprint, description=description, carve=carve)
     if text_column not in raw["train"].column_names:
         raise ConfigError(
             f"data.text_column={text_column!r} is not a column of the data; its columns are {raw['train'].column_names}"
@@ -198,10 +224,16 @@ def _is_text(feature: datasets.features.features.FeatureType) -> bool:
 
 
 def _load_files(
-    path: str | None, text_column: str | None, sample_by: str, cache_dir: str | None, num_proc: int | None = None
-) -> tuple[datasets.DatasetDict, str]:
-    """``path``'s files as a dataset; ``text_column`` None: records of a task format, which text files are not.
-    ``num_proc`` processes read them into ``datasets``' Arrow cache, a file each at a time."""
+    path: str | None,
+    text_column: str | None,
+    sample_by: str,
+    cache_dir: str | None,
+    num_proc: int | None = None,
+    streaming: bool = False,
+) -> tuple[datasets.DatasetDict | datasets.IterableDatasetDict, str, list[str]]:
+    """``path``'s files as a dataset, its description and the files; ``text_column`` None: records of a task format,
+    which text files are not. ``num_proc`` processes read them into ``datasets``' Arrow cache, a file each at a
+    time; ``streaming`` reads them as they are used, with no cache."""
     if not path:
         raise ConfigError("data=files needs data.path=<file, directory or glob of .txt/.jsonl/.json/.csv/.parquet>")
     expanded = os.path.expanduser(str(path))
@@ -250,22 +282,30 @@ def _load_files(
     if builder == "text" and sample_by not in ("line", "paragraph", "document"):
         raise ConfigError(f"data.sample_by={sample_by!r}: expected line, paragraph or document")
     try:
-        if num_proc and num_proc > 1 and len(files) > 1:
+        if streaming:
+            kwargs["streaming"] = True
+        elif num_proc and num_proc > 1 and len(files) > 1:
             kwargs["num_proc"] = min(num_proc, len(files))
         raw = datasets.load_dataset(builder, data_files={"train": files}, cache_dir=cache_dir, **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
         # DatasetGenerationError says only that it failed; its cause is the parser's own message (what, which row)
         detail = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e
         raise ConfigError(f"data.path={path!r}: could not read it as {builder}: {detail}") from e
-    if builder != "text" and text_column is not None and text_column not in raw["train"].column_names:
+    if (
+        builder != "text"
+        and text_column is not None
+        and text_column not in (raw["train"].column_names or [text_column])
+    ):
         raise ConfigError(
             f"data.text_column={text_column!r} is not a column of {path}; its columns are {raw['train'].column_names}"
         )
     size = sum(os.path.getsize(f) for f in files)
-    return raw, f"{len(files)} {builder} file(s) at {path} ({size / 1e6:.1f} MB)"
+    return raw, f"{len(files)} {builder} file(s) at {path} ({size / 1e6:.1f} MB)", files
 
 
-def _load_hub(name: str | None, config_name: str | None, cache_dir: str | None) -> tuple[datasets.DatasetDict, str]:
+def _load_hub(
+    name: str | None, config_name: str | None, cache_dir: str | None, streaming: bool = False
+) -> tuple[datasets.DatasetDict | datasets.IterableDatasetDict, str]:
     if not name:
         raise ConfigError(
             "data=hub needs data.name=<Hugging Face dataset name> (and data.config_name if it has configs)"
@@ -273,7 +313,7 @@ def _load_hub(name: str | None, config_name: str | None, cache_dir: str | None) 
     label = f"{name} ({config_name})" if config_name else name
     offline = hub.go_offline_if_unreachable()
     try:
-        raw = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+        raw = datasets.load_dataset(name, config_name, cache_dir=cache_dir, streaming=streaming)
     except Exception as e:
         failed = f"data.name={name!r}: could not load {label} from the Hugging Face Hub"
         if offline:
@@ -282,7 +322,7 @@ def _load_hub(name: str | None, config_name: str | None, cache_dir: str | None) 
                 "Offline, use data=pystdlib (bundled) or data=files data.path=<your text files>."
             ) from e
         raise ConfigError(f"{failed} ({type(e).__name__}: {e}): check data.name and data.config_name") from e
-    if not isinstance(raw, datasets.DatasetDict) or "train" not in raw:
+    if not isinstance(raw, datasets.DatasetDict | datasets.IterableDatasetDict) or "train" not in raw:
         raise ConfigError(f"data.name={name!r}: the dataset has no 'train' split")
     return raw, f"Hugging Face dataset {label}"
 

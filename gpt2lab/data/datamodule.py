@@ -15,7 +15,7 @@ from filelock import FileLock, Timeout
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
-from gpt2lab.data import formats, token_files
+from gpt2lab.data import formats, stream, token_files
 from gpt2lab.data.corpus import load_corpus
 from gpt2lab.data.formats import OVERLONG, MaskedWindowDataset, TaskFormat
 from gpt2lab.data.token_shards import SHARD_MB
@@ -61,6 +61,7 @@ class GPT2DataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         preprocessing_num_workers: int | None = None,
         shard_mb: float = SHARD_MB,
+        streaming: bool = False,
         cache_dir: str | None = None,
         seed: int = 1234,
         tokenizer: TokenizerSpec | dict | None = None,
@@ -98,6 +99,7 @@ class GPT2DataModule(pl.LightningDataModule):
             min_length=min_length, remove_duplicates=remove_duplicates, num_proc=preprocessing_num_workers,
             max_bytes=max_bytes, offline_fallback=offline_fallback,
             columns=self.format.source_columns() if self.format.masked else None, hold_out=hold_out,
+            streaming=streaming,
         )  # fmt: skip
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size}: expected a positive number of windows per batch")
@@ -138,14 +140,15 @@ class GPT2DataModule(pl.LightningDataModule):
         log.info("Corpus: %s (fingerprint %s)", corpus.description, corpus.fingerprint)
         if self.format.masked:  # a bad record is reported before any tokenizer is trained
             formats.check_records(corpus.splits, self.format, corpus.description)
-        train_texts = corpus.splits["train"]
+        train = corpus.splits["train"]
+        if corpus.streamed:  # a tokenizer trained here reads the first documents (stream.TOKENIZER_MB)
+            texts, n_texts = (lambda: stream.train_texts(train, corpus.carve)), None
+        else:
+            texts, n_texts = (lambda: formats.training_texts(train, self.format)), len(train)
         tokenizer = self.tokenizer_spec.build(
-            texts=lambda: formats.training_texts(train_texts, self.format),
-            corpus_fingerprint=corpus.fingerprint,
-            cache_dir=self.cache_dir,
-            n_texts=len(train_texts),
+            texts=texts, corpus_fingerprint=corpus.fingerprint, cache_dir=self.cache_dir, n_texts=n_texts
         )
-        validate_tokenizer(tokenizer, next(formats.training_texts(train_texts, self.format))[:2000])
+        validate_tokenizer(tokenizer, next(texts())[:2000])
         if self.chat_template is not None:
             self.chat_template.add_to(tokenizer)
         key = formats.cache_key(

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from gpt2lab.data import formats
 from gpt2lab.data.corpus import Corpus
 from gpt2lab.data.formats import TaskFormat
-from gpt2lab.data.token_shards import SHARD_MB, write_sharded
+from gpt2lab.data.token_shards import SHARD_MB, write_sharded, write_streamed
 from gpt2lab.tokenizers import EOS_TOKEN, PAD_TOKEN, fingerprint
 from gpt2lab.tokenizers.build import unknown_token_id
 
@@ -88,11 +88,15 @@ def write_token_files(
     bounded memory and disk, and resumed after a kill where it stopped (gpt2lab/data/token_shards.py)."""
     dtype, tmp = token_dtype(tokenizer), partial_dir(out)
     for split, ds in corpus.splits.items():
-        log.info("Tokenizing the %s split (%d documents)", split, len(ds))
-    stats = write_sharded(
-        corpus.splits, tokenizer, tmp, tokenizer.token_to_id(EOS_TOKEN), unknown_token_id(tokenizer), dtype,
-        num_proc, shard_mb,
-    )  # fmt: skip
+        log.info("Tokenizing the %s split (%s)", split, "streamed" if corpus.streamed else f"{len(ds)} documents")
+    eos, unk = tokenizer.token_to_id(EOS_TOKEN), unknown_token_id(tokenizer)
+    if corpus.streamed:
+        stats = write_streamed(
+            corpus.splits, corpus.carve, corpus.split_names(), corpus.fingerprint, tokenizer, tmp, eos, unk, dtype,
+            num_proc, shard_mb,
+        )  # fmt: skip
+    else:
+        stats = write_sharded(corpus.splits, tokenizer, tmp, eos, unk, dtype, num_proc, shard_mb)
     files = {
         f"{split}.bin": {"bytes": (tmp / f"{split}.bin").stat().st_size, "blake2b": file_hash(tmp / f"{split}.bin")}
         for split in stats

@@ -23,12 +23,16 @@ import multiprocessing
 import os
 import sys
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 from tokenizers import Tokenizer
+
+from gpt2lab.data.stream import route
+from gpt2lab.errors import ConfigError
 
 log = logging.getLogger("gpt2lab.data.datamodule")
 
@@ -71,12 +75,12 @@ def _start_worker(splits: dict[str, datasets.Dataset], tokenizer: Tokenizer, set
     _worker.update(splits=splits, tokenizer=tokenizer, **settings)
 
 
-def _shard_task(task: tuple[str, int, int, int]) -> None:
+def _shard_task(task: tuple) -> None:
     """In a worker: tokenize one shard into ``<split>.<index>.bin``, then its statistics into ``.json``, each
     written under a temporary name and renamed, so that a shard on disk with its ``.json`` is whole."""
-    split, index, start, stop = task
+    split, index, *rows = task  # rows: (start, stop) of the split, or a streamed shard's texts
     w = _worker
-    texts = w["splits"][split][start:stop]["text"]
+    texts = rows[0] if len(rows) == 1 else w["splits"][split][rows[0] : rows[1]]["text"]
     tokens, stats = tokenize_shard(texts, w["tokenizer"], w["eos"], w["unk"], w["dtype"])
     path = shard_path(Path(w["tmp"]), split, index)
     tokens.tofile(f"{path}.part")
@@ -107,7 +111,8 @@ def write_sharded(
     each split's statistics. ``num_proc`` worker processes (None: every core this
     process may use); one shard in all, or ``num_proc=1``, tokenizes in this process with the tokenizer's threads."""
     plan = {split: plan_shards(ds, shard_mb) for split, ds in splits.items()}
-    progress = _load_progress(tmp, plan, dtype)
+    identity = {"plan": {s: [list(r) for r in ranges] for s, ranges in plan.items()}, "dtype": np.dtype(dtype).name}
+    progress = _load_progress(tmp, identity, list(plan))
     tasks = [
         (split, i, start, stop)
         for split, ranges in plan.items()
@@ -122,9 +127,7 @@ def write_sharded(
             done_before,
             done_before + len(tasks),
         )
-    if num_proc is None:
-        num_proc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    processes = max(1, min(num_proc, len(tasks)))
+    processes = _processes(num_proc, len(tasks))
     settings = {"tmp": str(tmp), "eos": eos, "unk": unk, "dtype": dtype}
     ahead = processes + 1  # shards tokenized ahead of the one being appended: what bounds the temporary disk
     to_run = deque(t for t in tasks if not _shard_done(tmp, t[0], t[1]))
@@ -140,6 +143,108 @@ def write_sharded(
         (tmp / f"{split}.bin").touch()  # a split with no documents
     (tmp / "progress.json").unlink()
     return {split: {k: progress["splits"][split][k] for k in STATS} for split in plan}
+
+
+def write_streamed(
+    streams: dict[str, datasets.IterableDataset],
+    carve: tuple[float, float, int],
+    split_names: list[str],
+    identity: str,
+    tokenizer: Tokenizer,
+    tmp: Path,
+    eos: int,
+    unk: int | None,
+    dtype: type,
+    num_proc: int | None = None,
+    shard_mb: float = SHARD_MB,
+) -> dict[str, dict[str, int]]:
+    """``write_sharded`` for a streamed corpus (``gpt2lab/data/stream.py``): each round reads about ``shard_mb`` MB
+    of one stream, in order, and gives each split its documents of the round as one shard (``stream.route``
+    carves validation and test out of train). progress.json records, per stream, the documents whose shards are all
+    appended; a resumed run skips them and reads on. ``identity`` names the corpus (its fingerprint)."""
+    settings_key = {"stream": identity, "carve": list(carve), "shard_mb": shard_mb, "dtype": np.dtype(dtype).name}
+    progress = _load_progress(tmp, settings_key, split_names)
+    read = progress.setdefault("read", {})  # stream -> documents whose shards are all appended
+    ended = progress.setdefault("ended", [])  # streams read to their end
+    if read:
+        log.info("Resuming the token files in %s: %s were tokenized before", tmp,
+                 ", ".join(f"{n:,} documents of {name}" for name, n in read.items()))  # fmt: skip
+    next_index = {split: progress["splits"][split]["shards"] for split in split_names}
+    processes = _processes(num_proc, 2)
+    settings = {"tmp": str(tmp), "eos": eos, "unk": unk, "dtype": dtype}
+    queue: deque = deque()  # in order: ("shard", split, index, result) and ("read", stream, documents, ended)
+    with _ShardRunner({}, tokenizer, settings, processes) as run:
+
+        def append_next() -> None:
+            kind, *item = queue.popleft()
+            if kind == "shard":
+                split, index, result = item
+                result.get()  # a worker's exception surfaces here
+                _append_shard(tmp, split, index, progress, persist=False)
+                return
+            name, documents, at_end = item  # the round's shards are all in: it counts as read
+            read[name] = documents
+            ended.extend([name] if at_end else [])
+            _write_json(tmp / "progress.json", progress)
+
+        for name, documents, at_end, texts in _rounds(streams, carve, shard_mb, read, ended):
+            for split, shard in texts.items():
+                index = next_index[split]
+                next_index[split] += 1
+                task = (split, index, shard)
+                queue.append(("shard", split, index, _Inline() if _shard_done(tmp, split, index) else run(task)))
+            queue.append(("read", name, documents, at_end))
+            while sum(kind == "shard" for kind, *_ in queue) > processes:  # shards ahead: what bounds the disk
+                append_next()
+        while queue:
+            append_next()
+    for split in split_names:
+        (tmp / f"{split}.bin").touch()  # a split with no documents
+    (tmp / "progress.json").unlink()
+    return {split: {k: progress["splits"][split][k] for k in STATS} for split in split_names}
+
+
+def _rounds(
+    streams: dict[str, datasets.IterableDataset],
+    carve: tuple[float, float, int],
+    shard_mb: float,
+    read: dict[str, int],
+    ended: list[str],
+) -> Iterator[tuple[str, int, bool, dict[str, list[str]]]]:
+    """(stream, documents read so far, whether it ended, each split's texts) for each round of about ``shard_mb``
+    MB of a stream, from where ``read`` says the last run's appended rounds ended; a stream that ended is skipped."""
+    for name, ds in streams.items():
+        if name in ended:
+            continue
+        documents = read.get(name, 0)
+        rows = iter(ds.skip(documents) if documents else ds)
+        texts: dict[str, list[str]] = {}
+        size = 0
+        while True:
+            try:
+                row = next(rows, None)
+            except Exception as e:  # datasets raises the reader's own errors (a bad file, the network)
+                raise ConfigError(
+                    f"reading the {name} stream failed after {documents:,} documents ({type(e).__name__}: {e}); "
+                    "what was tokenized is kept, and the next run goes on from there"
+                ) from e
+            if row is None:
+                yield name, documents, True, texts
+                break
+            split = route(documents, *carve) if name == "train" else name
+            texts.setdefault(split, []).append(row["text"])
+            documents += 1
+            size += len(row["text"])
+            if size >= shard_mb * 1e6:
+                yield name, documents, False, texts
+                texts, size = {}, 0
+
+
+def _processes(num_proc: int | None, tasks: int) -> int:
+    """Worker processes: ``num_proc`` (None: every core this process may use), no more than there are tasks."""
+    if num_proc is None:
+        num_proc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(num_proc, tasks))
 
 
 class _Inline:
@@ -185,8 +290,9 @@ class _ShardRunner:
             self.pool.join()
 
 
-def _append_shard(tmp: Path, split: str, index: int, progress: dict[str, Any]) -> None:
-    """Append a tokenized shard to its split's file, record it in progress.json, then delete the shard."""
+def _append_shard(tmp: Path, split: str, index: int, progress: dict[str, Any], persist: bool = True) -> None:
+    """Append a tokenized shard to its split's file, record it in ``progress`` (and progress.json unless the
+    caller writes it later), then delete the shard."""
     shard = shard_path(tmp, split, index)
     stats = json.loads(shard.with_suffix(".json").read_text())
     with open(tmp / f"{split}.bin", "ab") as out, open(shard, "rb") as f:
@@ -195,15 +301,16 @@ def _append_shard(tmp: Path, split: str, index: int, progress: dict[str, Any]) -
         size = out.tell()
     record = progress["splits"][split]
     record.update({k: record[k] + stats[k] for k in STATS}, shards=index + 1, bytes=size)
-    _write_json(tmp / "progress.json", progress)
+    if persist:
+        _write_json(tmp / "progress.json", progress)
     shard.unlink()
     shard.with_suffix(".json").unlink()
 
 
-def _load_progress(tmp: Path, plan: dict[str, list[tuple[int, int]]], dtype: type) -> dict[str, Any]:
-    """``tmp``'s progress when it was made for this plan, with each token file cut back to the bytes recorded;
-    else a fresh start (anything in ``tmp`` removed)."""
-    fresh = {"plan": {s: [list(r) for r in ranges] for s, ranges in plan.items()}, "dtype": np.dtype(dtype).name}
+def _load_progress(tmp: Path, identity: dict[str, Any], split_names: list[str]) -> dict[str, Any]:
+    """``tmp``'s progress when it was made for the same ``identity`` (the plan or the stream, and the settings), with
+    each token file cut back to the bytes recorded; else a fresh start (anything in ``tmp`` removed)."""
+    fresh = identity
     try:
         progress = json.loads((tmp / "progress.json").read_text())
     except (OSError, ValueError):
@@ -213,7 +320,7 @@ def _load_progress(tmp: Path, plan: dict[str, list[tuple[int, int]]], dtype: typ
             log.info("The partial token files in %s are from other settings: starting them again", tmp)
         for path in tmp.iterdir():
             path.unlink()
-        progress = fresh | {"splits": {s: dict.fromkeys(("shards", "bytes", *STATS), 0) for s in plan}}
+        progress = fresh | {"splits": {s: dict.fromkeys(("shards", "bytes", *STATS), 0) for s in split_names}}
         _write_json(tmp / "progress.json", progress)
         return progress
     for split, record in progress["splits"].items():
