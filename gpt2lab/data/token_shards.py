@@ -139,10 +139,7 @@ def write_sharded(
             if in_flight and in_flight[0][0] == task:
                 in_flight.popleft()[1].get()  # a worker's exception surfaces here
             _append_shard(tmp, task[0], task[1], progress)
-    for split in plan:
-        (tmp / f"{split}.bin").touch()  # a split with no documents
-    (tmp / "progress.json").unlink()
-    return {split: {k: progress["splits"][split][k] for k in STATS} for split in plan}
+    return _finish(tmp, list(plan), progress)
 
 
 def write_streamed(
@@ -198,8 +195,13 @@ def write_streamed(
                 append_next()
         while queue:
             append_next()
+    return _finish(tmp, split_names, progress)
+
+
+def _finish(tmp: Path, split_names: list[str], progress: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Every split's file whole (a split with no documents gets an empty one), progress.json gone: the statistics."""
     for split in split_names:
-        (tmp / f"{split}.bin").touch()  # a split with no documents
+        (tmp / f"{split}.bin").touch()
     (tmp / "progress.json").unlink()
     return {split: {k: progress["splits"][split][k] for k in STATS} for split in split_names}
 
