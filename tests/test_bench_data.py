@@ -10,13 +10,23 @@ from gpt2lab.bench.__main__ import main
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [["--gigabytes", "0"], ["--shard-mb", "-1"], ["--workers", "0"]],
+    "argv, message",
+    [
+        (["--gigabytes", "0"], "--gigabytes 0: expected a positive size"),
+        (["--shard-mb", "-1"], "--shard-mb -1: expected a positive size"),
+        (["--ceiling-mb", "0"], "--ceiling-mb 0: expected a positive size"),
+        (["--workers", "0"], "--workers 0: expected 1 or more processes"),
+        (["--vocab", "10"], "--vocab 10: expected 512 or more (a byte-level BPE starts at 256 tokens)"),
+        (
+            ["--dir", "/nonexistent/deep/x"],
+            "--dir /nonexistent/deep/x: its parent directory /nonexistent/deep does not exist",
+        ),
+    ],
 )
-def test_bad_sizes_stop_with_one_error_line(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+def test_bad_options_stop_with_one_error_line(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert main(["data", *argv, "--busy-ok"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["Error: --gigabytes, --shard-mb and --workers: expected positive numbers"]
+    assert capsys.readouterr().err.strip().splitlines() == [f"Error: {message}"]
+    assert not Path("/nonexistent").exists()
 
 
 def test_a_directory_that_is_not_empty_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

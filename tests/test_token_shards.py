@@ -258,7 +258,7 @@ def test_a_killed_streamed_preparation_resumes_where_it_was(
         dm = streamed(corpus_dir, cache, tokenizer_file, shard_mb=0.004, preprocessing_num_workers=2)
         dm.prepare_data()
     resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Resuming the token files")]
-    assert len(resumed) == 1 and "documents of train were tokenized before" in resumed[0]
+    assert len(resumed) == 1 and "documents of the train stream were tokenized before" in resumed[0]
     assert int(resumed[0].split(": ")[1].split(" documents")[0].replace(",", "")) >= read
     assert token_files(dm) == token_files(one_stream)
     assert dm.stats == one_stream.stats
@@ -282,3 +282,23 @@ def test_a_checkpoint_records_streaming_only_when_it_is_on() -> None:
     """Checkpoints from before data.streaming compare equal to a run that leaves it off."""
     assert "data.streaming" not in run_settings(compose_train([]), 1)
     assert run_settings(compose_train(["data.streaming=true"]), 1)["data.streaming"] is True
+
+
+@pytest.mark.parametrize("tokenizer", [{"kind": "bpe", "vocab_size": 300, "show_progress": False}, None])
+def test_a_bad_file_in_a_stream_is_one_error(tmp_path: Path, tokenizer_file: Path, tokenizer: dict | None) -> None:
+    """Found while a tokenizer is trained on the stream, or while it is tokenized: the stream and the place."""
+    (tmp_path / "data").mkdir()
+    good = [json.dumps({"text": f"document {i} " * 20}) for i in range(300)]
+    (tmp_path / "data" / "a.jsonl").write_text("\n".join([*good, '{"text": "broken', *good]) + "\n")
+    dm = GPT2DataModule(
+        source="files", path=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), max_length=32,
+        streaming=True, tokenizer=tokenizer or {"kind": "file", "path": str(tokenizer_file)},
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"reading the train stream failed after [\d,]+ documents"):
+        dm.prepare_data()
+
+
+@pytest.mark.parametrize("workers", [0, -3])
+def test_preprocessing_workers_must_be_positive(corpus_dir: Path, tmp_path: Path, workers: int) -> None:
+    with pytest.raises(ConfigError, match=rf"data.preprocessing_num_workers={workers}: expected a number of processes"):
+        module(corpus_dir, tmp_path, preprocessing_num_workers=workers)

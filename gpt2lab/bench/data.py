@@ -34,6 +34,8 @@ from gpt2lab.lit.speed import busy_share, describe_load
 from gpt2lab.tokenizers.build import train_bpe
 
 FILE_MB = 256  # synthetic corpus file size
+SAMPLE_MB = 32  # the BPE tokenizer is trained on this much of the corpus
+MIN_VOCAB = 512
 WORDS = 30_000  # distinct pseudo-words, Zipf-distributed like a natural language's
 # After each word: mostly a space; a sentence every ~15 words, a paragraph (a document) every ~400 (about 2.8 KB,
 # the size of a typical web page's text in FineWeb).
@@ -189,7 +191,8 @@ def bench(args: argparse.Namespace) -> dict[str, float]:
         generated = time.perf_counter() - start
         text_bytes = sum(p.stat().st_size for p in paths)
         start = time.perf_counter()
-        sample = paths[0].read_bytes()[: 32 * 10**6].decode("utf-8", errors="ignore").split("\n\n")
+        with open(paths[0], "rb") as f:
+            sample = f.read(SAMPLE_MB * 10**6).decode("utf-8", errors="ignore").split("\n\n")
         vocab = work / "tokenizer.json"
         train_bpe(sample, args.vocab, show_progress=False).save(str(vocab))
         tokenizer_s = time.perf_counter() - start
@@ -221,12 +224,35 @@ def bench(args: argparse.Namespace) -> dict[str, float]:
     }  # fmt: skip
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """One ``ConfigError`` naming the first option out of range, before anything is written."""
+    for flag, value, low in (
+        ("--gigabytes", args.gigabytes, 0), ("--shard-mb", args.shard_mb, 0), ("--ceiling-mb", args.ceiling_mb, 0),
+    ):  # fmt: skip
+        if not value > low:
+            raise ConfigError(f"{flag} {value:g}: expected a positive size")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: expected 1 or more processes")
+    if args.vocab < MIN_VOCAB:
+        raise ConfigError(f"--vocab {args.vocab}: expected {MIN_VOCAB} or more (a byte-level BPE starts at 256 tokens)")
+    if args.dir is not None and args.dir.exists() and any(args.dir.iterdir()):
+        raise ConfigError(
+            f"--dir {args.dir} is not empty, and the bench removes its work directory at the end: name a new one"
+        )
+    if args.dir is not None and not args.dir.parent.is_dir():
+        raise ConfigError(f"--dir {args.dir}: its parent directory {args.dir.parent} does not exist")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpt2lab.bench data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt2lab.bench data",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--gigabytes", type=float, default=2.0, help="size of the synthetic corpus (GB of text)")
     parser.add_argument("--workers", type=int, help="tokenizing processes (default: one per core)")
     parser.add_argument("--shard-mb", type=float, default=32.0, help="data.shard_mb: MB of text per shard")
-    parser.add_argument("--vocab", type=int, default=32768, help="BPE vocabulary, trained on the first 32 MB")
+    parser.add_argument("--vocab", type=int, default=32768, help=f"BPE vocabulary, trained on the first {SAMPLE_MB} MB")
     parser.add_argument("--ceiling-mb", type=float, default=128.0, help="MB of text that encode_batch is timed on")
     parser.add_argument(
         "--dir", type=Path, help="a new work directory, removed at the end unless --keep (default: a temporary one)"
@@ -236,12 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     machine.add_busy_options(parser)
     args = parser.parse_args(argv)
     try:
-        if args.gigabytes <= 0 or args.shard_mb <= 0 or (args.workers is not None and args.workers < 1):
-            raise ConfigError("--gigabytes, --shard-mb and --workers: expected positive numbers")
-        if args.dir is not None and args.dir.exists() and any(args.dir.iterdir()):
-            raise ConfigError(
-                f"--dir {args.dir} is not empty, and the bench removes its work directory at the end: name a new one"
-            )
+        check_arguments(args)
         at_start = machine.wait_for_free_cores(args.busy_ok, args.busy_wait)
         r = bench(args)
     except ConfigError as e:
@@ -251,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     mb = "{:,.0f} MB".format
     rows = [
         ("text (synthetic, generated in)", f"{mb(r['text_mb'])} ({r['generate_s']:.1f} s)"),
-        ("BPE tokenizer (32 MB sample)", f"{args.vocab:,} tokens ({r['tokenizer_s']:.1f} s)"),
+        (
+            f"BPE tokenizer (first {min(SAMPLE_MB, r['text_mb']):g} MB)",
+            f"{args.vocab:,} tokens ({r['tokenizer_s']:.1f} s)",
+        ),
         ("read into Arrow, cleaned, split", f"{r['read_split_s']:.1f} s"),
         ("tokenized and written", f"{r['tokenize_s']:.1f} s, {r['tokens']:,} tokens, {mb(r['token_mb'])}"),
         (

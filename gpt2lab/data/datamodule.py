@@ -111,6 +111,11 @@ class GPT2DataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.preprocessing_num_workers = preprocessing_num_workers
+        if preprocessing_num_workers is not None and preprocessing_num_workers < 1:
+            raise ConfigError(
+                f"data.preprocessing_num_workers={preprocessing_num_workers}: expected a number of processes, 1 or "
+                "more, or null (one per core for tokenizing)"
+            )
         if not shard_mb > 0:
             raise ConfigError(
                 f"data.shard_mb={shard_mb}: expected a positive size in MB of text per tokenization shard"

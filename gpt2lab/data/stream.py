@@ -82,15 +82,35 @@ def route(index: int, val_split: float, test_split: float, seed: int) -> str:
     return "test" if u < test_split else "validation" if u < test_split + val_split else "train"
 
 
+def texts(ds: datasets.IterableDataset, name: str, start: int = 0) -> Iterator[str]:
+    """The stream's texts from its ``start``-th document on. A reading error (a bad file, the network) becomes one
+    ``ConfigError`` that names the stream and where it stopped, instead of the reader's traceback."""
+    rows = iter(ds.skip(start) if start else ds)
+    read = start
+    while True:
+        try:
+            row = next(rows, None)
+        except Exception as e:  # datasets raises its readers' own errors: pyarrow's, json's, the network's
+            raise ConfigError(
+                f"reading the {name} stream failed after {read:,} documents ({type(e).__name__}: {e}): fix or "
+                "remove that file (datasets' log above names it); what was tokenized is kept, and the next run "
+                "goes on from there"
+            ) from e
+        if row is None:
+            return
+        read += 1
+        yield row["text"]
+
+
 def train_texts(
     train: datasets.IterableDataset, carve: tuple[float, float, int], max_mb: float = TOKENIZER_MB
 ) -> Iterator[str]:
     """The first ``max_mb`` MB of the documents ``route`` keeps in train: what a tokenizer is trained on, where
     the whole stream would be too long to read twice."""
     read = 0
-    for index, row in enumerate(train):
+    for index, text in enumerate(texts(train, "train")):
         if route(index, *carve) == "train":
-            yield row["text"]
-            read += len(row["text"])
+            yield text
+            read += len(text)
             if read >= max_mb * 1e6:
                 return

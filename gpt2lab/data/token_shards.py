@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,8 +32,7 @@ import datasets
 import numpy as np
 from tokenizers import Tokenizer
 
-from gpt2lab.data.stream import route
-from gpt2lab.errors import ConfigError
+from gpt2lab.data import stream
 
 log = logging.getLogger("gpt2lab.data.datamodule")
 
@@ -132,6 +132,7 @@ def write_sharded(
     ahead = processes + 1  # shards tokenized ahead of the one being appended: what bounds the temporary disk
     to_run = deque(t for t in tasks if not _shard_done(tmp, t[0], t[1]))
     in_flight: deque = deque()
+    report = _ProgressLog(progress)
     with _ShardRunner(splits, tokenizer, settings, processes) as run:
         for task in tasks:  # in order; each one is in to_run, in flight or already on disk
             while to_run and len(in_flight) < ahead:
@@ -139,6 +140,7 @@ def write_sharded(
             if in_flight and in_flight[0][0] == task:
                 in_flight.popleft()[1].get()  # a worker's exception surfaces here
             _append_shard(tmp, task[0], task[1], progress)
+            report(done_before + len(tasks))
     return _finish(tmp, list(plan), progress)
 
 
@@ -165,11 +167,12 @@ def write_streamed(
     ended = progress.setdefault("ended", [])  # streams read to their end
     if read:
         log.info("Resuming the token files in %s: %s were tokenized before", tmp,
-                 ", ".join(f"{n:,} documents of {name}" for name, n in read.items()))  # fmt: skip
+                 ", ".join(f"{n:,} documents of the {name} stream" for name, n in read.items()))  # fmt: skip
     next_index = {split: progress["splits"][split]["shards"] for split in split_names}
     processes = _processes(num_proc, 2)
     settings = {"tmp": str(tmp), "eos": eos, "unk": unk, "dtype": dtype}
     queue: deque = deque()  # in order: ("shard", split, index, result) and ("read", stream, documents, ended)
+    report = _ProgressLog(progress)
     with _ShardRunner({}, tokenizer, settings, processes) as run:
 
         def append_next() -> None:
@@ -178,6 +181,7 @@ def write_streamed(
                 split, index, result = item
                 result.get()  # a worker's exception surfaces here
                 _append_shard(tmp, split, index, progress, persist=False)
+                report()
                 return
             name, documents, at_end = item  # the round's shards are all in: it counts as read
             read[name] = documents
@@ -219,27 +223,41 @@ def _rounds(
         if name in ended:
             continue
         documents = read.get(name, 0)
-        rows = iter(ds.skip(documents) if documents else ds)
         texts: dict[str, list[str]] = {}
         size = 0
-        while True:
-            try:
-                row = next(rows, None)
-            except Exception as e:  # datasets raises the reader's own errors (a bad file, the network)
-                raise ConfigError(
-                    f"reading the {name} stream failed after {documents:,} documents ({type(e).__name__}: {e}); "
-                    "what was tokenized is kept, and the next run goes on from there"
-                ) from e
-            if row is None:
-                yield name, documents, True, texts
-                break
-            split = route(documents, *carve) if name == "train" else name
-            texts.setdefault(split, []).append(row["text"])
+        for text in stream.texts(ds, name, documents):
+            split = stream.route(documents, *carve) if name == "train" else name
+            texts.setdefault(split, []).append(text)
             documents += 1
-            size += len(row["text"])
+            size += len(text)
             if size >= shard_mb * 1e6:
                 yield name, documents, False, texts
                 texts, size = {}, 0
+        yield name, documents, True, texts
+
+
+class _ProgressLog:
+    """A log line at most every ``every`` seconds while shards are appended: preparing billions of tokens takes
+    long enough that silence would look like a hang."""
+
+    def __init__(self, progress: dict[str, Any], every: float = 30.0) -> None:
+        self.progress, self.every = progress, every
+        self.start = self.last = time.monotonic()
+        self.characters_before = self._total("characters")
+
+    def _total(self, key: str) -> int:
+        return sum(record[key] for record in self.progress["splits"].values())
+
+    def __call__(self, shards: int | None = None) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        characters = self._total("characters")
+        rate = (characters - self.characters_before) / 1e6 / (now - self.start)
+        done = f"{self._total('shards'):,} of {shards:,} shards" if shards else f"{self._total('shards'):,} shards"
+        log.info("Tokenized %s: %.1fM characters, %.1fM tokens (%.1fM characters/s)", done, characters / 1e6,
+                 self._total("tokens") / 1e6, rate)  # fmt: skip
 
 
 def _processes(num_proc: int | None, tasks: int) -> int:
@@ -319,7 +337,10 @@ def _load_progress(tmp: Path, identity: dict[str, Any], split_names: list[str]) 
         progress = None
     if progress is None or {k: progress.get(k) for k in fresh} != fresh:
         if progress is not None:
-            log.info("The partial token files in %s are from other settings: starting them again", tmp)
+            log.info(
+                "The partial token files in %s were planned otherwise (another data.shard_mb, or the corpus "
+                "changed): starting them again", tmp,
+            )  # fmt: skip
         for path in tmp.iterdir():
             path.unlink()
         progress = fresh | {"splits": {s: dict.fromkeys(("shards", "bytes", *STATS), 0) for s in split_names}}
