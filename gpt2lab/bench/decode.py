@@ -24,7 +24,7 @@ from gpt2lab.config import compose_train, group_options
 from gpt2lab.console import table
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit.speed import describe_load, median_seconds
-from gpt2lab.model import GPT2Config, GPT2Model
+from gpt2lab.model import GPT2Config, GPT2Model, decode_kernels
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype) -> GPT2Model:
@@ -43,7 +43,8 @@ def decoders(
     """Each decoder to time, by its row's label: a batch of prompts in, ``new`` greedy tokens each out."""
     rows: dict[str, Callable[[torch.Tensor], object]] = {}
     if model.wte.weight.device.type == "cuda":
-        rows["gpt2lab generate (static cache, CUDA graph)"] = lambda x: model.generate(x, new, do_sample=False)
+        fused = ", fused kernels" if decode_kernels.available(model) else ""
+        rows[f"gpt2lab generate (static cache, CUDA graph{fused})"] = lambda x: model.generate(x, new, do_sample=False)
     rows["gpt2lab generate (dynamic cache, eager)"] = lambda x: model.generate(
         x, new, do_sample=False, static_cache=False
     )

@@ -126,8 +126,8 @@ class GPT2LitModule(pl.LightningModule):
         plain model. Under DDP the whole model is one compiled call inside the wrapper; under FSDP each
         decoder block, the unit FSDP gathers, is compiled, as PyTorch advises for its wrapper modules. With
         ``model.float8`` a fit first swaps the blocks' linear layers for torchao's float8 ones (``lit/float8.py``)."""
-        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-        if fitting and isinstance(self.model, GPT2Model) and self.model.config.float8:
+        float8 = isinstance(self.model, GPT2Model) and self.model.config.float8
+        if float8 and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             convert_to_float8(self.model, self.model.config.float8_recipe)  # converts nothing a second time
         if not self.hparams.compile or self._compiled:
             return

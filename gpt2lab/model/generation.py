@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from gpt2lab.model import decode_kernels
+
 log = logging.getLogger(__name__)
 
 
@@ -145,10 +147,14 @@ class DecodeStep:
         )
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=weight.device)
         self._use_graph = self.static and weight.device.type == "cuda" and not torch.is_autocast_enabled()
+        # The step's fused kernels (gpt2lab/model/decode_kernels.py), where the graph records them
+        self._fused = self._use_graph and decode_kernels.available(model)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_logits: torch.Tensor | None = None
 
     def _logits(self) -> torch.Tensor:
+        if self._fused:
+            return decode_kernels.fused_step(self.model, self.tokens, self.cache)
         return self.model(self.tokens, cache=self.cache)[0][:, -1, :].float()
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
