@@ -20,7 +20,7 @@ from test_serve_batching import Characters
 from gpt2lab.checkpoint import load_checkpoint
 from gpt2lab.inference.generator import TextGenerator
 from gpt2lab.model import GPT2Config, GPT2Model, cross_entropy
-from gpt2lab.model.generation import DecodeSlots
+from gpt2lab.model.generation import DecodeSlots, DecodeStep
 from gpt2lab.serve.batching import Batcher, Choice
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -62,6 +62,24 @@ def test_the_cuda_graph_decoder_gives_the_eager_tokens(model, dtype):
     eager = gpu.generate(prompt, 40, do_sample=False, static_cache=False)
     assert torch.equal(graphed[0], graphed[1])
     assert (graphed[0] == eager).float().mean() > (0.99 if dtype == torch.float32 else 0.9)  # bf16: ties may flip
+
+
+@needs_triton
+def test_the_fused_decoding_kernels_on_cuda_compute_the_models_step(model):
+    """bf16 on CUDA takes the fused step (gpt2lab/model/decode_kernels.py); its logits are the model's own step's to
+    bf16 rounding (each kernel rounds once where PyTorch rounds after every operation)."""
+    gpu = copy.deepcopy(model).to(device="cuda", dtype=torch.bfloat16)
+    prompt = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(8)).cuda()
+    fused, own = DecodeStep(gpu, 3, 32, static=True), DecodeStep(gpu, 3, 32, static=True)
+    assert fused._fused
+    own._fused = False
+    with torch.no_grad():
+        tokens = fused.prefill(prompt, torch.ones_like(prompt)).argmax(-1)
+        own.prefill(prompt, torch.ones_like(prompt))
+        for _ in range(8):
+            a, b = fused(tokens), own(tokens)
+            assert (a - b).abs().max() <= 0.02 * b.abs().max() + 0.05
+            tokens = b.argmax(-1)
 
 
 def test_the_servers_slots_on_cuda_decode_each_request_as_alone(model, exact_fp32):

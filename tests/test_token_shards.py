@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,20 @@ def test_a_shard_is_about_shard_mb_of_text(corpus_dir: Path, tmp_path: Path) -> 
     assert 0.07e6 < np.median(sizes) < 0.13e6
 
 
+def kill_once(run: subprocess.Popen, cache: Path, count: Callable[[dict], int], at_least: int) -> tuple[Path, int]:
+    """kill -9 ``run`` as soon as ``count`` of its progress.json reaches ``at_least``; that file and the count."""
+    progress, counted, deadline = None, 0, time.monotonic() + 240
+    while counted < at_least and run.poll() is None and time.monotonic() < deadline:
+        progress = next(cache.glob("tokens/*.partial/progress.json"), None)
+        if progress is not None:
+            with contextlib.suppress(OSError, ValueError, KeyError):  # replaced while being read
+                counted = count(json.loads(progress.read_text()))
+        time.sleep(0.005)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    return progress, counted
+
+
 KILLED_RUN = """
 import sys
 from gpt2lab.data.datamodule import GPT2DataModule
@@ -113,15 +128,7 @@ def test_a_killed_preparation_resumes_at_the_shard_it_reached(
     reference, files = one_pass
     cache = tmp_path / "cache"
     run = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(corpus_dir), str(cache), str(workers)])
-    progress, appended, deadline = None, 0, time.monotonic() + 240
-    while appended < 20 and run.poll() is None and time.monotonic() < deadline:
-        progress = next(cache.glob("tokens/*.partial/progress.json"), None)
-        if progress is not None:
-            with contextlib.suppress(OSError, ValueError, KeyError):  # replaced while being read
-                appended = sum(s["shards"] for s in json.loads(progress.read_text())["splits"].values())
-        time.sleep(0.005)
-    os.kill(run.pid, signal.SIGKILL)
-    run.wait()
+    progress, appended = kill_once(run, cache, lambda p: sum(s["shards"] for s in p["splits"].values()), 20)
     assert appended >= 20, "the run ended before it could be killed part way"
     partial = progress.parent
     planned = sum(len(r) for r in json.loads(progress.read_text())["plan"].values())
@@ -244,15 +251,7 @@ def test_a_killed_streamed_preparation_resumes_where_it_was(
 ) -> None:
     cache = tmp_path / "cache"
     run = subprocess.Popen([sys.executable, "-c", KILLED_STREAM, str(corpus_dir), str(cache), str(tokenizer_file)])
-    progress, read, deadline = None, 0, time.monotonic() + 240
-    while read < 500 and run.poll() is None and time.monotonic() < deadline:
-        progress = next(cache.glob("tokens/*.partial/progress.json"), None)
-        if progress is not None:
-            with contextlib.suppress(OSError, ValueError, KeyError):  # replaced while being read
-                read = json.loads(progress.read_text())["read"].get("train", 0)
-        time.sleep(0.005)
-    os.kill(run.pid, signal.SIGKILL)
-    run.wait()
+    _, read = kill_once(run, cache, lambda p: p["read"].get("train", 0), 500)
     assert 500 <= read < 4000, "the run ended before it could be killed part way"
     with caplog.at_level(logging.INFO, logger="gpt2lab.data.datamodule"):
         dm = streamed(corpus_dir, cache, tokenizer_file, shard_mb=0.004, preprocessing_num_workers=2)
