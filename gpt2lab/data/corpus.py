@@ -57,9 +57,8 @@ class Corpus:
 
     def split_names(self) -> list[str]:
         """The splits that get token files: the corpus' own, and those ``carve`` takes out of train."""
-        val, test, _ = self.carve
-        carved = [name for name, fraction in (("validation", val), ("test", test)) if fraction > 0]
-        return list(dict.fromkeys(["train", *[n for n in ("validation", "test") if n in self.splits or n in carved]]))
+        fractions = dict(zip(("validation", "test"), self.carve[:2], strict=True))
+        return ["train", *(name for name, fraction in fractions.items() if name in self.splits or fraction > 0)]
 
 
 def load_corpus(
@@ -145,7 +144,9 @@ def load_corpus(
     if columns:
         return _record_corpus(raw, columns, description, base_fingerprint, val_split, test_split, split_seed)
     if streaming:
-        splits, carve = stream.text_splits(raw, text_column, min_length, val_split, test_split, split_seed)
+        splits, carve = stream.text_splits(
+            raw, text_column, min_length, val_split, test_split, split_seed, VALIDATION_NAMES
+        )
         settings = [base_fingerprint, *carve, min_length, text_column, "streamed"]
         fingerprint = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
         return Corpus(splits=splits, fingerprint=fingerprint, description=description, carve=carve)

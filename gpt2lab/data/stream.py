@@ -54,6 +54,7 @@ def text_splits(
     val_split: float,
     test_split: float,
     seed: int,
+    validation_names: tuple[str, ...] = ("validation",),
 ) -> tuple[dict[str, datasets.IterableDataset], tuple[float, float, int]]:
     """The streams of text (a ``text`` column; empty or shorter than ``min_length`` documents left out), and the
     fractions ``route`` takes out of train for the splits the dataset does not have."""
@@ -62,9 +63,7 @@ def text_splits(
         raise ConfigError(f"data.text_column={text_column!r} is not a column of the data; its columns are {names}")
     splits = {}
     for name in ("train", "validation", "test"):
-        own = next(
-            (raw[k] for k in (name, *(("valid", "val", "dev") if name == "validation" else ())) if k in raw), None
-        )
+        own = next((raw[k] for k in (validation_names if name == "validation" else (name,)) if k in raw), None)
         if own is None:
             continue
         own = own.select_columns([text_column])

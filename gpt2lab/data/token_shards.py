@@ -267,6 +267,12 @@ def _processes(num_proc: int | None, tasks: int) -> int:
     return max(1, min(num_proc, tasks))
 
 
+def _run_inline(task: tuple) -> _Inline:
+    """A shard task run at once, in this process."""
+    _shard_task(task)
+    return _Inline()
+
+
 class _Inline:
     """``apply_async``'s result for a task run at once in this process."""
 
@@ -283,7 +289,7 @@ class _ShardRunner:
     def __enter__(self):  # noqa: ANN204
         if self.processes == 1:
             _start_worker(*self.args)
-            return lambda task: (_shard_task(task), _Inline())[1]
+            return _run_inline
         # fork where there is one (no re-import, the Arrow tables stay mapped); the workers tokenize one thread each,
         # and TOKENIZERS_PARALLELISM set at the fork keeps tokenizers from warning about its threads in the parent.
         context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
